@@ -1,0 +1,33 @@
+"""sharelora: LoRA whose low-rank matrices are shared across layers (ShareLoRA, arXiv 2406.10785).
+
+    from sharelora import ShareLoraConfig, get_sharelora_model
+    model = get_sharelora_model(base_model, ShareLoraConfig(rank=8, alpha=16, share="A",
+                                                            target_modules=["query", "value"]))
+"""
+
+from .method import (
+    SCOPES,
+    SHARE_MODES,
+    ShareLoraConfig,
+    ShareLoraError,
+    ShareLoraLayer,
+    ShareLoraModel,
+    SharingPlan,
+    build_plan,
+    get_sharelora_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCOPES", "SHARE_MODES", "ShareLoraConfig", "ShareLoraError", "ShareLoraLayer", "ShareLoraModel",
+    "SharingPlan", "build_plan", "get_sharelora_model", "ShareLoraTrainer", "__version__",
+]
+
+
+def __getattr__(name):
+    if name == "ShareLoraTrainer":
+        from .method.hf import ShareLoraTrainer
+
+        return ShareLoraTrainer
+    raise AttributeError(name)

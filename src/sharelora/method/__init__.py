@@ -1,0 +1,24 @@
+"""The ShareLoRA method: config, sharing plan, layer, model, checkpoint format, PEFT interop.
+
+Nothing here imports the applications (sources, tasks, training, bench, cli).
+"""
+
+from .config import SCOPES, SHARE_MODES, ShareLoraConfig
+from .errors import ShareLoraError
+from .layers import ShareLoraLayer
+from .model import ShareLoraModel, get_sharelora_model
+from .plan import SharingPlan, Target, TensorSpec, build_plan
+
+__all__ = [
+    "SCOPES", "SHARE_MODES", "ShareLoraConfig", "ShareLoraError", "ShareLoraLayer", "ShareLoraModel",
+    "SharingPlan", "Target", "TensorSpec", "build_plan", "get_sharelora_model", "ShareLoraTrainer",
+]
+
+
+def __getattr__(name):
+    # transformers.Trainer is heavy to import; load the integration only when asked for.
+    if name == "ShareLoraTrainer":
+        from .hf import ShareLoraTrainer
+
+        return ShareLoraTrainer
+    raise AttributeError(name)

@@ -1,0 +1,322 @@
+"""The sharing plan: which modules are adapted and which A / B tensor each of them reads.
+
+This is the one place that decides sharing. Everything else (creating the tensors, counting,
+the parameter report, saving, exporting to PEFT, merging) reads a ``SharingPlan``.
+
+Vocabulary:
+    target       one adapted linear map: a module, or one output slice of a fused module
+                 (GPT-2's ``c_attn`` computes [q | k | v]; target ``c_attn.q`` is its q slice).
+    module type  the target's path with layer indices replaced by ``*``
+                 (``bert.encoder.layer.*.attention.self.query``): what the paper shares across.
+    tensor key   the name of one A or B tensor in the adapter, e.g.
+                 ``bert.encoder.layer.3.attention.self.query.lora_B`` (per layer) or
+                 ``bert.encoder.layer.*.attention.self.query.lora_A`` (shared by all layers).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import ShareLoraConfig
+from .errors import ShareLoraError
+
+# Leaf names of query / key / value projections across common architectures: the "qkv" scope
+# shares one matrix among these (they read the same input x), never with o_proj or the MLP.
+QKV_LEAVES = frozenset(
+    {"query", "key", "value", "q", "k", "v", "q_proj", "k_proj", "v_proj", "q_lin", "k_lin", "v_lin",
+     "wq", "wk", "wv", "to_q", "to_k", "to_v"}
+)
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain PyTorch models
+        return None
+    return Conv1D
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of an adaptable linear map, or None if the module is not one.
+
+    ``nn.Linear`` stores W as (d_out, d_in); transformers' ``Conv1D`` (GPT-2) stores it
+    transposed, (d_in, d_out).
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted linear map and the keys of the A and B it reads.
+
+    The update is ``delta = scaling * B A x`` with A: (rank, d_in), B: (d_out, rank); for a slice
+    it is added to output columns ``[out_start, out_start + d_out)`` of the module.
+    """
+
+    name: str  # module path, plus ".<slice>" for a fused slice
+    module_name: str
+    slice_name: str | None
+    module_type: str
+    layer: int | None
+    d_in: int
+    d_out: int
+    out_start: int
+    a_key: str
+    b_key: str
+
+
+@dataclass
+class TensorSpec:
+    """One trainable tensor of the adapter and the targets that read it."""
+
+    key: str
+    role: str  # "A" or "B"
+    shape: tuple[int, int]
+    users: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.users) > 1
+
+
+@dataclass
+class SharingPlan:
+    rank: int
+    share: str
+    scope: str
+    targets: list[Target]
+    tensors: dict[str, TensorSpec]
+
+    def targets_by_module(self) -> dict[str, list[Target]]:
+        """Targets grouped by the module that hosts them, slices in output order."""
+        out: dict[str, list[Target]] = defaultdict(list)
+        for t in self.targets:
+            out[t.module_name].append(t)
+        for ts in out.values():
+            ts.sort(key=lambda t: t.out_start)
+        return dict(out)
+
+    def num_parameters(self) -> int:
+        """Trainable adapter parameters, each shared tensor counted once."""
+        return sum(s.numel for s in self.tensors.values())
+
+    def lora_equivalent(self) -> int:
+        """Parameters plain LoRA would train on the same targets: r (d_in + d_out) each."""
+        return sum(self.rank * (t.d_in + t.d_out) for t in self.targets)
+
+    def groups(self) -> list[dict]:
+        """One row per module type: layers, shapes, tensors and parameters, for reports."""
+        rows: dict[str, dict] = {}
+        for t in self.targets:
+            row = rows.setdefault(
+                t.module_type,
+                {"module_type": t.module_type, "targets": 0, "d_in": t.d_in, "d_out": t.d_out,
+                 "A_keys": set(), "B_keys": set(), "lora_equivalent": 0},
+            )
+            row["targets"] += 1
+            row["A_keys"].add(t.a_key)
+            row["B_keys"].add(t.b_key)
+            row["lora_equivalent"] += self.rank * (t.d_in + t.d_out)
+        out = []
+        counted: set[str] = set()
+        for row in rows.values():
+            keys = row.pop("A_keys") | row.pop("B_keys")
+            row["A_tensors"] = sum(1 for k in keys if self.tensors[k].role == "A")
+            row["B_tensors"] = sum(1 for k in keys if self.tensors[k].role == "B")
+            # A tensor shared across module types (scope "qkv") is counted in the first row only.
+            row["parameters"] = sum(self.tensors[k].numel for k in keys if k not in counted)
+            counted |= keys
+            out.append(row)
+        return out
+
+
+def _layer_index(path: str) -> int | None:
+    m = _INDEX.search(path)
+    return int(m.group()) if m else None
+
+
+def _module_type(path: str) -> str:
+    return _INDEX.sub("*", path)
+
+
+def _matches_name(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def _excluded_for_all_linear(model: nn.Module, config: ShareLoraConfig) -> set[str]:
+    """Modules "all-linear" leaves alone: the output head (as PEFT does) and modules_to_save."""
+    excluded: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out_emb is not None and module is out_emb:
+            excluded.add(name)
+        if any(_matches_name(name, m) for m in config.modules_to_save):
+            excluded.add(name)
+            excluded.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+    return excluded
+
+
+def _find_targets(model: nn.Module, config: ShareLoraConfig) -> list[tuple[str, str | None, tuple[int, int]]]:
+    """(module path, slice name or None, (d_in, d_out) of the module) for every target."""
+    linears = {name: shape for name, module in model.named_modules() if (shape := linear_shape(module))}
+    found: list[tuple[str, str | None, tuple[int, int]]] = []
+    tm = config.target_modules
+    if isinstance(tm, str) and tm == "all-linear":
+        excluded = _excluded_for_all_linear(model, config)
+        found = [(n, None, s) for n, s in linears.items() if n not in excluded]
+    elif isinstance(tm, str):
+        try:
+            pattern = re.compile(tm)
+        except re.error as e:
+            raise ShareLoraError(f"target_modules regex {tm!r} does not compile: {e}") from e
+        found = [(n, None, s) for n, s in linears.items() if pattern.fullmatch(n)]
+    else:
+        used: set[str] = set()
+        for n, s in linears.items():
+            leaf = n.rsplit(".", 1)[-1]
+            slices = config.fused_modules.get(leaf, [])
+            whole = [t for t in tm if _matches_name(n, t)]
+            parts = [sl for sl in slices if any(_matches_name(f"{n}.{sl}", t) for t in tm)]
+            used.update(whole)
+            used.update(t for t in tm for sl in parts if _matches_name(f"{n}.{sl}", t))
+            if whole and parts:
+                raise ShareLoraError(
+                    f"module {n!r} is targeted both whole and by slices {parts}; target either {leaf!r} "
+                    f"or its slices {[f'{leaf}.{sl}' for sl in slices]}"
+                )
+            if whole:
+                found.append((n, None, s))
+            for sl in parts:
+                found.append((n, sl, s))
+        unused = [t for t in tm if t not in used]
+        if unused and found:
+            raise ShareLoraError(f"target_modules {unused} matched no linear module; {_adaptable_hint(linears)}")
+    if not found:
+        raise ShareLoraError(f"target_modules {tm!r} matched no linear module; {_adaptable_hint(linears)}")
+    return found
+
+
+def _adaptable_hint(linears: dict[str, tuple[int, int]]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    if not leaves:
+        return "the model has no nn.Linear or Conv1D modules"
+    return f"modules that look adaptable: {', '.join(leaves)}"
+
+
+def _qkv_group(module_type: str, leaf: str, qkv_siblings: dict[str, set[str]]) -> str:
+    parent = module_type.rsplit(".", 1)[0]
+    names = ",".join(sorted(qkv_siblings[parent]))
+    return f"{parent}.{{{names}}}"
+
+
+def build_plan(model: nn.Module, config: ShareLoraConfig) -> SharingPlan:
+    """Decide the targets of ``config`` in ``model`` and the tensor each target reads.
+
+    Shared tensors are keyed by (group, block, shape): a group is a module type (scope
+    "layers") or the q/k/v projections of a block (scope "qkv"). Under scope "layers" a type
+    whose layers differ in shape gets one shared tensor per shape; under scope "qkv" the user
+    asked for one matrix across different projections, so shapes that disagree are an error.
+    """
+    raw = _find_targets(model, config)
+    entries = []
+    for module_name, slice_name, (d_in, d_out) in raw:
+        out_start = 0
+        if slice_name is not None:
+            slices = config.fused_modules[module_name.rsplit(".", 1)[-1]]
+            if d_out % len(slices):
+                raise ShareLoraError(
+                    f"fused module {module_name!r} has d_out={d_out}, not divisible into slices {slices}"
+                )
+            d_out //= len(slices)
+            out_start = slices.index(slice_name) * d_out
+        name = module_name if slice_name is None else f"{module_name}.{slice_name}"
+        layer = _layer_index(module_name)
+        if config.layers_to_transform is not None and layer not in config.layers_to_transform:
+            continue
+        entries.append((name, module_name, slice_name, _module_type(name), layer, d_in, d_out, out_start))
+    if not entries:
+        raise ShareLoraError(
+            f"layers_to_transform={config.layers_to_transform} left no target; layers found: "
+            f"{sorted({_layer_index(m) for m, _, _ in raw} - {None})}"
+        )
+
+    qkv_siblings: dict[str, set[str]] = defaultdict(set)
+    if config.scope == "qkv":
+        for _, _, _, mtype, _, _, _, _ in entries:
+            leaf = mtype.rsplit(".", 1)[-1]
+            if leaf in QKV_LEAVES:
+                qkv_siblings[mtype.rsplit(".", 1)[0]].add(leaf)
+        if not qkv_siblings:
+            raise ShareLoraError(
+                f"scope='qkv' shares across query/key/value projections but no target is one "
+                f"(known names: {sorted(QKV_LEAVES)}); use scope='layers' or target e.g. q_proj, k_proj, v_proj"
+            )
+
+    k = config.share_block_size
+    shared_roles = set() if config.share == "none" else set(config.share)
+    tensors: dict[str, TensorSpec] = {}
+    targets: list[Target] = []
+    shared_shapes: dict[tuple[str, str], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+
+    for name, module_name, slice_name, mtype, layer, d_in, d_out, out_start in entries:
+        leaf = mtype.rsplit(".", 1)[-1]
+        in_qkv = config.scope == "qkv" and leaf in QKV_LEAVES
+        group = _qkv_group(mtype, leaf, qkv_siblings) if in_qkv else mtype
+        if k is not None:
+            if layer is None:
+                raise ShareLoraError(f"share_block_size needs a layer index in module paths; {name!r} has none")
+            lo = layer - layer % k
+            group = group.replace("*", f"{lo}-{lo + k - 1}", 1)
+        keys = {}
+        for role, dim, shape in (("A", d_in, (config.rank, d_in)), ("B", d_out, (d_out, config.rank))):
+            if role in shared_roles:
+                dims = shared_shapes[(group, role)]
+                dims[dim].append(f"{name} {d_in}->{d_out}")
+                key = f"{group}.lora_{role}"
+                if dim != next(iter(dims)):
+                    if in_qkv:
+                        listing = "; ".join(
+                            f"dim {d}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for d, v in dims.items()
+                        )
+                        raise ShareLoraError(
+                            f"cannot share {role} across {group}: its modules disagree in "
+                            f"{'d_in' if role == 'A' else 'd_out'} ({listing}). Use share='A' "
+                            f"(A needs equal d_in), scope='layers', or target projections of equal shape"
+                        )
+                    key = f"{group}@{dim}.lora_{role}"
+            else:
+                key = f"{name}.lora_{role}"
+            spec = tensors.setdefault(key, TensorSpec(key=key, role=role, shape=shape))
+            spec.users.append(name)
+            keys[role] = key
+        targets.append(Target(name, module_name, slice_name, mtype, layer, d_in, d_out, out_start,
+                              keys["A"], keys["B"]))
+    return SharingPlan(rank=config.rank, share=config.share, scope=config.scope, targets=targets, tensors=tensors)
+
+
+def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """LoRA's initialisation: A ~ Kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0, so B A = 0."""
+    t = torch.empty(spec.shape, dtype=torch.float32, device=device)
+    if spec.role == "A" or not init_lora_weights:
+        nn.init.kaiming_uniform_(t, a=5**0.5)
+    else:
+        nn.init.zeros_(t)
+    return t.to(dtype)
