@@ -1,0 +1,14 @@
+"""Task definitions: how a data set becomes batches and how predictions become metrics."""
+
+from .classification import TASK_TYPES, ClassificationTask, EncodedSplit, label_space
+from .metrics import PRIMARY_METRIC, classification_metrics, regression_metrics
+
+__all__ = [
+    "TASK_TYPES",
+    "ClassificationTask",
+    "EncodedSplit",
+    "label_space",
+    "PRIMARY_METRIC",
+    "classification_metrics",
+    "regression_metrics",
+]

@@ -1,0 +1,16 @@
+"""Training and evaluation of classification runs: the loop, its records, resume and comparisons."""
+
+from .config import DEFAULT_LR, METHODS, TrainConfig
+from .evaluate import evaluate, load_trained_model, read_run_info
+from .loop import RunExistsError, train
+
+__all__ = [
+    "DEFAULT_LR",
+    "METHODS",
+    "TrainConfig",
+    "RunExistsError",
+    "evaluate",
+    "load_trained_model",
+    "read_run_info",
+    "train",
+]

@@ -1,0 +1,142 @@
+"""TrainConfig: every value that decides a training run, as one flat dataclass.
+
+The defaults are the paper's GLUE recipe for RoBERTa (LoRA on query and value, r = 8,
+alpha = 16, dropout 0.1, AdamW with linear warmup and decay) scaled down so that
+``sharelora train`` (MiniLM on Rotten Tomatoes) finishes in a few minutes on two CPU cores:
+maximum length 64, batch 32 and few epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# method name -> how the ShareLoRA config differs from plain LoRA; None means full fine-tuning.
+METHODS: dict[str, dict[str, Any] | None] = {
+    "full": None,
+    "lora": {"share": "none"},
+    "sharea": {"share": "A"},
+    "shareb": {"share": "B"},
+    "shareab": {"share": "AB"},
+    # The paper's self-attention variant: one A for the query, key and value maps of all layers.
+    "sharea-qkv": {"share": "A", "scope": "qkv", "target_modules": ["query", "key", "value"]},
+}
+
+# Learning rates when none is given: adapters train few, freshly initialised weights and take a
+# large rate (the LoRA paper uses 4e-4 to 5e-4 on RoBERTa-base); full fine-tuning moves every
+# pretrained weight and needs a small one.
+DEFAULT_LR = {"full": 3e-5, "adapter": 5e-4}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``resolved()`` fills the values that depend on others (lr, output dir)."""
+
+    model: str = "minilm"
+    dataset: str = "rotten-tomatoes"
+    method: str = "sharea"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    modules_to_save: list[str] | None = None  # None: the classification head, found by name
+    lr: float | None = None  # None: DEFAULT_LR for the method
+    weight_decay: float = 0.01
+    epochs: int = 3
+    max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
+    batch_size: int = 32  # examples per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide by it)
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    seed: int = 0
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    eval_batch_size: int = 64
+    log_every: int = 10  # optimizer steps per JSONL "train" record
+    checkpoint_every: int = 50  # optimizer steps between resume checkpoints (also at each epoch end)
+    output_dir: str | None = None  # None: runs/<name>
+    cache_dir: str | None = None
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_full(self) -> bool:
+        return METHODS.get(self.method, {}) is None
+
+    @property
+    def name(self) -> str:
+        """A short run name: model, dataset, method, rank and seed."""
+
+        def short(s: str) -> str:
+            s = s.rstrip("/").replace("\\", "/").split("/")[-1]
+            s = re.sub(r"\.(csv|jsonl?|tsv)$", "", s)
+            return re.sub(r"[^A-Za-z0-9_.-]+", "-", s) or "x"
+
+        rank = "" if self.is_full else f"-r{self.rank}"
+        return f"{short(self.model)}-{short(self.dataset)}-{self.method}{rank}-s{self.seed}"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value and a good one."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        positive_ints = {
+            "rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum, "max_length": self.max_length,
+            "eval_batch_size": self.eval_batch_size, "log_every": self.log_every,
+            "checkpoint_every": self.checkpoint_every,
+        }
+        for key, value in positive_ints.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("max_steps", "max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive integer or unset, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not divide into grad_accum {self.grad_accum} micro-batches; "
+                f"use a batch size that is a multiple of {self.grad_accum}"
+            )
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r} (the paper uses 16 with r = 8)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r} (e.g. 5e-4 for adapters, 3e-5 for full fine-tuning)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError("weight_decay must be >= 0 and max_grad_norm > 0")
+        if not self.targets and not self.is_full:
+            raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the method's overrides applied and the defaults that depend on others filled in."""
+        self.validate()
+        cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options))
+        overrides = METHODS[cfg.method] or {}
+        if "target_modules" in overrides:
+            cfg.targets = list(overrides["target_modules"])
+        if cfg.lr is None:
+            cfg.lr = DEFAULT_LR["full" if cfg.is_full else "adapter"]
+        if cfg.output_dir is None:
+            cfg.output_dir = f"runs/{cfg.name}"
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # Fields that may differ between an interrupted run and its resumption.
+    RESUME_FREE = ("output_dir", "cache_dir", "device", "checkpoint_every", "eval_batch_size")
+
+    def resume_key(self) -> dict[str, Any]:
+        """The part of the config that must match for a resumed run to equal an uninterrupted one."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}

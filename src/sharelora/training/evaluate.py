@@ -1,0 +1,85 @@
+"""Evaluation: one pass over a split without gradients, and reloading a finished run's model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tasks import ClassificationTask, EncodedSplit
+
+RUN_INFO = "run_info.json"  # written beside the adapter: what base model and data it was trained on
+
+
+def model_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a transformers model (``.logits``) or of a plain module returning a tensor."""
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, task: ClassificationTask, split: EncodedSplit, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Metrics and mean loss of ``model`` on ``split``.
+
+    Examples are batched in order of length so batches carry little padding; the metrics do not
+    depend on the order. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
+    predictions, labels, loss_sum = [], [], 0.0
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in task.collate(split, indices).items()}
+        logits = model_logits(model, task.model_inputs(batch))
+        loss_sum += task.loss(logits, batch["labels"], reduction="sum").item()
+        predictions.extend(task.predict(logits))
+        labels.extend(split.labels[i] for i in indices)
+    model.train(was_training)
+    metrics = task.metrics(predictions, labels)
+    metrics["loss"] = loss_sum / max(1, len(labels))
+    return metrics
+
+
+def read_run_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """The run_info.json of a saved adapter (or of a run directory holding ``adapter/``)."""
+    path = Path(adapter_dir)
+    if (path / "adapter" / RUN_INFO).is_file():
+        path = path / "adapter"
+    info_path = path / RUN_INFO
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"{path} has no {RUN_INFO}; pass the adapter directory that `sharelora train` wrote "
+            "(runs/<name>/adapter) or the run directory itself (runs/<name>)"
+        )
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info["adapter_dir"] = str(path)
+    return info
+
+
+def load_trained_model(adapter_dir: str | Path, cache_dir: str | None = None, device: str = "cpu") -> tuple[nn.Module, Any, dict]:
+    """Rebuild a trained model from its adapter directory: (model, tokenizer, run info).
+
+    For an adapter method this loads the base model named in run_info.json and attaches the
+    adapter with ``ShareLoraModel.from_pretrained``; for full fine-tuning the directory is
+    itself a complete model.
+    """
+    from ..sources import load_model
+
+    info = read_run_info(adapter_dir)
+    path = info["adapter_dir"]
+    if info["method"] == "full":
+        bundle = load_model(path, task="classification", num_labels=info["num_labels"], cache_dir=cache_dir)
+        model = bundle.model
+    else:
+        from sharelora import ShareLoraModel
+
+        bundle = load_model(info["model"], task="classification", num_labels=info["num_labels"], cache_dir=cache_dir)
+        model = ShareLoraModel.from_pretrained(bundle.model, path)
+    model.to(device).eval()
+    return model, bundle.tokenizer, info

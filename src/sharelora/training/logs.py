@@ -1,0 +1,135 @@
+"""The run's record: a JSONL metrics log, a PNG of its curves, and resource measurements.
+
+Each line of ``log.jsonl`` is one JSON object with a ``"kind"``:
+    {"kind": "train", "step", "epoch", "loss", "lr", "grad_norm", "examples_per_s", "elapsed_s"}
+    {"kind": "eval", "split": "dev", "step", "epoch", <metrics>, "loss"}
+    {"kind": "test", "split": "test", "step", <metrics>, "loss"}   (the best checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from .state import atomic_write_text
+
+
+class JsonlLog:
+    """Append-only JSONL file, flushed per record so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: drop it
+                continue
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after ``step`` (and any final test record): a resumed run logs them again."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step and r.get("kind") != "test"]
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, metric: str, title: str = "") -> None:
+    """PNG with two panels: training loss per logged step, and the dev metric per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    dev = [r for r in records if r.get("kind") == "eval" and r.get("split") == "dev"]
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+    if dev and all("loss" in r for r in dev):
+        ax_loss.plot([r["step"] for r in dev], [r["loss"] for r in dev], "o-", color="tab:orange", label="dev loss")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_dev.plot([r["step"] for r in dev], [r.get(metric, float("nan")) for r in dev], "o-", color="tab:green")
+    ax_dev.set_xlabel("optimizer step")
+    ax_dev.set_ylabel(f"dev {metric}")
+    ax_dev.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- resources -----------------------------------------------------------------------------------
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (since start, or since ``reset_peak_rss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files in a directory (an adapter's size on disk)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts for results.json."""
+    import platform
+
+    import torch
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        from importlib.metadata import version
+
+        info["sharelora"] = version("sharelora")
+    except Exception:  # not installed as a distribution (running from a source tree)
+        info["sharelora"] = None
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
