@@ -32,7 +32,7 @@ QKV_LEAVES = frozenset(
      "wq", "wk", "wv", "to_q", "to_k", "to_v"}
 )
 
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+_INDEX = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
 
 
 def _conv1d_class():

@@ -1,0 +1,184 @@
+"""Exact semantics of the adapted model: init, gradients, parameters, merging, disabling, dtypes."""
+
+import copy
+
+import pytest
+import torch
+
+from sharelora import ShareLoraConfig, ShareLoraError, ShareLoraLayer, get_sharelora_model
+
+from conftest import BUILDERS, example_input, run, tiny_bert, tiny_gpt2, tiny_llama
+
+
+def adapted(arch, share="A", init=True, **kw):
+    build, targets = BUILDERS[arch]
+    base = build()
+    cfg = ShareLoraConfig(rank=4, alpha=8, share=share, target_modules=targets, init_lora_weights=init, **kw)
+    return base, get_sharelora_model(copy.deepcopy(base), cfg)
+
+
+@pytest.mark.parametrize("share", ["none", "A", "B", "AB"])
+def test_adapted_model_equals_base_at_init(arch, share):
+    base, model = adapted(arch, share)
+    x = example_input(arch)
+    torch.testing.assert_close(run(model, arch, x), run(base, arch, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("share", ["A", "B", "AB"])
+def test_parameters_yield_each_shared_tensor_once(share):
+    _, model = adapted("bert", share)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len(model.plan.tensors)
+    assert sum(p.numel() for p in trainable) == model.plan.num_parameters()
+    assert len({id(p) for p in trainable}) == len(trainable)
+    opt = torch.optim.AdamW(trainable)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.plan.num_parameters()
+
+
+def test_only_adapter_and_modules_to_save_are_trainable():
+    model = get_sharelora_model(tiny_bert(), ShareLoraConfig(rank=2, target_modules=["query"], modules_to_save=["classifier"]))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n in names if n.startswith("sharelora_bank.") or ".classifier." in n}
+    assert any(".classifier." in n for n in names)
+
+
+@pytest.mark.parametrize("share", ["A", "B"])
+def test_gradient_of_shared_matrix_is_sum_over_layers(share):
+    """A shared matrix's gradient equals the sum of the gradients per-layer copies would get."""
+    _, shared = adapted("bert", share, init=False)
+    _, per_layer = adapted("bert", "none", init=False)
+    role = share
+    # give every per-layer copy the shared tensor's values, and the per-layer-side tensors equal values
+    with torch.no_grad():
+        for t_s, t_p in zip(shared.plan.targets, per_layer.plan.targets):
+            for r in "AB":
+                src = shared.sharelora_bank[getattr(t_s, f"{r.lower()}_key").replace(".", "/")]
+                per_layer.sharelora_bank[getattr(t_p, f"{r.lower()}_key").replace(".", "/")].copy_(src)
+    x = example_input("bert")
+    run(shared, "bert", x).square().sum().backward()
+    run(per_layer, "bert", x).square().sum().backward()
+    for key, spec in shared.plan.tensors.items():
+        if spec.role != role:
+            continue
+        g_shared = shared.sharelora_bank[key.replace(".", "/")].grad
+        g_sum = sum(per_layer.sharelora_bank[f"{u}.lora_{role}".replace(".", "/")].grad for u in spec.users)
+        torch.testing.assert_close(g_shared, g_sum, rtol=1e-5, atol=1e-6)
+
+
+def _train_a_bit(model, arch):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = example_input(arch)
+    for _ in range(2):
+        opt.zero_grad()
+        run(model, arch, x).square().mean().backward()
+        opt.step()
+    return x
+
+
+@pytest.mark.parametrize("share", ["none", "A", "AB"])
+def test_merged_outputs_equal_unmerged(arch, share):
+    _, model = adapted(arch, share, init=False)
+    x = _train_a_bit(model, arch)
+    model.eval()
+    with torch.no_grad():
+        before = run(model, arch, x)
+        model.merge()
+        merged = run(model, arch, x)
+        model.unmerge()
+        after = run(model, arch, x)
+    torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_returns_plain_model_with_same_outputs(arch):
+    base, model = adapted(arch, "A", init=False)
+    x = _train_a_bit(model, arch)
+    model.eval()
+    with torch.no_grad():
+        expected = run(model, arch, x)
+        plain = model.merge_and_unload()
+        assert not any(isinstance(m, ShareLoraLayer) for m in plain.modules())
+        assert type(plain) is type(base)
+        torch.testing.assert_close(run(plain, arch, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_gives_base_outputs_and_restores():
+    base, model = adapted("llama", "A", init=False)
+    x = example_input("llama")
+    with torch.no_grad():
+        adapted_out = run(model, "llama", x)
+        with model.disable_adapter():
+            torch.testing.assert_close(run(model, "llama", x), run(base, "llama", x))
+        torch.testing.assert_close(run(model, "llama", x), adapted_out)
+
+
+def test_disable_on_merged_adapter_is_an_error():
+    _, model = adapted("bert", "A", init=False)
+    model.merge()
+    with pytest.raises(ShareLoraError, match="unmerge"):
+        with model.disable_adapter():
+            pass
+
+
+def test_wrapping_twice_is_an_error():
+    _, model = adapted("bert")
+    with pytest.raises(ShareLoraError, match="already has ShareLoRA layers"):
+        get_sharelora_model(model, ShareLoraConfig(target_modules=["query"]))
+
+
+def test_dropout_only_acts_in_training_mode():
+    _, model = adapted("bert", "A", init=False, dropout=0.5)
+    x = example_input("bert")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, "bert", x), run(model, "bert", x))
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(run(model, "bert", x), run(model, "bert", x))
+
+
+def test_bf16_base_weights_train_fp32_adapter():
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_sharelora_model(base, ShareLoraConfig(rank=4, share="A", target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    out = model(**example_input("llama")).logits
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.sharelora_bank.values()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    def grads(checkpointing, reentrant=False):
+        model = get_sharelora_model(tiny_llama(), ShareLoraConfig(rank=4, share="A", target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        x = example_input("llama")
+        model(**x, labels=x["input_ids"]).loss.backward()
+        return {k: p.grad.clone() for k, p in model.sharelora_bank.items()}
+
+    ref = grads(False)
+    for reentrant in (False, True):
+        got = grads(True, reentrant)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_matches_eager():
+    _, model = adapted("bert", "A", init=False)
+    x = example_input("bert")
+    with torch.no_grad():
+        eager = run(model, "bert", x)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled, "bert", x), eager, rtol=1e-4, atol=1e-5)
+    run(compiled, "bert", x).sum().backward()
+    assert all(p.grad is not None for p in model.sharelora_bank.values())
+
+
+def test_attribute_access_falls_through_to_base_model():
+    _, model = adapted("gpt2")
+    assert model.config.n_layer == 3
+    assert callable(model.generate)

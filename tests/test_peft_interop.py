@@ -1,0 +1,81 @@
+"""Export to a standard PEFT LoRA directory that PEFT loads with identical logits, and import back."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from safetensors import safe_open
+
+from sharelora import ShareLoraConfig, ShareLoraModel, get_sharelora_model
+
+from conftest import BUILDERS, example_input, run, tiny_bert, tiny_gpt2, tiny_llama
+
+CASES = {
+    "bert": (tiny_bert, dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
+    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn.q", "c_attn.v"])),
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "v_proj"])),
+}
+
+
+def _train(model, arch):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
+    x = example_input(arch)
+    opt.zero_grad()
+    run(model, arch, x).square().mean().backward()
+    opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+@pytest.mark.parametrize("share,scope", [("none", "layers"), ("A", "layers"), ("AB", "layers"), ("A", "qkv")])
+def test_peft_loads_the_export_with_identical_logits(arch, share, scope, tmp_path):
+    build, kw = CASES[arch]
+    if scope == "qkv" and arch == "gpt2":
+        kw = dict(target_modules=["c_attn.q", "c_attn.k", "c_attn.v"])
+    model = get_sharelora_model(build(), ShareLoraConfig(rank=4, alpha=8, share=share, scope=scope,
+                                                         init_lora_weights=False, **kw))
+    _train(model, arch)
+    model.export_peft(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("base_model.model.") for k in keys)
+    assert sum(k.endswith("lora_A.weight") for k in keys) == len(model.plan.targets_by_module())
+    peft_model = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
+    x = example_input(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(run(peft_model, arch, x), run(model, arch, x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_ranks_are_standard_for_serving(tmp_path):
+    model = get_sharelora_model(tiny_gpt2(), ShareLoraConfig(rank=8, share="A", target_modules=["c_attn.q", "c_attn.v"]))
+    model.export_peft(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 32 and cfg["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_import_from_peft_gives_identical_logits(arch, tmp_path):
+    build, kw = CASES[arch]
+    pcfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=kw["target_modules"], init_lora_weights=False,
+                           modules_to_save=kw.get("modules_to_save"))
+    pm = peft.get_peft_model(build(), pcfg).eval()
+    pm.save_pretrained(str(tmp_path))
+    ours = ShareLoraModel.from_peft(build(), tmp_path)
+    assert ours.sharelora_config.share == "none"
+    x = example_input(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(run(ours, arch, x), run(pm, arch, x), rtol=1e-5, atol=1e-5)
+
+
+def test_import_refuses_dora(tmp_path):
+    from sharelora import ShareLoraError
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(ShareLoraError, match="use_dora"):
+        ShareLoraModel.from_peft(tiny_llama(), tmp_path)
