@@ -99,15 +99,21 @@ class ShareLoraModel(nn.Module):
                 yield name, m
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Turn on the base model's gradient checkpointing (non-reentrant by default).
+        """Turn on the base model's activation (gradient) checkpointing, non-reentrant by default.
 
         With the reentrant variant the frozen embeddings' output must require grad, or no gradient
         would reach the adapters inside the checkpointed blocks; this is arranged here.
         """
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     # --- counting -----------------------------------------------------------------------------
     def parameter_report(self) -> dict:

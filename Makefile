@@ -1,0 +1,33 @@
+# Fresh machine -> virtual environment with everything -> run / test.
+# TORCH pins the CPU build that this project's machines install from a local file; override it
+# (e.g. `make install TORCH="torch==2.13.0 --index-url ..."`) for a CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install run test smoke bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: install
+	$(VENV)/bin/sharelora train
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+smoke: install
+	$(PY) -m pytest -q -m smoke $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/sharelora bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
