@@ -30,6 +30,13 @@ METHODS: dict[str, dict[str, Any] | None] = {
 DEFAULT_LR = {"full": 3e-5, "adapter": 5e-4}
 
 
+def short_name(name_or_path: str) -> str:
+    """A file-name-safe short form of a model or dataset name ("hub:glue/sst2" -> "sst2")."""
+    s = name_or_path.rstrip("/").replace("\\", "/").split("/")[-1].split(":")[-1]
+    s = re.sub(r"\.(csv|jsonl?|tsv)$", "", s)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s) or "x"
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``resolved()`` fills the values that depend on others (lr, output dir)."""
@@ -70,13 +77,8 @@ class TrainConfig:
     def name(self) -> str:
         """A short run name: model, dataset, method, rank and seed."""
 
-        def short(s: str) -> str:
-            s = s.rstrip("/").replace("\\", "/").split("/")[-1]
-            s = re.sub(r"\.(csv|jsonl?|tsv)$", "", s)
-            return re.sub(r"[^A-Za-z0-9_.-]+", "-", s) or "x"
-
         rank = "" if self.is_full else f"-r{self.rank}"
-        return f"{short(self.model)}-{short(self.dataset)}-{self.method}{rank}-s{self.seed}"
+        return f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}-s{self.seed}"
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and a good one."""

@@ -1,0 +1,220 @@
+"""Compare methods on the same data: one training run per (method, seed), then a table.
+
+Each run is an ordinary ``train`` run in ``<output_dir>/<method>-s<seed>``, so a comparison that
+was interrupted continues where it stopped when started again (finished runs are read back,
+unfinished ones resume from their checkpoint). By default every run executes in its own Python
+process, so its peak memory is its own and not the maximum of everything run before it.
+
+Outputs in ``<output_dir>``: ``compare.md`` (the table), ``compare.json`` (every run's
+numbers and the aggregates) and ``compare.png`` (test metric and parameter count per method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import METHODS, TrainConfig
+from .loop import train
+from .state import atomic_write_text
+
+
+def run_one(cfg: TrainConfig, isolate: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Train (or resume, or read back) one run; in a child process when ``isolate``."""
+    out = Path(cfg.output_dir)
+    if not isolate:
+        return train(cfg, resume=True, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "train_config.json"
+    atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    command = [sys.executable, "-m", "sharelora.cli", "train", "--config", str(config_path), "--resume"]
+    if not progress:
+        command.append("--no-progress")
+    proc = subprocess.run(command)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {out} failed (exit code {proc.returncode}); see its output above, then rerun compare to resume")
+    return json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method, in the order first seen: counts, sizes, metric mean and std over seeds."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in results:
+        rows.setdefault(r["method"], {"method": r["method"], "runs": []})["runs"].append(r)
+    lora_params = None
+    if "lora" in rows:
+        lora_params = rows["lora"]["runs"][0]["parameters"]["adapter"]
+    table = []
+    for method, row in rows.items():
+        runs = row["runs"]
+        metric = runs[0]["metric"]
+        first = runs[0]["parameters"]
+        dev = [r["dev"][metric] for r in runs]
+        test = [r["test"][metric] for r in runs if r.get("test")]
+        entry = {
+            "method": method,
+            "metric": metric,
+            "seeds": [r["config"]["seed"] for r in runs],
+            "adapter_params": first["adapter"],
+            "trainable_params": first["trainable"],
+            "lora_equivalent": first.get("lora_equivalent", lora_params),
+            "fraction_of_lora": first["adapter"] / lora_params if lora_params else None,
+            "adapter_bytes": statistics.fmean(r["adapter_bytes"] for r in runs),
+            "dev_values": dev,
+            "test_values": test,
+            "dev_mean": _mean_std(dev)[0], "dev_std": _mean_std(dev)[1],
+            "test_mean": _mean_std(test)[0], "test_std": _mean_std(test)[1],
+            "train_time_s": statistics.fmean(r["train_time_s"] for r in runs),
+            "peak_rss_mb": statistics.fmean(r["peak_rss_mb"] for r in runs),
+            "optimizer_state_mb": statistics.fmean(r["optimizer_state_mb"] for r in runs),
+            "lr": runs[0]["config"]["lr"],
+            "epochs": runs[0]["config"]["epochs"],
+        }
+        table.append(entry)
+    return table
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (metrics in percent, mean ± sample std over seeds)."""
+    metric = rows[0]["metric"] if rows else "accuracy"
+    n = max((len(r["seeds"]) for r in rows), default=0)
+    head = (
+        f"| method | adapter params | % of LoRA | trainable (incl. head) | adapter file | "
+        f"dev {metric} | test {metric} | train time | peak RSS | optimizer state |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        frac = f"{100 * r['fraction_of_lora']:.1f}%" if r["fraction_of_lora"] is not None else "–"
+        lines.append(
+            f"| {r['method']} | {r['adapter_params']:,} | {frac} | {r['trainable_params']:,} | "
+            f"{_human_bytes(r['adapter_bytes'])} | {100 * r['dev_mean']:.2f} ± {100 * r['dev_std']:.2f} | "
+            f"{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} | {r['train_time_s']:.0f} s | "
+            f"{r['peak_rss_mb']:.0f} MB | {r['optimizer_state_mb']:.2f} MB |"
+        )
+    note = (
+        f"\nMean ± sample standard deviation over {n} seed(s). Adapter params exclude the classification head; "
+        "the best epoch is chosen on dev, test is evaluated once with it. Train time includes the dev evaluations.\n"
+    )
+    return head + "\n".join(lines) + "\n" + note
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
+    """Two panels: test metric per method (seeds as dots, mean ± std as bars) and adapter size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax_m, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+    metric = rows[0]["metric"] if rows else "accuracy"
+    ax_m.bar(x, [100 * r["test_mean"] for r in rows], yerr=[100 * r["test_std"] for r in rows],
+             color="tab:blue", alpha=0.55, capsize=4)
+    for i, r in enumerate(rows):
+        ax_m.plot([i] * len(r["test_values"]), [100 * v for v in r["test_values"]], "k.", ms=6)
+    values = [100 * v for r in rows for v in r["test_values"]]
+    if values:
+        span = max(values) - min(values)
+        ax_m.set_ylim(min(values) - max(2.0, span), max(values) + max(1.0, span / 2))
+    ax_m.set_xticks(x, names)
+    ax_m.set_ylabel(f"test {metric} (%)")
+    ax_m.set_title("test metric: mean ± std, dots = seeds")
+    ax_m.grid(axis="y", alpha=0.3)
+    ax_p.bar(x, [r["adapter_params"] for r in rows], color="tab:green", alpha=0.7)
+    ax_p.set_yscale("log")
+    ax_p.set_xticks(x, names)
+    ax_p.set_ylabel("trained parameters (excl. head, log)")
+    ax_p.set_title("adapter size")
+    for i, r in enumerate(rows):
+        ax_p.text(i, r["adapter_params"], f"{r['adapter_params']:,}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(
+    base: TrainConfig,
+    methods: list[str],
+    seeds: list[int],
+    output_dir: str | Path,
+    *,
+    full_lr: float | None = None,
+    isolate: bool = True,
+    progress: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train every method with every seed on the same data and write the table, plot and JSON.
+
+    ``base.lr`` (if set) is the adapters' learning rate and ``full_lr`` full fine-tuning's; unset
+    ones take the method defaults. Everything else in ``base`` is shared by all runs.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if not methods or not seeds:
+        raise ValueError("compare needs at least one method and one seed")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for method in methods:
+        for seed in seeds:
+            lr = full_lr if method == "full" else base.lr
+            cfg = dataclasses.replace(
+                base, method=method, seed=seed, lr=lr, output_dir=str(out / f"{method}-s{seed}"),
+                targets=list(base.targets), dataset_options=dict(base.dataset_options),
+            )
+            print(f"== compare: {method} seed {seed} -> {cfg.output_dir}", flush=True)
+            result = run_one(cfg, isolate=isolate, progress=progress)
+            metric = result["metric"]
+            test = result["test"][metric] if result.get("test") else float("nan")
+            print(f"== {method} seed {seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
+                  f"({result['train_time_s']:.0f} s)", flush=True)
+            results.append(result)
+    rows = aggregate(results)
+    first = results[0]
+    header = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "model": first["model"],
+        "dataset": first["dataset"],
+        "examples": first["examples"],
+        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, torch threads "
+                   f"{first['environment'].get('torch_threads')}, device {first['device']}",
+        "environment": first["environment"],
+    }
+    summary = {"header": header, "rows": rows, "runs": [
+        {k: r[k] for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch")}
+        for r in results
+    ]}
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
+    md = (
+        f"# {header['model']} on {header['dataset']}\n\n"
+        f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
+        f"- examples: {header['examples']}\n\n" + markdown_table(rows)
+    )
+    atomic_write_text(out / "compare.md", md)
+    plot_comparison(rows, out / "compare.png")
+    return summary
