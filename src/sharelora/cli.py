@@ -128,8 +128,36 @@ DATA_OPTIONS = [
     ("--text-column", "text_column", "column holding the text (local files)"),
     ("--text-pair-column", "text_pair_column", "column holding the second text of a pair (local files)"),
     ("--label-column", "label_column", "column holding the label (local files)"),
-    ("--task-type", "task_type", "classification or regression (local files; default: guessed from the labels)"),
+    ("--task-type", "task_type", "classification or regression (local files; default: classification)"),
 ]
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. train=1000 or dev_size=0.2), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, suppress: bool = True) -> None:
+    data = parser.add_argument_group("data options (local files; see sharelora.sources.load_dataset)")
+    default = argparse.SUPPRESS if suppress else None
+    for flag, dest, help_text in DATA_OPTIONS:
+        kwargs = {"choices": ["classification", "regression"]} if dest == "task_type" else {"metavar": "NAME"}
+        data.add_argument(flag, dest=dest, default=default, help=help_text, **kwargs)
+    data.add_argument("--data-option", dest="data_option", type=_key_value, action="append", default=default,
+                      metavar="KEY=VALUE", help="any other load_dataset option, e.g. dev_size=0.2 or train=1000 (repeatable)")
+
+
+def data_options_from_args(args: argparse.Namespace) -> dict:
+    options = dict(getattr(args, "data_option", None) or [])
+    for _, dest, _ in DATA_OPTIONS:
+        if getattr(args, dest, None) is not None:
+            options[dest] = getattr(args, dest)
+    return options
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,10 +166,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="JSON file of TrainConfig fields; options given here override it")
     for flag, dest, kwargs in _run_options():
         group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kwargs)
-    data = parser.add_argument_group("data file columns")
-    for flag, dest, help_text in DATA_OPTIONS:
-        kwargs = {"choices": ["classification", "regression"]} if dest == "task_type" else {"metavar": "NAME"}
-        data.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help_text, **kwargs)
+    add_data_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -167,11 +192,7 @@ def config_from_args(args: argparse.Namespace):
     for attr in ("output_dir",):
         if getattr(args, attr, None) is not None:
             values[attr] = getattr(args, attr)
-    options = dict(values.get("dataset_options") or {})
-    for _, dest, _ in DATA_OPTIONS:
-        if hasattr(args, dest):
-            options[dest] = getattr(args, dest)
-    values["dataset_options"] = options
+    values["dataset_options"] = {**(values.get("dataset_options") or {}), **data_options_from_args(args)}
     cfg = TrainConfig.from_dict(values)
     try:
         cfg.validate()
@@ -278,9 +299,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="where fetched models and data are kept")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
-    for flag, dest, help_text in DATA_OPTIONS:
-        kwargs = {"choices": ["classification", "regression"]} if dest == "task_type" else {"metavar": "NAME"}
-        p.add_argument(flag, dest=dest, default=None, help=help_text, **kwargs)
+    add_data_arguments(p, suppress=False)
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -292,7 +311,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, tokenizer, info = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
     options = dict(info.get("dataset_options") or {}) if args.dataset is None else {}
-    options.update({dest: getattr(args, dest) for _, dest, _ in DATA_OPTIONS if getattr(args, dest) is not None})
+    options.update(data_options_from_args(args))
     data = load_dataset(args.dataset or info["dataset"], cache_dir=args.cache_dir, **options)
     task = ClassificationTask(data, tokenizer, max_length=info["max_length"])
     if task.num_labels != info["num_labels"]:
@@ -382,9 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Exceptions that mean "the user asked for something that cannot be done": one line, exit 2.
-# (ShareLoraError, RunExistsError and the sources' errors are ValueErrors.)
-USER_ERRORS = (CliError, ValueError, FileNotFoundError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this cannot be done as asked": printed as one line, exit status 2.
+
+    ShareLoraError and RunExistsError are ValueErrors; the sources raise SourceError.
+    """
+    errors: list[type[BaseException]] = [CliError, ValueError, FileNotFoundError]
+    try:
+        from .sources.errors import SourceError
+
+        errors.append(SourceError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         if os.environ.get("SHARELORA_DEBUG"):
             raise
         print(f"sharelora {args._command.name}: error: {e}", file=sys.stderr)
