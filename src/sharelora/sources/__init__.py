@@ -17,7 +17,7 @@ See docs/SOURCES.md for each source, its checksum, split sizes and load times.
 from . import registry
 from .datasets import TaskData, load_dataset
 from .errors import SourceError
-from .fetch import default_cache_dir, fetch, fetch_paths, sha256_file
+from .cache import default_cache_dir, fetch, fetch_paths, sha256_file
 from .gguf_convert import convert_gguf
 from .models import ModelBundle, gpt2_tokenizer, load_model
 from .registry import Source

@@ -20,8 +20,8 @@ Example formats (``TaskData.splits[split]`` is a list of such dicts):
 from __future__ import annotations
 
 import csv
+import difflib
 import inspect
-import io
 import json
 import os
 import re
@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from . import registry as _registry
 from .errors import SourceError
-from .fetch import fetch, sha256_file
+from .cache import fetch, sha256_file
 from .registry import TASK_TYPES, Source
 from .splits import count_by, fingerprint, group_split, seeded_order, stratified_split
 
@@ -113,9 +113,11 @@ def load_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike |
         elif Path(spec).expanduser().exists():
             data = _load_local(Path(spec).expanduser(), **options)
         else:
+            near = difflib.get_close_matches(spec, reg.names(), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
             raise SourceError(
                 f"{spec!r} is neither a registered dataset {[s.name for s in reg.datasets()]} nor an "
-                f"existing file or folder; for a hub dataset write 'hub:{spec}'")
+                f"existing file or folder; {hint}for a hub dataset write 'hub:{spec}'")
     data.info["load_seconds"] = round(time.perf_counter() - t0, 3)
     return data
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import SourceError
-from .fetch import sha256_file
+from .cache import sha256_file
 
 CONVERSION_INFO = "sharelora_gguf.json"
 

