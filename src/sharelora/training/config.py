@@ -68,6 +68,9 @@ class TrainConfig:
     cache_dir: str | None = None
     device: str = "auto"  # "auto": cuda if available, else cpu
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    # "auto": from the dataset's task type; "e2e" / "instructions" train a causal LM (sharelora.tasks.build)
+    task: str = "auto"
+    task_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"num_beams": 4} for e2e
 
     @property
     def is_full(self) -> bool:
@@ -112,13 +115,18 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ValueError("weight_decay must be >= 0 and max_grad_norm > 0")
+        from ..tasks.build import TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
 
     def resolved(self) -> TrainConfig:
         """A copy with the method's overrides applied and the defaults that depend on others filled in."""
         self.validate()
-        cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options))
+        cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options),
+                                  task_options=dict(self.task_options))
         overrides = METHODS[cfg.method] or {}
         if "target_modules" in overrides:
             cfg.targets = list(overrides["target_modules"])

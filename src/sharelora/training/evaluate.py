@@ -29,6 +29,8 @@ def evaluate(
     Examples are batched in order of length so batches carry little padding; the metrics do not
     depend on the order. The model's train/eval mode is restored afterwards.
     """
+    if hasattr(task, "evaluate"):  # generation tasks decode and score in their own way
+        return task.evaluate(model, split, batch_size, device)
     was_training = model.training
     model.eval()
     order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
@@ -73,13 +75,15 @@ def load_trained_model(adapter_dir: str | Path, cache_dir: str | None = None, de
 
     info = read_run_info(adapter_dir)
     path = info["adapter_dir"]
+    task = info.get("model_task", "classification")  # "causal-lm" for the generation tasks
+    num_labels = info["num_labels"] if task == "classification" else None
     if info["method"] == "full":
-        bundle = load_model(path, task="classification", num_labels=info["num_labels"], cache_dir=cache_dir)
+        bundle = load_model(path, task=task, num_labels=num_labels, cache_dir=cache_dir)
         model = bundle.model
     else:
         from sharelora import ShareLoraModel
 
-        bundle = load_model(info["model"], task="classification", num_labels=info["num_labels"], cache_dir=cache_dir)
+        bundle = load_model(info["model"], task=task, num_labels=num_labels, cache_dir=cache_dir)
         model = ShareLoraModel.from_pretrained(bundle.model, path)
     model.to(device).eval()
     return model, bundle.tokenizer, info

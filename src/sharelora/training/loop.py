@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..tasks import ClassificationTask
+from ..tasks.build import build_task, resolve_targets
 from .config import TrainConfig
 from .evaluate import RUN_INFO, evaluate, model_logits
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_curves, reset_peak_rss
@@ -182,6 +183,7 @@ def load_inputs(cfg: TrainConfig, bundle: Any = None, data: Any = None) -> tuple
     starts from the same weights for the same seed.
     """
     from ..tasks import label_space
+    from ..tasks.build import model_task, task_name
 
     if data is None:
         from ..sources import load_dataset
@@ -190,9 +192,12 @@ def load_inputs(cfg: TrainConfig, bundle: Any = None, data: Any = None) -> tuple
     if bundle is None:
         from ..sources import load_model
 
-        _, num_labels = label_space(data)
         seed_everything(cfg.seed)
-        bundle = load_model(cfg.model, task="classification", num_labels=num_labels, cache_dir=cfg.cache_dir)
+        if model_task(task_name(cfg, data)) == "causal-lm":
+            bundle = load_model(cfg.model, task="causal-lm", cache_dir=cfg.cache_dir)
+        else:
+            _, num_labels = label_space(data)
+            bundle = load_model(cfg.model, task="classification", num_labels=num_labels, cache_dir=cfg.cache_dir)
     return bundle, data
 
 
@@ -237,7 +242,8 @@ def train(
 
     # --- data and model ----------------------------------------------------------------------
     bundle, data = load_inputs(cfg, bundle, data)
-    task = ClassificationTask(data, bundle.tokenizer, max_length=cfg.max_length)
+    cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value projections
+    task = build_task(cfg, data, bundle.tokenizer, output_dir=paths.root)
     train_split = task.encode("train", cfg.max_train_examples)
     dev_split = task.encode("dev", cfg.max_eval_examples)
     test_split = task.encode("test", cfg.max_eval_examples) if "test" in task.splits else None
@@ -294,12 +300,13 @@ def train(
                 group["lr"] = lr
 
             loss_value = 0.0
+            step_weight = task.step_weight(train_split, indices) if hasattr(task, "step_weight") else len(indices)
             for start in range(0, len(indices), micro_batch):
                 batch = {k: v.to(device) for k, v in task.collate(train_split, indices[start : start + micro_batch]).items()}
                 logits = model_logits(model, task.model_inputs(batch))
-                # Sum over the micro-batch / examples in the whole step = the mean over the step,
-                # whatever grad_accum is.
-                loss = task.loss(logits, batch["labels"], reduction="sum") / len(indices)
+                # Sum over the micro-batch / examples (LM tasks: target tokens) in the whole step =
+                # the mean over the step, whatever grad_accum is.
+                loss = task.loss(logits, batch["labels"], reduction="sum") / step_weight
                 loss.backward()
                 loss_value += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
@@ -328,7 +335,7 @@ def train(
                 dev = evaluate(model, task, dev_split, cfg.eval_batch_size, device)
                 log.append({"kind": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch, **dev})
                 bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: dev {metric} {dev[metric]:.4f} loss {dev['loss']:.4f}")
-                if state["best_metric"] is None or dev[metric] > state["best_metric"]:
+                if state["best_metric"] is None or _improves(dev[metric], state["best_metric"], task):
                     state.update(best_metric=dev[metric], best_step=step, best_epoch=step / steps_per_epoch, best_dev=dev)
                     save_weights(paths.best, model)
             if on_step is not None and on_step(step):
@@ -360,7 +367,10 @@ def train(
         "model": getattr(bundle, "name", cfg.model),
         "dataset": getattr(data, "name", cfg.dataset),
         "task_type": task.task_type,
+        "task": getattr(task, "name", "classification"),
         "metric": metric,
+        "greater_is_better": getattr(task, "greater_is_better", True),
+        "pretrained": getattr(bundle, "pretrained", None),
         "config": cfg.to_dict(),
         "parameters": summary,
         "adapter_bytes": directory_bytes(paths.adapter),
@@ -409,10 +419,17 @@ def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: Classifi
         "label_names": task.label_names,
         "max_length": cfg.max_length,
         "seed": cfg.seed,
+        "model_task": getattr(task, "model_task", "classification"),
+        **(task.run_info() if hasattr(task, "run_info") else {}),
     }
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def _improves(value: float, best: float, task: Any) -> bool:
+    """Whether a dev metric beats the best so far (higher accuracy / BLEU, lower loss)."""
+    return value > best if getattr(task, "greater_is_better", True) else value < best
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

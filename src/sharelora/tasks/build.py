@@ -1,0 +1,141 @@
+"""Which task a run trains, and the default settings of the generation tasks.
+
+``--task`` names the task; ``auto`` takes it from the dataset's task type:
+
+    classification / regression  -> "classification"  (ClassificationTask, a sequence-classification head)
+    generation                   -> "e2e"             (E2ETask, a causal LM)
+    instruction                  -> "instructions"    (InstructionTask, a causal LM)
+    multiple-choice (MMLU)       -> an evaluation set only: ``sharelora eval --task mmlu``
+
+The generation tasks start from ``TASK_PRESETS`` (model, data, targets, sizes) instead of the
+classification defaults of ``TrainConfig``; anything given explicitly overrides them. The
+presets are sized so that one default run takes well under 30 minutes on 2 CPU cores (E2E:
+SmolLM2-135M, 2 epochs over 745 references = 188 steps of 8; instructions: 150 steps of 8);
+raise ``--epochs`` / ``--max-steps`` / ``--max-train-examples`` to scale up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+TASKS = ("auto", "classification", "e2e", "instructions")
+LM_TASKS = ("e2e", "instructions")
+TASK_OF_DATA_TYPE = {"classification": "classification", "regression": "classification",
+                     "generation": "e2e", "instruction": "instructions"}
+
+_LM_COMMON: dict[str, Any] = {
+    "model": "smollm2",
+    "targets": ["auto"],  # q_proj,v_proj on LLaMA; c_attn.q,c_attn.v on GPT-2 (see default_targets)
+    "rank": 8,
+    "alpha": 16.0,
+    "dropout": 0.1,
+    "lr": 5e-4,
+    "weight_decay": 0.0,
+    "batch_size": 8,
+    "eval_batch_size": 16,
+    "log_every": 5,
+    "checkpoint_every": 25,
+}
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    "e2e": {**_LM_COMMON, "dataset": "e2e", "epochs": 2, "max_length": 96},
+    "instructions": {
+        **_LM_COMMON, "dataset": "natural-instructions", "epochs": 1, "max_steps": 150, "max_length": 256,
+        "max_eval_examples": 120,
+    },
+}
+
+# Attention projections adapted by default, per architecture (the paper: query and value).
+_TARGETS_BY_MODULE = (("q_proj", ["q_proj", "v_proj"]), ("c_attn", ["c_attn.q", "c_attn.v"]),
+                      ("query", ["query", "value"]))
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Query and value projections of ``model``: LLaMA q_proj/v_proj, GPT-2's fused c_attn slices, BERT query/value."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for marker, targets in _TARGETS_BY_MODULE:
+        if marker in leaves:
+            return list(targets)
+    raise ValueError(f"cannot tell the query/value projections of {type(model).__name__}; name them with --targets")
+
+
+def resolve_targets(cfg: Any, model: nn.Module) -> Any:
+    """``cfg`` with ``targets=["auto"]`` replaced by ``default_targets(model)``."""
+    if list(cfg.targets) == ["auto"]:
+        return dataclasses.replace(cfg, targets=default_targets(model))
+    return cfg
+
+
+def task_name(cfg: Any, data: Any) -> str:
+    """The task a run trains: ``cfg.task`` or, for "auto", the one the dataset's type implies."""
+    name = getattr(cfg, "task", "auto") or "auto"
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    data_type = getattr(data, "task_type", "classification")
+    if name == "auto":
+        if data_type == "multiple-choice":
+            raise ValueError(f"dataset {data.name!r} is multiple-choice (MMLU): it is an evaluation set; "
+                             "run `sharelora eval --task mmlu` instead of training on it")
+        if data_type not in TASK_OF_DATA_TYPE:
+            raise ValueError(f"dataset {data.name!r} has task type {data_type!r}; no task trains on it")
+        return TASK_OF_DATA_TYPE[data_type]
+    if TASK_OF_DATA_TYPE.get(data_type) != name:
+        raise ValueError(f"task {name!r} cannot train on dataset {data.name!r} of type {data_type!r}; "
+                         f"use --task auto or a {name} dataset")
+    return name
+
+
+def model_task(task: str) -> str:
+    """What ``sources.load_model`` must build for ``task``: a causal LM or a classifier."""
+    return "causal-lm" if task in LM_TASKS else "classification"
+
+
+def build_task(cfg: Any, data: Any, tokenizer: Any, output_dir: str | Path | None = None) -> Any:
+    """The task object the training loop uses for run ``cfg`` on ``data``.
+
+    ``cfg.task_options`` go to the task's constructor (E2E: ``num_beams``, ``dev_num_beams``,
+    ``max_new_tokens``, ``max_dev_mrs``, ``length_penalty``, ``no_repeat_ngram_size``;
+    instructions: ``use_chat_template``). E2E samples are written into ``output_dir``.
+    """
+    name = task_name(cfg, data)
+    options = dict(getattr(cfg, "task_options", None) or {})
+    if name == "classification":
+        from .classification import ClassificationTask
+
+        if options:
+            raise ValueError(f"task options {sorted(options)} do not apply to classification")
+        return ClassificationTask(data, tokenizer, max_length=cfg.max_length)
+    if name == "e2e":
+        from .generation import E2ETask
+
+        return E2ETask(data, tokenizer, max_length=cfg.max_length, samples_dir=output_dir, **_checked(E2ETask, options))
+    from .instructions import InstructionTask
+
+    return InstructionTask(data, tokenizer, max_length=cfg.max_length, **_checked(InstructionTask, options))
+
+
+def _checked(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    import inspect
+
+    allowed = [p for p in inspect.signature(cls.__init__).parameters
+               if p not in ("self", "data", "tokenizer", "max_length", "samples_dir")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"task option(s) {unknown} do not apply to {cls.name}; it takes {allowed}")
+    return options
+
+
+def task_config(task: str, **overrides: Any) -> Any:
+    """A ``TrainConfig`` for ``task`` from its preset, with ``overrides`` on top.
+
+    >>> cfg = task_config("e2e", method="sharea", seed=1)      # smollm2 on E2E, ShareA on q_proj/v_proj
+    """
+    from ..training.config import TrainConfig
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    values = {**TASK_PRESETS.get(task, {}), "task": task, **overrides}
+    return TrainConfig.from_dict(values)
