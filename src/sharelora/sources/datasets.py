@@ -349,14 +349,14 @@ def _mmlu(source: Source, path: Path, seed: int = 0, subjects: list[str] | str |
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_subject[r["subject"]].append(r)
-    dev, test, overlap = [], [], 0
-    for subj in sorted(by_subject):
-        pool = seeded_order(by_subject[subj], seed, key)
-        chosen = pool[:dev_per_subject]
-        seen = {(r["question"], tuple(r["choices"])) for r in chosen}
-        rest = [r for r in pool[dev_per_subject:] if (r["question"], tuple(r["choices"])) not in seen]
-        overlap += len(pool) - dev_per_subject - len(rest) if len(pool) > dev_per_subject else 0
-        dev.extend(chosen)
+    pools = {subj: seeded_order(by_subject[subj], seed, key) for subj in sorted(by_subject)}
+    dev = [r for subj in pools for r in pools[subj][:dev_per_subject]]
+    # MMLU repeats some questions, also across subjects: test drops every copy of a dev question.
+    in_dev = {(r["question"], tuple(r["choices"])) for r in dev}
+    test, overlap = [], 0
+    for subj, pool in pools.items():
+        rest = [r for r in pool[dev_per_subject:] if (r["question"], tuple(r["choices"])) not in in_dev]
+        overlap += len(pool[dev_per_subject:]) - len(rest)
         test.extend(rest[:max_per_subject] if max_per_subject is not None else rest)
     splits = {"dev": sorted(dev, key=key), "test": sorted(test, key=key)}
     return TaskData(source.name, "multiple-choice", splits, ["A", "B", "C", "D"], ("question", "choices"),
