@@ -98,6 +98,9 @@ def _run_options() -> list[tuple[str, str, dict]]:
         ("--model", "model", dict(metavar="NAME_OR_PATH", help=f"built-in model name, hub id or local model directory (default: {d.model})")),
         ("--dataset", "dataset", dict(metavar="NAME_OR_PATH", help=f"built-in dataset, local CSV/JSON(L) file or hub:owner/name (default: {d.dataset})")),
         ("--method", "method", dict(choices=list(METHODS), help=f"what to train (default: {d.method})")),
+        ("--task", "task", dict(choices=["auto", "classification", "e2e", "instructions"],
+                                help="auto (from the dataset), classification, or a generation task: e2e | instructions, "
+                                     "which start from their own defaults (model smollm2, its dataset, q/v targets, sizes)")),
         ("--rank", "rank", dict(type=_positive_int, help=f"LoRA rank r (default: {d.rank})")),
         ("--alpha", "alpha", dict(type=_positive_float, help=f"LoRA alpha; the update is scaled by alpha/r (default: {d.alpha:g})")),
         ("--dropout", "dropout", dict(type=_fraction, help=f"dropout on the adapter input (default: {d.dropout})")),
@@ -167,6 +170,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, dest, kwargs in _run_options():
         group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kwargs)
     add_data_arguments(parser)
+    from .tasks.cli import add_task_arguments
+
+    add_task_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -186,9 +192,13 @@ def config_from_args(args: argparse.Namespace):
         unknown = sorted(set(values) - known)
         if unknown:
             raise CliError(f"--config {path} has unknown fields {unknown}; known fields: {sorted(known)}")
+    from .tasks.cli import task_options_from_args, with_task_preset
+
+    values = with_task_preset(values, getattr(args, "task", None) or values.get("task"))
     for _, dest, _ in _run_options():
         if hasattr(args, dest):
             values[dest] = getattr(args, dest)
+    values["task_options"] = {**(values.get("task_options") or {}), **task_options_from_args(args)}
     for attr in ("output_dir",):
         if getattr(args, attr, None) is not None:
             values[attr] = getattr(args, attr)
@@ -229,8 +239,10 @@ def _train_run(args: argparse.Namespace) -> int:
     metric = results["metric"]
     test = results.get("test") or {}
     p = results["parameters"]
+    from .tasks.cli import not_pretrained_note
+
     print(f"\n{results['name']}: {results['method']}, {p['adapter']:,} adapter parameters "
-          f"({p['trainable']:,} trained incl. head)")
+          f"({p['trainable']:,} trained incl. head){not_pretrained_note(results)}")
     print(f"  dev {metric} {results['dev'][metric]:.4f} (best epoch {results['best_epoch']:g})"
           + (f", test {metric} {test[metric]:.4f}" if test else ""))
     print(f"  train time {results['train_time_s']:.0f} s, peak RSS {results['peak_rss_mb']:.0f} MB")
@@ -264,6 +276,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true", help="run every training in this process (faster start; peak memory is then shared)")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
     add_run_arguments(p)
+    from .tasks.cli import add_compare_arguments
+
+    add_compare_arguments(p)
 
 
 def _compare_run(args: argparse.Namespace) -> int:
@@ -275,6 +290,10 @@ def _compare_run(args: argparse.Namespace) -> int:
         raise CliError(f"unknown method(s) {', '.join(unknown)} in --methods; choose from {', '.join(METHODS)}")
     base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "output_dir"}))
     out = args.output_dir or f"runs/compare-{short_name(base.model)}-{short_name(base.dataset)}"
+    if base.task in ("e2e", "instructions"):
+        from .tasks.cli import compare_generation_from_args
+
+        return compare_generation_from_args(args, base, out)
     command = "sharelora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = compare(base, args.methods, args.seeds, out, full_lr=args.full_lr, isolate=not args.in_process,
                       progress=args.progress, command=command)
@@ -290,8 +309,10 @@ def _adapter_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Evaluate a trained adapter (or fully fine-tuned model) on a split of a data set."
-    _adapter_argument(p)
+    p.description = ("Evaluate a trained adapter (or fully fine-tuned model) on a split of a data set; "
+                     "--task mmlu scores an adapter or a base model (--model) on MMLU.")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", nargs="?", default=None,
+                   help="a run directory (runs/<name>) or its adapter/ directory (optional with --task mmlu --model)")
     p.add_argument("--dataset", default=None, metavar="NAME_OR_PATH", help="data set (default: the one it was trained on)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to evaluate (default: test)")
     p.add_argument("--max-examples", type=_positive_int, default=None, help="evaluate only the first N examples")
@@ -300,14 +321,22 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
     add_data_arguments(p, suppress=False)
+    from .tasks.cli import add_eval_arguments
+
+    add_eval_arguments(p)
 
 
 def _eval_run(args: argparse.Namespace) -> int:
     from .sources import load_dataset
     from .tasks import ClassificationTask
+    from .tasks.cli import eval_generation, is_generation_adapter
     from .training import evaluate, load_trained_model
     from .training.loop import pick_device
 
+    if args.task == "mmlu" or args.task in ("e2e", "instructions") or is_generation_adapter(args.adapter_dir):
+        return eval_generation(args)
+    if args.adapter_dir is None:
+        raise CliError("eval needs ADAPTER_DIR (a run directory or its adapter/); only --task mmlu --model NAME works without")
     device = pick_device(args.device)
     model, tokenizer, info = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
     options = dict(info.get("dataset_options") or {}) if args.dataset is None else {}
@@ -376,8 +405,13 @@ register_command("export-peft", "write an adapter as a standard PEFT LoRA direct
 register_command("merge", "merge an adapter into its base model and save the model", _merge_arguments, _merge_run)
 
 
+_LOADED_PLUGINS: set[str] = set()
+
+
 def _load_plugins() -> None:
     for module_name in PLUGINS:
+        if module_name in _LOADED_PLUGINS:  # build_parser may run more than once in a process (tests)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -385,6 +419,7 @@ def _load_plugins() -> None:
                 continue
             raise
         module.register(register_command)
+        _LOADED_PLUGINS.add(module_name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,10 +109,10 @@ def generate_texts(
         raise ValueError(f"{type(model).__name__} has no generate(); decoding needs a transformers causal LM")
     pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
+    beam_options = {"length_penalty": length_penalty, "early_stopping": True} if num_beams > 1 else {}
     config = GenerationConfig(
         do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, pad_token_id=pad,
-        eos_token_id=eos, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        early_stopping=num_beams > 1,
+        eos_token_id=eos, no_repeat_ngram_size=no_repeat_ngram_size, **beam_options,
     )
     was_training = model.training
     model.eval()

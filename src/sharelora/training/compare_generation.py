@@ -1,0 +1,231 @@
+"""Compare methods on a generation task (E2E or instructions): runs, MMLU, a table and a plot.
+
+Each (method, seed) is an ordinary ``train`` run in ``<output_dir>/<method>-s<seed>`` (resumed or
+read back when it exists, as ``compare`` does for classification). Instruction runs can also be
+scored on an MMLU subset after training (``mmlu``: the trained adapter, plus the base model
+once as a reference row); those scores are cached in ``mmlu-<shots>shot.json`` beside each run.
+
+Outputs: ``compare.md`` (table), ``compare.json`` (every run and the aggregates), ``compare.png``.
+Scores stay on their natural scales: BLEU / ROUGE-L / chrF 0-100, losses in nats per target
+token, MMLU accuracy in percent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .compare import _human_bytes, run_one
+from .config import METHODS, TrainConfig
+from .state import atomic_write_text
+
+# (key in a run's flattened metrics, column title, format); the first is the task's headline.
+COLUMNS = {
+    "e2e": [("test.bleu", "test BLEU", "{:.2f}"), ("test.rougeL", "test ROUGE-L", "{:.2f}"),
+            ("test.chrf", "test chrF", "{:.2f}"), ("dev.bleu", "dev BLEU (greedy)", "{:.2f}"),
+            ("test.loss", "test loss", "{:.3f}")],
+    "instructions": [("test.loss", "held-out loss", "{:.4f}"), ("test.perplexity", "held-out ppl", "{:.2f}"),
+                     ("test.token_accuracy", "token acc", "{:.4f}"), ("dev.loss", "dev loss", "{:.4f}")],
+}
+MMLU_COLUMNS = [("mmlu.accuracy_macro", "MMLU acc (macro, %)", "{:.2f}", 100.0),
+                ("mmlu.answer_logprob_norm", "MMLU log p(answer) among A-D", "{:.4f}", 1.0)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _get(record: dict[str, Any], dotted: str) -> float | None:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def mmlu_for_run(run_dir: Path, options: dict[str, Any], cache_dir: str | None, device: str) -> dict[str, Any]:
+    """MMLU scores of the adapter in ``run_dir`` (cached in ``mmlu-<k>shot.json``)."""
+    path = run_dir / f"mmlu-{options.get('shots', 0)}shot.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from ..sources import load_dataset
+    from ..tasks.mmlu import evaluate_mmlu
+    from .evaluate import load_trained_model
+
+    model, tokenizer, _ = load_trained_model(run_dir / "adapter", cache_dir=cache_dir, device=device)
+    data = load_dataset("mmlu", cache_dir=cache_dir)
+    result = evaluate_mmlu(model, tokenizer, data, device=device, **options)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def mmlu_for_base(model_name: str, out: Path, options: dict[str, Any], cache_dir: str | None, device: str) -> dict[str, Any]:
+    path = out / f"base-mmlu-{options.get('shots', 0)}shot.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from ..sources import load_dataset, load_model
+    from ..tasks.mmlu import evaluate_mmlu
+
+    bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
+    result = evaluate_mmlu(bundle.model.to(device), bundle.tokenizer, load_dataset("mmlu", cache_dir=cache_dir),
+                           device=device, **options)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def aggregate(task: str, results: list[dict[str, Any]], with_mmlu: bool) -> list[dict[str, Any]]:
+    """One row per method: parameter counts, sizes, every column's mean and std over seeds."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r)
+    lora = by_method.get("lora", [{}])[0].get("parameters", {}).get("adapter")
+    rows = []
+    columns = COLUMNS[task] + ([(k, t, f) for k, t, f, _ in MMLU_COLUMNS] if with_mmlu else [])
+    for method, runs in by_method.items():
+        p = runs[0]["parameters"]
+        row: dict[str, Any] = {
+            "method": method, "seeds": [r["config"]["seed"] for r in runs],
+            "adapter_params": p["adapter"], "fraction_of_lora": p["adapter"] / lora if lora else None,
+            "adapter_bytes": runs[0]["adapter_bytes"],
+            "train_time_s": statistics.fmean(r["train_time_s"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "optimizer_state_mb": runs[0]["optimizer_state_mb"],
+            "steps": runs[0]["steps"], "values": {},
+        }
+        for key, _, _ in columns:
+            vals = [v for v in (_get(r, key) for r in runs) if v is not None]
+            row["values"][key] = {"mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "all": vals}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(task: str, rows: list[dict[str, Any]], with_mmlu: bool, base_mmlu: dict | None = None) -> str:
+    columns = COLUMNS[task] + ([(k, t, f) for k, t, f, _ in MMLU_COLUMNS] if with_mmlu else [])
+    scale = {k: s for k, _, _, s in MMLU_COLUMNS}
+    head = ["method", "adapter params", "% of LoRA", "adapter file"] + [t for _, t, _ in columns] + \
+        ["train time", "peak RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        frac = f"{100 * r['fraction_of_lora']:.1f}%" if r["fraction_of_lora"] is not None else "–"
+        cells = [r["method"], f"{r['adapter_params']:,}", frac, _human_bytes(r["adapter_bytes"])]
+        for key, _, fmt in columns:
+            v = r["values"][key]
+            s = scale.get(key, 1.0)
+            cells.append("–" if not v["all"] else
+                         f"{fmt.format(s * v['mean'])} ± {fmt.format(s * v['std'])}" if len(v["all"]) > 1
+                         else fmt.format(s * v["mean"]))
+        cells += [f"{r['train_time_s']:.0f} s", f"{r['peak_rss_mb']:.0f} MB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if with_mmlu and base_mmlu is not None:
+        cells = ["base model (no adapter)", "0", "–", "–"] + ["–"] * len(COLUMNS[task]) + [
+            f"{100 * base_mmlu['accuracy_macro']:.2f}", f"{base_mmlu['answer_logprob_norm']:.4f}", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = max((len(r["seeds"]) for r in rows), default=0)
+    return "\n".join(lines) + (f"\n\nMean ± sample standard deviation over {n} seed(s) (one value: a single seed). "
+                               "Adapter params count the method's own weights; train time includes the dev evaluations.\n")
+
+
+def plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, title, _ = COLUMNS[task][0]
+    names = [r["method"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax_m, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_m.bar(x, [r["values"][key]["mean"] for r in rows], yerr=[r["values"][key]["std"] for r in rows],
+             color="tab:blue", alpha=0.55, capsize=4)
+    for i, r in enumerate(rows):
+        ax_m.plot([i] * len(r["values"][key]["all"]), r["values"][key]["all"], "k.", ms=6)
+    ax_m.set_xticks(x, names)
+    ax_m.set_ylabel(title)
+    ax_m.set_title(f"{title}: mean ± std, dots = seeds")
+    ax_m.grid(axis="y", alpha=0.3)
+    ax_p.bar(x, [r["adapter_params"] for r in rows], color="tab:green", alpha=0.7)
+    ax_p.set_yscale("log")
+    ax_p.set_xticks(x, names)
+    ax_p.set_ylabel("trained parameters (log)")
+    for i, r in enumerate(rows):
+        ax_p.text(i, r["adapter_params"], f"{r['adapter_params']:,}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], output_dir: str | Path, *,
+                       mmlu: dict[str, Any] | None = None, isolate: bool = True, progress: bool = False,
+                       command: str | None = None) -> dict[str, Any]:
+    """Train every method with every seed on ``base``'s generation task; write table, plot and JSON.
+
+    Args:
+        base: the shared run settings; ``base.task`` must be "e2e" or "instructions".
+        mmlu: options of ``evaluate_mmlu`` (shots, subjects, max_per_subject, batch_size) to score
+            each trained instruction adapter and the base model on MMLU; None to skip.
+    """
+    from ..tasks.build import LM_TASKS
+
+    if base.task not in LM_TASKS:
+        raise ValueError(f"compare_generation runs the generation tasks {LM_TASKS}, not {base.task!r}")
+    unknown = [m for m in methods if m not in METHODS or m == "full"]
+    if unknown:
+        raise ValueError(f"method(s) {unknown} cannot be compared here; choose adapters from "
+                         f"{', '.join(m for m in METHODS if m != 'full')}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if base.device == "auto" else base.device
+    results = []
+    for method in methods:
+        for seed in seeds:
+            cfg = dataclasses.replace(base, method=method, seed=seed, output_dir=str(out / f"{method}-s{seed}"),
+                                      targets=list(base.targets), dataset_options=dict(base.dataset_options),
+                                      task_options=dict(base.task_options))
+            print(f"== compare: {method} seed {seed} -> {cfg.output_dir}", flush=True)
+            result = run_one(cfg, isolate=isolate, progress=progress)
+            if mmlu is not None:
+                result["mmlu"] = mmlu_for_run(Path(cfg.output_dir), mmlu, base.cache_dir, device)
+            metric = result["metric"]
+            print(f"== {method} seed {seed}: dev {metric} {result['dev'][metric]:.4f} "
+                  f"test {metric} {(result.get('test') or {}).get(metric, float('nan')):.4f} "
+                  f"({result['train_time_s']:.0f} s)", flush=True)
+            results.append(result)
+    base_mmlu = mmlu_for_base(base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
+    rows = aggregate(base.task, results, mmlu is not None)
+    first = results[0]
+    pretrained = first.get("pretrained")
+    header = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "model": first["model"] + (" (NOT PRETRAINED: random weights)" if pretrained is False else ""),
+        "dataset": first["dataset"],
+        "task": base.task,
+        "examples": first["examples"],
+        "steps": first["steps"],
+        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, torch threads "
+                   f"{first['environment'].get('torch_threads')}, device {first['device']}",
+        "environment": first["environment"],
+        "mmlu": {k: v for k, v in (mmlu or {}).items()} or None,
+    }
+    summary = {"header": header, "rows": rows, "base_mmlu": base_mmlu, "runs": [
+        {k: r.get(k) for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch",
+                               "mmlu", "parameters")}
+        for r in results
+    ]}
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
+    md = (f"# {header['model']} on {header['dataset']} ({base.task})\n\n"
+          f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
+          f"- examples: {header['examples']}, optimizer steps per run: {header['steps']}\n"
+          + (f"- MMLU: {header['mmlu']}\n" if mmlu else "") + "\n"
+          + markdown_table(base.task, rows, mmlu is not None, base_mmlu))
+    atomic_write_text(out / "compare.md", md)
+    plot(base.task, rows, out / "compare.png")
+    return summary
