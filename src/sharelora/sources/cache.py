@@ -204,7 +204,7 @@ def _fetch_and_extract(source: Source, root: Path, dest: Path, keep_archive: boo
         _replace_dir(staging, dest)
         if keep_archive and archive != user_copy:
             archives.mkdir(parents=True, exist_ok=True)
-            os.replace(archive, user_copy) if _same_fs(archive, archives) else shutil.copy2(archive, user_copy)
+            shutil.move(str(archive), user_copy)
 
 
 def _check_archive(source: Source, archive: Path, fix: str | None, quarantine: Path | None = None) -> None:
@@ -234,13 +234,6 @@ def _replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(new, dest)
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b).st_dev
-    except OSError:
-        return False
 
 
 def _matches(member: str, wanted: list[str]) -> str | None:

