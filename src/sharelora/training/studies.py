@@ -126,8 +126,12 @@ def _pm(values: list[float], fmt: str) -> str:
 def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", second: str = "instructions",
                    first_steps: int = 60, second_steps: int = 60, eval_examples: int = 40, model: str = "smollm2",
                    rank: int = 8, lr: float = 5e-4, batch_size: int = 8, output_dir: str | Path,
-                   cache_dir: str | None = None, command: str | None = None) -> dict[str, Any]:
-    """Train on ``first``, continue on ``second``; report task-1 retention per method (see module doc)."""
+                   cache_dir: str | None = None, command: str | None = None,
+                   datasets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on ``first``, continue on ``second``; report task-1 retention per method (see module doc).
+
+    ``datasets`` maps task name -> TaskData to use instead of the presets' datasets (tests).
+    """
     from ..sources import load_dataset
     from ..tasks.build import TASK_PRESETS
 
@@ -135,7 +139,10 @@ def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", 
         raise ValueError("transfer needs two different tasks, e.g. --first e2e --second instructions")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    datasets = {t: load_dataset(TASK_PRESETS[t]["dataset"], cache_dir=cache_dir) for t in (first, second)}
+    datasets = dict(datasets or {})
+    for t in (first, second):
+        if t not in datasets:
+            datasets[t] = load_dataset(TASK_PRESETS[t]["dataset"], cache_dir=cache_dir)
     if "e2e" in datasets:
         datasets["e2e"] = _e2e_dev_all_references(datasets["e2e"])
     runs = []
@@ -218,14 +225,18 @@ def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", 
 def overfit_study(*, methods: list[str], seeds: list[int], task: str = "e2e", train_examples: int = 48,
                   epochs: int = 8, eval_examples: int = 60, model: str = "smollm2", rank: int = 8, lr: float = 5e-4,
                   batch_size: int = 8, output_dir: str | Path, cache_dir: str | None = None,
-                  command: str | None = None) -> dict[str, Any]:
-    """Train and dev loss after every epoch on a small training set, per method (see module doc)."""
+                  command: str | None = None, data: Any = None) -> dict[str, Any]:
+    """Train and dev loss after every epoch on a small training set, per method (see module doc).
+
+    ``data`` is a TaskData to use instead of the preset's dataset (tests).
+    """
     from ..sources import load_dataset
     from ..tasks.build import TASK_PRESETS
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(TASK_PRESETS[task]["dataset"], cache_dir=cache_dir)
+    if data is None:
+        data = load_dataset(TASK_PRESETS[task]["dataset"], cache_dir=cache_dir)
     if task == "e2e":
         data = _e2e_dev_all_references(data)
     runs = []
