@@ -142,7 +142,8 @@ def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", 
     datasets = dict(datasets or {})
     for t in (first, second):
         if t not in datasets:
-            datasets[t] = load_dataset(TASK_PRESETS[t]["dataset"], cache_dir=cache_dir)
+            datasets[t] = load_dataset(TASK_PRESETS[t]["dataset"], cache_dir=cache_dir,
+                                       **TASK_PRESETS[t].get("dataset_options", {}))
     if "e2e" in datasets:
         datasets["e2e"] = _e2e_dev_all_references(datasets["e2e"])
     runs = []
@@ -236,7 +237,8 @@ def overfit_study(*, methods: list[str], seeds: list[int], task: str = "e2e", tr
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = load_dataset(TASK_PRESETS[task]["dataset"], cache_dir=cache_dir)
+        data = load_dataset(TASK_PRESETS[task]["dataset"], cache_dir=cache_dir,
+                            **TASK_PRESETS[task].get("dataset_options", {}))
     if task == "e2e":
         data = _e2e_dev_all_references(data)
     runs = []
