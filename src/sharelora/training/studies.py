@@ -166,7 +166,7 @@ def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", 
                     e2e = tasks["e2e"]
                     from ..tasks.generation import generation_metrics, group_by_mr
 
-                    groups = group_by_mr(dev_split["e2e"].examples)
+                    groups = group_by_mr(datasets["e2e"].splits["dev"])  # every dev MR, not just eval_examples rows
                     preds = e2e.decode(net, [g["mr"] for g in groups], num_beams=1)
                     row["e2e_bleu"] = generation_metrics(preds, [g["references"] for g in groups])["bleu"]
                 print(f"   {method} s{seed} {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
