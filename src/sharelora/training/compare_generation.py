@@ -182,7 +182,9 @@ def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], 
                          f"{', '.join(m for m in METHODS if m != 'full')}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = "cpu" if base.device == "auto" else base.device
+    from .loop import pick_device
+
+    device = str(pick_device(base.device))
     results = []
     for method in methods:
         for seed in seeds:
