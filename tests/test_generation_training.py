@@ -146,3 +146,19 @@ def test_overfit_study_records_train_and_dev_loss_every_epoch(tmp_path):
     assert [c["epoch"] for c in curve] == [0, 1, 2, 3]
     assert curve[-1]["train_loss"] < curve[0]["train_loss"]  # it learns its small training set
     assert (tmp_path / "o" / "overfit.png").is_file()
+
+
+def fake_result(method, seed, bleu, adapter):
+    return {"method": method, "config": {"seed": seed}, "parameters": {"adapter": adapter}, "adapter_bytes": 4 * adapter,
+            "train_time_s": 10.0, "peak_rss_mb": 100.0, "optimizer_state_mb": 1.0, "steps": 5,
+            "test": {"bleu": bleu, "rougeL": 50.0, "chrf": 40.0, "loss": 1.5}, "dev": {"bleu": bleu - 1}}
+
+
+def test_generation_table_reports_scores_on_their_own_scale_with_seed_spread():
+    from sharelora.training.compare_generation import aggregate, markdown_table
+
+    runs = [fake_result("lora", 0, 30.0, 1000), fake_result("lora", 1, 32.0, 1000), fake_result("sharea", 0, 31.0, 500)]
+    rows = aggregate("e2e", runs, with_mmlu=False)
+    table = markdown_table("e2e", rows, with_mmlu=False)
+    assert "| lora | 1,000 | 100.0% |" in table and "| 31.00 ± 1.41 |" in table  # BLEU stays 0-100
+    assert "| sharea | 500 | 50.0% |" in table and "| 31.00 |" in table
