@@ -106,7 +106,7 @@ def _run_options() -> list[tuple[str, str, dict]]:
         ("--dropout", "dropout", dict(type=_fraction, help=f"dropout on the adapter input (default: {d.dropout})")),
         ("--targets", "targets", dict(type=_csv_list, metavar="A,B", help=f"modules to adapt (default: {','.join(d.targets)})")),
         ("--modules-to-save", "modules_to_save", dict(type=_csv_list, metavar="A,B", help="modules trained in full with the adapter (default: the classification head)")),
-        ("--lr", "lr", dict(type=_positive_float, help="peak learning rate (default: 5e-4 for adapters, 3e-5 for full)")),
+        ("--lr", "lr", dict(type=_positive_float, help="peak learning rate (default: 2e-3 for adapters, 3e-5 for full)")),
         ("--weight-decay", "weight_decay", dict(type=float, help=f"AdamW weight decay (default: {d.weight_decay})")),
         ("--epochs", "epochs", dict(type=_positive_int, help=f"passes over the training set (default: {d.epochs})")),
         ("--max-steps", "max_steps", dict(type=_positive_int, help="stop after this many optimizer steps")),
