@@ -126,6 +126,8 @@ def test_tiny_cli_run_then_eval_export_and_merge(local_inputs, tmp_path, capsys)
 
     assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+    assert main(["eval", str(tmp_path / "merged"), "--json", str(tmp_path / "merged.json")]) == 0
+    assert json.loads((tmp_path / "merged.json").read_text())["accuracy"] == results["test"]["accuracy"]
 
 
 @needs_sources

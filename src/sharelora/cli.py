@@ -389,11 +389,17 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_run(args: argparse.Namespace) -> int:
-    model, tokenizer, _ = _load_adapter_method(args.adapter_dir, args.cache_dir)
+    from .training.evaluate import RUN_INFO
+
+    model, tokenizer, info = _load_adapter_method(args.adapter_dir, args.cache_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(args.out_dir)
     tokenizer.save_pretrained(args.out_dir)
-    print(f"merged model written to {args.out_dir}")
+    # A merged model is a complete model: `sharelora eval OUT_DIR` loads it like a fully fine-tuned one.
+    merged_info = {k: v for k, v in info.items() if k != "adapter_dir"}
+    merged_info.update(method="full", merged_from=str(info["adapter_dir"]))
+    (Path(args.out_dir) / RUN_INFO).write_text(json.dumps(merged_info, indent=2) + "\n", encoding="utf-8")
+    print(f"merged model written to {args.out_dir} (evaluate it with: sharelora eval {args.out_dir})")
     return 0
 
 
