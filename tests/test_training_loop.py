@@ -188,7 +188,7 @@ def test_compare_writes_a_table_with_every_method(tmp_path):
 
     calls = []
 
-    def fake_run_one(cfg, isolate=True, progress=False):
+    def fake_run_one(cfg, isolate=True, progress=False, threads=None):
         calls.append((cfg.method, cfg.seed, cfg.lr))
         return train(cfg, bundle=tiny_bundle(tmp_path, seed=cfg.seed), data=tiny_data(), progress=False, resume=True)
 
@@ -200,8 +200,10 @@ def test_compare_writes_a_table_with_every_method(tmp_path):
                                       command="sharelora compare ...")
     finally:
         compare_mod.run_one = original
-    assert [(m, s) for m, s, _ in calls] == [("full", 0), ("full", 1), ("lora", 0), ("lora", 1), ("sharea", 0), ("sharea", 1)]
-    assert calls[0][2] == 1e-4 and calls[2][2] is None  # full FT gets its own learning rate
+    # seed-major: a comparison stopped early has the same seeds for every method
+    assert [(m, s) for m, s, _ in calls] == [("full", 0), ("lora", 0), ("sharea", 0), ("full", 1), ("lora", 1), ("sharea", 1)]
+    assert calls[0][2] == 1e-4 and calls[1][2] is None  # full FT gets its own learning rate
+    assert [r["method"] for r in summary["runs"]] == ["full", "full", "lora", "lora", "sharea", "sharea"]
     rows = {r["method"]: r for r in summary["rows"]}
     assert rows["lora"]["fraction_of_lora"] == 1.0 and rows["sharea"]["fraction_of_lora"] < 1.0
     table = (tmp_path / "cmp" / "compare.md").read_text()

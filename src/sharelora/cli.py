@@ -275,6 +275,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, metavar="DIR", help="where runs and tables go (default: runs/compare-<model>-<dataset>)")
     p.add_argument("--in-process", action="store_true", help="run every training in this process (faster start; peak memory is then shared)")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs side by side, each with CPUs/jobs threads (default: 1; 2 suits a 2-core CPU best)")
     add_run_arguments(p)
     from .tasks.cli import add_compare_arguments
 
@@ -296,7 +298,7 @@ def _compare_run(args: argparse.Namespace) -> int:
         return compare_generation_from_args(args, base, out)
     command = "sharelora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = compare(base, args.methods, args.seeds, out, full_lr=args.full_lr, isolate=not args.in_process,
-                      progress=args.progress, command=command)
+                      progress=args.progress, jobs=args.jobs, command=command)
     print()
     print((Path(out) / "compare.md").read_text(encoding="utf-8"))
     print(f"written: {out}/compare.md, compare.json, compare.png ({len(summary['runs'])} runs)")

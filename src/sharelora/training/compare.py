@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,12 @@ from .loop import train
 from .state import atomic_write_text
 
 
-def run_one(cfg: TrainConfig, isolate: bool = True, progress: bool = False) -> dict[str, Any]:
-    """Train (or resume, or read back) one run; in a child process when ``isolate``."""
+def run_one(cfg: TrainConfig, isolate: bool = True, progress: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or read back) one run; in a child process when ``isolate``.
+
+    ``threads`` caps the child's intra-op threads (OMP/MKL): several single-threaded runs side
+    by side use a small CPU better than one run whose threads wait on each other at every op.
+    """
     out = Path(cfg.output_dir)
     if not isolate:
         return train(cfg, resume=True, progress=progress)
@@ -37,7 +43,10 @@ def run_one(cfg: TrainConfig, isolate: bool = True, progress: bool = False) -> d
     command = [sys.executable, "-m", "sharelora.cli", "train", "--config", str(config_path), "--resume"]
     if not progress:
         command.append("--no-progress")
-    proc = subprocess.run(command)
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(command, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"run {out} failed (exit code {proc.returncode}); see its output above, then rerun compare to resume")
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -164,12 +173,14 @@ def compare(
     full_lr: float | None = None,
     isolate: bool = True,
     progress: bool = False,
+    jobs: int = 1,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train every method with every seed on the same data and write the table, plot and JSON.
 
     ``base.lr`` (if set) is the adapters' learning rate and ``full_lr`` full fine-tuning's; unset
-    ones take the method defaults. Everything else in ``base`` is shared by all runs.
+    ones take the method defaults. Everything else in ``base`` is shared by all runs. ``jobs``
+    runs that many trainings side by side, each with cpu_count / jobs threads.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -178,21 +189,35 @@ def compare(
         raise ValueError("compare needs at least one method and one seed")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for method in methods:
-        for seed in seeds:
+    # Seed-major order: if the comparison is stopped early, every method has the same seeds done.
+    configs = []
+    for seed in seeds:
+        for method in methods:
             lr = full_lr if method == "full" else base.lr
-            cfg = dataclasses.replace(
+            configs.append(dataclasses.replace(
                 base, method=method, seed=seed, lr=lr, output_dir=str(out / f"{method}-s{seed}"),
                 targets=list(base.targets), dataset_options=dict(base.dataset_options),
-            )
-            print(f"== compare: {method} seed {seed} -> {cfg.output_dir}", flush=True)
-            result = run_one(cfg, isolate=isolate, progress=progress)
-            metric = result["metric"]
-            test = result["test"][metric] if result.get("test") else float("nan")
-            print(f"== {method} seed {seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
-                  f"({result['train_time_s']:.0f} s)", flush=True)
-            results.append(result)
+            ))
+    if jobs > 1 and not isolate:
+        raise ValueError("jobs > 1 needs isolated runs (one process each); drop --in-process or use --jobs 1")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def one(cfg: TrainConfig) -> dict[str, Any]:
+        print(f"== compare: {cfg.method} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
+        result = run_one(cfg, isolate=isolate, progress=progress and jobs == 1, threads=threads)
+        metric = result["metric"]
+        test = result["test"][metric] if result.get("test") else float("nan")
+        print(f"== {cfg.method} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
+              f"({result['train_time_s']:.0f} s)", flush=True)
+        return result
+
+    if jobs > 1:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, configs))
+    else:
+        results = [one(cfg) for cfg in configs]
+    # Table rows in the order the methods were asked for.
+    results.sort(key=lambda r: (methods.index(r["method"]), r["config"]["seed"]))
     rows = aggregate(results)
     first = results[0]
     header = {
@@ -201,8 +226,8 @@ def compare(
         "model": first["model"],
         "dataset": first["dataset"],
         "examples": first["examples"],
-        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, torch threads "
-                   f"{first['environment'].get('torch_threads')}, device {first['device']}",
+        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, {jobs} run(s) at a time "
+                   f"with {first['environment'].get('torch_threads')} torch thread(s) each, device {first['device']}",
         "environment": first["environment"],
     }
     summary = {"header": header, "rows": rows, "runs": [
