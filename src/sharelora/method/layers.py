@@ -6,12 +6,153 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import Target
+from .plan import Target, _conv1d_class
 
 
 def bank_name(key: str) -> str:
     """Name of a tensor key inside an ``nn.ParameterDict`` (parameter names cannot contain '.')."""
     return key.replace(".", "/")
+
+
+# --- the fused kernel -------------------------------------------------------------------------------
+# On CPU the adapter's arithmetic is tiny but every pass over an activation-sized (N, d) tensor
+# costs about as much as one small matmul, and so does every fresh (N, d) allocation (page
+# faults). Written as separate autograd ops, LoRA with dropout makes ~20 such passes per layer;
+# torch's dropout alone draws one random number per element (~7 ns each, single threaded) and
+# keeps a float noise tensor plus the dropped copy of x. The functions below make ~12:
+#   * dropout's mask comes from 16 random bits per element (one 64-bit draw serves four), and
+#     backward keeps those bits (2 bytes per element) instead of a float mask (4 bytes);
+#   * 1/(1-p) and alpha/r scale the small (N, r) product u, not an (N, d) tensor;
+#   * B's product is accumulated into the base layer's output (addmm_), and in backward the base
+#     layer's x-gradient is accumulated into the adapter's (addmm_), so neither the update nor the
+#     adapter's share of x's gradient exists as a separate tensor that autograd must add.
+# The keep probability is (65536 - round(65536 p)) / 65536 (p = 0.1 -> 0.1000061) and the scale
+# uses that same value, so E[dropout(x)] = x exactly.
+_BITS = 16
+
+
+def _drop_threshold(p: float) -> tuple[int, float]:
+    """(threshold on a signed 16-bit draw, keep probability): keep iff draw >= threshold."""
+    dropped = round(p * (1 << _BITS))
+    return -(1 << (_BITS - 1)) + dropped, 1.0 - dropped / (1 << _BITS)
+
+
+def _random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Uniform signed 16-bit integers of ``shape`` from torch's default generator (4 per 64-bit draw)."""
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None)  # the full 64-bit range
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def _keep(bits: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 keep mask of ``bits`` as a ``dtype`` tensor.
+
+    Cast, then compare in place: both are vectorised kernels, whereas comparing into a bool
+    tensor and converting bool to float is a slow scalar loop (~5x slower on this CPU).
+    """
+    return bits.to(dtype).ge_(threshold)
+
+
+def _base_forward(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x W^T + b for nn.Linear (W: d_out x d_in) or x W + b for Conv1D (W: d_in x d_out), as they do."""
+    Wt = W if transposed else W.t()
+    return torch.addmm(bias, x2, Wt) if bias is not None else torch.mm(x2, Wt)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """(h, u) with u = c * (x ⊙ keep) A^T and h = base(x) + u B^T; c = scaling / P(keep).
+
+    x: (N, d_in), A: (r, d_in), B: (d_out, r) -> h: (N, d_out), u: (N, r). The base weights are
+    frozen. u is returned so that modules sharing A and x can reuse it (``_LinearPlusLowRank``);
+    its gradient from them arrives here and is added to this module's own.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, scaling, p, transposed):
+        out = _base_forward(x, W, bias, transposed)
+        if p > 0.0:
+            threshold, keep_prob = _drop_threshold(p)
+            bits = _random_int16(x.shape, x.device)
+            dropped = _keep(bits, threshold, x.dtype).mul_(x)
+        else:
+            threshold, keep_prob, bits, dropped = None, 1.0, None, x
+        c = scaling / keep_prob
+        u = torch.mm(dropped, A.t()).mul_(c)
+        out.addmm_(u, B.t())
+        ctx.save_for_backward(dropped, bits, u, W, A, B)
+        ctx.c, ctx.threshold, ctx.transposed = c, threshold, transposed
+        ctx.set_materialize_grads(False)
+        return out, u
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_u):
+        dropped, bits, u, W, A, B = ctx.saved_tensors
+        grad_x = grad_A = grad_B = None
+        g_u = torch.zeros_like(u) if grad_out is None else torch.mm(grad_out, B)  # dL/du
+        if grad_u is not None:
+            g_u += grad_u
+        if grad_out is not None and ctx.needs_input_grad[4]:
+            grad_B = torch.mm(grad_out.t(), u)
+        g_u *= ctx.c  # now the gradient of (x ⊙ keep) A^T: scale the (N, r) tensor, not an (N, d) one
+        if ctx.needs_input_grad[3]:
+            grad_A = torch.mm(g_u.t(), dropped)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g_u, A)
+            if bits is not None:
+                grad_x.mul_(_keep(bits, ctx.threshold, grad_x.dtype))
+            if grad_out is not None:  # the base layer's share, accumulated in place
+                grad_x.addmm_(grad_out, W if not ctx.transposed else W.t())
+        return grad_x, None, None, grad_A, grad_B, None, None, None
+
+
+class _LinearPlusLowRank(torch.autograd.Function):
+    """h = base(x) + u B^T for a module whose u another module computed (shared A, same x)."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, u, B, transposed):
+        out = _base_forward(x, W, bias, transposed)
+        out.addmm_(u, B.t())
+        ctx.save_for_backward(u, W, B)
+        ctx.transposed = transposed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, W, B = ctx.saved_tensors
+        grad_x = grad_u = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad_out, W if not ctx.transposed else W.t())
+        if ctx.needs_input_grad[3]:
+            grad_u = torch.mm(grad_out, B)
+        if ctx.needs_input_grad[4]:
+            grad_B = torch.mm(grad_out.t(), u)
+        return grad_x, None, None, grad_u, grad_B, None
+
+
+class SharedDownProjection:
+    """Lets modules that read the same input with the same A compute ``dropout(x) A^T`` once.
+
+    Under scope "qkv" the q, k and v projections of a block share A and read the same x, so the
+    (N, r) product u is the same for the three; the first computes it and the others reuse it
+    (with one dropout mask for the three, and autograd summing A's and x's gradients over them).
+    The entry lives only during one forward of the block that calls them (``clear`` runs before
+    and after it), so gradient checkpointing recomputes it exactly like the first forward did, and
+    a reused input tensor never sees a stale product from an earlier step.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self, *_args) -> None:
+        self.x = self.u = None
+        self.mode = None
+
+    def lookup(self, x: torch.Tensor, mode: tuple) -> torch.Tensor | None:
+        return self.u if self.x is x and self.mode == mode else None
+
+    def store(self, x: torch.Tensor, mode: tuple, u: torch.Tensor) -> None:
+        self.x, self.mode, self.u = x, mode, u
 
 
 class ShareLoraLayer(nn.Module):
@@ -28,6 +169,11 @@ class ShareLoraLayer(nn.Module):
             sums its gradient over every layer that reads it.
         scaling: alpha / r.
         dropout: dropout probability on the adapter input.
+
+    The update is computed as ``u = scaling * dropout(x) A^T`` (N, r), then ``u B^T``: scaling
+    and dropout's 1/(1-p) act on the small (N, r) product. Slices of a fused module share one
+    dropout mask and one product ``u`` per distinct A (their A's are stacked), and their B's
+    form one block matrix, so a fused module costs one pair of products whatever its slices.
     """
 
     def __init__(self, base_layer: nn.Module, targets: list[Target], bank: nn.ParameterDict,
@@ -45,8 +191,13 @@ class ShareLoraLayer(nn.Module):
         self._bank = [bank]
         self.merged = False
         self.disabled = False
+        # Set by ShareLoraModel when sibling modules read the same x with the same A (scope "qkv").
+        self.shared_down: SharedDownProjection | None = None
+        self.reuse_shared_input = True
         if not self.whole:
             self._d_out_total = base_layer.weight.shape[1 if self.transposed else 0]
+            # Distinct A keys in order; each slice reads the u columns of its A.
+            self._a_keys = tuple(dict.fromkeys(a for a, _ in self.keys))
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads module.weight keeps working
@@ -56,33 +207,87 @@ class ShareLoraLayer(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
-    def _update(self, x: torch.Tensor) -> torch.Tensor:
+    # --- the update -------------------------------------------------------------------------
+    def _down_and_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the whole module: A (k r, d_in) stacks the distinct A's; B (d_out, k r)."""
         bank = self._bank[0]
-        x = self.lora_dropout(x)
         if self.whole:
             a_key, b_key = self.keys[0]
-            A, B = bank[a_key], bank[b_key]
-            if x.dtype != A.dtype:
-                x = x.to(A.dtype)
-            # Scale the (…, r) intermediate, not the (…, d_out) result: r << d_out.
-            return F.linear(F.linear(x, A) * self.scaling, B)
-        pieces, pos = [], 0
+            return bank[a_key], bank[b_key]
+        r = bank[self._a_keys[0]].shape[0]
+        A = torch.cat([bank[a] for a in self._a_keys]) if len(self._a_keys) > 1 else bank[self._a_keys[0]]
+        cols = []
         for t, (a_key, b_key) in zip(self.targets, self.keys):
-            A, B = bank[a_key], bank[b_key]
-            xa = x if x.dtype == A.dtype else x.to(A.dtype)
-            if t.out_start > pos:
-                pieces.append(x.new_zeros(*x.shape[:-1], t.out_start - pos, dtype=A.dtype))
-            pieces.append(F.linear(F.linear(xa, A) * self.scaling, B))
-            pos = t.out_start + t.d_out
-        if pos < self._d_out_total:
-            pieces.append(x.new_zeros(*x.shape[:-1], self._d_out_total - pos, dtype=pieces[-1].dtype))
-        return torch.cat(pieces, dim=-1)
+            cols.append((self._a_keys.index(a_key), t.out_start, bank[b_key]))
+        # B's block layout: slice t fills rows [out_start, out_start + d_out) of its A's r columns.
+        blocks = []
+        for i in range(len(self._a_keys)):
+            col = None
+            for j, start, B in cols:
+                if j == i:
+                    piece = F.pad(B, (0, 0, start, self._d_out_total - start - B.shape[0]))
+                    col = piece if col is None else col + piece
+            blocks.append(col if col is not None else A.new_zeros(self._d_out_total, r))
+        return A, torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+    def _dropout_p(self) -> float:
+        d = self.lora_dropout
+        return d.p if isinstance(d, nn.Dropout) and d.training else 0.0
+
+    def _can_fuse(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+        """Whether the fused kernel computes exactly what base_layer(x) + update would.
+
+        It re-implements the base layer's forward, so only for a plain frozen nn.Linear / Conv1D
+        (no hooks or replaced forward), one dtype throughout, and not under torch.compile
+        (which fuses the plain ops by itself).
+        """
+        base = self.base_layer
+        if type(base) is not nn.Linear and type(base) is not _conv1d_class():
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+            return False
+        W, bias = base.weight, base.bias
+        if W.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        return x.dtype == W.dtype == A.dtype == B.dtype and not torch.compiler.is_compiling()
+
+    def _fused(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        p = self._dropout_p()
+        shared = self.shared_down if self.reuse_shared_input else None
+        mode = (p, torch.is_grad_enabled())
+        u = shared.lookup(x, mode) if shared is not None else None
+        x2 = x.reshape(-1, x.shape[-1])
+        W, bias = self.base_layer.weight, self.base_layer.bias
+        if u is not None:
+            out = _LinearPlusLowRank.apply(x2, W, bias, u.reshape(-1, u.shape[-1]), B, self.transposed)
+        else:
+            out, u = _LoraLinear.apply(x2, W, bias, A, B, self.scaling, p, self.transposed)
+            if shared is not None:
+                shared.store(x, mode, u.view(*x.shape[:-1], u.shape[-1]))
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """u = scaling * dropout(x) A^T, shape (..., r), with plain ops (computed once when shared)."""
+        p = self._dropout_p()
+        shared = self.shared_down if self.reuse_shared_input else None
+        mode = (p, torch.is_grad_enabled())
+        u = shared.lookup(x, mode) if shared is not None else None
+        if u is None:
+            dropped = F.dropout(x, p, training=True) if p > 0.0 else x
+            u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A) * self.scaling
+            if shared is not None:
+                shared.store(x, mode, u)
+        return u
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
-            return result
-        return result + self._update(x).to(result.dtype)
+            return self.base_layer(x, *args, **kwargs)
+        A, B = self._down_and_up()
+        if not args and not kwargs and self._can_fuse(x, A, B):
+            return self._fused(x, A, B)
+        result = self.base_layer(x, *args, **kwargs)
+        update = F.linear(self._down(x, A), B)
+        return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     # --- merging ------------------------------------------------------------------------------
     def delta_weight(self, target: Target) -> torch.Tensor:

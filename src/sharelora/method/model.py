@@ -12,7 +12,7 @@ from torch import nn
 from . import checkpoint
 from .config import ShareLoraConfig
 from .errors import ShareLoraError
-from .layers import ShareLoraLayer, bank_name
+from .layers import SharedDownProjection, ShareLoraLayer, bank_name
 from .plan import SharingPlan, build_plan, init_tensor
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -77,6 +77,28 @@ class ShareLoraModel(nn.Module):
 
         self.base_model = base_model
         self.sharelora_bank = bank
+        self._share_down_projections()
+
+    def _share_down_projections(self) -> None:
+        """Sibling modules that read one input with one A (scope "qkv") compute dropout(x) A^T once.
+
+        They get one ``SharedDownProjection``, cleared before and after each forward of their
+        parent module (the attention block that calls them), see ``ShareLoraLayer``.
+        """
+        groups: dict[tuple[str, str], list[ShareLoraLayer]] = {}
+        for name, layer in self.sharelora_layers():
+            if layer.whole:
+                groups.setdefault((name.rpartition(".")[0], layer.keys[0][0]), []).append(layer)
+        self._shared_down_hooks = []
+        for (parent_name, _), layers in groups.items():
+            if len(layers) < 2:
+                continue
+            shared = SharedDownProjection()
+            for layer in layers:
+                layer.shared_down = shared
+            parent = self.base_model.get_submodule(parent_name)
+            self._shared_down_hooks += [parent.register_forward_pre_hook(shared.clear),
+                                        parent.register_forward_hook(shared.clear)]
 
     # --- plumbing -----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -248,6 +270,9 @@ class ShareLoraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original modules back (merged or not) and return the base model."""
+        for handle in self._shared_down_hooks:
+            handle.remove()
+        self._shared_down_hooks = []
         for name, layer in list(self.sharelora_layers()):
             _set_submodule(self.base_model, name, layer.base_layer)
         return self.base_model

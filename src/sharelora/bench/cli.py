@@ -1,0 +1,102 @@
+"""``sharelora bench``: registered with the command line through ``sharelora.cli.PLUGINS``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _overrides(text: str) -> dict:
+    """``num_hidden_layers=2,hidden_size=64`` -> {"num_hidden_layers": 2, "hidden_size": 64}."""
+    out = {}
+    for item in _csv(text):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS
+    from .run import DEFAULT_MODELS
+
+    p.add_argument("--models", type=_csv, default=list(DEFAULT_MODELS),
+                   help="comma list: minilm, smollm2, or transformers model ids / directories (default: minilm,smollm2)")
+    p.add_argument("--methods", type=_csv, default=list(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--weights", choices=("auto", "real", "shape"), default="auto",
+                   help="real weights (sharelora.sources) or a random-init model of the same shape; "
+                        "auto uses real when available (default)")
+    p.add_argument("--task", choices=("classification", "causal-lm"), help="task of a model that is not built in")
+    p.add_argument("--shape", type=_overrides, default={}, metavar="K=V,...",
+                   help="config overrides for every model, e.g. num_hidden_layers=2,hidden_size=128")
+    p.add_argument("--targets", type=_csv, help="q and v projection names (default: per model)")
+    p.add_argument("--qkv-targets", type=_csv, help="q, k and v projection names for sharelora-qkv")
+    p.add_argument("--batch", type=int, help="batch size (default: minilm 32, smollm2 4)")
+    p.add_argument("--seq", type=int, help="tokens per example (default: minilm 64, smollm2 128)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions per method (default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
+    p.add_argument("--inference-reps", type=int, help="timed forwards per variant (default 2 x reps)")
+    p.add_argument("--no-inference", action="store_true", help="skip the inference latencies")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    p.add_argument("--json", type=Path, default=Path("bench.json"), help="JSON output file (default bench.json)")
+    p.add_argument("--markdown", type=Path, help="also write the Markdown table to this file")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .run import BenchConfig
+
+    return BenchConfig(models=args.models, methods=args.methods, weights=args.weights, task=args.task,
+                       targets=args.targets, qkv_targets=args.qkv_targets, batch=args.batch, seq=args.seq,
+                       overrides=args.shape, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                       reps=args.reps, warmup=args.warmup, inference=not args.no_inference,
+                       inference_reps=args.inference_reps, memory=not args.no_memory, device=args.device,
+                       threads=args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import markdown
+    from .run import run_bench
+
+    results = run_bench(config_from_args(args), log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results["command"] = "sharelora bench " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", sys.argv[2:]))
+    table = markdown(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table, encoding="utf-8")
+    print(table)
+    print(json.dumps(results))
+    return 0
+
+
+def register(register_command) -> None:
+    register_command("bench", "time and memory of ShareLoRA vs PEFT LoRA, full fine-tuning and the frozen floor",
+                     add_arguments, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sharelora.bench", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
+    return run(args)
