@@ -1,0 +1,204 @@
+"""The fast layer kernel computes exactly what the plain ops compute (the bench's optimisations)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sharelora import ShareLoraConfig, get_sharelora_model
+from sharelora.method import layers
+from sharelora.method.layers import ShareLoraLayer, _drop_threshold, _random_int16
+
+from conftest import BUILDERS, example_input, run, tiny_bert, tiny_llama
+
+
+def _force_plain(monkeypatch):
+    monkeypatch.setattr(ShareLoraLayer, "_can_fuse", lambda self, x, A, B: False)
+
+
+def _outputs_and_grads(model, arch, x):
+    model.zero_grad(set_to_none=True)
+    out = run(model, arch, x)
+    out.square().sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in model.sharelora_bank.items()}
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "plain"])
+@pytest.mark.parametrize("share", ["none", "A", "AB"])
+def test_fused_kernel_equals_plain_ops_without_dropout(arch, share, monkeypatch):
+    build, targets = BUILDERS[arch]
+    model = get_sharelora_model(build(), ShareLoraConfig(rank=4, alpha=8, share=share, target_modules=targets,
+                                                         init_lora_weights=False))
+    model.train()
+    plain = copy.deepcopy(model)
+    x = example_input(arch)
+    fused_out, fused_grads = _outputs_and_grads(model, arch, x)
+    _force_plain(monkeypatch)
+    plain_out, plain_grads = _outputs_and_grads(plain, arch, x)
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
+    for k in plain_grads:
+        torch.testing.assert_close(fused_grads[k], plain_grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_kernel_with_dropout_equals_reference_on_the_same_mask():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    bank = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.randn(3, 12)),
+                                   "b": torch.nn.Parameter(torch.randn(10, 3))})
+    from sharelora.method.plan import Target
+
+    layer = ShareLoraLayer(base, [Target("m", "m", None, "m", 0, 12, 10, 0, "a", "b")], bank, scaling=2.0, dropout=0.25)
+    layer.train()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+
+    torch.manual_seed(123)
+    out = layer(x)
+    out.square().sum().backward()
+    got = (out.detach(), x.grad.clone(), bank["a"].grad.clone(), bank["b"].grad.clone())
+
+    x.grad = None
+    bank["a"].grad = bank["b"].grad = None
+    torch.manual_seed(123)
+    bits = _random_int16(torch.Size([10, 12]), x.device)  # the kernel's first (and only) draw
+    threshold, keep_prob = _drop_threshold(0.25)
+    keep = (bits >= threshold).float().view(2, 5, 12)
+    ref = base(x) + F.linear(F.linear(x * keep, bank["a"]) * (2.0 / keep_prob), bank["b"])
+    ref.square().sum().backward()
+    for a, b in zip(got, (ref.detach(), x.grad, bank["a"].grad, bank["b"].grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_has_the_requested_keep_probability():
+    threshold, keep_prob = _drop_threshold(0.1)
+    assert abs(keep_prob - 0.9) < 2 ** -16
+    torch.manual_seed(0)
+    bits = _random_int16(torch.Size([1000, 1000]), torch.device("cpu"))
+    observed = (bits >= threshold).float().mean().item()
+    assert abs(observed - keep_prob) < 5 * (keep_prob * (1 - keep_prob) / 1e6) ** 0.5
+
+
+def test_dropout_is_unbiased_and_scaled_on_the_small_product():
+    """E[layer update] with dropout equals the update without: 1/(1-p) is applied exactly once."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 4).requires_grad_(False)
+    bank = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.randn(2, 6)), "b": torch.nn.Parameter(torch.randn(4, 2))})
+    from sharelora.method.plan import Target
+
+    layer = ShareLoraLayer(base, [Target("m", "m", None, "m", 0, 6, 4, 0, "a", "b")], bank, scaling=1.5, dropout=0.3)
+    x = torch.randn(1, 6).expand(20000, 6).contiguous()
+    with torch.no_grad():
+        layer.train()
+        mean_train = layer(x).mean(0)
+        layer.eval()
+        expected = layer(x[:1])[0]
+    torch.testing.assert_close(mean_train, expected, rtol=0.02, atol=0.02)
+
+
+def test_adapter_equals_base_at_init_in_training_mode_with_dropout():
+    base = tiny_bert()
+    model = get_sharelora_model(copy.deepcopy(base), ShareLoraConfig(rank=4, share="A", dropout=0.1,
+                                                                     target_modules=["query", "value"]))
+    model.train()
+    x = example_input("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, "bert", x), run(base, "bert", x), rtol=0, atol=0)
+
+
+# --- qkv: the shared down-projection is computed once per attention block --------------------------
+def _qkv_model(build=tiny_llama, targets=("q_proj", "k_proj", "v_proj"), dropout=0.0):
+    cfg = ShareLoraConfig(rank=4, share="A", scope="qkv", target_modules=list(targets), init_lora_weights=False,
+                          dropout=dropout)
+    return get_sharelora_model(build(), cfg)
+
+
+def _count_down_projections(monkeypatch):
+    calls = {"n": 0}
+    original = layers._LoraLinear.forward
+
+    def counting(ctx, *args):
+        calls["n"] += 1
+        return original(ctx, *args)
+
+    monkeypatch.setattr(layers._LoraLinear, "forward", staticmethod(counting))
+    return calls
+
+
+@pytest.mark.parametrize("build,targets,arch", [(tiny_llama, ("q_proj", "k_proj", "v_proj"), "llama"),
+                                                (tiny_bert, ("query", "key", "value"), "bert")])
+def test_qkv_computes_the_shared_product_once_per_block(build, targets, arch, monkeypatch):
+    calls = _count_down_projections(monkeypatch)
+    model = _qkv_model(build, targets, dropout=0.1)
+    model.train()
+    run(model, arch, example_input(arch)).sum().backward()
+    layers_n = len({t.layer for t in model.plan.targets})
+    assert calls["n"] == layers_n  # not 3 x layers
+    unfused = _qkv_model(build, targets)
+    for _, layer in unfused.sharelora_layers():
+        layer.reuse_shared_input = False
+    calls["n"] = 0
+    run(unfused, arch, example_input(arch))
+    assert calls["n"] == 3 * layers_n
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_qkv_reuse_gives_the_same_outputs_and_gradients(train):
+    model = _qkv_model()
+    unfused = copy.deepcopy(model)
+    for _, layer in unfused.sharelora_layers():
+        layer.reuse_shared_input = False
+    model.train(train)
+    unfused.train(train)
+    x = example_input("llama")
+    a_out, a_grads = _outputs_and_grads(model, "llama", x)
+    b_out, b_grads = _outputs_and_grads(unfused, "llama", x)
+    torch.testing.assert_close(a_out, b_out, rtol=1e-5, atol=1e-6)
+    for k in a_grads:
+        torch.testing.assert_close(a_grads[k], b_grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_qkv_reuse_holds_no_tensor_after_the_forward():
+    model = _qkv_model(dropout=0.1)
+    model.train()
+    run(model, "llama", example_input("llama")).sum().backward()
+    shared = {id(l.shared_down): l.shared_down for _, l in model.sharelora_layers() if l.shared_down is not None}
+    assert shared and all(s.x is None and s.u is None for s in shared.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_qkv_reuse_with_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = _qkv_model(dropout=0.1)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        x = example_input("llama")
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        model(**x, labels=x["input_ids"]).loss.backward()
+        return {k: p.grad.clone() for k, p in model.sharelora_bank.items()}
+
+    ref = grads(False)
+    got = grads(True)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_qkv_reuse_under_torch_compile_matches_eager():
+    model = _qkv_model()
+    x = example_input("llama")
+    with torch.no_grad():
+        eager = run(model, "llama", x)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled, "llama", x), eager, rtol=1e-4, atol=1e-5)
+    run(compiled, "llama", x).sum().backward()
+    assert all(p.grad is not None for p in model.sharelora_bank.values())
+
+
+def test_unload_removes_the_reuse_hooks():
+    model = _qkv_model()
+    plain = model.merge_and_unload()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
