@@ -231,6 +231,12 @@ class ShareLoraModel(nn.Module):
                 "AutoModelForSequenceClassification.from_pretrained(name)"
             )
         config, tensors = checkpoint.load_adapter(adapter_directory)
+        return cls.from_adapter_state_dict(base_model, config, tensors, is_trainable)
+
+    @classmethod
+    def from_adapter_state_dict(cls, base_model: nn.Module, config: ShareLoraConfig,
+                                tensors: dict[str, torch.Tensor], is_trainable: bool = False) -> ShareLoraModel:
+        """Inject ``config`` into ``base_model`` and load ``tensors``; frozen and in eval mode unless trainable."""
         model = cls(base_model, config)
         model.load_adapter_state_dict(tensors)
         if not is_trainable:

@@ -152,17 +152,11 @@ def load_peft(cls, base_model: nn.Module, peft_directory: str | Path, is_trainab
         target_modules="^(" + "|".join(re.escape(m) for m in modules) + ")$",
         modules_to_save=saved_roots, base_model_name_or_path=pc.get("base_model_name_or_path"),
     )
-    model = cls(base_model, config)
     ours = {f"{m}.lora_{x}": tensors[f"{m}.lora_{x}"] for m in modules for x in "AB"}
     for k, v in tensors.items():
         if ".lora_" not in k:
             ours[f"{checkpoint.MODULES_TO_SAVE_PREFIX}{k}"] = v
-    model.load_adapter_state_dict(ours)
-    if not is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return model
+    return cls.from_adapter_state_dict(base_model, config, ours, is_trainable)
 
 
 def _pattern_value(pattern: dict, module: str, default):
