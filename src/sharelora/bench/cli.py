@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                   help="retain: glibc keeps freed memory mapped, so page faults do not depend on which method "
+                        "ran before (default); default: leave the allocator as it is")
     p.add_argument("--json", type=Path, default=Path("bench.json"), help="JSON output file (default bench.json)")
     p.add_argument("--markdown", type=Path, help="also write the Markdown table to this file")
 
@@ -69,7 +72,7 @@ def config_from_args(args: argparse.Namespace):
                        overrides=args.shape, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                        reps=args.reps, warmup=args.warmup, inference=not args.no_inference,
                        inference_reps=args.inference_reps, memory=not args.no_memory, device=args.device,
-                       threads=args.threads)
+                       threads=args.threads, malloc=args.malloc)
 
 
 def run(args: argparse.Namespace) -> int:

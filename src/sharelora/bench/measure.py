@@ -8,6 +8,7 @@ to a reference is taken within a repetition (paired) and summarised by its media
 from __future__ import annotations
 
 import gc
+import resource
 import statistics
 import tempfile
 import time
@@ -18,6 +19,10 @@ from typing import Callable
 import torch
 
 from .models import fingerprint
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _sync(device: torch.device) -> None:
@@ -33,18 +38,20 @@ class Call:
     setup: Callable[[], None] | None = None
     teardown: Callable[[], None] | None = None
 
-    def __call__(self, device: torch.device) -> tuple[float, float]:
-        """(wall seconds, CPU seconds of this process) of one ``timed`` call."""
+    def __call__(self, device: torch.device) -> tuple[float, float, int]:
+        """(wall seconds, CPU seconds of this process, minor page faults) of one ``timed`` call."""
         if self.setup:
             self.setup()
         _sync(device)
+        f0 = _minor_faults()
         c0, t0 = time.process_time(), time.perf_counter()
         self.timed()
         _sync(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        faults = _minor_faults() - f0
         if self.teardown:
             self.teardown()
-        return dt, dc
+        return dt, dc, faults
 
 
 def rotations(names: list[str], reps: int) -> list[list[str]]:
@@ -54,32 +61,36 @@ def rotations(names: list[str], reps: int) -> list[list[str]]:
 
 
 def interleaved(calls: dict[str, Call], reps: int, warmup: int, device: torch.device,
-                cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                extra: dict[str, dict[str, list]] | None = None) -> dict[str, list[float]]:
     """Wall seconds of each call, ``reps`` samples each, interleaved A B C, B C A, ... after ``warmup`` rounds.
 
-    The process's CPU seconds of each sample go to ``cpu_times`` when given. Python's garbage
-    collector is paused while timing (a collection would land on a random method).
+    When ``extra`` is given, ``extra["cpu_s"][name]`` and ``extra["minor_faults"][name]`` receive
+    each sample's process CPU seconds and page faults. Python's garbage collector is paused while
+    timing (a collection would land on a random method).
     """
     names = list(calls)
     for _ in range(warmup):
         for n in names:
             calls[n](device)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    cpu = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for order in rotations(names, reps):
             for n in order:
-                wall, c = calls[n](device)
+                wall, c, f = calls[n](device)
                 samples[n].append(wall)
                 cpu[n].append(c)
+                faults[n].append(f)
     finally:
         if gc_was_enabled:
             gc.enable()
-    if cpu_times is not None:
-        cpu_times.update(cpu)
+    if extra is not None:
+        extra["cpu_s"] = cpu
+        extra["minor_faults"] = faults
     return samples
 
 
@@ -99,14 +110,15 @@ def paired_ratio(samples: dict[str, list[float]], name: str, ref: str) -> dict |
     return summary([a / b for a, b in zip(samples[name], samples[ref])])
 
 
-def time_training(prepared: dict, batch: dict, reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def time_training(prepared: dict, batch: dict, reps: int, warmup: int, device: torch.device,
+                  extra: dict | None = None) -> dict[str, list[float]]:
     """Training step (forward + backward + AdamW step) of every method, interleaved, same batch."""
     fp = fingerprint(batch)
     calls = {}
     for name, p in prepared.items():
         p.seen_inputs.append(fp)
         calls[name] = Call(lambda p=p: p.step(batch))
-    return interleaved(calls, reps, warmup, device)
+    return interleaved(calls, reps, warmup, device, extra)
 
 
 def time_inference(base, prepared: dict, batch: dict, reps: int, warmup: int,

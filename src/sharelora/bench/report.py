@@ -30,7 +30,7 @@ def _memory(m: dict | None, device: str) -> str:
 
 def model_table(res: dict, device: str = "cpu") -> str:
     mem_head = "peak GPU mem" if device.startswith("cuda") else "peak RSS MiB (+over build)"
-    head = ["method", "trainable", "step ms, median (p25–p75)", "× floor", "× PEFT LoRA", mem_head,
+    head = ["method", "trainable", "step ms, median (p25–p75)", "× floor", "× floor, CPU time", "× PEFT LoRA", mem_head,
             "optimizer state", "adapter file (params × 4 B)", "unmerged × base", "merged × base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in res["methods"]:
@@ -44,6 +44,7 @@ def model_table(res: dict, device: str = "cpu") -> str:
             f"{r['trainable_parameters']:,}",
             f"{1e3 * s['median']:.1f} ({1e3 * s['p25']:.1f}–{1e3 * s['p75']:.1f})",
             _ratio(r["ratio_to_floor"]),
+            _ratio(r.get("ratio_to_floor_cpu")),
             _ratio(r["ratio_to_peft_lora"]),
             _memory(r.get("memory"), device),
             _bytes(r["optimizer_state_bytes"]),
@@ -62,7 +63,8 @@ def markdown(results: dict) -> str:
         out.append(f"Command: `{results['command']}`  ")
     out.append(f"Date {m['date']}; {m['device']}; CPU {m['cpu']} ({m['cpu_cores']} cores); torch {m['torch']} "
                f"with {m['torch_threads']} thread(s); transformers {m.get('transformers', '?')}; "
-               f"peft {m.get('peft', '?')}" + (f"; GPU {m['gpu']}" if "gpu" in m else "") + ".")
+               f"peft {m.get('peft', '?')}" + (f"; GPU {m['gpu']}" if "gpu" in m else "")
+               + f"; allocator: {m.get('allocator', 'default')}.")
     for res in results["models"]:
         spec = res["spec"]
         out.append("")
@@ -77,7 +79,9 @@ def markdown(results: dict) -> str:
         if res.get("load_average_before"):
             out.append("")
             out.append(f"Load average (1, 5, 15 min) before timing {res['load_average_before']}, "
-                       f"after {res['load_average_after']}; ratios are paired within each interleaved repetition.")
+                       f"after {res['load_average_after']}. Ratios: median (p25–p75) over the interleaved "
+                       "repetitions of the ratio within each repetition; \"CPU time\" uses this process's CPU "
+                       "seconds instead of wall seconds (insensitive to time spent waiting for a core).")
         for name, err in res.get("errors", {}).items():
             out.append(f"- {name} not run: {err}")
     return "\n".join(out) + "\n"

@@ -41,6 +41,7 @@ class BenchConfig:
     memory_steps: int = 3
     device: str | None = None          # default: cuda when present, else cpu
     threads: int | None = None         # torch threads; default: every core
+    malloc: str = "retain"             # "retain": glibc keeps freed memory (no page faults); "default"
     seed: int = 0
 
     def settings(self) -> AdapterSettings:
@@ -81,6 +82,30 @@ def machine_info(device: torch.device, threads: int) -> dict:
     return info
 
 
+def retain_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory instead of returning it to the OS; False if not glibc.
+
+    By default glibc unmaps large freed blocks and trims the heap, so the next step faults the
+    same memory back in (~14,000 page faults per MiniLM step here). How many faults a step takes
+    then depends on which method ran before it (a method after a bigger one finds memory already
+    mapped), which is noise for an interleaved comparison. Keeping the memory mapped removes it
+    for every method alike; it is what jemalloc / tcmalloc or MALLOC_TRIM_THRESHOLD_ do for
+    CPU training too.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -109,7 +134,8 @@ def bench_model(name: str, cfg: BenchConfig, device: torch.device, threads: int,
             log(f"[{spec.name}] {m}: not run ({errors[m]})")
 
     load_before = _load()
-    train = measure.time_training(prepared, batch, cfg.reps, cfg.warmup, device)
+    train_extra: dict = {}
+    train = measure.time_training(prepared, batch, cfg.reps, cfg.warmup, device, train_extra)
     log(f"[{spec.name}] training timed ({cfg.reps} interleaved repetitions)")
     infer = {}
     if cfg.inference and any(m in INFERENCE_METHODS for m in prepared):
@@ -134,6 +160,9 @@ def bench_model(name: str, cfg: BenchConfig, device: torch.device, threads: int,
             "expected_trainable_parameters": p.expected_trainable,
             "step_s": measure.summary(train[m]),
             "step_samples_s": train[m],
+            "step_cpu_s": measure.summary(train_extra["cpu_s"][m]),
+            "ratio_to_floor_cpu": measure.paired_ratio(train_extra["cpu_s"], m, "floor"),
+            "minor_page_faults_per_step": measure.summary(train_extra["minor_faults"][m])["median"],
             "ratio_to_floor": measure.paired_ratio(train, m, "floor"),
             "ratio_to_peft_lora": measure.paired_ratio(train, m, "peft-lora"),
             "optimizer_state_bytes": p.optimizer_state_bytes(),
@@ -173,11 +202,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    if cfg.malloc not in ("retain", "default"):
+        raise ValueError(f"malloc must be 'retain' or 'default', got {cfg.malloc!r}")
+    malloc = "glibc, freed memory retained (mallopt)" if cfg.malloc == "retain" and retain_freed_memory() else "default"
     settings = asdict(cfg)
     results = {
         "command": None,  # filled in by the command line
         "config": settings,
-        "machine": machine_info(device, threads),
+        "machine": {**machine_info(device, threads), "allocator": malloc},
         "models": [bench_model(name, cfg, device, threads, log) for name in cfg.models],
     }
     return results

@@ -15,13 +15,13 @@ def bank_name(key: str) -> str:
 
 
 # --- the fused kernel -------------------------------------------------------------------------------
-# On CPU the adapter's arithmetic is tiny but every pass over an activation-sized (N, d) tensor
-# costs about as much as one small matmul, and so does every fresh (N, d) allocation (page
-# faults). Written as separate autograd ops, LoRA with dropout makes ~20 such passes per layer;
-# torch's dropout alone draws one random number per element (~7 ns each, single threaded) and
-# keeps a float noise tensor plus the dropped copy of x. The functions below make ~12:
-#   * dropout's mask comes from 16 random bits per element (one 64-bit draw serves four), and
-#     backward keeps those bits (2 bytes per element) instead of a float mask (4 bytes);
+# On CPU the adapter's arithmetic is tiny, but every pass over an activation-sized (N, d) tensor
+# costs about as much as one of its small matmuls (they are memory bound too). Written as
+# separate autograd ops, LoRA with dropout makes ~20 such passes per module, and torch's
+# dropout alone draws one random number per element (bernoulli_, ~7 ns each, single threaded,
+# ~7 ms for a 2048 x 384 input). The functions below make ~12 (docs/BENCHMARKS.md has the profile):
+#   * dropout's mask comes from 16 random bits per element (one 64-bit draw serves four),
+#     turned into a 0/1 float mask by two vectorised kernels; backward reuses that mask;
 #   * 1/(1-p) and alpha/r scale the small (N, r) product u, not an (N, d) tensor;
 #   * B's product is accumulated into the base layer's output (addmm_), and in backward the base
 #     layer's x-gradient is accumulated into the adapter's (addmm_), so neither the update nor the
@@ -73,21 +73,21 @@ class _LoraLinear(torch.autograd.Function):
         out = _base_forward(x, W, bias, transposed)
         if p > 0.0:
             threshold, keep_prob = _drop_threshold(p)
-            bits = _random_int16(x.shape, x.device)
-            dropped = _keep(bits, threshold, x.dtype).mul_(x)
+            keep = _keep(_random_int16(x.shape, x.device), threshold, x.dtype)
+            dropped = keep * x
         else:
-            threshold, keep_prob, bits, dropped = None, 1.0, None, x
+            keep_prob, keep, dropped = 1.0, None, x
         c = scaling / keep_prob
         u = torch.mm(dropped, A.t()).mul_(c)
         out.addmm_(u, B.t())
-        ctx.save_for_backward(dropped, bits, u, W, A, B)
-        ctx.c, ctx.threshold, ctx.transposed = c, threshold, transposed
+        ctx.save_for_backward(dropped, keep, u, W, A, B)
+        ctx.c, ctx.transposed = c, transposed
         ctx.set_materialize_grads(False)
         return out, u
 
     @staticmethod
     def backward(ctx, grad_out, grad_u):
-        dropped, bits, u, W, A, B = ctx.saved_tensors
+        dropped, keep, u, W, A, B = ctx.saved_tensors
         grad_x = grad_A = grad_B = None
         g_u = torch.zeros_like(u) if grad_out is None else torch.mm(grad_out, B)  # dL/du
         if grad_u is not None:
@@ -99,8 +99,8 @@ class _LoraLinear(torch.autograd.Function):
             grad_A = torch.mm(g_u.t(), dropped)
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g_u, A)
-            if bits is not None:
-                grad_x.mul_(_keep(bits, ctx.threshold, grad_x.dtype))
+            if keep is not None:
+                grad_x.mul_(keep)
             if grad_out is not None:  # the base layer's share, accumulated in place
                 grad_x.addmm_(grad_out, W if not ctx.transposed else W.t())
         return grad_x, None, None, grad_A, grad_B, None, None, None
