@@ -194,6 +194,8 @@ class ShareLoraLayer(nn.Module):
         # Set by ShareLoraModel when sibling modules read the same x with the same A (scope "qkv").
         self.shared_down: SharedDownProjection | None = None
         self.reuse_shared_input = True
+        # The fused kernel re-implements the base layer's forward: only for these exact types.
+        self._plain_base = type(base_layer) is nn.Linear or type(base_layer) is _conv1d_class()
         if not self.whole:
             self._d_out_total = base_layer.weight.shape[1 if self.transposed else 0]
             # Distinct A keys in order; each slice reads the u columns of its A.
@@ -242,7 +244,7 @@ class ShareLoraLayer(nn.Module):
         (which fuses the plain ops by itself).
         """
         base = self.base_layer
-        if type(base) is not nn.Linear and type(base) is not _conv1d_class():
+        if not self._plain_base:
             return False
         if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
             return False
