@@ -80,7 +80,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "adapter_params": first["adapter"],
             "trainable_params": first["trainable"],
             "lora_equivalent": first.get("lora_equivalent", lora_params),
-            "fraction_of_lora": first["adapter"] / lora_params if lora_params else None,
+            # Full fine-tuning has no adapter to compare with LoRA's.
+            "fraction_of_lora": first["adapter"] / lora_params if lora_params and method != "full" else None,
             "adapter_bytes": statistics.fmean(r["adapter_bytes"] for r in runs),
             "dev_values": dev,
             "test_values": test,
