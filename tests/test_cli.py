@@ -132,8 +132,15 @@ def test_tiny_cli_run_then_eval_export_and_merge(local_inputs, tmp_path, capsys)
 
 @needs_sources
 def test_cli_run_in_an_existing_directory_asks_for_resume(local_inputs, tmp_path, capsys):
+    import torch
+
     out = tmp_path / "run"
-    assert main(tiny_run_args(local_inputs, out, "--max-steps", "1")) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(tiny_run_args(local_inputs, out, "--max-steps", "1", "--threads", "1")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "results.json").read_text())["environment"]["torch_threads"] == 1
     assert main(tiny_run_args(local_inputs, out, "--max-steps", "1")) == 2
     assert "pass --resume" in capsys.readouterr().err
 

@@ -223,6 +223,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --output-dir first")
     p.add_argument("--keep-state", action="store_true", help="keep the resume checkpoint after the run finishes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for PyTorch (default: all cores; 1 is faster on a CPU busy with other jobs)")
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -231,6 +233,10 @@ def _train_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.resume and args.overwrite:
         raise CliError("--resume and --overwrite contradict each other; pass one of them")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                     keep_state=args.keep_state)
     if results.get("status") == "interrupted":
