@@ -160,3 +160,16 @@ def test_command_line_writes_json_and_markdown(tmp_path, capsys):
     assert data["machine"]["torch_threads"] == 1
     assert "| sharelora-A |" in (tmp_path / "b.md").read_text()
     assert "| peft-lora |" in capsys.readouterr().out
+
+
+def test_any_model_directory_can_be_benchmarked_by_shape(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(**TINY["smollm2"], architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    spec = resolve_spec(str(tmp_path), targets=["q_proj", "v_proj"], batch=2, seq=8)
+    assert spec.task == "causal-lm" and spec.qkv_targets == ("q_proj", "k_proj", "v_proj")
+    base, weights, _ = build_base(spec, "shape")
+    assert weights == "shape" and base.config.hidden_size == 32
+    p = prepare("sharelora-A", base, spec, AdapterSettings(rank=2))
+    p.step(make_inputs(spec, 97))
+    assert p.trainable == p.expected_trainable

@@ -105,7 +105,8 @@ def resolve_spec(name: str, task: str | None = None, targets: list[str] | None =
             raise ValueError(f"model {name!r} is not built in (built in: {sorted(BUILTIN)}); name its q and v "
                              "projections with --targets, e.g. --targets q_proj,v_proj")
         fields = cfg.to_diff_dict()
-        fields.pop("architectures", None)
+        for key in ("architectures", "model_type", "transformers_version", "_name_or_path"):
+            fields.pop(key, None)
         spec = ModelSpec(name=name, task=task, model_type=cfg.model_type, config=fields)
         if task == "classification":
             spec.config["num_labels"] = 2
