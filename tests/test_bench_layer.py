@@ -202,3 +202,29 @@ def test_unload_removes_the_reuse_hooks():
     model = _qkv_model()
     plain = model.merge_and_unload()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
+
+
+def test_autocast_uses_the_plain_ops_and_trains():
+    model = get_sharelora_model(tiny_llama(), ShareLoraConfig(rank=4, share="A", dropout=0.1, init_lora_weights=False,
+                                                              target_modules=["q_proj", "v_proj"]))
+    model.train()
+    x = example_input("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**x, labels=x["input_ids"])
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.sharelora_bank.values())
+
+
+def test_torch_func_functional_call_gives_the_same_gradients():
+    model = get_sharelora_model(tiny_bert(), ShareLoraConfig(rank=4, share="A", init_lora_weights=False,
+                                                             target_modules=["query", "value"]))
+    x = example_input("bert")
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p):
+        return torch.func.functional_call(model, p, args=(), kwargs=x).logits.square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    run(model, "bert", x).square().sum().backward()
+    for k, g in grads.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[k].grad, rtol=1e-4, atol=1e-6)

@@ -54,6 +54,13 @@ def _keep(bits: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tenso
     return bits.to(dtype).ge_(threshold)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _base_forward(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     """x W^T + b for nn.Linear (W: d_out x d_in) or x W + b for Conv1D (W: d_in x d_out), as they do."""
     Wt = W if transposed else W.t()
@@ -240,8 +247,8 @@ class ShareLoraLayer(nn.Module):
         """Whether the fused kernel computes exactly what base_layer(x) + update would.
 
         It re-implements the base layer's forward, so only for a plain frozen nn.Linear / Conv1D
-        (no hooks or replaced forward), one dtype throughout, and not under torch.compile
-        (which fuses the plain ops by itself).
+        (no hooks or replaced forward) with one dtype throughout, outside autocast,
+        torch.compile and torch.func transforms.
         """
         base = self.base_layer
         if not self._plain_base:
@@ -251,7 +258,12 @@ class ShareLoraLayer(nn.Module):
         W, bias = base.weight, base.bias
         if W.requires_grad or (bias is not None and bias.requires_grad):
             return False
-        return x.dtype == W.dtype == A.dtype == B.dtype and not torch.compiler.is_compiling()
+        if x.dtype != W.dtype or W.dtype != A.dtype or A.dtype != B.dtype:
+            return False
+        # autocast would cast inside the kernel; torch.compile and torch.func transforms trace the
+        # plain ops (and compile fuses them by itself).
+        return not (_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
+                    or torch._C._are_functorch_transforms_active())
 
     def _fused(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         p = self._dropout_p()
