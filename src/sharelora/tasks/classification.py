@@ -16,6 +16,8 @@ pairs such as claim / evidence); a regression label is a float.
 
 from __future__ import annotations
 
+from .common import select_examples
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,13 +133,7 @@ class ClassificationTask:
 
     def encode(self, split: str, limit: int | None = None) -> EncodedSplit:
         """Tokenize split ``split`` (its first ``limit`` examples if given), without padding."""
-        examples = self.data.splits.get(split)
-        if not examples:
-            raise ValueError(f"dataset {self.data.name!r} has no {split!r} split; it has {self.splits}")
-        if limit is not None:
-            if limit < 1:
-                raise ValueError(f"limit must be a positive number of examples, got {limit}")
-            examples = examples[:limit]
+        examples = select_examples(self.data, split, limit, self.splits)
         for i, ex in enumerate(examples):
             if not isinstance(ex.get("text"), str):
                 raise ValueError(

@@ -21,6 +21,8 @@ micro-batching) and ``greater_is_better``.
 
 from __future__ import annotations
 
+from .common import select_examples
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,13 +156,7 @@ class CausalLMTask:
 
     def encode(self, split: str, limit: int | None = None) -> LMSplit:
         """Tokenize split ``split`` (its first ``limit`` examples if given), without padding."""
-        examples = self.data.splits.get(split)
-        if not examples:
-            raise ValueError(f"dataset {self.data.name!r} has no {split!r} split; it has {self.splits}")
-        if limit is not None:
-            if limit < 1:
-                raise ValueError(f"limit must be a positive number of examples, got {limit}")
-            examples = examples[:limit]
+        examples = select_examples(self.data, split, limit, self.splits)
         ids, labels = [], []
         for i, ex in enumerate(examples):
             try:
