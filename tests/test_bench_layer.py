@@ -10,7 +10,7 @@ from sharelora import ShareLoraConfig, get_sharelora_model
 from sharelora.method import layers
 from sharelora.method.layers import ShareLoraLayer, _drop_threshold, _random_int16
 
-from conftest import BUILDERS, example_input, run, tiny_bert, tiny_llama
+from conftest import BUILDERS, example_input, run, tiny_bert, tiny_llama, tiny_plain
 
 
 def _force_plain(monkeypatch):
@@ -228,3 +228,147 @@ def test_torch_func_functional_call_gives_the_same_gradients():
     run(model, "bert", x).square().sum().backward()
     for k, g in grads.items():
         torch.testing.assert_close(g, dict(model.named_parameters())[k].grad, rtol=1e-4, atol=1e-6)
+
+
+# --- siblings that read one input (q and v) share one down-projection product -----------------------
+def _siblings_model(build, targets, share="A", dropout=0.0, dropout_mask="input"):
+    cfg = ShareLoraConfig(rank=4, share=share, target_modules=list(targets), init_lora_weights=False,
+                          dropout=dropout, dropout_mask=dropout_mask)
+    return get_sharelora_model(build(), cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "plain"])
+@pytest.mark.parametrize("share", ["none", "A", "B"])
+def test_siblings_compute_their_down_projections_in_one_product(arch, share, monkeypatch):
+    build, targets = BUILDERS[arch]
+    calls = _count_down_projections(monkeypatch)
+    model = _siblings_model(build, targets, share, dropout=0.1)
+    layers_n = len({t.layer for t in model.plan.targets})
+    model.train()
+    run(model, arch, example_input(arch)).sum().backward()
+    assert calls["n"] == layers_n  # q and v of a block: one product, not two
+    per_module = _siblings_model(build, targets, share, dropout=0.1, dropout_mask="module")
+    calls["n"] = 0
+    per_module.train()
+    run(per_module, arch, example_input(arch))
+    assert calls["n"] == 2 * layers_n  # each module draws its own mask while dropout is active
+    calls["n"] = 0
+    per_module.eval()
+    with torch.no_grad():
+        run(per_module, arch, example_input(arch))
+    assert calls["n"] == layers_n  # no dropout: nothing to keep apart
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "plain"])
+@pytest.mark.parametrize("share", ["none", "A", "AB"])
+@pytest.mark.parametrize("plain_ops", [False, True])
+def test_sibling_product_gives_the_same_outputs_and_gradients_as_separate_ones(arch, share, plain_ops, monkeypatch):
+    build, targets = BUILDERS[arch]
+    model = _siblings_model(build, targets + (["k_proj"] if arch == "llama" else []), share)
+    separate = copy.deepcopy(model)
+    for _, layer in separate.sharelora_layers():
+        layer.reuse_shared_input = False
+    if plain_ops:
+        _force_plain(monkeypatch)
+    model.train()
+    separate.train()
+    x = example_input(arch)
+    a_out, a_grads = _outputs_and_grads(model, arch, x)
+    b_out, b_grads = _outputs_and_grads(separate, arch, x)
+    torch.testing.assert_close(a_out, b_out, rtol=1e-5, atol=1e-6)
+    assert a_grads.keys() == b_grads.keys()
+    for k in a_grads:
+        torch.testing.assert_close(a_grads[k], b_grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_siblings_share_one_dropout_mask_exactly():
+    """q and v of a block: h_q = q(x) + c (x ⊙ keep) A_q^T B_q^T, h_v likewise, with the same keep."""
+    model = _siblings_model(lambda: tiny_plain(layers=1), ["q", "v"], share="none", dropout=0.25)
+    model.train()
+    x = example_input("plain")["x"]
+    seen = {}
+    block = model.base_model[0]
+    for name in ("q", "v"):
+        getattr(block, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach()))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        run(model, "plain", {"x": x})
+    torch.manual_seed(7)
+    bits = _random_int16(torch.Size([x.shape[0] * x.shape[1], x.shape[2]]), x.device)
+    threshold, keep_prob = _drop_threshold(0.25)
+    keep = (bits >= threshold).float().view_as(x)
+    bank = model.sharelora_bank
+    for name in ("q", "v"):
+        A, B = (bank[k] for k in getattr(block, name).keys[0])
+        base = getattr(block, name).base_layer
+        ref = base(x) + F.linear(F.linear(x * keep, A) * (model.sharelora_config.scaling / keep_prob), B)
+        torch.testing.assert_close(seen[name], ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _CrossBlock(torch.nn.Module):
+    """q reads x, k and v read another tensor (cross-attention): the siblings cannot share."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x, memory):
+        return torch.tanh(self.q_proj(x)) * self.k_proj(memory) + self.v_proj(memory)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_siblings_reading_different_tensors_compute_their_own(dropout):
+    torch.manual_seed(0)
+    base = torch.nn.ModuleList([_CrossBlock() for _ in range(2)])
+    cfg = ShareLoraConfig(rank=4, share="A", target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False,
+                          dropout=dropout)
+    model = get_sharelora_model(base, cfg)
+    separate = copy.deepcopy(model)
+    for _, layer in separate.sharelora_layers():
+        layer.reuse_shared_input = False
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+
+    def forward(m):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        h = x
+        for block in m.base_model:
+            h = block(h, memory)
+        h.square().sum().backward()
+        return h.detach(), {k: p.grad.clone() for k, p in m.sharelora_bank.items()}
+
+    a_out, a_grads = forward(model)
+    if dropout == 0.0:  # with dropout the masks are drawn in another order: only the path is checked
+        b_out, b_grads = forward(separate)
+        torch.testing.assert_close(a_out, b_out, rtol=1e-5, atol=1e-6)
+        for k in a_grads:
+            torch.testing.assert_close(a_grads[k], b_grads[k], rtol=1e-4, atol=1e-6)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in a_grads.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_sibling_product_with_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    def grads(checkpointing):
+        model = _siblings_model(tiny_llama, ["q_proj", "v_proj"], share="A", dropout=0.1)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        x = example_input("llama")
+        torch.manual_seed(1)
+        model(**x, labels=x["input_ids"]).loss.backward()
+        return {k: p.grad.clone() for k, p in model.sharelora_bank.items()}
+
+    ref = grads(False)
+    got = grads(True)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_mask_option_round_trips_and_is_checked():
+    from sharelora.method.errors import ShareLoraError
+
+    cfg = ShareLoraConfig(dropout=0.1, dropout_mask="module")
+    assert ShareLoraConfig.from_dict(cfg.to_dict()).dropout_mask == "module"
+    with pytest.raises(ShareLoraError, match="dropout_mask must be one of"):
+        ShareLoraConfig(dropout_mask="layer")

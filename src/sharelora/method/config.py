@@ -15,6 +15,7 @@ FORMAT_VERSION = 1
 
 SHARE_MODES = ("none", "A", "B", "AB")
 SCOPES = ("layers", "qkv")
+DROPOUT_MASKS = ("input", "module")
 
 
 def _default_fused() -> dict[str, list[str]]:
@@ -37,6 +38,13 @@ class ShareLoraConfig:
         rank: r, the inner dimension of B A.
         alpha: the update is scaled by alpha / rank.
         dropout: dropout probability applied to x on the adapter path only.
+        dropout_mask: "input" (default): adapted modules of one block that read the same input
+            (q, k, v of an attention block; gate and up of a gated MLP) draw one dropout mask and
+            compute their down-projections ``dropout(x) [A_q; A_v]^T`` in one product, so x is
+            read once for all of them. "module": every module draws its own mask, as PEFT does
+            (slower); products are then shared only when no dropout is active. Each module sees
+            dropout with probability ``dropout`` either way; without dropout (p = 0, or eval)
+            both give identical outputs and gradients.
         share: which matrices are shared: "none", "A", "B" or "AB".
         scope: "layers" shares per module type across layers (the paper: all queries share one
             A, all values another); "qkv" shares one matrix across the query/key/value
@@ -56,6 +64,7 @@ class ShareLoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    dropout_mask: str = "input"
     share: str = "A"
     scope: str = "layers"
     target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
@@ -81,6 +90,8 @@ class ShareLoraConfig:
             raise ShareLoraError(f"alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ShareLoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout_mask not in DROPOUT_MASKS:
+            raise ShareLoraError(f"dropout_mask must be one of {DROPOUT_MASKS}, got {self.dropout_mask!r}")
         if self.share not in SHARE_MODES:
             raise ShareLoraError(f"share must be one of {SHARE_MODES}, got {self.share!r}")
         if self.scope not in SCOPES:

@@ -68,15 +68,17 @@ def _base_forward(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, 
 
 
 class _LoraLinear(torch.autograd.Function):
-    """(h, u) with u = c * (x ⊙ keep) A^T and h = base(x) + u B^T; c = scaling / P(keep).
+    """(h, u) with u = c * (x ⊙ keep) A^T and h = base(x) + u[:, cols] B^T; c = scaling / P(keep).
 
-    x: (N, d_in), A: (r, d_in), B: (d_out, r) -> h: (N, d_out), u: (N, r). The base weights are
-    frozen. u is returned so that modules sharing A and x can reuse it (``_LinearPlusLowRank``);
-    its gradient from them arrives here and is added to this module's own.
+    x: (N, d_in), A: (k r, d_in), B: (d_out, r) -> h: (N, d_out), u: (N, k r). A may stack the
+    A's of k sibling modules that read the same x (cols = start, the r columns of u that belong to
+    this module); u is returned so that the siblings can reuse it (``_LinearPlusLowRank``), and
+    their gradients of u arrive here and are added to this module's own. The base weights are
+    frozen.
     """
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, scaling, p, transposed):
+    def forward(ctx, x, W, bias, A, B, scaling, p, transposed, start=0):
         out = _base_forward(x, W, bias, transposed)
         if p > 0.0:
             threshold, keep_prob = _drop_threshold(p)
@@ -86,9 +88,10 @@ class _LoraLinear(torch.autograd.Function):
             keep_prob, keep, dropped = 1.0, None, x
         c = scaling / keep_prob
         u = torch.mm(dropped, A.t()).mul_(c)
-        out.addmm_(u, B.t())
+        cols = slice(start, start + B.shape[1])
+        out.addmm_(u[:, cols] if u.shape[1] != B.shape[1] else u, B.t())
         ctx.save_for_backward(dropped, keep, u, W, A, B)
-        ctx.c, ctx.transposed = c, transposed
+        ctx.c, ctx.transposed, ctx.cols = c, transposed, cols
         ctx.set_materialize_grads(False)
         return out, u
 
@@ -96,11 +99,18 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out, grad_u):
         dropped, keep, u, W, A, B = ctx.saved_tensors
         grad_x = grad_A = grad_B = None
-        g_u = torch.zeros_like(u) if grad_out is None else torch.mm(grad_out, B)  # dL/du
+        own = u.shape[1] == B.shape[1]  # u holds only this module's columns
+        u_own = u if own else u[:, ctx.cols]
+        if grad_out is not None and own:  # dL/du
+            g_u = torch.mm(grad_out, B)
+        else:
+            g_u = torch.zeros_like(u)
+            if grad_out is not None:
+                g_u[:, ctx.cols].addmm_(grad_out, B)
         if grad_u is not None:
             g_u += grad_u
         if grad_out is not None and ctx.needs_input_grad[4]:
-            grad_B = torch.mm(grad_out.t(), u)
+            grad_B = torch.mm(grad_out.t(), u_own)
         g_u *= ctx.c  # now the gradient of (x ⊙ keep) A^T: scale the (N, r) tensor, not an (N, d) one
         if ctx.needs_input_grad[3]:
             grad_A = torch.mm(g_u.t(), dropped)
@@ -110,7 +120,7 @@ class _LoraLinear(torch.autograd.Function):
                 grad_x.mul_(keep)
             if grad_out is not None:  # the base layer's share, accumulated in place
                 grad_x.addmm_(grad_out, W if not ctx.transposed else W.t())
-        return grad_x, None, None, grad_A, grad_B, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None
 
 
 class _LinearPlusLowRank(torch.autograd.Function):
@@ -138,18 +148,38 @@ class _LinearPlusLowRank(torch.autograd.Function):
 
 
 class SharedDownProjection:
-    """Lets modules that read the same input with the same A compute ``dropout(x) A^T`` once.
+    """Lets sibling modules that read the same input compute their down-projections once.
 
-    Under scope "qkv" the q, k and v projections of a block share A and read the same x, so the
-    (N, r) product u is the same for the three; the first computes it and the others reuse it
-    (with one dropout mask for the three, and autograd summing A's and x's gradients over them).
-    The entry lives only during one forward of the block that calls them (``clear`` runs before
-    and after it), so gradient checkpointing recomputes it exactly like the first forward did, and
-    a reused input tensor never sees a stale product from an earlier step.
+    The q, k and v projections of an attention block (or gate and up of a gated MLP) read the same
+    x. The first of them to run computes ``u = dropout(x) [A_1; ...; A_k]^T`` for the distinct A's
+    of the group (one dropout mask, one pass over x; under scope "qkv" there is a single A), the
+    others take their r columns of it, and autograd sums A's and x's gradients over them. A module
+    whose input is another tensor (cross-attention's k and v) finds no entry for it and computes
+    its own. The entry lives only during one forward of the block that calls them (``clear`` runs
+    before and after it), so gradient checkpointing recomputes it exactly like the first forward
+    did, and a reused input tensor never sees a stale product from an earlier step.
+
+    Args:
+        a_keys: the bank names of the group's distinct A's, in the order of u's column blocks.
+        bank: the model's ParameterDict holding them.
     """
 
-    def __init__(self):
+    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None):
+        self.a_keys = tuple(a_keys)
+        self._bank = [bank]
         self.clear()
+
+    def columns(self, a_key: str, rank: int) -> slice:
+        """The columns of u that hold ``dropout(x) A^T`` for the A named ``a_key``."""
+        start = self.a_keys.index(a_key) * rank
+        return slice(start, start + rank)
+
+    def down_weight(self) -> torch.Tensor:
+        """[A_1; ...; A_k]: (k r, d_in)."""
+        bank = self._bank[0]
+        if len(self.a_keys) == 1:
+            return bank[self.a_keys[0]]
+        return torch.cat([bank[k] for k in self.a_keys])
 
     def clear(self, *_args) -> None:
         self.x = self.u = None
@@ -198,9 +228,11 @@ class ShareLoraLayer(nn.Module):
         self._bank = [bank]
         self.merged = False
         self.disabled = False
-        # Set by ShareLoraModel when sibling modules read the same x with the same A (scope "qkv").
+        # Set by ShareLoraModel for sibling modules that read the same x (see SharedDownProjection).
         self.shared_down: SharedDownProjection | None = None
         self.reuse_shared_input = True
+        # "module": no shared product (so no shared dropout mask) while dropout is active.
+        self.dropout_mask = "input"
         # The fused kernel re-implements the base layer's forward: only for these exact types.
         self._plain_base = type(base_layer) is nn.Linear or type(base_layer) is _conv1d_class()
         if not self.whole:
@@ -265,33 +297,43 @@ class ShareLoraLayer(nn.Module):
         return not (_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
                     or torch._C._are_functorch_transforms_active())
 
+    def _shared(self, p: float) -> SharedDownProjection | None:
+        """The group's shared down-projection, if this module may use it now."""
+        if self.shared_down is None or not self.reuse_shared_input:
+            return None
+        return self.shared_down if self.dropout_mask == "input" or p == 0.0 else None
+
     def _fused(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         p = self._dropout_p()
-        shared = self.shared_down if self.reuse_shared_input else None
+        shared = self._shared(p)
         mode = (p, torch.is_grad_enabled())
         u = shared.lookup(x, mode) if shared is not None else None
         x2 = x.reshape(-1, x.shape[-1])
         W, bias = self.base_layer.weight, self.base_layer.bias
         if u is not None:
+            u = u[..., shared.columns(self.keys[0][0], B.shape[1])]
             out = _LinearPlusLowRank.apply(x2, W, bias, u.reshape(-1, u.shape[-1]), B, self.transposed)
+        elif shared is not None:
+            start = shared.columns(self.keys[0][0], B.shape[1]).start
+            out, u = _LoraLinear.apply(x2, W, bias, shared.down_weight(), B, self.scaling, p, self.transposed, start)
+            shared.store(x, mode, u.view(*x.shape[:-1], u.shape[-1]))
         else:
-            out, u = _LoraLinear.apply(x2, W, bias, A, B, self.scaling, p, self.transposed)
-            if shared is not None:
-                shared.store(x, mode, u.view(*x.shape[:-1], u.shape[-1]))
+            out, _ = _LoraLinear.apply(x2, W, bias, A, B, self.scaling, p, self.transposed, 0)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """u = scaling * dropout(x) A^T, shape (..., r), with plain ops (computed once when shared)."""
         p = self._dropout_p()
-        shared = self.shared_down if self.reuse_shared_input else None
+        shared = self._shared(p)
         mode = (p, torch.is_grad_enabled())
         u = shared.lookup(x, mode) if shared is not None else None
         if u is None:
+            down = shared.down_weight() if shared is not None else A
             dropped = F.dropout(x, p, training=True) if p > 0.0 else x
-            u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A) * self.scaling
+            u = F.linear(dropped if dropped.dtype == down.dtype else dropped.to(down.dtype), down) * self.scaling
             if shared is not None:
                 shared.store(x, mode, u)
-        return u
+        return u[..., shared.columns(self.keys[0][0], A.shape[0])] if shared is not None else u
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.disabled:

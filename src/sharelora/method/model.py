@@ -13,7 +13,7 @@ from . import checkpoint
 from .config import ShareLoraConfig
 from .errors import ShareLoraError
 from .layers import SharedDownProjection, ShareLoraLayer, bank_name
-from .plan import SharingPlan, build_plan, init_tensor
+from .plan import SharingPlan, build_plan, init_tensor, same_input_set
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -80,20 +80,26 @@ class ShareLoraModel(nn.Module):
         self._share_down_projections()
 
     def _share_down_projections(self) -> None:
-        """Sibling modules that read one input with one A (scope "qkv") compute dropout(x) A^T once.
+        """Sibling modules that read one input compute their down-projections in one product.
 
-        They get one ``SharedDownProjection``, cleared before and after each forward of their
-        parent module (the attention block that calls them), see ``ShareLoraLayer``.
+        Whole (unsliced) adapted modules under one parent that usually read the same tensor
+        (``SAME_INPUT_LEAVES``: q/k/v, gate/up) or that read with the same A (scope "qkv") get one
+        ``SharedDownProjection``, cleared before and after each forward of the parent (the block
+        that calls them); see ``ShareLoraLayer``. ``dropout_mask`` (config) decides whether they
+        also share the dropout mask while training ("input") or compute separately ("module").
         """
-        groups: dict[tuple[str, str], list[ShareLoraLayer]] = {}
+        groups: dict[tuple[str, object], list[ShareLoraLayer]] = {}
         for name, layer in self.sharelora_layers():
+            layer.dropout_mask = self.sharelora_config.dropout_mask
             if layer.whole:
-                groups.setdefault((name.rpartition(".")[0], layer.keys[0][0]), []).append(layer)
+                parent, _, leaf = name.rpartition(".")
+                kind = same_input_set(leaf)
+                groups.setdefault((parent, layer.keys[0][0] if kind is None else kind), []).append(layer)
         self._shared_down_hooks = []
         for (parent_name, _), layers in groups.items():
             if len(layers) < 2:
                 continue
-            shared = SharedDownProjection()
+            shared = SharedDownProjection(tuple(dict.fromkeys(l.keys[0][0] for l in layers)), self.sharelora_bank)
             for layer in layers:
                 layer.shared_down = shared
             parent = self.base_model.get_submodule(parent_name)

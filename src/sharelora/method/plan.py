@@ -32,6 +32,18 @@ QKV_LEAVES = frozenset(
      "wq", "wk", "wv", "to_q", "to_k", "to_v"}
 )
 
+# Projections that a block usually applies to one and the same input tensor: attention's q, k, v
+# and a gated MLP's gate and up projections. Adapted siblings of one set, under one parent
+# module, compute their down-projections together (see ``ShareLoraModel``); if at run time they
+# turn out to read different tensors (cross-attention), each computes its own.
+SAME_INPUT_LEAVES = (QKV_LEAVES, frozenset({"gate_proj", "up_proj", "w1", "w3"}))
+
+
+def same_input_set(leaf: str) -> int | None:
+    """Index of the set in ``SAME_INPUT_LEAVES`` holding ``leaf``, or None."""
+    return next((i for i, names in enumerate(SAME_INPUT_LEAVES) if leaf in names), None)
+
+
 _INDEX = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
 
 
