@@ -3,7 +3,11 @@
     floor                 frozen base; one scalar multiplies the embeddings' output and is the only
                           trainable parameter, so backward crosses every layer but computes no weight
                           gradient: the physical limit of any adapter that touches layer 0
-    sharelora-none/A/B/AB ShareLoRA with that ``share`` on the q,v targets (``none`` is plain LoRA)
+    sharelora-none/A/B/AB ShareLoRA with that ``share`` on the q,v targets (``none`` is plain LoRA);
+                          q and v read the same x, so they draw one dropout mask and compute
+                          dropout(x) [A_q; A_v]^T in one product (``dropout_mask="input"``, the default)
+    sharelora-A-modulemask ShareA with ``dropout_mask="module"``: an independent mask and product per
+                          module, as PEFT does (what the shared product is measured against)
     sharelora-qkv         ShareA with scope "qkv": one A for q, k and v of every layer (q,k,v targets);
                           the layer computes dropout(x) A^T once per attention block
     sharelora-qkv-unfused the same adapter with that reuse switched off (three products per block),
@@ -30,8 +34,8 @@ from torch import nn
 from ..method import ShareLoraConfig, build_plan, get_sharelora_model
 from .models import ModelSpec
 
-SHARELORA = ("sharelora-none", "sharelora-A", "sharelora-B", "sharelora-AB", "sharelora-qkv",
-             "sharelora-qkv-unfused")
+SHARELORA = ("sharelora-none", "sharelora-A", "sharelora-A-modulemask", "sharelora-B", "sharelora-AB",
+             "sharelora-qkv", "sharelora-qkv-unfused")
 METHODS = ("floor", *SHARELORA, "peft-lora", "peft-lora-tiedA", "full")
 # Methods that have an adapter to merge, whose inference latency is reported.
 INFERENCE_METHODS = (*SHARELORA, "peft-lora", "peft-lora-tiedA")
@@ -122,8 +126,9 @@ def _sharelora_config(name: str, spec: ModelSpec, s: AdapterSettings) -> ShareLo
             raise ValueError(f"no q,k,v target names known for targets {list(spec.targets)}; pass --qkv-targets")
         return ShareLoraConfig(rank=s.rank, alpha=s.alpha, dropout=s.dropout, share="A", scope="qkv",
                                target_modules=list(spec.qkv_targets))
-    share = name.split("-", 1)[1]
+    share, _, variant = name.split("-", 1)[1].partition("-")
     return ShareLoraConfig(rank=s.rank, alpha=s.alpha, dropout=s.dropout, share=share,
+                           dropout_mask="module" if variant == "modulemask" else "input",
                            target_modules=list(spec.targets))
 
 
