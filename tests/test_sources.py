@@ -409,6 +409,37 @@ def test_pip_download_is_called_with_no_deps_and_binary_pinning(fake, monkeypatc
     assert {"--no-deps", "--only-binary", "fakewheel==0.1"} <= set(seen["cmd"])
 
 
+def _leftovers(fake) -> list[str]:
+    root = fake.cache / "extracted"
+    return sorted(p.name for p in root.iterdir() if p.name.startswith((".download-", ".old-"))) if root.exists() else []
+
+
+def test_a_failed_fetch_removes_its_temporary_folder(fake, monkeypatch):
+    def half_then_fail(source, dest_dir):
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        (dest_dir / source.archive).write_bytes(b"half an archive")
+        raise SourceError("connection reset")
+
+    monkeypatch.setattr(fetch_mod, "_download", half_then_fail)
+    with pytest.raises(SourceError, match="connection reset"):
+        fetch("fake-rt")
+    assert _leftovers(fake) == []
+
+
+def test_a_fetch_removes_what_a_killed_fetch_of_its_archive_left(fake):
+    root = fake.cache / "extracted"
+    source = registry.get("fake-rt")
+    killed = root / f".download-{source.archive}-k1ll3d"  # the temp folder of a fetch killed mid-download
+    (killed / "dl").mkdir(parents=True)
+    (killed / "dl" / source.archive).write_bytes(b"part")
+    aside = root / f".old-{fetch_mod.extraction_dir(source, fake.cache).name}-123-456"  # killed mid-replace
+    aside.mkdir()
+    other = root / ".download-fakewheel-0.1-py3-none-any.whl-busy"  # another archive's fetch, maybe live
+    other.mkdir()
+    assert fetch("fake-rt").is_file()
+    assert _leftovers(fake) == [other.name]
+
+
 # ---- registered datasets -------------------------------------------------------------------
 
 def _overlap(data: TaskData, key) -> set:
@@ -518,6 +549,39 @@ def test_natural_instructions_subtask_and_size_options(fake):
     assert sum(data.sizes().values()) == 5
     with pytest.raises(SourceError, match="no subtask 'subtask999'"):
         load_dataset("fake-ni", subtasks=["subtask999"])
+
+
+def test_natural_instructions_rows_are_parsed_once_then_read_from_the_cache(fake, monkeypatch):
+    from sharelora.sources import datasets as datasets_mod
+
+    first = load_dataset("fake-ni")
+    monkeypatch.setattr(datasets_mod, "_bigbench_examples", lambda path: pytest.fail(f"parsed {path} again"))
+    again = load_dataset("fake-ni")
+    assert again.splits == first.splits and again.info["fingerprint"] == first.info["fingerprint"]
+    assert load_dataset("fake-ni", subtasks=[2], test_fraction=0.5).sizes() == {"train": 3, "dev": 1, "test": 4}
+    with pytest.raises(pytest.fail.Exception, match="parsed"):  # other rows per subtask: parsed, not stale
+        load_dataset("fake-ni", max_per_task=5)
+
+
+def test_natural_instructions_cache_files_are_whole_or_rebuilt(fake):
+    first = load_dataset("fake-ni")
+    files = sorted((fake.cache / "parsed").rglob("*"))
+    assert [f.name for f in files if f.is_file()] == ["subtask001_alpha.json", "subtask002_beta.json"]  # no temp files
+    cut = next(f for f in files if f.name == "subtask001_alpha.json")
+    cut.write_text(cut.read_text()[:50])  # as if cut short
+    assert load_dataset("fake-ni").splits == first.splits
+    assert json.loads(cut.read_text())["value"]
+
+
+def test_a_changed_archive_does_not_reuse_the_cached_rows(fake):
+    load_dataset("fake-ni")
+    changed = _sdist(fake.folder / "fakebench-1.0.tar.gz", {
+        NI + "task.json": b'{"canary": "FAKE CANARY"}',
+        NI + "subtask001_alpha/task.json": _ni_task("subtask001_alpha", 10),
+        NI + "subtask002_beta/task.json": _ni_task("subtask002_beta", 8)})
+    _rewrite_registry(fake, "fake-ni", sha256=_sha(changed), size=changed.stat().st_size)
+    data = load_dataset("fake-ni")
+    assert data.info["per_task"]["subtask001_alpha"] == {"train": 7, "dev": 1, "test": 2}
 
 
 def test_mmlu_drops_the_malformed_rows(fake):

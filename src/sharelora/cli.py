@@ -131,8 +131,11 @@ DATA_OPTIONS = [
     ("--text-column", "text_column", "column holding the text (local files)"),
     ("--text-pair-column", "text_pair_column", "column holding the second text of a pair (local files)"),
     ("--label-column", "label_column", "column holding the label (local files)"),
-    ("--task-type", "task_type", "classification or regression (local files; default: classification)"),
+    ("--task-type", "task_type", "what the rows of a local file are: classification, regression, generation "
+                                 "(e2e: mr, target) or instruction (instruction, input, output) "
+                                 "(default: classification; --task e2e / instructions imply theirs)"),
 ]
+LOCAL_TASK_TYPES = ["classification", "regression", "generation", "instruction"]
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -149,7 +152,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, suppress: bool = True) -
     data = parser.add_argument_group("data options (local files; see sharelora.sources.load_dataset)")
     default = argparse.SUPPRESS if suppress else None
     for flag, dest, help_text in DATA_OPTIONS:
-        kwargs = {"choices": ["classification", "regression"]} if dest == "task_type" else {"metavar": "NAME"}
+        kwargs = {"choices": LOCAL_TASK_TYPES} if dest == "task_type" else {"metavar": "NAME"}
         data.add_argument(flag, dest=dest, default=default, help=help_text, **kwargs)
     data.add_argument("--data-option", dest="data_option", type=_key_value, action="append", default=default,
                       metavar="KEY=VALUE", help="any other load_dataset option, e.g. dev_size=0.2 or train=1000 (repeatable)")
@@ -194,7 +197,6 @@ def config_from_args(args: argparse.Namespace):
             raise CliError(f"--config {path} has unknown fields {unknown}; known fields: {sorted(known)}")
     from .tasks.cli import task_options_from_args, with_task_preset
 
-    values = with_task_preset(values, getattr(args, "task", None) or values.get("task"))
     for _, dest, _ in _run_options():
         if hasattr(args, dest):
             values[dest] = getattr(args, dest)
@@ -203,6 +205,8 @@ def config_from_args(args: argparse.Namespace):
         if getattr(args, attr, None) is not None:
             values[attr] = getattr(args, attr)
     values["dataset_options"] = {**(values.get("dataset_options") or {}), **data_options_from_args(args)}
+    # Last: which of the preset's values (and dataset options) apply depends on every option above.
+    values = with_task_preset(values, values.get("task"))
     cfg = TrainConfig.from_dict(values)
     try:
         cfg.validate()

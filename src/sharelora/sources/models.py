@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,8 @@ class ModelBundle:
 
 
 def load_model(name_or_path: str | os.PathLike, task: str = "classification", num_labels: int | None = None,
-               cache_dir: str | os.PathLike | None = None, dtype=None, **kwargs: Any) -> ModelBundle:
+               cache_dir: str | os.PathLike | None = None, dtype=None, report_new_weights: bool = True,
+               **kwargs: Any) -> ModelBundle:
     """Load a model for ``task`` ("classification" | "regression" | "causal-lm").
 
     Args:
@@ -63,6 +65,9 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
         num_labels: number of classes for classification.
         cache_dir: cache root (default ``$SHARELORA_CACHE`` or ``~/.cache/sharelora``).
         dtype: parameter dtype, default ``torch.float32``.
+        report_new_weights: print one line naming the weights the checkpoint lacks (they start
+            random, e.g. a new classification head). Pass False when the caller fills them itself
+            (an adapter that saved the head); ``info["new_weights"]`` lists them either way.
         **kwargs: ``gpt2-random``: ``seed`` (default 0) and any ``GPT2Config`` field
             (``n_layer``, ``n_embd``, ``n_head``, ``n_positions``) or ``config_overrides={...}``;
             local folders and hub ids: passed to ``from_pretrained`` (e.g. ``revision``).
@@ -101,6 +106,9 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
         else:
             bundle = _load_pretrained(spec, task, num_labels, dtype, **kwargs)
     _ensure_pad_token(bundle)
+    if report_new_weights and bundle.info.get("new_weights"):
+        print(f"sharelora: {bundle.name}: {new_weights_note(bundle.model, bundle.info['new_weights'])}",
+              file=sys.stderr, flush=True)
     bundle.info.update({"task": task, "num_labels": num_labels if task != "causal-lm" else None,
                         "architecture": type(bundle.model).__name__, "dtype": str(dtype).replace("torch.", ""),
                         "num_parameters": sum(p.numel() for p in bundle.model.parameters()),
@@ -125,14 +133,65 @@ def _head_kwargs(task: str, num_labels: int | None) -> dict:
     return kw
 
 
+def _pretrained(spec: str | Path, task: str, num_labels, dtype, **kwargs) -> tuple[Any, dict[str, list[str]]]:
+    """``from_pretrained`` (safetensors only) with its loading facts instead of transformers' printed report.
+
+    Returns the model and ``{"new_weights": [...], "unused_weights": [...]}``: the model's
+    weights the checkpoint lacks (initialised randomly) and the checkpoint's weights the model
+    has no place for. The unused ones are printed here; whether new ones are news depends on the
+    caller (``load_model``'s ``report_new_weights``).
+    """
+    import logging
+
+    report = logging.getLogger("transformers.modeling_utils")  # logs the LOAD REPORT table as a warning
+    quiet = _NoMissingOnlyReport()
+    report.addFilter(quiet)
+    try:
+        model, loading = _auto_class(task).from_pretrained(spec, dtype=dtype, use_safetensors=True,
+                                                           output_loading_info=True,
+                                                           **_head_kwargs(task, num_labels), **kwargs)
+    finally:
+        report.removeFilter(quiet)
+    facts = {"new_weights": sorted(loading.get("missing_keys") or []),
+             "unused_weights": sorted(loading.get("unexpected_keys") or [])}
+    if facts["unused_weights"]:
+        print(f"sharelora: {spec}: weights in the checkpoint that {type(model).__name__} does not use: "
+              f"{_abbreviate(facts['unused_weights'])}", file=sys.stderr, flush=True)
+    return model, facts
+
+
+class _NoMissingOnlyReport:
+    """A logging filter that drops transformers' LOAD REPORT when it lists only MISSING / UNEXPECTED weights.
+
+    Those two ``_pretrained`` reports itself; a report with shape MISMATCH or CONVERSION errors
+    passes, since transformers' error then refers to it.
+    """
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
+
+
+def new_weights_note(model: Any, names: list[str]) -> str:
+    """One line about weights that start random: which, and whether they are the task head."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    head = all(not n.startswith(prefix) for n in names)
+    return (f"not in the checkpoint, initialised randomly: {_abbreviate(names)}"
+            + (" (the new task head)" if head else ""))
+
+
+def _abbreviate(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _from_folder(folder: Path, task: str, num_labels, dtype, **kwargs):
-    """Model (safetensors only) and tokenizer from a local folder."""
+    """Model (safetensors only), tokenizer and loading facts (see ``_pretrained``) from a local folder."""
     from transformers import AutoTokenizer
 
-    model = _auto_class(task).from_pretrained(folder, dtype=dtype, use_safetensors=True,
-                                              **_head_kwargs(task, num_labels), **kwargs)
+    model, facts = _pretrained(folder, task, num_labels, dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
+    return model, tokenizer, facts
 
 
 def _ensure_pad_token(bundle: ModelBundle) -> None:
@@ -158,8 +217,8 @@ def _load_hf_dir(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -
                           f"'regression', or a decoder ({[s.name for s in _registry.models() if s.loader != 'hf_dir']}) "
                           f"for causal-lm")
     folder = fetch(source, cache_dir)
-    model, tokenizer = _from_folder(folder, task, num_labels, dtype)
-    return ModelBundle(model, tokenizer, source.name, True, {"path": str(folder)})
+    model, tokenizer, facts = _from_folder(folder, task, num_labels, dtype)
+    return ModelBundle(model, tokenizer, source.name, True, {"path": str(folder), **facts})
 
 
 def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -> ModelBundle:
@@ -173,11 +232,11 @@ def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, **kwar
         with archive_lock(root, source):
             if not (out / CONVERSION_INFO).is_file():
                 convert_gguf(gguf_path, out, overwrite=out.exists())
-    model, tokenizer = _from_folder(out, task, num_labels, dtype)
+    model, tokenizer, facts = _from_folder(out, task, num_labels, dtype)
     conv = json.loads((out / CONVERSION_INFO).read_text(encoding="utf-8"))
     return ModelBundle(model, tokenizer, source.name, True,
                        {"path": str(out), "converted_from": conv.get("gguf_sha256"),
-                        "note": source.options.get("note")})
+                        "note": source.options.get("note"), **facts})
 
 
 def _load_gpt2_random(source: Source, task, num_labels, cache_dir, dtype, seed: int = 0,
@@ -232,8 +291,8 @@ def _load_gguf_file(path: Path, task, num_labels, cache_dir, dtype) -> ModelBund
     out = root / "models" / f"gguf-{digest[:12]}"
     if not (out / CONVERSION_INFO).is_file():
         convert_gguf(path, out, overwrite=out.exists())
-    model, tokenizer = _from_folder(out, task, num_labels, dtype)
-    return ModelBundle(model, tokenizer, str(path), True, {"path": str(out), "converted_from": digest})
+    model, tokenizer, facts = _from_folder(out, task, num_labels, dtype)
+    return ModelBundle(model, tokenizer, str(path), True, {"path": str(out), "converted_from": digest, **facts})
 
 
 def _load_pretrained(spec: str, task, num_labels, dtype, **kwargs) -> ModelBundle:
@@ -241,8 +300,7 @@ def _load_pretrained(spec: str, task, num_labels, dtype, **kwargs) -> ModelBundl
 
     local = Path(spec).expanduser().is_dir()
     try:
-        model = _auto_class(task).from_pretrained(spec, dtype=dtype, use_safetensors=True,
-                                                  **_head_kwargs(task, num_labels), **kwargs)
+        model, facts = _pretrained(spec, task, num_labels, dtype, **kwargs)
     except Exception as e:  # noqa: BLE001 - OSError, HFValidationError, ValueError, network errors
         builtins = [s.name for s in _registry.models()]
         if local:
@@ -257,4 +315,4 @@ def _load_pretrained(spec: str, task, num_labels, dtype, **kwargs) -> ModelBundl
         note = None
     except Exception as e:  # noqa: BLE001 - a folder with weights but no tokenizer is still usable
         tokenizer, note = None, f"no tokenizer ({type(e).__name__}: {e})"
-    return ModelBundle(model, tokenizer, spec, True, {"path": spec, "local": local, "note": note})
+    return ModelBundle(model, tokenizer, spec, True, {"path": spec, "local": local, "note": note, **facts})

@@ -8,7 +8,9 @@
     multiple-choice (MMLU)       -> an evaluation set only: ``sharelora eval --task mmlu``
 
 The generation tasks start from ``TASK_PRESETS`` (model, data, targets, sizes) instead of the
-classification defaults of ``TrainConfig``; anything given explicitly overrides them. The
+classification defaults of ``TrainConfig``; anything given explicitly overrides them. A preset's
+dataset options (natural-instructions' ``subtasks``) go with its dataset only: ``--dataset
+mine.jsonl`` reads a local file as the task's rows instead (``dataset_options``). The
 presets are sized so that one default run takes under 30 minutes on 2 CPU cores (E2E:
 SmolLM2-135M, 2 epochs over 745 references = 188 steps of 8; instructions: 80 steps of 8 over
 16 short subtasks);
@@ -27,6 +29,7 @@ TASKS = ("auto", "classification", "e2e", "instructions")
 LM_TASKS = ("e2e", "instructions")
 TASK_OF_DATA_TYPE = {"classification": "classification", "regression": "classification",
                      "generation": "e2e", "instruction": "instructions"}
+DATA_TYPE_OF_TASK = {"e2e": "generation", "instructions": "instruction"}
 
 # The 16 natural-instructions subtasks with the shortest prompts under SmolLM2's chat template
 # (146-268 tokens on average; the longest subtasks average 500-900): winogrande, QASC, MultiRC,
@@ -100,12 +103,14 @@ def model_task(task: str) -> str:
     return "causal-lm" if task in LM_TASKS else "classification"
 
 
-def build_task(cfg: Any, data: Any, tokenizer: Any, output_dir: str | Path | None = None) -> Any:
+def build_task(cfg: Any, data: Any, tokenizer: Any, output_dir: str | Path | None = None,
+               samples_name: str | None = None) -> Any:
     """The task object the training loop uses for run ``cfg`` on ``data``.
 
     ``cfg.task_options`` go to the task's constructor (E2E: ``num_beams``, ``dev_num_beams``,
-    ``max_new_tokens``, ``max_dev_mrs``, ``length_penalty``, ``no_repeat_ngram_size``;
-    instructions: ``use_chat_template``). E2E samples are written into ``output_dir``.
+    ``max_new_tokens``, ``max_dev_mrs``, ``length_penalty``, ``no_repeat_ngram_size``,
+    ``generation_batch_size``; instructions: ``use_chat_template``). E2E samples are written into
+    ``output_dir`` as ``samples_name`` (default ``samples-{split}.jsonl``).
     """
     name = task_name(cfg, data)
     options = dict(getattr(cfg, "task_options", None) or {})
@@ -118,7 +123,9 @@ def build_task(cfg: Any, data: Any, tokenizer: Any, output_dir: str | Path | Non
     if name == "e2e":
         from .generation import E2ETask
 
-        return E2ETask(data, tokenizer, max_length=cfg.max_length, samples_dir=output_dir, **_checked(E2ETask, options))
+        files = {"samples_name": samples_name} if samples_name else {}
+        return E2ETask(data, tokenizer, max_length=cfg.max_length, samples_dir=output_dir, **files,
+                       **_checked(E2ETask, options))
     from .instructions import InstructionTask
 
     return InstructionTask(data, tokenizer, max_length=cfg.max_length, **_checked(InstructionTask, options))
@@ -128,21 +135,58 @@ def _checked(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     import inspect
 
     allowed = [p for p in inspect.signature(cls.__init__).parameters
-               if p not in ("self", "data", "tokenizer", "max_length", "samples_dir")]
+               if p not in ("self", "data", "tokenizer", "max_length", "samples_dir", "samples_name")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"task option(s) {unknown} do not apply to {cls.name}; it takes {allowed}")
     return options
 
 
+def preset_values(task: str | None, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (TrainConfig fields) on top of the preset of ``task``, with their dataset options settled.
+
+    Unchanged for tasks without a preset. The preset's dataset options apply only when the run
+    keeps the preset's dataset (see ``dataset_options``).
+    """
+    if task not in TASK_PRESETS:
+        return dict(values)
+    preset = {k: v for k, v in TASK_PRESETS[task].items() if k != "dataset_options"}
+    out = {**preset, "task": task, **values}
+    out["dataset_options"] = dataset_options(task, out["dataset"], values.get("dataset_options"))
+    return out
+
+
+def dataset_options(task: str | None, dataset: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``load_dataset`` options of a ``task`` run on ``dataset``: ``options`` over the task's defaults.
+
+    A preset's options are meant for the preset's own dataset (natural-instructions'
+    ``subtasks``), so any other dataset does not get them. A local file or ``hub:`` dataset read
+    for a generation task is read as that task's rows (``task_type`` "generation" for e2e,
+    "instruction" for instructions) unless ``options`` say otherwise.
+    """
+    defaults: dict[str, Any] = {}
+    preset = TASK_PRESETS.get(task or "", {})
+    if str(dataset) == preset.get("dataset"):
+        defaults.update(preset.get("dataset_options", {}))
+    elif task in DATA_TYPE_OF_TASK and not _is_registered(str(dataset)):
+        defaults["task_type"] = DATA_TYPE_OF_TASK[task]
+    return {**defaults, **(options or {})}
+
+
+def _is_registered(dataset: str) -> bool:
+    from ..sources import registry
+
+    return dataset in registry.current()
+
+
 def task_config(task: str, **overrides: Any) -> Any:
     """A ``TrainConfig`` for ``task`` from its preset, with ``overrides`` on top.
 
     >>> cfg = task_config("e2e", method="sharea", seed=1)      # smollm2 on E2E, ShareA on q_proj/v_proj
+    >>> cfg = task_config("instructions", dataset="my-instructions.jsonl")   # a local file of instruction rows
     """
     from ..training.config import TrainConfig
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    values = {**TASK_PRESETS.get(task, {}), "task": task, **overrides}
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict({"task": task, **preset_values(task, overrides)})

@@ -40,12 +40,14 @@ def task_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def with_task_preset(values: dict[str, Any], task: str | None) -> dict[str, Any]:
-    """``values`` on top of the preset of generation task ``task`` (unchanged for other tasks)."""
-    from .build import TASK_PRESETS
+    """``values`` on top of the preset of generation task ``task`` (unchanged for other tasks).
 
-    if task in TASK_PRESETS:
-        return {**TASK_PRESETS[task], "task": task, **values}
-    return values
+    Call it once every option is in ``values``: the preset's dataset options depend on the
+    dataset finally chosen (``build.dataset_options``).
+    """
+    from .build import preset_values
+
+    return preset_values(task, values)
 
 
 def not_pretrained_note(results: dict[str, Any]) -> str:
@@ -69,7 +71,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def eval_generation(args: argparse.Namespace) -> int:
     """``sharelora eval`` for MMLU and for adapters trained on a generation task."""
     from ..sources import load_dataset, load_model
-    from ..training import load_trained_model, read_run_info
+    from ..training import load_trained_model
     from ..training.loop import pick_device
     from .mmlu import evaluate_mmlu
 
@@ -95,25 +97,67 @@ def eval_generation(args: argparse.Namespace) -> int:
         print(f"per subject: {len(per_subject)} (in --json)")
         result["per_subject"] = per_subject
     else:
-        from .build import build_task
-
-        model, tokenizer, info = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
-        from ..training.config import TrainConfig
-
-        options = {} if args.num_beams is None else {"num_beams": args.num_beams}
-        cfg = TrainConfig(task=info.get("task", "auto"), max_length=info["max_length"], task_options=options)
-        data = load_dataset(args.dataset or info["dataset"], cache_dir=args.cache_dir,
-                            **(info.get("dataset_options") or {}))
-        out = Path(args.json).parent if args.json else None
-        task = build_task(cfg, data, tokenizer, output_dir=out)
-        split = task.encode(args.split, args.max_examples)
-        metrics = task.evaluate(model, split, args.batch_size, device)
-        result = {"adapter_dir": info["adapter_dir"], "dataset": data.name, "split": args.split,
-                  "examples": len(split), **metrics}
-        print(json.dumps(result, indent=2))
+        result = _eval_generation_adapter(args, device)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _eval_generation_adapter(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """Metrics of an e2e / instructions adapter on ``args.split``, decoded and scored as its run did.
+
+    The run's task options (beam widths, new-token limit, chat template, ...) come from its
+    run_info.json, so with the same examples and batch size the scores equal the run's own
+    evaluation of that split; ``--num-beams`` overrides the beam width of every split. With
+    ``--json FILE`` the E2E outputs go beside it, to ``<FILE stem>-samples-<split>.jsonl``.
+    """
+    from ..cli import data_options_from_args
+    from ..sources import load_dataset
+    from ..training import load_trained_model, read_run_info
+    from ..training.config import TrainConfig
+    from .build import build_task, dataset_options
+
+    if not args.adapter_dir:
+        raise ValueError(f"eval --task {args.task} needs ADAPTER_DIR (a run directory runs/<name> or its adapter/)")
+    info = read_run_info(args.adapter_dir)
+    name = info.get("task")
+    if name not in ("e2e", "instructions"):
+        raise ValueError(f"{info['adapter_dir']} was not trained on a generation task (run_info.json task: {name!r}); "
+                         "evaluate it without --task")
+    if args.task not in ("auto", name):
+        raise ValueError(f"{info['adapter_dir']} was trained on task {name!r}, not {args.task!r}; "
+                         f"drop --task or pass --task {name}")
+    options = dict(info.get("task_options") or _legacy_task_options(info))
+    if args.num_beams is not None:
+        if name != "e2e":
+            raise ValueError(f"--num-beams applies to e2e adapters (decoding); {info['adapter_dir']} is {name!r}")
+        options.update(num_beams=args.num_beams, dev_num_beams=args.num_beams)
+    if args.dataset is None:
+        data_options = {**(info.get("dataset_options") or {}), **data_options_from_args(args)}
+    else:
+        data_options = dataset_options(name, args.dataset, data_options_from_args(args))
+    data = load_dataset(args.dataset or info["dataset"], cache_dir=args.cache_dir, **data_options)
+    model, tokenizer, _ = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
+    cfg = TrainConfig(task=name, max_length=info["max_length"], task_options=options)
+    out = Path(args.json) if args.json else None
+    task = build_task(cfg, data, tokenizer, output_dir=out.parent if out else None,
+                      samples_name=f"{out.stem}-samples-{{split}}.jsonl" if out else None)
+    split = task.encode(args.split, args.max_examples)
+    metrics = task.evaluate(model, split, args.batch_size, device)
+    result = {"adapter_dir": info["adapter_dir"], "task": name, "dataset": data.name, "split": args.split,
+              "examples": len(split), **metrics}
+    samples = task.samples_path(args.split) if hasattr(task, "samples_path") else None
+    if samples is not None:
+        result["samples"] = str(samples)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _legacy_task_options(info: dict[str, Any]) -> dict[str, Any]:
+    """Task options of a run_info.json written before it recorded ``task_options``."""
+    if info.get("task") == "instructions":
+        return {"use_chat_template": info["chat_template"]} if "chat_template" in info else {}
+    return {k: info[k] for k in ("num_beams", "max_new_tokens") if k in info}
 
 
 def is_generation_adapter(adapter_dir: str | None) -> bool:

@@ -149,7 +149,9 @@ class E2ETask(CausalLMTask):
         max_new_tokens: longest description decoded.
         max_dev_mrs: decode at most this many dev MRs per evaluation (None: all).
         length_penalty, no_repeat_ngram_size: beam-search settings (LoRA's E2E recipe: 0.9, 4).
-        samples_dir: where ``samples-<split>.jsonl`` is written (None: not written).
+        samples_dir: where the decoded outputs are written (None: not written).
+        samples_name: their file name in ``samples_dir``; ``{split}`` is replaced by the split's name.
+        generation_batch_size: prompts decoded together.
     """
 
     name = "e2e"
@@ -160,7 +162,8 @@ class E2ETask(CausalLMTask):
     def __init__(self, data: Any, tokenizer: Any, max_length: int = 96, *, num_beams: int = 4,
                  dev_num_beams: int = 1, max_new_tokens: int = 64, max_dev_mrs: int | None = None,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4,
-                 samples_dir: str | Path | None = None, generation_batch_size: int = 16):
+                 samples_dir: str | Path | None = None, samples_name: str = "samples-{split}.jsonl",
+                 generation_batch_size: int = 16):
         super().__init__(data, tokenizer, max_length)
         self.num_beams = num_beams
         self.dev_num_beams = dev_num_beams
@@ -169,7 +172,16 @@ class E2ETask(CausalLMTask):
         self.length_penalty = length_penalty
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
+        self.samples_name = samples_name
         self.generation_batch_size = generation_batch_size
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The constructor options that decide decoding: ``E2ETask(data, tok, **task.options)`` decodes alike."""
+        return {"num_beams": self.num_beams, "dev_num_beams": self.dev_num_beams,
+                "max_new_tokens": self.max_new_tokens, "max_dev_mrs": self.max_dev_mrs,
+                "length_penalty": self.length_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "generation_batch_size": self.generation_batch_size}
 
     def prompt_ids(self, mr: str) -> list[int]:
         return list(self.tokenizer(PROMPT_TEMPLATE.format(mr=mr))["input_ids"])
@@ -180,7 +192,12 @@ class E2ETask(CausalLMTask):
 
     def run_info(self) -> dict[str, Any]:
         return {"task": self.name, "max_length": self.max_length, "num_beams": self.num_beams,
-                "max_new_tokens": self.max_new_tokens, "prompt_template": PROMPT_TEMPLATE}
+                "max_new_tokens": self.max_new_tokens, "prompt_template": PROMPT_TEMPLATE,
+                "task_options": self.options}
+
+    def samples_path(self, split: str) -> Path | None:
+        """Where the decoded outputs of ``split`` are written (None: nowhere)."""
+        return None if self.samples_dir is None else self.samples_dir / self.samples_name.format(split=split)
 
     def decode(self, model: torch.nn.Module, mrs: Sequence[str], num_beams: int | None = None,
                device: str | torch.device = "cpu") -> list[str]:
@@ -209,9 +226,10 @@ class E2ETask(CausalLMTask):
         predictions = self.decode(model, [g["mr"] for g in groups], beams, device)
         metrics.update(generation_metrics(predictions, [g["references"] for g in groups]))
         metrics.update({"mrs": len(groups), "num_beams": beams})
-        if self.samples_dir is not None:
-            self.samples_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.samples_dir / f"samples-{split.name}.jsonl", "w", encoding="utf-8") as f:
+        path = self.samples_path(split.name)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
                 for g, p in zip(groups, predictions):
                     f.write(json.dumps({"mr": g["mr"], "prediction": p, "references": g["references"]},
                                        ensure_ascii=False) + "\n")

@@ -83,7 +83,8 @@ class InstructionTask(CausalLMTask):
         return prompt, target
 
     def run_info(self) -> dict[str, Any]:
-        return {"task": self.name, "max_length": self.max_length, "chat_template": self.use_chat_template}
+        return {"task": self.name, "max_length": self.max_length, "chat_template": self.use_chat_template,
+                "task_options": {"use_chat_template": self.use_chat_template}}
 
     def evaluate(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
                  device: str | torch.device = "cpu") -> dict[str, Any]:

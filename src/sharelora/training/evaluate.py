@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,8 @@ def load_trained_model(adapter_dir: str | Path, cache_dir: str | None = None, de
 
     For an adapter method this loads the base model named in run_info.json and attaches the
     adapter with ``ShareLoraModel.from_pretrained``; for full fine-tuning the directory is
-    itself a complete model.
+    itself a complete model. The base model's new classification head is filled from the
+    adapter (its ``modules_to_save``), so it is reported only if some of it stays random.
     """
     from ..sources import load_model
 
@@ -82,8 +84,15 @@ def load_trained_model(adapter_dir: str | Path, cache_dir: str | None = None, de
         model = bundle.model
     else:
         from sharelora import ShareLoraModel
+        from ..sources.models import new_weights_note
 
-        bundle = load_model(info["model"], task=task, num_labels=num_labels, cache_dir=cache_dir)
+        bundle = load_model(info["model"], task=task, num_labels=num_labels, cache_dir=cache_dir,
+                            report_new_weights=False)
         model = ShareLoraModel.from_pretrained(bundle.model, path)
+        still_random = [n for n in bundle.info.get("new_weights", [])
+                        if not any(n.startswith(saved + ".") for saved in model.modules_to_save_names)]
+        if still_random:
+            print(f"sharelora: {info['model']}: {new_weights_note(bundle.model, still_random)}; the adapter {path} "
+                  "does not hold them either, so they stay random", file=sys.stderr, flush=True)
     model.to(device).eval()
     return model, bundle.tokenizer, info
