@@ -372,3 +372,15 @@ def test_dropout_mask_option_round_trips_and_is_checked():
     assert ShareLoraConfig.from_dict(cfg.to_dict()).dropout_mask == "module"
     with pytest.raises(ShareLoraError, match="dropout_mask must be one of"):
         ShareLoraConfig(dropout_mask="layer")
+
+
+def test_sibling_product_under_torch_compile_matches_eager():
+    model = _siblings_model(tiny_llama, ["q_proj", "k_proj", "v_proj"], share="A")
+    x = example_input("llama")
+    with torch.no_grad():
+        eager = run(model, "llama", x)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled, "llama", x), eager, rtol=1e-4, atol=1e-5)
+    run(compiled, "llama", x).sum().backward()
+    assert all(p.grad is not None for p in model.sharelora_bank.values())
