@@ -95,6 +95,61 @@ def test_eval_of_an_instruction_adapter_trained_on_a_local_file(inputs, tmp_path
     assert_same_metrics(json.loads((tmp_path / "m.json").read_text()), results["test"])
 
 
+@pytest.fixture(scope="module")
+def capped_run(inputs):
+    """A 2-step E2E run that evaluated 2 of the 3 test examples, in batches of 3."""
+    out = inputs["root"] / "capped-run"
+    assert main(train_args(inputs, "e2e", out, "--num-beams", "1", "--max-new-tokens", "4",
+                           "--max-eval-examples", "2", "--eval-batch-size", "3")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["examples"]["test"] == 2
+    return out, results
+
+
+@pytest.fixture
+def eval_batch_sizes(monkeypatch):
+    """The batch sizes E2ETask.evaluate is called with."""
+    from sharelora.tasks.generation import E2ETask
+
+    sizes, evaluate = [], E2ETask.evaluate
+
+    def spy(self, model, split, batch_size=16, *args, **kwargs):
+        sizes.append(batch_size)
+        return evaluate(self, model, split, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(E2ETask, "evaluate", spy)
+    return sizes
+
+
+def test_eval_of_a_run_uses_its_eval_batch_size_and_example_cap(capped_run, tmp_path, eval_batch_sizes):
+    run, results = capped_run
+    assert main(["eval", str(run), "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["examples"] == 2 and eval_batch_sizes == [3]
+    assert_same_metrics(metrics, results["test"])
+
+
+def test_eval_flags_override_the_runs_batch_size_and_example_cap(capped_run, capsys, eval_batch_sizes):
+    run, _ = capped_run
+    assert main(["eval", str(run), "--max-examples", "3", "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 3 and eval_batch_sizes == [2]
+
+
+def test_eval_of_a_run_info_without_them_uses_batch_64_and_all_examples(capped_run, tmp_path, capsys,
+                                                                         eval_batch_sizes):
+    import shutil
+
+    run, _ = capped_run
+    old = tmp_path / "old-run"
+    shutil.copytree(run / "adapter", old)
+    info = json.loads((old / "run_info.json").read_text())
+    assert (info["eval_batch_size"], info["max_eval_examples"]) == (3, 2)
+    del info["eval_batch_size"], info["max_eval_examples"]  # as written before they were recorded
+    (old / "run_info.json").write_text(json.dumps(info))
+    assert main(["eval", str(old)]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 3 and eval_batch_sizes == [64]
+
+
 # --- local files for the generation tasks ---------------------------------------------------------
 @pytest.mark.parametrize("task,data_type", [("instructions", "instruction"), ("e2e", "generation")])
 def test_a_local_file_takes_the_task_type_and_not_the_presets_dataset_options(task, data_type, tmp_path):

@@ -71,3 +71,23 @@ def test_a_head_the_adapter_did_not_save_is_still_reported(headless_bert, tmp_pa
     load_trained_model(run)
     err = capfd.readouterr().err
     assert "classifier.bias, classifier.weight (the new task head)" in err and "stay random" in err
+
+
+def test_loading_prints_no_weight_loading_progress_bar(headless_bert, capfd):
+    from transformers.utils import logging as hf_logging
+
+    load_model(headless_bert, task="classification", num_labels=2)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # transformers' switch is back as it was
+
+
+def test_loading_leaves_progress_bars_off_when_the_user_turned_them_off(headless_bert):
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        load_model(headless_bert, task="classification", num_labels=2)
+        assert not hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -327,8 +327,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="a run directory (runs/<name>) or its adapter/ directory (optional with --task mmlu --model)")
     p.add_argument("--dataset", default=None, metavar="NAME_OR_PATH", help="data set (default: the one it was trained on)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to evaluate (default: test)")
-    p.add_argument("--max-examples", type=_positive_int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default: 64)")
+    p.add_argument("--max-examples", type=_positive_int, default=None,
+                   help="evaluate only the first N examples (default: the run's --max-eval-examples on its "
+                        "own dev / test, else all)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="evaluation batch size (default: the run's --eval-batch-size, else 64)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="where fetched models and data are kept")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
@@ -343,6 +346,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .tasks import ClassificationTask
     from .tasks.cli import eval_generation, is_generation_adapter
     from .training import evaluate, load_trained_model
+    from .training.evaluate import eval_settings
     from .training.loop import pick_device
 
     if args.task == "mmlu" or args.task in ("e2e", "instructions") or is_generation_adapter(args.adapter_dir):
@@ -358,8 +362,10 @@ def _eval_run(args: argparse.Namespace) -> int:
     if task.num_labels != info["num_labels"]:
         raise CliError(f"{data.name} has {task.num_labels} label(s) but the model was trained with {info['num_labels']}; "
                        "evaluate on a data set with the same labels")
-    split = task.encode(args.split, args.max_examples)
-    metrics = evaluate(model, task, split, args.batch_size, device)
+    batch_size, max_examples = eval_settings(info, args.split, args.batch_size, args.max_examples,
+                                             own_data=args.dataset is None)
+    split = task.encode(args.split, max_examples)
+    metrics = evaluate(model, task, split, batch_size, device)
     result = {"adapter_dir": info["adapter_dir"], "dataset": data.name, "split": args.split, "examples": len(split), **metrics}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,9 +148,10 @@ def _pretrained(spec: str | Path, task: str, num_labels, dtype, **kwargs) -> tup
     quiet = _NoMissingOnlyReport()
     report.addFilter(quiet)
     try:
-        model, loading = _auto_class(task).from_pretrained(spec, dtype=dtype, use_safetensors=True,
-                                                           output_loading_info=True,
-                                                           **_head_kwargs(task, num_labels), **kwargs)
+        with _no_progress_bars():
+            model, loading = _auto_class(task).from_pretrained(spec, dtype=dtype, use_safetensors=True,
+                                                               output_loading_info=True,
+                                                               **_head_kwargs(task, num_labels), **kwargs)
     finally:
         report.removeFilter(quiet)
     facts = {"new_weights": sorted(loading.get("missing_keys") or []),
@@ -158,6 +160,29 @@ def _pretrained(spec: str | Path, task: str, num_labels, dtype, **kwargs) -> tup
         print(f"sharelora: {spec}: weights in the checkpoint that {type(model).__name__} does not use: "
               f"{_abbreviate(facts['unused_weights'])}", file=sys.stderr, flush=True)
     return model, facts
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers' progress bars (its "Loading weights" bar, one per load) off inside, as they were after.
+
+    ``disable_progress_bar`` also turns off huggingface_hub's bars and ``enable_progress_bar``
+    turns them on again, so the hub's own setting is put back separately.
+    """
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_was_disabled = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if hub_was_disabled:
+            hub_utils.disable_progress_bars()
 
 
 class _NoMissingOnlyReport:

@@ -72,6 +72,7 @@ def eval_generation(args: argparse.Namespace) -> int:
     """``sharelora eval`` for MMLU and for adapters trained on a generation task."""
     from ..sources import load_dataset, load_model
     from ..training import load_trained_model
+    from ..training.evaluate import EVAL_BATCH_SIZE
     from ..training.loop import pick_device
     from .mmlu import evaluate_mmlu
 
@@ -89,7 +90,8 @@ def eval_generation(args: argparse.Namespace) -> int:
         subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
         data = load_dataset(args.dataset or "mmlu", cache_dir=args.cache_dir)
         result = evaluate_mmlu(model, tokenizer, data, shots=args.shots, subjects=subjects,
-                               max_per_subject=args.max_per_subject or args.max_examples, batch_size=args.batch_size,
+                               max_per_subject=args.max_per_subject or args.max_examples,
+                               batch_size=args.batch_size or EVAL_BATCH_SIZE,
                                device=device, progress=True)
         result = {**what, "dataset": data.name, **result}
         per_subject = result.pop("per_subject")
@@ -107,14 +109,16 @@ def _eval_generation_adapter(args: argparse.Namespace, device: Any) -> dict[str,
     """Metrics of an e2e / instructions adapter on ``args.split``, decoded and scored as its run did.
 
     The run's task options (beam widths, new-token limit, chat template, ...) come from its
-    run_info.json, so with the same examples and batch size the scores equal the run's own
-    evaluation of that split; ``--num-beams`` overrides the beam width of every split. With
+    run_info.json, as do its eval batch size and dev / test example cap unless ``--batch-size`` /
+    ``--max-examples`` are given, so the scores equal the run's own evaluation of that split;
+    ``--num-beams`` overrides the beam width of every split. With
     ``--json FILE`` the E2E outputs go beside it, to ``<FILE stem>-samples-<split>.jsonl``.
     """
     from ..cli import data_options_from_args
     from ..sources import load_dataset
     from ..training import load_trained_model, read_run_info
     from ..training.config import TrainConfig
+    from ..training.evaluate import eval_settings
     from .build import build_task, dataset_options
 
     if not args.adapter_dir:
@@ -142,8 +146,10 @@ def _eval_generation_adapter(args: argparse.Namespace, device: Any) -> dict[str,
     out = Path(args.json) if args.json else None
     task = build_task(cfg, data, tokenizer, output_dir=out.parent if out else None,
                       samples_name=f"{out.stem}-samples-{{split}}.jsonl" if out else None)
-    split = task.encode(args.split, args.max_examples)
-    metrics = task.evaluate(model, split, args.batch_size, device)
+    batch_size, max_examples = eval_settings(info, args.split, args.batch_size, args.max_examples,
+                                             own_data=args.dataset is None)
+    split = task.encode(args.split, max_examples)
+    metrics = task.evaluate(model, split, batch_size, device)
     result = {"adapter_dir": info["adapter_dir"], "task": name, "dataset": data.name, "split": args.split,
               "examples": len(split), **metrics}
     samples = task.samples_path(args.split) if hasattr(task, "samples_path") else None

@@ -418,6 +418,8 @@ def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: Classifi
         "num_labels": task.num_labels,
         "label_names": task.label_names,
         "max_length": cfg.max_length,
+        "eval_batch_size": cfg.eval_batch_size,  # with max_eval_examples: `sharelora eval` rescoring as the run did
+        "max_eval_examples": cfg.max_eval_examples,
         "seed": cfg.seed,
         "model_task": getattr(task, "model_task", "classification"),
         **(task.run_info() if hasattr(task, "run_info") else {}),
