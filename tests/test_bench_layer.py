@@ -167,11 +167,14 @@ def test_qkv_reuse_holds_no_tensor_after_the_forward():
     assert shared and all(s.x is None and s.u is None for s in shared.values())
 
 
+@pytest.mark.parametrize("scope", ["qkv", "layers"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_qkv_reuse_with_gradient_checkpointing_gives_the_same_gradients(reentrant):
+def test_shared_product_with_gradient_checkpointing_gives_the_same_gradients(scope, reentrant):
     def grads(checkpointing):
         torch.manual_seed(0)
-        model = _qkv_model(dropout=0.1)
+        model = _qkv_model(dropout=0.1) if scope == "qkv" else get_sharelora_model(
+            tiny_llama(), ShareLoraConfig(rank=4, share="A", target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False, dropout=0.1))
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": reentrant})
@@ -186,8 +189,11 @@ def test_qkv_reuse_with_gradient_checkpointing_gives_the_same_gradients(reentran
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
 
 
-def test_qkv_reuse_under_torch_compile_matches_eager():
-    model = _qkv_model()
+@pytest.mark.parametrize("scope", ["qkv", "layers"])
+def test_shared_product_under_torch_compile_matches_eager(scope):
+    model = _qkv_model() if scope == "qkv" else get_sharelora_model(
+        tiny_llama(), ShareLoraConfig(rank=4, share="A", target_modules=["q_proj", "k_proj", "v_proj"],
+                                      init_lora_weights=False))
     x = example_input("llama")
     with torch.no_grad():
         eager = run(model, "llama", x)
@@ -347,24 +353,6 @@ def test_siblings_reading_different_tensors_compute_their_own(dropout):
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in a_grads.values())
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_sibling_product_with_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    def grads(checkpointing):
-        model = _siblings_model(tiny_llama, ["q_proj", "v_proj"], share="A", dropout=0.1)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
-        x = example_input("llama")
-        torch.manual_seed(1)
-        model(**x, labels=x["input_ids"]).loss.backward()
-        return {k: p.grad.clone() for k, p in model.sharelora_bank.items()}
-
-    ref = grads(False)
-    got = grads(True)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
-
-
 def test_dropout_mask_option_round_trips_and_is_checked():
     from sharelora.method.errors import ShareLoraError
 
@@ -373,14 +361,3 @@ def test_dropout_mask_option_round_trips_and_is_checked():
     with pytest.raises(ShareLoraError, match="dropout_mask must be one of"):
         ShareLoraConfig(dropout_mask="layer")
 
-
-def test_sibling_product_under_torch_compile_matches_eager():
-    model = _siblings_model(tiny_llama, ["q_proj", "k_proj", "v_proj"], share="A")
-    x = example_input("llama")
-    with torch.no_grad():
-        eager = run(model, "llama", x)
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        torch.testing.assert_close(run(compiled, "llama", x), eager, rtol=1e-4, atol=1e-5)
-    run(compiled, "llama", x).sum().backward()
-    assert all(p.grad is not None for p in model.sharelora_bank.values())
