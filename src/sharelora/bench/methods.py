@@ -24,6 +24,7 @@ head is trained, so the trainable count is exactly the adapter's.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -158,7 +159,10 @@ def _peft_lora(base, spec, s):
         raise ValueError(f"PEFT LoRA cannot adapt slices of a fused module ({list(spec.targets)})")
     cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(spec.targets),
                      bias="none")
-    return get_peft_model(frozen_copy(base), cfg)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix, and noise here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(frozen_copy(base), cfg)
 
 
 def tie_peft_lora_A(peft_model: nn.Module, adapter: str = "default") -> int:
