@@ -83,6 +83,18 @@ def run(model, name, inputs):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def assert_compile_matches_eager(model, name):
+    """torch.compile(model) gives the eager outputs, and its backward reaches every adapter tensor."""
+    x = example_input(name)
+    with torch.no_grad():
+        eager = run(model, name, x)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled, name, x), eager, rtol=1e-4, atol=1e-5)
+    run(compiled, name, x).sum().backward()
+    assert all(p.grad is not None for p in model.sharelora_bank.values())
+
+
 @pytest.fixture(params=sorted(BUILDERS))
 def arch(request):
     return request.param

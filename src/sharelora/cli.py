@@ -51,7 +51,7 @@ class CliError(Exception):
 
 
 # --- shared argument groups ------------------------------------------------------------------------
-def _csv_list(text: str) -> list[str]:
+def csv_list(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. query,value")
@@ -104,8 +104,8 @@ def _run_options() -> list[tuple[str, str, dict]]:
         ("--rank", "rank", dict(type=_positive_int, help=f"LoRA rank r (default: {d.rank})")),
         ("--alpha", "alpha", dict(type=_positive_float, help=f"LoRA alpha; the update is scaled by alpha/r (default: {d.alpha:g})")),
         ("--dropout", "dropout", dict(type=_fraction, help=f"dropout on the adapter input (default: {d.dropout})")),
-        ("--targets", "targets", dict(type=_csv_list, metavar="A,B", help=f"modules to adapt (default: {','.join(d.targets)})")),
-        ("--modules-to-save", "modules_to_save", dict(type=_csv_list, metavar="A,B", help="modules trained in full with the adapter (default: the classification head)")),
+        ("--targets", "targets", dict(type=csv_list, metavar="A,B", help=f"modules to adapt (default: {','.join(d.targets)})")),
+        ("--modules-to-save", "modules_to_save", dict(type=csv_list, metavar="A,B", help="modules trained in full with the adapter (default: the classification head)")),
         ("--lr", "lr", dict(type=_positive_float, help="peak learning rate (default: 2e-3 for adapters, 3e-5 for full)")),
         ("--weight-decay", "weight_decay", dict(type=float, help=f"AdamW weight decay (default: {d.weight_decay})")),
         ("--epochs", "epochs", dict(type=_positive_int, help=f"passes over the training set (default: {d.epochs})")),
@@ -278,7 +278,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         "Train several methods on the same data with several seeds and write a Markdown table, a plot and JSON "
         "(compare.md, compare.png, compare.json). Rerunning the same command resumes an interrupted comparison."
     )
-    p.add_argument("--methods", type=_csv_list, default=["full", "lora", "sharea", "shareb", "shareab"],
+    p.add_argument("--methods", type=csv_list, default=["full", "lora", "sharea", "shareb", "shareab"],
                    metavar="A,B", help="methods to compare (default: full,lora,sharea,shareb,shareab)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="number of seeds (3 = seeds 0,1,2) or a list 0,1,2 (default: 3)")
     p.add_argument("--full-lr", type=_positive_float, default=None, help="learning rate of full fine-tuning (default: 3e-5); --lr sets the adapters'")

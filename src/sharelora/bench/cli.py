@@ -8,18 +8,13 @@ import shlex
 import sys
 from pathlib import Path
 
-
-def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
+from ..cli import csv_list
 
 
 def _overrides(text: str) -> dict:
     """``num_hidden_layers=2,hidden_size=64`` -> {"num_hidden_layers": 2, "hidden_size": 64}."""
     out = {}
-    for item in _csv(text):
+    for item in csv_list(text):
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
@@ -34,17 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .methods import METHODS
     from .run import DEFAULT_MODELS
 
-    p.add_argument("--models", type=_csv, default=list(DEFAULT_MODELS),
+    p.add_argument("--models", type=csv_list, default=list(DEFAULT_MODELS),
                    help="comma list: minilm, smollm2, or transformers model ids / directories (default: minilm,smollm2)")
-    p.add_argument("--methods", type=_csv, default=list(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", type=csv_list, default=list(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--weights", choices=("auto", "real", "shape"), default="auto",
                    help="real weights (sharelora.sources) or a random-init model of the same shape; "
                         "auto uses real when available (default)")
     p.add_argument("--task", choices=("classification", "causal-lm"), help="task of a model that is not built in")
     p.add_argument("--shape", type=_overrides, default={}, metavar="K=V,...",
                    help="config overrides for every model, e.g. num_hidden_layers=2,hidden_size=128")
-    p.add_argument("--targets", type=_csv, help="q and v projection names (default: per model)")
-    p.add_argument("--qkv-targets", type=_csv, help="q, k and v projection names for sharelora-qkv")
+    p.add_argument("--targets", type=csv_list, help="q and v projection names (default: per model)")
+    p.add_argument("--qkv-targets", type=csv_list, help="q, k and v projection names for sharelora-qkv")
     p.add_argument("--batch", type=int, help="batch size (default: minilm 32, smollm2 4)")
     p.add_argument("--seq", type=int, help="tokens per example (default: minilm 64, smollm2 128)")
     p.add_argument("--rank", type=int, default=8)
