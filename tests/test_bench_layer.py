@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from sharelora import ShareLoraConfig, get_sharelora_model
 from sharelora.method import layers
-from sharelora.method.layers import ShareLoraLayer, _drop_threshold, _random_int16
+from sharelora.method.layers import ShareLoraLayer, _drop_threshold, dropout_keep_mask
 
 from conftest import BUILDERS, assert_compile_matches_eager, example_input, run, tiny_bert, tiny_llama, tiny_plain
 
@@ -41,7 +41,14 @@ def test_fused_kernel_equals_plain_ops_without_dropout(arch, share, monkeypatch)
         torch.testing.assert_close(fused_grads[k], plain_grads[k], rtol=1e-4, atol=1e-6)
 
 
-def test_fused_kernel_with_dropout_equals_reference_on_the_same_mask():
+@pytest.fixture(params=["positions", "bits"])
+def mask_method(request, monkeypatch):
+    """Both ways the kernel draws dropout's mask (on CPU "positions" serves p <= 0.25)."""
+    monkeypatch.setattr(layers, "_POSITIONS_MAX_P", 0.25 if request.param == "positions" else -1.0)
+    return request.param
+
+
+def test_fused_kernel_with_dropout_equals_reference_on_the_same_mask(mask_method):
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
     for p in base.parameters():
@@ -62,32 +69,37 @@ def test_fused_kernel_with_dropout_equals_reference_on_the_same_mask():
     x.grad = None
     bank["a"].grad = bank["b"].grad = None
     torch.manual_seed(123)
-    bits = _random_int16(torch.Size([10, 12]), x.device)  # the kernel's first (and only) draw
-    threshold, keep_prob = _drop_threshold(0.25)
-    keep = (bits >= threshold).float().view(2, 5, 12)
+    keep, keep_prob = dropout_keep_mask(torch.Size([10, 12]), 0.25)  # the kernel's first (and only) draw
+    keep = keep.view(2, 5, 12)
+    assert keep_prob == (0.75 if mask_method == "positions" else _drop_threshold(0.25)[1])
     ref = base(x) + F.linear(F.linear(x * keep, bank["a"]) * (2.0 / keep_prob), bank["b"])
     ref.square().sum().backward()
     for a, b in zip(got, (ref.detach(), x.grad, bank["a"].grad, bank["b"].grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_mask_has_the_requested_keep_probability():
+def test_dropout_mask_has_the_requested_keep_probability(mask_method):
     threshold, keep_prob = _drop_threshold(0.1)
     assert abs(keep_prob - 0.9) < 2 ** -16
     torch.manual_seed(0)
-    bits = _random_int16(torch.Size([1000, 1000]), torch.device("cpu"))
-    observed = (bits >= threshold).float().mean().item()
+    keep, keep_prob = dropout_keep_mask(torch.Size([1000, 1000]), 0.1)
+    assert abs(keep_prob - 0.9) < 2 ** -16
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    observed = keep.mean().item()
     assert abs(observed - keep_prob) < 5 * (keep_prob * (1 - keep_prob) / 1e6) ** 0.5
+    # independent elements: the kept fraction of rows is as spread as a binomial's
+    rows = keep.mean(1)
+    assert abs(rows.var().item() / (keep_prob * (1 - keep_prob) / 1000) - 1) < 0.15
 
 
-def test_dropout_is_unbiased_and_scaled_on_the_small_product():
+def test_dropout_is_unbiased_and_scaled_on_the_small_product(mask_method):
     """E[layer update] with dropout equals the update without: 1/(1-p) is applied exactly once."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 4).requires_grad_(False)
     bank = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.randn(2, 6)), "b": torch.nn.Parameter(torch.randn(4, 2))})
     from sharelora.method.plan import Target
 
-    layer = ShareLoraLayer(base, [Target("m", "m", None, "m", 0, 6, 4, 0, "a", "b")], bank, scaling=1.5, dropout=0.3)
+    layer = ShareLoraLayer(base, [Target("m", "m", None, "m", 0, 6, 4, 0, "a", "b")], bank, scaling=1.5, dropout=0.2)
     x = torch.randn(1, 6).expand(20000, 6).contiguous()
     with torch.no_grad():
         layer.train()
@@ -293,9 +305,8 @@ def test_siblings_share_one_dropout_mask_exactly():
     with torch.no_grad():
         run(model, "plain", {"x": x})
     torch.manual_seed(7)
-    bits = _random_int16(torch.Size([x.shape[0] * x.shape[1], x.shape[2]]), x.device)
-    threshold, keep_prob = _drop_threshold(0.25)
-    keep = (bits >= threshold).float().view_as(x)
+    keep, keep_prob = dropout_keep_mask(torch.Size([x.shape[0] * x.shape[1], x.shape[2]]), 0.25)
+    keep = keep.view_as(x)
     bank = model.sharelora_bank
     for name in ("q", "v"):
         A, B = (bank[k] for k in getattr(block, name).keys[0])

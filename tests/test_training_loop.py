@@ -209,3 +209,26 @@ def test_compare_writes_a_table_with_every_method(tmp_path):
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sharea |" in table and "±" in table
     assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.json").is_file()
+
+
+def test_training_optimizer_is_fused_adamw_and_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
+    from sharelora.training.optim import adamw
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = adamw([p], lr=0.1)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    reference = torch.optim.AdamW([q := torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    for o, t in ((opt, p), (reference, q)):
+        t.grad = torch.ones_like(t)
+        o.step()
+    torch.testing.assert_close(p, q)  # the same update as the default implementation
+    assert not adamw([p], lr=0.1, foreach=True).defaults["fused"]  # the caller's choice is kept
+
+    class NoFused(torch.optim.AdamW):  # what torch does for a device without the fused kernel
+        def __init__(self, params, fused=None, **kw):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(params, fused=fused, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    assert not adamw([p], lr=0.1).defaults["fused"]

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..method import ShareLoraConfig, build_plan, get_sharelora_model
+from ..training.optim import adamw
 from .models import ModelSpec
 
 SHARELORA = ("sharelora-none", "sharelora-A", "sharelora-A-modulemask", "sharelora-B", "sharelora-AB",
@@ -134,7 +135,7 @@ def _sharelora_config(name: str, spec: ModelSpec, s: AdapterSettings) -> ShareLo
 
 
 def _adamw(params, s: AdapterSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=s.lr)
+    return adamw(params, lr=s.lr)  # the trainer's optimizer (fused where torch has it), for every method
 
 
 def _prepare_sharelora(name, base, spec, s):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,16 +21,28 @@ def bank_name(key: str) -> str:
 # costs about as much as one of its small matmuls (they are memory bound too). Written as
 # separate autograd ops, LoRA with dropout makes ~20 such passes per module, and torch's
 # dropout alone draws one random number per element (bernoulli_, ~7 ns each, single threaded,
-# ~7 ms for a 2048 x 384 input). The functions below make ~12 (docs/BENCHMARKS.md has the profile):
-#   * dropout's mask comes from 16 random bits per element (one 64-bit draw serves four),
-#     turned into a 0/1 float mask by two vectorised kernels; backward reuses that mask;
+# ~7 ms for a 2048 x 384 input). The functions below make ~10 (docs/BENCHMARKS.md has the profile):
+#   * dropout's mask is drawn cheaply (``_draw_mask``, below) and backward reuses it;
 #   * 1/(1-p) and alpha/r scale the small (N, r) product u, not an (N, d) tensor;
 #   * B's product is accumulated into the base layer's output (addmm_), and in backward the base
 #     layer's x-gradient is accumulated into the adapter's (addmm_), so neither the update nor the
 #     adapter's share of x's gradient exists as a separate tensor that autograd must add.
-# The keep probability is (65536 - round(65536 p)) / 65536 (p = 0.1 -> 0.1000061) and the scale
-# uses that same value, so E[dropout(x)] = x exactly.
+#
+# Two ways to draw the mask, both from torch's default generator (so torch.manual_seed and the RNG
+# state that gradient checkpointing restores reproduce it), whichever is cheaper:
+#   * "positions" (CPU, p <= 0.25): draw M ~ Poisson(lambda) with lambda = -n ln(1 - p), then M
+#     uniform positions in [0, n), and drop every position drawn at least once. By Poissonisation
+#     each element is hit a Poisson(lambda / n) number of times, independently of the others, so
+#     it is dropped independently with probability 1 - exp(-lambda / n) = p. That is ~0.1 n draws
+#     instead of n; the dropped input is a copy of x with those positions zeroed (index_fill_),
+#     and backward zeroes the same positions of x's gradient: no (N, d) mask is made or saved.
+#     (torch.randint maps a 32-bit draw to [0, n) by modulo, so each position's hit rate is uniform
+#     to within n / 2^32, i.e. p to within ~1e-5 for activations of a few 100k elements.)
+#   * "bits" (CUDA, or larger p): 16 random bits per element (one 64-bit draw serves four), made a
+#     0/1 float mask by two vectorised kernels; the keep probability is (65536 - round(65536 p)) /
+#     65536 (p = 0.1 -> 0.1000061) and 1/(1-p) uses that same value, so E[dropout(x)] = x exactly.
 _BITS = 16
+_POSITIONS_MAX_P = 0.25
 
 
 def _drop_threshold(p: float) -> tuple[int, float]:
@@ -52,6 +66,46 @@ def _keep(bits: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tenso
     tensor and converting bool to float is a slow scalar loop (~5x slower on this CPU).
     """
     return bits.to(dtype).ge_(threshold)
+
+
+def _uses_positions(p: float, device: torch.device) -> bool:
+    return device.type == "cpu" and p <= _POSITIONS_MAX_P
+
+
+def _drop_positions(n: int, p: float) -> torch.Tensor:
+    """Flat positions to drop (with repeats) so that each of ``n`` elements is dropped w.p. ``p``."""
+    lam = torch.tensor(-n * math.log1p(-p), dtype=torch.float64)
+    return torch.randint(n, (int(torch.poisson(lam)),))
+
+
+def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(mask, keep probability): int64 positions to drop, or a 0/1 keep mask of ``dtype``."""
+    if _uses_positions(p, device):
+        return _drop_positions(shape.numel(), p), 1.0 - p
+    threshold, keep_prob = _drop_threshold(p)
+    return _keep(_random_int16(shape, device), threshold, dtype), keep_prob
+
+
+def _apply_mask_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero ``t``'s dropped elements in place (``t`` contiguous, the shape the mask was drawn for)."""
+    if mask.dtype == torch.int64:
+        t.view(-1).index_fill_(0, mask, 0.0)
+    else:
+        t.mul_(mask)
+    return t
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """The 0/1 keep mask the fused kernel draws next for an input of ``shape``, and its keep probability.
+
+    Consumes the same random numbers as the kernel, so after the same ``torch.manual_seed`` it is the
+    kernel's mask: tests compare the kernel with plain ops on it.
+    """
+    device = torch.device(device)
+    mask, keep_prob = _draw_mask(torch.Size(shape), p, device, dtype)
+    keep = _apply_mask_(torch.ones(shape, dtype=dtype, device=device), mask) if mask.dtype == torch.int64 else mask
+    return keep, keep_prob
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -81,9 +135,11 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, W, bias, A, B, scaling, p, transposed, start=0):
         out = _base_forward(x, W, bias, transposed)
         if p > 0.0:
-            threshold, keep_prob = _drop_threshold(p)
-            keep = _keep(_random_int16(x.shape, x.device), threshold, x.dtype)
-            dropped = keep * x
+            keep, keep_prob = _draw_mask(x.shape, p, x.device, x.dtype)
+            if keep.dtype == torch.int64:  # positions: a contiguous copy of x with them zeroed
+                dropped = _apply_mask_(x.clone(memory_format=torch.contiguous_format), keep)
+            else:
+                dropped = keep * x
         else:
             keep_prob, keep, dropped = 1.0, None, x
         c = scaling / keep_prob
@@ -117,7 +173,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g_u, A)
             if keep is not None:
-                grad_x.mul_(keep)
+                _apply_mask_(grad_x, keep)
             if grad_out is not None:  # the base layer's share, accumulated in place
                 grad_x.addmm_(grad_out, W if not ctx.transposed else W.t())
         return grad_x, None, None, grad_A, grad_B, None, None, None, None

@@ -45,6 +45,7 @@ from .config import TrainConfig
 from .evaluate import RUN_INFO, evaluate, model_logits
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_curves, reset_peak_rss
 from .methods import parameter_summary, prepare_model
+from .optim import adamw
 from .state import (
     atomic_write_text,
     load_checkpoint,
@@ -127,7 +128,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    return adamw(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 class _StopFlag:

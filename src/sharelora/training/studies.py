@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .logs import environment, peak_rss_mb
 from .loop import epoch_order, lr_at, seed_everything
 from .methods import parameter_summary, prepare_model
+from .optim import adamw
 from .state import atomic_write_text, trainable_parameters
 
 
@@ -62,7 +63,7 @@ def train_steps(model: torch.nn.Module, task: Any, split: Any, *, steps: int, lr
     ``on_epoch_end(epoch)`` is called after each full pass over ``split``.
     """
     params = list(trainable_parameters(model).values())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = adamw(params, lr=lr, weight_decay=0.0)
     per_epoch = math.ceil(len(split) / batch_size)
     warmup = round(warmup_ratio * steps)
     losses = []
