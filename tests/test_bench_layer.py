@@ -365,3 +365,17 @@ def test_dropout_mask_option_round_trips_and_is_checked():
     with pytest.raises(ShareLoraError, match="dropout_mask must be one of"):
         ShareLoraConfig(dropout_mask="layer")
 
+
+
+def test_dropout_on_an_empty_input(mask_method):
+    from sharelora.method.plan import Target
+
+    bank = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.randn(2, 6)), "b": torch.nn.Parameter(torch.randn(4, 2))})
+    layer = ShareLoraLayer(torch.nn.Linear(6, 4).requires_grad_(False), [Target("m", "m", None, "m", 0, 6, 4, 0, "a", "b")],
+                           bank, scaling=1.0, dropout=0.1)
+    layer.train()
+    x = torch.randn(0, 6, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert x.grad.shape == (0, 6)

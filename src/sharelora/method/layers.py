@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -72,10 +73,17 @@ def _uses_positions(p: float, device: torch.device) -> bool:
     return device.type == "cpu" and p <= _POSITIONS_MAX_P
 
 
+@functools.lru_cache(maxsize=64)
+def _poisson_rate(n: int, p: float) -> torch.Tensor:
+    """lambda = -n ln(1 - p) as the tensor torch.poisson takes (read only; cached per input size)."""
+    return torch.tensor(-n * math.log1p(-p), dtype=torch.float64)
+
+
 def _drop_positions(n: int, p: float) -> torch.Tensor:
     """Flat positions to drop (with repeats) so that each of ``n`` elements is dropped w.p. ``p``."""
-    lam = torch.tensor(-n * math.log1p(-p), dtype=torch.float64)
-    return torch.randint(n, (int(torch.poisson(lam)),))
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.randint(n, (int(torch.poisson(_poisson_rate(n, p))),))
 
 
 def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
