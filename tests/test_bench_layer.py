@@ -41,11 +41,34 @@ def test_fused_kernel_equals_plain_ops_without_dropout(arch, share, monkeypatch)
         torch.testing.assert_close(fused_grads[k], plain_grads[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(params=["positions", "bits"])
-def mask_method(request, monkeypatch):
-    """Both ways the kernel draws dropout's mask (on CPU "positions" serves p <= 0.25)."""
-    monkeypatch.setattr(layers, "_POSITIONS_MAX_P", 0.25 if request.param == "positions" else -1.0)
-    return request.param
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test and restore it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["positions", "positions-bytes", "bits"])
+def mask_method(request, monkeypatch, torch_threads):
+    """Every way the kernel draws and applies dropout's mask. On CPU "positions" serves p <= 0.25:
+    applied by index_fill_ with one torch thread, as a byte mask with more ("positions-bytes")."""
+    monkeypatch.setattr(layers, "_POSITIONS_MAX_P", -1.0 if request.param == "bits" else 0.25)
+    torch_threads(2 if request.param == "positions-bytes" else 1)
+    return request.param.split("-")[0]
+
+
+def test_positions_mask_is_the_same_draw_with_one_thread_or_more(torch_threads):
+    masks = []
+    for threads in (1, 2):
+        torch_threads(threads)
+        torch.manual_seed(5)
+        masks.append(dropout_keep_mask(torch.Size([64, 48]), 0.1))
+        raw, _ = layers._draw_mask(torch.Size([64, 48]), 0.1, torch.device("cpu"), torch.float32)
+        assert raw.dtype == (torch.int64 if threads == 1 else torch.uint8)
+    assert masks[0][1] == masks[1][1] == 0.9
+    torch.testing.assert_close(masks[0][0], masks[1][0], rtol=0, atol=0)
+    assert 0 < (masks[0][0] == 0).sum() < masks[0][0].numel()
 
 
 def test_fused_kernel_with_dropout_equals_reference_on_the_same_mask(mask_method):

@@ -35,10 +35,15 @@ def bank_name(key: str) -> str:
 #     uniform positions in [0, n), and drop every position drawn at least once. By Poissonisation
 #     each element is hit a Poisson(lambda / n) number of times, independently of the others, so
 #     it is dropped independently with probability 1 - exp(-lambda / n) = p. That is ~0.1 n draws
-#     instead of n; the dropped input is a copy of x with those positions zeroed (index_fill_),
-#     and backward zeroes the same positions of x's gradient: no (N, d) mask is made or saved.
-#     (torch.randint maps a 32-bit draw to [0, n) by modulo, so each position's hit rate is uniform
-#     to within n / 2^32, i.e. p to within ~1e-5 for activations of a few 100k elements.)
+#     instead of n. With one torch thread the dropped input is a copy of x with those positions
+#     zeroed (index_fill_) and backward zeroes them in x's gradient: no (N, d) mask is made or
+#     saved. With more threads the positions are zeroed in a 1-byte keep mask instead (n bytes,
+#     one core's cache holds them), which forward and backward multiply by as a float mask on every
+#     thread: scattered writes into an (N, d) tensor that several cores just wrote each fetch a
+#     line from another core (0.2 ms a block slower with two threads; docs/BENCHMARKS.md). Same
+#     draws, same mask. (torch.randint maps a 32-bit draw to [0, n) by modulo, so each position's
+#     hit rate is uniform to within n / 2^32, i.e. p to within ~1e-5 for activations of a few 100k
+#     elements.)
 #   * "bits" (CUDA, or larger p): 16 random bits per element (one 64-bit draw serves four), made a
 #     0/1 float mask by two vectorised kernels; the keep probability is (65536 - round(65536 p)) /
 #     65536 (p = 0.1 -> 0.1000061) and 1/(1-p) uses that same value, so E[dropout(x)] = x exactly.
@@ -87,11 +92,25 @@ def _drop_positions(n: int, p: float) -> torch.Tensor:
 
 
 def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """(mask, keep probability): int64 positions to drop, or a 0/1 keep mask of ``dtype``."""
+    """(mask, keep probability). The mask is one of three forms, all meaning the same 0/1 keep mask:
+
+    int64 flat positions to drop (CPU, p <= 0.25, one torch thread), the uint8 keep mask of those
+    positions (the same, more threads), or a ``dtype`` keep mask (bits).
+    """
     if _uses_positions(p, device):
-        return _drop_positions(shape.numel(), p), 1.0 - p
+        positions = _drop_positions(shape.numel(), p)
+        if torch.get_num_threads() == 1:
+            return positions, 1.0 - p
+        return torch.ones(shape.numel(), dtype=torch.uint8).index_fill_(0, positions, 0).view(shape), 1.0 - p
     threshold, keep_prob = _drop_threshold(p)
     return _keep(_random_int16(shape, device), threshold, dtype), keep_prob
+
+
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with the mask's dropped elements zeroed, as a new contiguous tensor."""
+    if mask.dtype == torch.int64:
+        return _apply_mask_(x.clone(memory_format=torch.contiguous_format), mask)
+    return _float_mask(mask, x.dtype) * x
 
 
 def _apply_mask_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,8 +118,13 @@ def _apply_mask_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.int64:
         t.view(-1).index_fill_(0, mask, 0.0)
     else:
-        t.mul_(mask)
+        t.mul_(_float_mask(mask, t.dtype))
     return t
+
+
+def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A float x uint8 product is a slow scalar loop with one thread: convert first (vectorised).
+    return mask if mask.dtype == dtype else mask.to(dtype)
 
 
 def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu",
@@ -112,8 +136,7 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device | str = 
     """
     device = torch.device(device)
     mask, keep_prob = _draw_mask(torch.Size(shape), p, device, dtype)
-    keep = _apply_mask_(torch.ones(shape, dtype=dtype, device=device), mask) if mask.dtype == torch.int64 else mask
-    return keep, keep_prob
+    return _apply_mask(torch.ones(shape, dtype=dtype, device=device), mask), keep_prob
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -127,6 +150,13 @@ def _base_forward(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, 
     """x W^T + b for nn.Linear (W: d_out x d_in) or x W + b for Conv1D (W: d_in x d_out), as they do."""
     Wt = W if transposed else W.t()
     return torch.addmm(bias, x2, Wt) if bias is not None else torch.mm(x2, Wt)
+
+
+def _weight_grad(grad_out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """grad_out^T u, (d_out, r), computed as (u^T grad_out)^T: on CPU the (r, N) x (N, d_out) product
+    is 2-4x faster than the (d_out, N) x (N, r) one. Both small operands are made contiguous: a
+    transposed gradient costs autograd more than the copy (docs/BENCHMARKS.md)."""
+    return torch.mm(u.t().contiguous(), grad_out).t().contiguous()
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -144,10 +174,7 @@ class _LoraLinear(torch.autograd.Function):
         out = _base_forward(x, W, bias, transposed)
         if p > 0.0:
             keep, keep_prob = _draw_mask(x.shape, p, x.device, x.dtype)
-            if keep.dtype == torch.int64:  # positions: a contiguous copy of x with them zeroed
-                dropped = _apply_mask_(x.clone(memory_format=torch.contiguous_format), keep)
-            else:
-                dropped = keep * x
+            dropped = _apply_mask(x, keep)
         else:
             keep_prob, keep, dropped = 1.0, None, x
         c = scaling / keep_prob
@@ -174,7 +201,7 @@ class _LoraLinear(torch.autograd.Function):
         if grad_u is not None:
             g_u += grad_u
         if grad_out is not None and ctx.needs_input_grad[4]:
-            grad_B = torch.mm(grad_out.t(), u_own)
+            grad_B = _weight_grad(grad_out, u_own)
         g_u *= ctx.c  # now the gradient of (x ⊙ keep) A^T: scale the (N, r) tensor, not an (N, d) one
         if ctx.needs_input_grad[3]:
             grad_A = torch.mm(g_u.t(), dropped)
@@ -207,7 +234,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_u = torch.mm(grad_out, B)
         if ctx.needs_input_grad[4]:
-            grad_B = torch.mm(grad_out.t(), u)
+            grad_B = _weight_grad(grad_out, u)
         return grad_x, None, None, grad_u, grad_B, None
 
 
