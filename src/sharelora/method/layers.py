@@ -194,12 +194,12 @@ class _LoraLinear(torch.autograd.Function):
         u_own = u if own else u[:, ctx.cols]
         if grad_out is not None and own:  # dL/du
             g_u = torch.mm(grad_out, B)
-        else:
-            g_u = torch.zeros_like(u)
+            if grad_u is not None:
+                g_u += grad_u
+        else:  # the siblings' gradient of u, plus this module's in its columns
+            g_u = grad_u.clone() if grad_u is not None else torch.zeros_like(u)
             if grad_out is not None:
                 g_u[:, ctx.cols].addmm_(grad_out, B)
-        if grad_u is not None:
-            g_u += grad_u
         if grad_out is not None and ctx.needs_input_grad[4]:
             grad_B = _weight_grad(grad_out, u_own)
         g_u *= ctx.c  # now the gradient of (x ⊙ keep) A^T: scale the (N, r) tensor, not an (N, d) one
@@ -280,6 +280,7 @@ class SharedDownProjection:
         return self.u if self.x is x and self.mode == mode else None
 
     def store(self, x: torch.Tensor, mode: tuple, u: torch.Tensor) -> None:
+        """Keep u, (N, k r) with N = x.numel() // d_in, for the siblings that read the same x."""
         self.x, self.mode, self.u = x, mode, u
 
 
@@ -402,12 +403,12 @@ class ShareLoraLayer(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         W, bias = self.base_layer.weight, self.base_layer.bias
         if u is not None:
-            u = u[..., shared.columns(self.keys[0][0], B.shape[1])]
-            out = _LinearPlusLowRank.apply(x2, W, bias, u.reshape(-1, u.shape[-1]), B, self.transposed)
+            u = u[:, shared.columns(self.keys[0][0], B.shape[1])]
+            out = _LinearPlusLowRank.apply(x2, W, bias, u, B, self.transposed)
         elif shared is not None:
             start = shared.columns(self.keys[0][0], B.shape[1]).start
             out, u = _LoraLinear.apply(x2, W, bias, shared.down_weight(), B, self.scaling, p, self.transposed, start)
-            shared.store(x, mode, u.view(*x.shape[:-1], u.shape[-1]))
+            shared.store(x, mode, u)
         else:
             out, _ = _LoraLinear.apply(x2, W, bias, A, B, self.scaling, p, self.transposed, 0)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -422,9 +423,12 @@ class ShareLoraLayer(nn.Module):
             down = shared.down_weight() if shared is not None else A
             dropped = F.dropout(x, p, training=True) if p > 0.0 else x
             u = F.linear(dropped if dropped.dtype == down.dtype else dropped.to(down.dtype), down) * self.scaling
-            if shared is not None:
-                shared.store(x, mode, u)
-        return u[..., shared.columns(self.keys[0][0], A.shape[0])] if shared is not None else u
+            if shared is None:
+                return u
+            shared.store(x, mode, u.reshape(-1, u.shape[-1]))
+        else:
+            u = u.view(*x.shape[:-1], u.shape[-1])
+        return u[..., shared.columns(self.keys[0][0], A.shape[0])]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.disabled:
