@@ -173,3 +173,29 @@ def test_any_model_directory_can_be_benchmarked_by_shape(tmp_path):
     p = prepare("sharelora-A", base, spec, AdapterSettings(rank=2))
     p.step(make_inputs(spec, 97))
     assert p.trainable == p.expected_trainable
+
+
+def test_block_microscope_compares_sharelora_with_the_frozen_block_on_the_same_weights(capsys):
+    from sharelora.bench import block
+
+    models = block.build(hidden=16, kv=8, blocks=2, rank=2, dropout=0.1)
+    assert list(models) == ["floor", "sharelora-A p=0.1", "sharelora-A p=0"]
+    floor = models["floor"]
+    assert not any(p.requires_grad for p in floor.parameters())
+    for name in ("sharelora-A p=0.1", "sharelora-A p=0"):
+        adapted = models[name]
+        # one A per module type (q, v) shared by both blocks, one B per module
+        assert adapted.parameter_report()["trainable_parameters"] == 2 * 2 * 16 + 2 * (2 * 16 + 8 * 2)
+        for i in range(2):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                base = getattr(floor.layers[i], proj).weight
+                layer = getattr(adapted.base_model.layers[i], proj)
+                assert torch.equal(getattr(layer, "base_layer", layer).weight, base)
+    result = block.measure(models, tokens=3, reps=2, warmup=1)
+    assert result["blocks"] == 2 and result["methods"]["floor"]["added_us_per_block"] == 0.0
+    assert all(r["us_per_block"] > 0 for r in result["methods"].values())
+    assert block.main(["--hidden", "16", "--kv", "8", "--tokens", "2", "--blocks", "1", "--reps", "1", "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| sharelora-A p=0.1 |" in out and json.loads(out.strip().splitlines()[-1])["tokens"] == 2
+    with pytest.raises(SystemExit):
+        block.main(["--tokens", "0"])
