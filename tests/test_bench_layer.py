@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sharelora import ShareLoraConfig, get_sharelora_model
-from sharelora.method import layers
+from sharelora.method import cpu_kernel, layers
 from sharelora.method.layers import ShareLoraLayer, _drop_threshold, dropout_keep_mask
 
 from conftest import BUILDERS, assert_compile_matches_eager, example_input, run, tiny_bert, tiny_llama, tiny_plain
@@ -49,16 +49,68 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=["positions", "positions-bytes", "bits"])
+def _kernel_built() -> bool:
+    return cpu_kernel.get() is not None
+
+
+@pytest.fixture(params=["kernel", "positions", "positions-bytes", "bits"])
 def mask_method(request, monkeypatch, torch_threads):
-    """Every way the kernel draws and applies dropout's mask. On CPU "positions" serves p <= 0.25:
-    applied by index_fill_ with one torch thread, as a byte mask with more ("positions-bytes")."""
+    """Every way the layer draws and applies dropout's mask: the compiled CPU kernel when it is built;
+    otherwise on CPU "positions" serves p <= 0.25, applied by index_fill_ with one torch thread and
+    as a byte mask with more ("positions-bytes"), and "bits" the rest."""
+    if request.param == "kernel":
+        if not _kernel_built():
+            pytest.skip("the CPU kernel could not be built here")
+    else:
+        monkeypatch.setattr(cpu_kernel, "get", lambda: None)
     monkeypatch.setattr(layers, "_POSITIONS_MAX_P", -1.0 if request.param == "bits" else 0.25)
     torch_threads(2 if request.param == "positions-bytes" else 1)
     return request.param.split("-")[0]
 
 
-def test_positions_mask_is_the_same_draw_with_one_thread_or_more(torch_threads):
+def test_the_cpu_kernel_builds_where_there_is_a_compiler():
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    assert _kernel_built()
+
+
+def test_kernel_masks_of_successive_draws_are_independent():
+    if not _kernel_built():
+        pytest.skip("the CPU kernel could not be built here")
+    torch.manual_seed(0)
+    a, _ = dropout_keep_mask(torch.Size([400, 500]), 0.3)
+    b, _ = dropout_keep_mask(torch.Size([400, 500]), 0.3)
+    assert not torch.equal(a, b)
+    da, db = a.flatten() - a.mean(), b.flatten() - b.mean()
+    corr = (da @ db / (da.norm() * db.norm())).item()
+    assert abs(corr) < 5 / (a.numel() ** 0.5)  # 5 sigma
+    # neighbours within one mask are uncorrelated too (the hash of consecutive indices)
+    lag = (da[:-1] @ da[1:] / (da.norm() ** 2)).item()
+    assert abs(lag) < 5 / (a.numel() ** 0.5)
+
+
+def test_without_the_kernel_the_layer_falls_back_to_torch_operators(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_state", {"tried": False, "module": None})
+    monkeypatch.setenv("SHARELORA_CPU_KERNEL", "0")
+    assert cpu_kernel.get() is None
+    mask, keep_prob = layers._draw_mask(torch.Size([8, 6]), 0.1, torch.device("cpu"), torch.float32)
+    assert torch.is_tensor(mask) and keep_prob == 0.9
+
+    def broken():
+        raise RuntimeError("no compiler\nerror: g++ not found")
+
+    monkeypatch.setattr(cpu_kernel, "_state", {"tried": False, "module": None})
+    monkeypatch.setenv("SHARELORA_CPU_KERNEL", "1")
+    monkeypatch.setattr(cpu_kernel, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built .*g\\+\\+ not found.*SHARELORA_CPU_KERNEL=0"):
+        assert cpu_kernel.get() is None
+    assert cpu_kernel.get() is None  # tried once only
+
+
+def test_positions_mask_is_the_same_draw_with_one_thread_or_more(torch_threads, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "get", lambda: None)
     masks = []
     for threads in (1, 2):
         torch_threads(threads)
@@ -94,7 +146,7 @@ def test_fused_kernel_with_dropout_equals_reference_on_the_same_mask(mask_method
     torch.manual_seed(123)
     keep, keep_prob = dropout_keep_mask(torch.Size([10, 12]), 0.25)  # the kernel's first (and only) draw
     keep = keep.view(2, 5, 12)
-    assert keep_prob == (0.75 if mask_method == "positions" else _drop_threshold(0.25)[1])
+    assert keep_prob == (0.75 if mask_method in ("positions", "kernel") else _drop_threshold(0.25)[1])
     ref = base(x) + F.linear(F.linear(x * keep, bank["a"]) * (2.0 / keep_prob), bank["b"])
     ref.square().sum().backward()
     for a, b in zip(got, (ref.detach(), x.grad, bank["a"].grad, bank["b"].grad)):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernel
 from .plan import Target, _conv1d_class
 
 
@@ -29,8 +30,11 @@ def bank_name(key: str) -> str:
 #     layer's x-gradient is accumulated into the adapter's (addmm_), so neither the update nor the
 #     adapter's share of x's gradient exists as a separate tensor that autograd must add.
 #
-# Two ways to draw the mask, both from torch's default generator (so torch.manual_seed and the RNG
-# state that gradient checkpointing restores reproduce it), whichever is cheaper:
+# Three ways to draw the mask, all from torch's default generator (so torch.manual_seed and the RNG
+# state that gradient checkpointing restores reproduce it), the first that serves:
+#   * "kernel" (CPU, float32, when the compiled kernel could be built: ``cpu_kernel``): one 64-bit
+#     seed; each element's keep bit is a hash of its index and the seed, computed and applied in
+#     one parallel pass, recomputed in backward (nothing saved for the mask).
 #   * "positions" (CPU, p <= 0.25): draw M ~ Poisson(lambda) with lambda = -n ln(1 - p), then M
 #     uniform positions in [0, n), and drop every position drawn at least once. By Poissonisation
 #     each element is hit a Poisson(lambda / n) number of times, independently of the others, so
@@ -92,11 +96,15 @@ def _drop_positions(n: int, p: float) -> torch.Tensor:
 
 
 def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """(mask, keep probability). The mask is one of three forms, all meaning the same 0/1 keep mask:
+    """(mask, keep probability). The mask is one of four forms of a 0/1 keep mask:
 
-    int64 flat positions to drop (CPU, p <= 0.25, one torch thread), the uint8 keep mask of those
-    positions (the same, more threads), or a ``dtype`` keep mask (bits).
+    a ``cpu_kernel.KernelMask`` (its seed), int64 flat positions to drop (CPU, p <= 0.25, one torch
+    thread), the uint8 keep mask of those positions (the same, more threads), or a ``dtype`` keep
+    mask (bits).
     """
+    if cpu_kernel.serves(shape.numel(), device, dtype):
+        mask = cpu_kernel.draw(p)
+        return mask, mask.keep_prob
     if _uses_positions(p, device):
         positions = _drop_positions(shape.numel(), p)
         if torch.get_num_threads() == 1:
@@ -108,6 +116,8 @@ def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.d
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x with the mask's dropped elements zeroed, as a new contiguous tensor."""
+    if isinstance(mask, cpu_kernel.KernelMask):
+        return cpu_kernel.apply(x, mask)
     if mask.dtype == torch.int64:
         return _apply_mask_(x.clone(memory_format=torch.contiguous_format), mask)
     return _float_mask(mask, x.dtype) * x
@@ -115,7 +125,9 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _apply_mask_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero ``t``'s dropped elements in place (``t`` contiguous, the shape the mask was drawn for)."""
-    if mask.dtype == torch.int64:
+    if isinstance(mask, cpu_kernel.KernelMask):
+        cpu_kernel.apply(t, mask, out=t)
+    elif mask.dtype == torch.int64:
         t.view(-1).index_fill_(0, mask, 0.0)
     else:
         t.mul_(_float_mask(mask, t.dtype))
@@ -181,7 +193,9 @@ class _LoraLinear(torch.autograd.Function):
         u = torch.mm(dropped, A.t()).mul_(c)
         cols = slice(start, start + B.shape[1])
         out.addmm_(u[:, cols] if u.shape[1] != B.shape[1] else u, B.t())
-        ctx.save_for_backward(dropped, keep, u, W, A, B)
+        kernel_mask = isinstance(keep, cpu_kernel.KernelMask)
+        ctx.save_for_backward(dropped, None if kernel_mask else keep, u, W, A, B)
+        ctx.kernel_mask = keep if kernel_mask else None
         ctx.c, ctx.transposed, ctx.cols = c, transposed, cols
         ctx.set_materialize_grads(False)
         return out, u
@@ -189,6 +203,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_u):
         dropped, keep, u, W, A, B = ctx.saved_tensors
+        keep = ctx.kernel_mask or keep
         grad_x = grad_A = grad_B = None
         own = u.shape[1] == B.shape[1]  # u holds only this module's columns
         u_own = u if own else u[:, ctx.cols]
