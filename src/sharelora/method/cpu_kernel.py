@@ -77,6 +77,23 @@ class KernelMask:
         return 1.0 - self.threshold / 2 ** 32
 
 
+def _cpu_tag() -> str | None:
+    """A short hash of this CPU's instruction-set flags (Linux), None where they cannot be read.
+
+    The kernel is compiled for the CPU it runs on (-march=native) and the build is cached under a
+    name that includes this tag, so a home directory shared by different machines never loads a
+    build made for instructions this CPU lacks.
+    """
+    import hashlib
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return hashlib.sha1(flags.encode()).hexdigest()[:10] if flags else None
+
+
 def _build():
     from torch.utils.cpp_extension import load_inline
 
@@ -87,9 +104,12 @@ def _build():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-    print("sharelora: building the CPU dropout kernel (once per machine, ~30 s)", file=sys.stderr, flush=True)
-    return load_inline(_NAME, cpp_sources=_SOURCE, functions=["apply_mask"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    print("sharelora: loading the CPU dropout kernel (built once per machine: ~30 s the first time)",
+          file=sys.stderr, flush=True)
+    tag = _cpu_tag()
+    arch = ["-march=native"] if tag else []  # otherwise a portable build (slower: no wide SIMD)
+    return load_inline(f"{_NAME}_{tag or 'generic'}", cpp_sources=_SOURCE, functions=["apply_mask"],
+                       extra_cflags=["-O3", "-fopenmp", *arch], extra_ldflags=["-fopenmp"])
 
 
 def get():
