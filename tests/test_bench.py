@@ -114,6 +114,11 @@ def test_interleaving_puts_every_method_in_every_position():
 
 def test_results_are_json_and_the_table_has_a_row_per_method(tiny_results):
     again = json.loads(json.dumps(tiny_results))
+    from sharelora.method import cpu_kernel
+
+    kernel = again["machine"]["cpu_dropout_kernel"]
+    assert kernel == ("compiled kernel" if cpu_kernel.get() is not None else "torch operators (kernel not built)")
+    assert f"CPU dropout mask: {kernel}" in markdown(tiny_results)
     for res in again["models"]:
         for row in res["methods"]:
             assert row["step_s"]["median"] > 0 and row["step_s"]["n"] == 2

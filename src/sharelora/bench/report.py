@@ -64,7 +64,9 @@ def markdown(results: dict) -> str:
     out.append(f"Date {m['date']}; {m['device']}; CPU {m['cpu']} ({m['cpu_cores']} cores); torch {m['torch']} "
                f"with {m['torch_threads']} thread(s); transformers {m.get('transformers', '?')}; "
                f"peft {m.get('peft', '?')}" + (f"; GPU {m['gpu']}" if "gpu" in m else "")
-               + f"; allocator: {m.get('allocator', 'default')}.")
+               + f"; allocator: {m.get('allocator', 'default')}"
+               + (f"; ShareLoRA's CPU dropout mask: {m['cpu_dropout_kernel']}" if m.get("cpu_dropout_kernel") else "")
+               + ".")
     for res in results["models"]:
         spec = res["spec"]
         out.append("")

@@ -48,6 +48,15 @@ class BenchConfig:
         return AdapterSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
 
 
+def _cpu_dropout_kernel(device: torch.device) -> str | None:
+    """Which form of the adapter's CPU dropout mask the ShareLoRA methods use (None off CPU)."""
+    if device.type != "cpu":
+        return None
+    from ..method import cpu_kernel
+
+    return "compiled kernel" if cpu_kernel.get() is not None else "torch operators (kernel not built)"
+
+
 def machine_info(device: torch.device, threads: int) -> dict:
     cpu = platform.processor() or ""
     try:
@@ -209,7 +218,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     results = {
         "command": None,  # filled in by the command line
         "config": settings,
-        "machine": {**machine_info(device, threads), "allocator": malloc},
+        "machine": {**machine_info(device, threads), "allocator": malloc,
+                    "cpu_dropout_kernel": _cpu_dropout_kernel(device)},
         "models": [bench_model(name, cfg, device, threads, log) for name in cfg.models],
     }
     return results
