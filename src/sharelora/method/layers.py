@@ -95,7 +95,8 @@ def _drop_positions(n: int, p: float) -> torch.Tensor:
     return torch.randint(n, (int(torch.poisson(_poisson_rate(n, p))),))
 
 
-def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+def _draw_mask(shape: torch.Size, p: float, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor | cpu_kernel.KernelMask, float]:
     """(mask, keep probability). The mask is one of four forms of a 0/1 keep mask:
 
     a ``cpu_kernel.KernelMask`` (its seed), int64 flat positions to drop (CPU, p <= 0.25, one torch
@@ -114,7 +115,7 @@ def _draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.d
     return _keep(_random_int16(shape, device), threshold, dtype), keep_prob
 
 
-def _apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor | cpu_kernel.KernelMask) -> torch.Tensor:
     """x with the mask's dropped elements zeroed, as a new contiguous tensor."""
     if isinstance(mask, cpu_kernel.KernelMask):
         return cpu_kernel.apply(x, mask)
@@ -123,7 +124,7 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _float_mask(mask, x.dtype) * x
 
 
-def _apply_mask_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _apply_mask_(t: torch.Tensor, mask: torch.Tensor | cpu_kernel.KernelMask) -> torch.Tensor:
     """Zero ``t``'s dropped elements in place (``t`` contiguous, the shape the mask was drawn for)."""
     if isinstance(mask, cpu_kernel.KernelMask):
         cpu_kernel.apply(t, mask, out=t)
