@@ -5,6 +5,10 @@ de-quantised to float), but a model loaded that way refuses ``save_pretrained`` 
 de-quantises again (~15 s for SmolLM2-135M). Converting once gives a folder that reloads in
 under a second with identical logits: build the same architecture from a config without
 ``quantization_config``, load the de-quantised state dict into it, save it as safetensors.
+
+The saved ``*.safetensors`` files record the sha256 of their tensor data in their metadata
+(:func:`sharelora.method.checkpoint.seal_safetensors`), so a later load can tell a cached
+conversion whose bytes changed on disk from a good one (see :mod:`.models`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..method.checkpoint import seal_safetensors
 from .errors import SourceError
 from .cache import sha256_file
 
@@ -71,6 +76,8 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, ov
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}-{time.monotonic_ns()}")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        for weights in sorted(tmp.glob("*.safetensors")):  # inside tmp: the folder rename below publishes them
+            seal_safetensors(weights)
         tok_note = None
         if tokenizer:
             try:

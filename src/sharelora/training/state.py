@@ -2,8 +2,11 @@
 
 A checkpoint is ONE safetensors file, so it is replaced atomically (written to a temporary file
 in the same directory, flushed, then ``os.replace``d): a run killed while writing leaves the
-previous checkpoint intact. Tensors are stored as safetensors (no pickle); the rest travels as
-JSON in the file's metadata under the key ``"state"``:
+previous checkpoint intact, and a full disk is an error that leaves it intact too. The file
+records the sha256 of its tensor data and every load checks it, so a corrupted checkpoint is an
+error, not a resume from wrong weights (both from :mod:`sharelora.method.checkpoint`, the one
+home of safe writes). Tensors are stored as safetensors (no pickle); the rest travels as JSON in
+the file's metadata under the key ``"state"``:
 
     param.<name>                     trainable parameters (each shared tensor once)
     optim.<index>.<key>              AdamW state per parameter (step, exp_avg, exp_avg_sq)
@@ -24,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..method.checkpoint import atomic_write_text, save_tensors  # noqa: F401 (re-exported: one home for atomic writes)
+from ..method.checkpoint import atomic_write_text  # noqa: F401 (re-exported: one home for atomic writes)
+from ..method.checkpoint import read_safetensors, save_tensors
 
 STATE_KEY = "state"
 
@@ -38,14 +41,17 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file so that ``path`` is either the old file or the complete new one."""
+    """Write a safetensors file so that ``path`` is either the old file or the complete new one.
+
+    The file records the sha256 of its data; a full disk raises a ShareLoraError (an OSError too)
+    naming ``path``, and the previous file stays as it was.
+    """
     save_tensors(path, tensors, metadata)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    """All tensors and the metadata of a safetensors file; a corrupted or truncated file is a ShareLoraError."""
+    return read_safetensors(path)
 
 
 # --- random number generators ----------------------------------------------------------------
