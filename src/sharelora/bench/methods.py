@@ -218,7 +218,7 @@ def _prepare_full(name, base, spec, s):
     params = unique_params(model)
 
     def save(d: Path) -> Path:
-        from safetensors.torch import save_file
+        from ..method.checkpoint import save_tensors
 
         path = d / "model.safetensors"
         seen, tensors = set(), {}
@@ -226,7 +226,7 @@ def _prepare_full(name, base, spec, s):
             if id(p) not in seen:
                 seen.add(id(p))
                 tensors[n] = p.detach().contiguous()
-        save_file(tensors, str(path))
+        save_tensors(path, tensors)  # as every file the project writes: atomic, with its sha256
         return path
 
     return Prepared(name, model, params, _adamw(params, s), sum(p.numel() for p in params), save=save)

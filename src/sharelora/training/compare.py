@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import METHODS, TrainConfig
+from .lock import output_dir_lock
 from .loop import train
 from .state import atomic_write_text
 
@@ -189,58 +190,58 @@ def compare(
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Seed-major order: if the comparison is stopped early, every method has the same seeds done.
-    configs = []
-    for seed in seeds:
-        for method in methods:
-            lr = full_lr if method == "full" else base.lr
-            configs.append(dataclasses.replace(
-                base, method=method, seed=seed, lr=lr, output_dir=str(out / f"{method}-s{seed}"),
-                targets=list(base.targets), dataset_options=dict(base.dataset_options),
-            ))
-    if jobs > 1 and not isolate:
-        raise ValueError("jobs > 1 needs isolated runs (one process each); drop --in-process or use --jobs 1")
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    with output_dir_lock(out):  # a second comparison into out refuses at once; each run locks its own directory
+        # Seed-major order: if the comparison is stopped early, every method has the same seeds done.
+        configs = []
+        for seed in seeds:
+            for method in methods:
+                lr = full_lr if method == "full" else base.lr
+                configs.append(dataclasses.replace(
+                    base, method=method, seed=seed, lr=lr, output_dir=str(out / f"{method}-s{seed}"),
+                    targets=list(base.targets), dataset_options=dict(base.dataset_options),
+                ))
+        if jobs > 1 and not isolate:
+            raise ValueError("jobs > 1 needs isolated runs (one process each); drop --in-process or use --jobs 1")
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
-    def one(cfg: TrainConfig) -> dict[str, Any]:
-        print(f"== compare: {cfg.method} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
-        result = run_one(cfg, isolate=isolate, progress=progress and jobs == 1, threads=threads)
-        metric = result["metric"]
-        test = result["test"][metric] if result.get("test") else float("nan")
-        print(f"== {cfg.method} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
-              f"({result['train_time_s']:.0f} s)", flush=True)
-        return result
+        def one(cfg: TrainConfig) -> dict[str, Any]:
+            print(f"== compare: {cfg.method} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
+            result = run_one(cfg, isolate=isolate, progress=progress and jobs == 1, threads=threads)
+            metric = result["metric"]
+            test = result["test"][metric] if result.get("test") else float("nan")
+            print(f"== {cfg.method} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
+                  f"({result['train_time_s']:.0f} s)", flush=True)
+            return result
 
-    if jobs > 1:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(one, configs))
-    else:
-        results = [one(cfg) for cfg in configs]
-    # Table rows in the order the methods were asked for.
-    results.sort(key=lambda r: (methods.index(r["method"]), r["config"]["seed"]))
-    rows = aggregate(results)
-    first = results[0]
-    header = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command,
-        "model": first["model"],
-        "dataset": first["dataset"],
-        "examples": first["examples"],
-        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, {jobs} run(s) at a time "
-                   f"with {first['environment'].get('torch_threads')} torch thread(s) each, device {first['device']}",
-        "environment": first["environment"],
-    }
-    summary = {"header": header, "rows": rows, "runs": [
-        {k: r[k] for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch")}
-        for r in results
-    ]}
-    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
-    md = (
-        f"# {header['model']} on {header['dataset']}\n\n"
-        f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
-        f"- examples: {header['examples']}\n\n" + markdown_table(rows)
-    )
-    atomic_write_text(out / "compare.md", md)
-    plot_comparison(rows, out / "compare.png")
-    return summary
+        if jobs > 1:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                results = list(pool.map(one, configs))
+        else:
+            results = [one(cfg) for cfg in configs]
+        # Table rows in the order the methods were asked for.
+        results.sort(key=lambda r: (methods.index(r["method"]), r["config"]["seed"]))
+        rows = aggregate(results)
+        first = results[0]
+        header = {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command,
+            "model": first["model"],
+            "dataset": first["dataset"],
+            "examples": first["examples"],
+            "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, {jobs} run(s) at a time "
+                       f"with {first['environment'].get('torch_threads')} torch thread(s) each, device {first['device']}",
+            "environment": first["environment"],
+        }
+        summary = {"header": header, "rows": rows, "runs": [
+            {k: r[k] for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch")}
+            for r in results
+        ]}
+        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
+        md = (
+            f"# {header['model']} on {header['dataset']}\n\n"
+            f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
+            f"- examples: {header['examples']}\n\n" + markdown_table(rows)
+        )
+        atomic_write_text(out / "compare.md", md)
+        plot_comparison(rows, out / "compare.png")
+        return summary

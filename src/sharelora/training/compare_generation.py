@@ -22,6 +22,7 @@ from typing import Any
 
 from .compare import _human_bytes, run_one
 from .config import METHODS, TrainConfig
+from .lock import output_dir_lock
 from .state import atomic_write_text
 
 # (key in a run's flattened metrics, column title, format); the first is the task's headline.
@@ -181,53 +182,53 @@ def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], 
         raise ValueError(f"method(s) {unknown} cannot be compared here; choose adapters from "
                          f"{', '.join(m for m in METHODS if m != 'full')}")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from .loop import pick_device
+    with output_dir_lock(out):  # a second comparison into out refuses at once; each run locks its own directory
+        from .loop import pick_device
 
-    device = str(pick_device(base.device))
-    results = []
-    for method in methods:
-        for seed in seeds:
-            cfg = dataclasses.replace(base, method=method, seed=seed, output_dir=str(out / f"{method}-s{seed}"),
-                                      targets=list(base.targets), dataset_options=dict(base.dataset_options),
-                                      task_options=dict(base.task_options))
-            print(f"== compare: {method} seed {seed} -> {cfg.output_dir}", flush=True)
-            result = run_one(cfg, isolate=isolate, progress=progress)
-            if mmlu is not None:
-                result["mmlu"] = mmlu_for_run(Path(cfg.output_dir), mmlu, base.cache_dir, device)
-            metric = result["metric"]
-            print(f"== {method} seed {seed}: dev {metric} {result['dev'][metric]:.4f} "
-                  f"test {metric} {(result.get('test') or {}).get(metric, float('nan')):.4f} "
-                  f"({result['train_time_s']:.0f} s)", flush=True)
-            results.append(result)
-    base_mmlu = mmlu_for_base(base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
-    rows = aggregate(base.task, results, mmlu is not None)
-    first = results[0]
-    pretrained = first.get("pretrained")
-    header = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command,
-        "model": first["model"] + (" (NOT PRETRAINED: random weights)" if pretrained is False else ""),
-        "dataset": first["dataset"],
-        "task": base.task,
-        "examples": first["examples"],
-        "steps": first["steps"],
-        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, torch threads "
-                   f"{first['environment'].get('torch_threads')}, device {first['device']}",
-        "environment": first["environment"],
-        "mmlu": {k: v for k, v in (mmlu or {}).items()} or None,
-    }
-    summary = {"header": header, "rows": rows, "base_mmlu": base_mmlu, "runs": [
-        {k: r.get(k) for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch",
-                               "mmlu", "parameters")}
-        for r in results
-    ]}
-    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
-    md = (f"# {header['model']} on {header['dataset']} ({base.task})\n\n"
-          f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
-          f"- examples: {header['examples']}, optimizer steps per run: {header['steps']}\n"
-          + (f"- MMLU: {header['mmlu']}\n" if mmlu else "") + "\n"
-          + markdown_table(base.task, rows, mmlu is not None, base_mmlu))
-    atomic_write_text(out / "compare.md", md)
-    plot(base.task, rows, out / "compare.png")
-    return summary
+        device = str(pick_device(base.device))
+        results = []
+        for method in methods:
+            for seed in seeds:
+                cfg = dataclasses.replace(base, method=method, seed=seed, output_dir=str(out / f"{method}-s{seed}"),
+                                          targets=list(base.targets), dataset_options=dict(base.dataset_options),
+                                          task_options=dict(base.task_options))
+                print(f"== compare: {method} seed {seed} -> {cfg.output_dir}", flush=True)
+                result = run_one(cfg, isolate=isolate, progress=progress)
+                if mmlu is not None:
+                    result["mmlu"] = mmlu_for_run(Path(cfg.output_dir), mmlu, base.cache_dir, device)
+                metric = result["metric"]
+                print(f"== {method} seed {seed}: dev {metric} {result['dev'][metric]:.4f} "
+                      f"test {metric} {(result.get('test') or {}).get(metric, float('nan')):.4f} "
+                      f"({result['train_time_s']:.0f} s)", flush=True)
+                results.append(result)
+        base_mmlu = mmlu_for_base(base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
+        rows = aggregate(base.task, results, mmlu is not None)
+        first = results[0]
+        pretrained = first.get("pretrained")
+        header = {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command,
+            "model": first["model"] + (" (NOT PRETRAINED: random weights)" if pretrained is False else ""),
+            "dataset": first["dataset"],
+            "task": base.task,
+            "examples": first["examples"],
+            "steps": first["steps"],
+            "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, torch threads "
+                       f"{first['environment'].get('torch_threads')}, device {first['device']}",
+            "environment": first["environment"],
+            "mmlu": {k: v for k, v in (mmlu or {}).items()} or None,
+        }
+        summary = {"header": header, "rows": rows, "base_mmlu": base_mmlu, "runs": [
+            {k: r.get(k) for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch",
+                                   "mmlu", "parameters")}
+            for r in results
+        ]}
+        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
+        md = (f"# {header['model']} on {header['dataset']} ({base.task})\n\n"
+              f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
+              f"- examples: {header['examples']}, optimizer steps per run: {header['steps']}\n"
+              + (f"- MMLU: {header['mmlu']}\n" if mmlu else "") + "\n"
+              + markdown_table(base.task, rows, mmlu is not None, base_mmlu))
+        atomic_write_text(out / "compare.md", md)
+        plot(base.task, rows, out / "compare.png")
+        return summary

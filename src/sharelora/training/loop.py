@@ -19,6 +19,7 @@ Output directory (``runs/<name>`` by default):
     curves.png        training loss and dev metric
     adapter/          the best weights: ``save_pretrained`` output + run_info.json
     state/            resume checkpoint and best-so-far weights (removed when the run finishes)
+    .lock             while the run is active: its pid, host and start time (lock.py)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..tasks import ClassificationTask
 from ..tasks.build import build_task, resolve_targets
 from .config import TrainConfig
 from .evaluate import RUN_INFO, evaluate, model_logits
+from .lock import output_dir_lock
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_curves, reset_peak_rss
 from .methods import parameter_summary, prepare_model
 from .optim import adamw
@@ -226,9 +228,20 @@ def train(
             the run as Ctrl-C does (checkpoint, then return with status "interrupted").
         progress: show a tqdm progress bar.
         keep_state: keep the resume checkpoint after the run finishes.
+
+    Raises OutputDirLockedError at once if another process is writing into the output directory
+    (``<output_dir>/.lock``, see lock.py); a lock left by a killed process is taken over.
     """
     wall_start = time.perf_counter()
     cfg = cfg.resolved()
+    with output_dir_lock(cfg.output_dir):  # before anything is read or written there
+        return _train(cfg, wall_start, resume=resume, overwrite=overwrite, bundle=bundle, data=data,
+                      on_step=on_step, progress=progress, keep_state=keep_state)
+
+
+def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool, bundle: Any, data: Any,
+           on_step: Callable[[int], bool | None] | None, progress: bool, keep_state: bool) -> dict[str, Any]:
+    """The body of ``train``, run while holding the output directory's lock."""
     paths = RunPaths(Path(cfg.output_dir))
     finished = _prepare_output(paths, resume, overwrite)
     if finished is not None:
@@ -395,6 +408,9 @@ def train(
     }
     atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
     if not keep_state:
+        # The checkpoint first: a kill during the removal must not leave a checkpoint without the
+        # best weights it refers to (a --resume would then fail instead of reading results.json).
+        paths.checkpoint.unlink(missing_ok=True)
         shutil.rmtree(paths.state, ignore_errors=True)
     return results
 
