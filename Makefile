@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (0: one process). Each keeps torch's default thread count, so the
+# paths that depend on it are tested as users run them; .ci/run adds a one-thread pass of -m numerics.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install run test smoke bench clean
 
@@ -21,7 +24,7 @@ run: install
 	$(VENV)/bin/sharelora train
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 smoke: install
 	$(PY) -m pytest -q -m smoke $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from sharelora import ShareLoraConfig, get_sharelora_model
 
-from conftest import tiny_bert
+from conftest import assert_close_fp32, tiny_bert
 
 WORLD = 2
 
@@ -48,6 +48,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.numerics
 def test_ddp_gradients_of_shared_tensors_equal_single_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     from safetensors.torch import load_file
@@ -58,5 +59,7 @@ def test_ddp_gradients_of_shared_tensors_equal_single_process(tmp_path):
     # DDP averages the ranks' mean losses: the same as the mean of the two half-batch losses.
     loss = sum(model(input_ids=ids[i * 2:i * 2 + 2], labels=labels[i * 2:i * 2 + 2]).loss for i in range(WORLD)) / WORLD
     loss.backward()
+    # each rank's half-batch gradient, all-reduced and halved, vs one backward of the mean (one thread vs
+    # the default there): the same sums in another order
     for k, p in model.sharelora_bank.items():
-        torch.testing.assert_close(ddp[k.replace("/", "|")], p.grad, rtol=1e-4, atol=1e-6)
+        assert_close_fp32(ddp[k.replace("/", "|")], p.grad, what=k)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_close_after_adamw
 from generation_tiny import TinyBundle, tiny_e2e, tiny_gpt2, tiny_instructions, tiny_llama, tiny_mmlu, tiny_tokenizer
 from safetensors.torch import load_file
 
@@ -46,12 +47,14 @@ def test_gpt2_fused_slices_train_and_the_run_is_marked_not_pretrained(tmp_path):
     assert r["parameters"]["adapter"] == 2 * 8 * 32 + 2 * 2 * 8 * 32  # one A per slice, a B per layer and slice
 
 
+@pytest.mark.numerics
 def test_step_loss_is_the_token_mean_whatever_the_micro_batching(tmp_path):
-    run_e2e(tmp_path, "a", dropout=0.0, epochs=1)
+    one = run_e2e(tmp_path, "a", dropout=0.0, epochs=1)
     run_e2e(tmp_path, "b", dropout=0.0, epochs=1, grad_accum=4)
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # micro-batches of unequal token counts: a mean of their means would move the weights by O(lr)
+    assert_close_after_adamw(b, a, lr=one["config"]["lr"], steps=one["steps"])
 
 
 def test_a_resumed_e2e_run_equals_the_uninterrupted_one(tmp_path):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from sharelora import ShareLoraConfig, ShareLoraModel, get_sharelora_model
 
-from conftest import BUILDERS, example_input, run, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import BUILDERS, assert_close_fp32, example_input, run, tiny_bert, tiny_gpt2, tiny_llama
 
 CASES = {
     "bert": (tiny_bert, dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
@@ -29,6 +29,7 @@ def _train(model, arch):
     model.eval()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", sorted(CASES))
 @pytest.mark.parametrize("share,scope", [("none", "layers"), ("A", "layers"), ("AB", "layers"), ("A", "qkv")])
 def test_peft_loads_the_export_with_identical_logits(arch, share, scope, tmp_path):
@@ -47,8 +48,8 @@ def test_peft_loads_the_export_with_identical_logits(arch, share, scope, tmp_pat
     assert sum(k.endswith("lora_A.weight") for k in keys) == len(model.plan.targets_by_module())
     peft_model = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
     x = example_input(arch)
-    with torch.no_grad():
-        torch.testing.assert_close(run(peft_model, arch, x), run(model, arch, x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # PEFT's ops vs ours (its own dropout / scaling / Conv1D transposes): other sum orders
+        assert_close_fp32(run(peft_model, arch, x), run(model, arch, x))
 
 
 def test_export_ranks_are_standard_for_serving(tmp_path):
@@ -58,6 +59,7 @@ def test_export_ranks_are_standard_for_serving(tmp_path):
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 32 and cfg["fan_in_fan_out"] is True
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_import_from_peft_gives_identical_logits(arch, tmp_path):
     build, kw = CASES[arch]
@@ -69,7 +71,7 @@ def test_import_from_peft_gives_identical_logits(arch, tmp_path):
     assert ours.sharelora_config.share == "none"
     x = example_input(arch)
     with torch.no_grad():
-        torch.testing.assert_close(run(ours, arch, x), run(pm, arch, x), rtol=1e-5, atol=1e-5)
+        assert_close_fp32(run(ours, arch, x), run(pm, arch, x))  # ours vs PEFT's ops, as above
 
 
 def test_import_refuses_dora(tmp_path):

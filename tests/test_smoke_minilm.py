@@ -5,7 +5,10 @@ import torch
 
 from sharelora import ShareLoraConfig, ShareLoraModel, get_sharelora_model
 
-pytestmark = pytest.mark.smoke
+from conftest import assert_close_fp32
+
+pytestmark = [pytest.mark.smoke, pytest.mark.numerics]
+MINILM_K = 1536  # the longest sum in MiniLM: its FFN (hidden 384)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def test_real_minilm_sharea_counts_train_save_load_and_export(minilm, tmp_path):
     peft = pytest.importorskip("peft")
     model.export_peft(tmp_path / "peft")
     pm = peft.PeftModel.from_pretrained(_fresh(minilm), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(pm(**batch).logits, trained, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # PEFT's ops, and merged weights, vs ours: the same sums in other orders
+        assert_close_fp32(pm(**batch).logits, trained, k=MINILM_K)
         merged = model.merge_and_unload()
-        torch.testing.assert_close(merged(**batch).logits, trained, rtol=1e-5, atol=1e-5)
+        assert_close_fp32(merged(**batch).logits, trained, k=MINILM_K)

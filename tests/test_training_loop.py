@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import assert_close_after_adamw, assert_close_fp32
 from training_tiny import tiny_bundle, tiny_data
 
 from sharelora import ShareLoraModel
@@ -58,7 +59,7 @@ def test_saved_adapter_reproduces_the_best_dev_metrics(tmp_path):
     task = ClassificationTask(tiny_data(), bundle.tokenizer, max_length=64)
     dev = evaluate(model, task, task.encode("dev"))
     assert dev["accuracy"] == results["dev"]["accuracy"]
-    assert dev["loss"] == pytest.approx(results["dev"]["loss"], abs=1e-6)
+    assert dev["loss"] == results["dev"]["loss"]  # the same ops on the saved weights: equal, not close
 
 
 def test_training_changes_the_adapter(tmp_path):
@@ -142,6 +143,7 @@ def test_sharea_qkv_shares_one_a_across_query_key_value(tmp_path):
     assert results["config"]["targets"] == ["query", "key", "value"]
 
 
+@pytest.mark.numerics
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     kw = dict(dropout=0.0, epochs=1)
     bundle_a, bundle_b = tiny_bundle(tmp_path), tiny_bundle(tmp_path)
@@ -150,10 +152,10 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         for m in bundle.model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    train(config(tmp_path, "a", **kw), bundle=bundle_a, data=tiny_data(), progress=False)
+    one = train(config(tmp_path, "a", **kw), bundle=bundle_a, data=tiny_data(), progress=False)
     train(config(tmp_path, "b", grad_accum=4, **kw), bundle=bundle_b, data=tiny_data(), progress=False)
     a, b = adapter_tensors(tmp_path, "a"), adapter_tensors(tmp_path, "b")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert_close_after_adamw(b, a, lr=one["config"]["lr"], steps=one["steps"])  # 4 sums vs 1: rounding
 
 
 def test_unknown_method_names_the_choices(tmp_path):
@@ -211,6 +213,7 @@ def test_compare_writes_a_table_with_every_method(tmp_path):
     assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.json").is_file()
 
 
+@pytest.mark.numerics
 def test_training_optimizer_is_fused_adamw_and_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
     from sharelora.training.optim import adamw
 
@@ -221,7 +224,9 @@ def test_training_optimizer_is_fused_adamw_and_falls_back_where_torch_has_no_fus
     for o, t in ((opt, p), (reference, q)):
         t.grad = torch.ones_like(t)
         o.step()
-    torch.testing.assert_close(p, q)  # the same update as the default implementation
+    # the same update as the default implementation: one AdamW formula, its operations in another order
+    # (the fused kernel's vectorised loop); no sums, so k = 1
+    assert_close_fp32(p.detach(), q.detach(), k=1)
     assert not adamw([p], lr=0.1, foreach=True).defaults["fused"]  # the caller's choice is kept
 
     class NoFused(torch.optim.AdamW):  # what torch does for a device without the fused kernel
