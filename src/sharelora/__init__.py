@@ -6,22 +6,26 @@
 """
 
 from .method import (
+    BASE_ADAPTER,
     SCOPES,
     SHARE_MODES,
+    TASK_SHARE_MODES,
     ShareLoraConfig,
     ShareLoraError,
     ShareLoraLayer,
     ShareLoraModel,
     SharingPlan,
     build_plan,
+    compress_adapters,
     get_sharelora_model,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SCOPES", "SHARE_MODES", "ShareLoraConfig", "ShareLoraError", "ShareLoraLayer", "ShareLoraModel",
-    "SharingPlan", "build_plan", "get_sharelora_model", "ShareLoraTrainer", "__version__",
+    "BASE_ADAPTER", "SCOPES", "SHARE_MODES", "TASK_SHARE_MODES", "ShareLoraConfig", "ShareLoraError",
+    "ShareLoraLayer", "ShareLoraModel", "SharingPlan", "build_plan", "compress_adapters", "get_sharelora_model",
+    "ShareLoraTrainer", "__version__",
 ]
 
 

@@ -3,15 +3,18 @@
 Nothing here imports the applications (sources, tasks, training, bench, cli).
 """
 
-from .config import SCOPES, SHARE_MODES, ShareLoraConfig
+from .compress import compress_adapters
+from .config import SCOPES, SHARE_MODES, TASK_SHARE_MODES, ShareLoraConfig
 from .errors import ShareLoraError
 from .layers import ShareLoraLayer
 from .model import ShareLoraModel, get_sharelora_model
-from .plan import SharingPlan, Target, TensorSpec, build_plan
+from .modules_to_save import ModulesToSave
+from .plan import BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, Target, TensorSpec, build_plan
 
 __all__ = [
-    "SCOPES", "SHARE_MODES", "ShareLoraConfig", "ShareLoraError", "ShareLoraLayer", "ShareLoraModel",
-    "SharingPlan", "Target", "TensorSpec", "build_plan", "get_sharelora_model", "ShareLoraTrainer",
+    "BASE_ADAPTER", "DEFAULT_ADAPTER", "ModulesToSave", "SCOPES", "SHARE_MODES", "TASK_SHARE_MODES",
+    "ShareLoraConfig", "ShareLoraError", "ShareLoraLayer", "ShareLoraModel", "SharingPlan", "Target", "TensorSpec",
+    "build_plan", "compress_adapters", "get_sharelora_model", "ShareLoraTrainer",
 ]
 
 

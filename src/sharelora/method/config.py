@@ -16,6 +16,7 @@ FORMAT_VERSION = 1
 SHARE_MODES = ("none", "A", "B", "AB")
 SCOPES = ("layers", "qkv")
 DROPOUT_MASKS = ("input", "module")
+TASK_SHARE_MODES = ("none", "A", "B")
 
 
 def _default_fused() -> dict[str, list[str]]:
@@ -59,6 +60,16 @@ class ShareLoraConfig:
         init_lora_weights: True for LoRA's init (A Kaiming-uniform a=sqrt(5), B zeros), so the
             adapted model equals the base model at step 0. False for random B (tests only).
         adapter_dtype: dtype of the adapter tensors; None keeps float32.
+        task_share: which matrix adapters of one ``task_group`` in one model share across tasks:
+            "none" (default: each adapter owns its tensors, as in PEFT), "A" or "B". Combined with
+            ``share`` (across layers), ShareA + task_share "A" keeps one A per module type for all
+            layers and all tasks, so each extra task adds only its B's (SPEC.md's counts).
+        task_group: adapters with the same group and ``task_share`` read the same shared tensors.
+        heads: K, the number of B heads (HydraLoRA). 1 is plain (Share)LoRA; K > 1 needs ``router``.
+        router: mix the K B heads per token with a softmax router ``w(x) = softmax(R x)``, R:
+            (K, d_in) per target, so ``h = W0 x + scaling * sum_k w_k(x) B_k A dropout(x)``. The
+            update depends on the input, so such an adapter cannot be merged or exported to PEFT.
+        router_top_k: keep only the k largest router weights per token (renormalised); None: all.
     """
 
     rank: int = 8
@@ -75,12 +86,21 @@ class ShareLoraConfig:
     init_lora_weights: bool = True
     adapter_dtype: str | None = None
     base_model_name_or_path: str | None = None
+    task_share: str = "none"
+    task_group: str = "default"
+    heads: int = 1
+    router: bool = False
+    router_top_k: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.share, str) and self.share.lower() in ("none", "lora", ""):
             self.share = "none"
         elif isinstance(self.share, str) and self.share.upper() in ("A", "B", "AB", "BA"):
             self.share = "AB" if self.share.upper() in ("AB", "BA") else self.share.upper()
+        if isinstance(self.task_share, str) and self.task_share.lower() in ("none", ""):
+            self.task_share = "none"
+        elif isinstance(self.task_share, str) and self.task_share.upper() in ("A", "B"):
+            self.task_share = self.task_share.upper()
         self.validate()
 
     def validate(self) -> None:
@@ -106,10 +126,31 @@ class ShareLoraConfig:
             raise ShareLoraError(
                 f"adapter_dtype must be None, 'float32', 'bfloat16', 'float16' or 'float64', got {self.adapter_dtype!r}"
             )
+        if self.task_share not in TASK_SHARE_MODES:
+            raise ShareLoraError(f"task_share must be one of {TASK_SHARE_MODES}, got {self.task_share!r}")
+        if not isinstance(self.task_group, str) or not self.task_group or "/" in self.task_group:
+            raise ShareLoraError(f"task_group must be a non-empty name without '/', got {self.task_group!r}")
+        if not isinstance(self.heads, int) or self.heads < 1:
+            raise ShareLoraError(f"heads must be a positive integer, got {self.heads!r}")
+        if self.heads > 1 and not self.router:
+            raise ShareLoraError(f"heads={self.heads} needs router=True to mix the heads (HydraLoRA); "
+                                 "use heads=1 for a single B")
+        if self.router and self.heads < 2:
+            raise ShareLoraError("router=True mixes several B heads; set heads to 2 or more")
+        if self.router_top_k is not None and (
+            not self.router or not isinstance(self.router_top_k, int) or not 1 <= self.router_top_k <= self.heads
+        ):
+            raise ShareLoraError(f"router_top_k must be None or an integer in [1, heads={self.heads}] with "
+                                 f"router=True, got {self.router_top_k!r}")
 
     @property
     def scaling(self) -> float:
         return float(self.alpha) / self.rank
+
+    @property
+    def task_shared_roles(self) -> frozenset[str]:
+        """The roles ("A" / "B") this adapter reads from its task group instead of owning."""
+        return frozenset() if self.task_share == "none" else frozenset(self.task_share)
 
     # --- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -300,6 +300,56 @@ class SharedDownProjection:
         self.x, self.mode, self.u = x, mode, u
 
 
+class AdapterSlot:
+    """One adapter's part of a ``ShareLoraLayer``: its targets, tensor names, scaling and dropout.
+
+    Args:
+        targets: the plan's targets of this adapter hosted by the module: one covering all
+            outputs, or one per adapted slice of a fused module.
+        scaling: alpha / r. dropout: dropout probability on the adapter input.
+        heads, top_k: K router heads (HydraLoRA; 1 = plain) and the router's top-k (None: all).
+    """
+
+    def __init__(self, targets: list[Target], scaling: float, dropout: float, heads: int = 1,
+                 top_k: int | None = None, d_out_total: int | None = None):
+        self.targets = tuple(targets)
+        self.keys = tuple((bank_name(t.a_key), bank_name(t.b_key)) for t in targets)
+        self.r_keys = tuple(bank_name(t.r_key) if t.r_key else None for t in targets)
+        self.whole = len(targets) == 1 and targets[0].slice_name is None
+        self.scaling = scaling
+        self.p = float(dropout)
+        self.heads = heads
+        self.top_k = top_k
+        # Set by ShareLoraModel for sibling modules that read the same x (see SharedDownProjection).
+        self.shared_down: SharedDownProjection | None = None
+        # "module": no shared product (so no shared dropout mask) while dropout is active.
+        self.dropout_mask = "input"
+        # Distinct A keys in order; each slice reads the u columns of its A.
+        self.a_keys = tuple(dict.fromkeys(a for a, _ in self.keys))
+        self.d_out_total = d_out_total
+
+    def down_and_up(self, bank: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the whole module: A (k r, d_in) stacks the distinct A's; B (d_out, k r)."""
+        if self.whole:
+            a_key, b_key = self.keys[0]
+            return bank[a_key], bank[b_key]
+        r = bank[self.a_keys[0]].shape[0]
+        A = torch.cat([bank[a] for a in self.a_keys]) if len(self.a_keys) > 1 else bank[self.a_keys[0]]
+        cols = []
+        for t, (a_key, b_key) in zip(self.targets, self.keys):
+            cols.append((self.a_keys.index(a_key), t.out_start, bank[b_key]))
+        # B's block layout: slice t fills rows [out_start, out_start + d_out) of its A's r columns.
+        blocks = []
+        for i in range(len(self.a_keys)):
+            col = None
+            for j, start, B in cols:
+                if j == i:
+                    piece = F.pad(B, (0, 0, start, self.d_out_total - start - B.shape[0]))
+                    col = piece if col is None else col + piece
+            blocks.append(col if col is not None else A.new_zeros(self.d_out_total, r))
+        return A, torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+
 class ShareLoraLayer(nn.Module):
     """``h = W0 x + (alpha / r) * B A dropout(x)`` for one module, with A and B read by key.
 
@@ -314,39 +364,105 @@ class ShareLoraLayer(nn.Module):
             sums its gradient over every layer that reads it.
         scaling: alpha / r.
         dropout: dropout probability on the adapter input.
+        adapter_name: the name of the adapter these targets belong to.
 
     The update is computed as ``u = scaling * dropout(x) A^T`` (N, r), then ``u B^T``: scaling
     and dropout's 1/(1-p) act on the small (N, r) product. Slices of a fused module share one
     dropout mask and one product ``u`` per distinct A (their A's are stacked), and their B's
     form one block matrix, so a fused module costs one pair of products whatever its slices.
+
+    Several adapters: the layer holds one ``AdapterSlot`` per adapter that targets it
+    (``add_slot``). With one active adapter and no per-row routing it runs the fused path above.
+    Several active adapters add their updates. With ``adapter_names`` routing (see ``routing``),
+    rows of adapters that read the same A (task-shared) compute ``dropout(x) A^T`` once for all of
+    them, and the B products of all those rows are one batched product with each row's B
+    (``scaling B`` gathered per row); ``"__base__"`` rows get no update.
     """
 
+    is_sharelora_layer = True  # lets the plan see through an injected layer without importing it
+
     def __init__(self, base_layer: nn.Module, targets: list[Target], bank: nn.ParameterDict,
-                 scaling: float, dropout: float):
+                 scaling: float, dropout: float, adapter_name: str = "default", heads: int = 1,
+                 top_k: int | None = None, routing=None):
         super().__init__()
         self.base_layer = base_layer
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D keeps W as (d_in, d_out)
-        self.targets = tuple(targets)
-        self.keys = tuple((bank_name(t.a_key), bank_name(t.b_key)) for t in targets)
-        self.whole = len(targets) == 1 and targets[0].slice_name is None
-        self.scaling = scaling
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A plain list keeps the bank out of this module's parameters: the bank belongs to the
         # ShareLoraModel, which registers it once.
         self._bank = [bank]
-        self.merged = False
+        self._routing = [routing]
+        self._d_out_total = base_layer.weight.shape[1 if self.transposed else 0]
+        self.slots: dict[str, AdapterSlot] = {}
+        self.active: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
         self.disabled = False
-        # Set by ShareLoraModel for sibling modules that read the same x (see SharedDownProjection).
-        self.shared_down: SharedDownProjection | None = None
         self.reuse_shared_input = True
-        # "module": no shared product (so no shared dropout mask) while dropout is active.
-        self.dropout_mask = "input"
         # The fused kernel re-implements the base layer's forward: only for these exact types.
         self._plain_base = type(base_layer) is nn.Linear or type(base_layer) is _conv1d_class()
-        if not self.whole:
-            self._d_out_total = base_layer.weight.shape[1 if self.transposed else 0]
-            # Distinct A keys in order; each slice reads the u columns of its A.
-            self._a_keys = tuple(dict.fromkeys(a for a, _ in self.keys))
+        self.add_slot(adapter_name, targets, scaling, dropout, heads, top_k)
+        self.set_active([adapter_name])
+
+    # --- adapters -----------------------------------------------------------------------------
+    def add_slot(self, adapter_name: str, targets: list[Target], scaling: float, dropout: float,
+                 heads: int = 1, top_k: int | None = None) -> AdapterSlot:
+        slot = AdapterSlot(targets, scaling, dropout, heads, top_k, self._d_out_total)
+        if heads > 1 and not slot.whole:
+            from .errors import ShareLoraError
+
+            raise ShareLoraError(f"router heads (HydraLoRA) adapt whole modules; {targets[0].module_name!r} is "
+                                 "targeted by slices: target the whole fused module instead")
+        self.slots[adapter_name] = slot
+        return slot
+
+    def remove_slot(self, adapter_name: str) -> None:
+        self.slots.pop(adapter_name, None)
+        self.active = tuple(a for a in self.active if a != adapter_name)
+        if adapter_name in self.merged_adapters:
+            self.merged_adapters.remove(adapter_name)
+
+    def set_active(self, adapter_names) -> None:
+        """Activate the adapters among ``adapter_names`` that adapt this module (others: no update)."""
+        self.active = tuple(a for a in adapter_names if a in self.slots)
+
+    @property
+    def _slot(self) -> AdapterSlot | None:
+        """The single active slot (the fast path), or None."""
+        return self.slots[self.active[0]] if len(self.active) == 1 else None
+
+    def _view(self) -> AdapterSlot:
+        """The slot a single-adapter reader means: the active one, else the first."""
+        if self.active:
+            return self.slots[self.active[0]]
+        return next(iter(self.slots.values()))
+
+    # Single-adapter views, as they were before a layer could hold several adapters.
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return self._view().targets
+
+    @property
+    def keys(self) -> tuple[tuple[str, str], ...]:
+        return self._view().keys
+
+    @property
+    def whole(self) -> bool:
+        return self._view().whole
+
+    @property
+    def scaling(self) -> float:
+        return self._view().scaling
+
+    @property
+    def shared_down(self) -> SharedDownProjection | None:
+        return self._view().shared_down
+
+    @shared_down.setter
+    def shared_down(self, value: SharedDownProjection | None) -> None:
+        self._view().shared_down = value
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads module.weight keeps working
@@ -357,31 +473,12 @@ class ShareLoraLayer(nn.Module):
         return self.base_layer.bias
 
     # --- the update -------------------------------------------------------------------------
-    def _down_and_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _down_and_up(self, slot: AdapterSlot | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the whole module: A (k r, d_in) stacks the distinct A's; B (d_out, k r)."""
-        bank = self._bank[0]
-        if self.whole:
-            a_key, b_key = self.keys[0]
-            return bank[a_key], bank[b_key]
-        r = bank[self._a_keys[0]].shape[0]
-        A = torch.cat([bank[a] for a in self._a_keys]) if len(self._a_keys) > 1 else bank[self._a_keys[0]]
-        cols = []
-        for t, (a_key, b_key) in zip(self.targets, self.keys):
-            cols.append((self._a_keys.index(a_key), t.out_start, bank[b_key]))
-        # B's block layout: slice t fills rows [out_start, out_start + d_out) of its A's r columns.
-        blocks = []
-        for i in range(len(self._a_keys)):
-            col = None
-            for j, start, B in cols:
-                if j == i:
-                    piece = F.pad(B, (0, 0, start, self._d_out_total - start - B.shape[0]))
-                    col = piece if col is None else col + piece
-            blocks.append(col if col is not None else A.new_zeros(self._d_out_total, r))
-        return A, torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        return (slot or self._view()).down_and_up(self._bank[0])
 
-    def _dropout_p(self) -> float:
-        d = self.lora_dropout
-        return d.p if isinstance(d, nn.Dropout) and d.training else 0.0
+    def _dropout_p(self, slot: AdapterSlot | None = None) -> float:
+        return (slot or self._view()).p if self.training else 0.0
 
     def _can_fuse(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
         """Whether the fused kernel computes exactly what base_layer(x) + update would.
@@ -405,86 +502,212 @@ class ShareLoraLayer(nn.Module):
         return not (_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
                     or torch._C._are_functorch_transforms_active())
 
-    def _shared(self, p: float) -> SharedDownProjection | None:
+    def _shared(self, slot: AdapterSlot, p: float) -> SharedDownProjection | None:
         """The group's shared down-projection, if this module may use it now."""
-        if self.shared_down is None or not self.reuse_shared_input:
+        if slot.shared_down is None or not self.reuse_shared_input:
             return None
-        return self.shared_down if self.dropout_mask == "input" or p == 0.0 else None
+        return slot.shared_down if slot.dropout_mask == "input" or p == 0.0 else None
 
-    def _fused(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        p = self._dropout_p()
-        shared = self._shared(p)
+    def _fused(self, slot: AdapterSlot, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        p = self._dropout_p(slot)
+        shared = self._shared(slot, p)
         mode = (p, torch.is_grad_enabled())
         u = shared.lookup(x, mode) if shared is not None else None
         x2 = x.reshape(-1, x.shape[-1])
         W, bias = self.base_layer.weight, self.base_layer.bias
         if u is not None:
-            u = u[:, shared.columns(self.keys[0][0], B.shape[1])]
+            u = u[:, shared.columns(slot.keys[0][0], B.shape[1])]
             out = _LinearPlusLowRank.apply(x2, W, bias, u, B, self.transposed)
         elif shared is not None:
-            start = shared.columns(self.keys[0][0], B.shape[1]).start
-            out, u = _LoraLinear.apply(x2, W, bias, shared.down_weight(), B, self.scaling, p, self.transposed, start)
+            start = shared.columns(slot.keys[0][0], B.shape[1]).start
+            out, u = _LoraLinear.apply(x2, W, bias, shared.down_weight(), B, slot.scaling, p, self.transposed, start)
             shared.store(x, mode, u)
         else:
-            out, _ = _LoraLinear.apply(x2, W, bias, A, B, self.scaling, p, self.transposed, 0)
+            out, _ = _LoraLinear.apply(x2, W, bias, A, B, slot.scaling, p, self.transposed, 0)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    def _down(self, slot: AdapterSlot, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """u = scaling * dropout(x) A^T, shape (..., r), with plain ops (computed once when shared)."""
-        p = self._dropout_p()
-        shared = self._shared(p)
+        p = self._dropout_p(slot)
+        shared = self._shared(slot, p)
         mode = (p, torch.is_grad_enabled())
         u = shared.lookup(x, mode) if shared is not None else None
         if u is None:
             down = shared.down_weight() if shared is not None else A
             dropped = F.dropout(x, p, training=True) if p > 0.0 else x
-            u = F.linear(dropped if dropped.dtype == down.dtype else dropped.to(down.dtype), down) * self.scaling
+            u = F.linear(dropped if dropped.dtype == down.dtype else dropped.to(down.dtype), down) * slot.scaling
             if shared is None:
                 return u
             shared.store(x, mode, u.reshape(-1, u.shape[-1]))
         else:
             u = u.view(*x.shape[:-1], u.shape[-1])
-        return u[..., shared.columns(self.keys[0][0], A.shape[0])]
+        return u[..., shared.columns(slot.keys[0][0], A.shape[0])]
+
+    def _hydra(self, slot: AdapterSlot, x: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """HydraLoRA's update ``scaling * sum_k w_k(x) B_k A dropout(x)``, w = softmax(R x) (top-k).
+
+        B holds the K heads side by side, (d_out, K r), so the sum is one product of B with the
+        (..., K r) tensor ``w_k u`` (u = dropout(x) A^T, (..., r)).
+        """
+        bank = self._bank[0]
+        (a_key, b_key), r_key = slot.keys[0], slot.r_keys[0]
+        A, B, R = bank[a_key], bank[b_key], bank[r_key]
+        if dropped is None:
+            p = self._dropout_p(slot)
+            dropped = F.dropout(x, p, training=True) if p > 0.0 else x
+        u = F.linear(dropped.to(A.dtype), A)
+        weights = torch.softmax(F.linear(x.to(R.dtype), R).float(), dim=-1)
+        if slot.top_k is not None and slot.top_k < slot.heads:
+            top, idx = weights.topk(slot.top_k, dim=-1)
+            weights = torch.zeros_like(weights).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        z = (weights.to(u.dtype).unsqueeze(-1) * u.unsqueeze(-2)).flatten(-2)  # (..., K r)
+        return F.linear(z, B) * slot.scaling
+
+    def _update(self, slot: AdapterSlot, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """One adapter's update of ``x`` with plain ops (several active adapters, unfusable inputs)."""
+        if slot.heads > 1:
+            return self._hydra(slot, x)
+        A, B = self._down_and_up(slot)
+        if cache is None:
+            return F.linear(self._down(slot, x, A), B)
+        key = (slot.a_keys, self._dropout_p(slot))
+        if key not in cache:  # adapters that read the same A (task-shared) compute dropout(x) A^T once
+            p = key[1]
+            dropped = F.dropout(x, p, training=True) if p > 0.0 else x
+            cache[key] = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A)
+        return F.linear(cache[key], B) * slot.scaling
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor, routing) -> torch.Tensor:
+        """``result`` plus, for each row, the update of the adapter ``adapter_names`` gives it.
+
+        Rows are grouped by what their adapters' down-projection reads (the A keys and the dropout
+        probability): each group computes ``u = dropout(x_rows) A^T`` once; its rows' B products
+        are then one ``bmm`` with a per-row (d_out, r) matrix ``scaling_a B_a`` (m = 1: one
+        ``linear``). Hydra adapters compute their rows on their own.
+        """
+        n = x.shape[0]
+        rows = routing.rows_by_adapter(n, x.device)
+        groups: dict[tuple, list[str]] = {}
+        for name in routing.unique:
+            slot = self.slots.get(name)
+            if slot is None or rows[name].numel() == 0:
+                continue  # "__base__", or an adapter that does not adapt this module
+            key = ("hydra", name) if slot.heads > 1 else (slot.a_keys, self._dropout_p(slot))
+            groups.setdefault(key, []).append(name)
+        if not groups:
+            return result
+        x3 = x.reshape(n, -1, x.shape[-1])
+        out = result.reshape(n, -1, result.shape[-1])
+        for key, names in groups.items():
+            idx = rows[names[0]] if len(names) == 1 else torch.cat([rows[a] for a in names]).sort().values
+            every_row = idx.numel() == n
+            xg = x3 if every_row else x3.index_select(0, idx)
+            if key[0] == "hydra":
+                delta = self._hydra(self.slots[names[0]], xg)
+            else:
+                A, _ = self._down_and_up(self.slots[names[0]])
+                p = key[1]
+                dropped = F.dropout(xg, p, training=True) if p > 0.0 else xg
+                u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A)  # (n_g, T, k r)
+                if len(names) == 1:
+                    slot = self.slots[names[0]]
+                    delta = F.linear(u, self._down_and_up(slot)[1]) * slot.scaling
+                else:
+                    Bs = torch.stack([self._down_and_up(self.slots[a])[1] * self.slots[a].scaling for a in names])
+                    local = torch.cat([torch.full((rows[a].numel(),), i, dtype=torch.long, device=x.device)
+                                       for i, a in enumerate(names)])
+                    order = torch.cat([rows[a] for a in names]).argsort()
+                    per_row = Bs.index_select(0, local[order])  # (n_g, d_out, k r), rows in idx order
+                    delta = torch.bmm(u, per_row.transpose(1, 2))
+            delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
+            out = out + delta if every_row else out.index_add(0, idx, delta)
+        return out.view(result.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or self.disabled:
+        if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        A, B = self._down_and_up()
-        if not args and not kwargs and self._can_fuse(x, A, B):
-            return self._fused(x, A, B)
+        routing = self._routing[0]
+        if routing is not None and routing.active:
+            uniform = routing.uniform
+            if uniform is None:
+                if self.merged:
+                    from .errors import ShareLoraError
+
+                    raise ShareLoraError("adapter_names cannot route rows of a merged model; call unmerge() first")
+                return self._routed(x, self.base_layer(x, *args, **kwargs), routing)
+            slot = self.slots.get(uniform)  # every row uses one adapter: the single-adapter path
+            if slot is None or uniform in self.merged_adapters:
+                return self.base_layer(x, *args, **kwargs)
+            if self.merged:
+                from .errors import ShareLoraError
+
+                raise ShareLoraError("adapter_names cannot route rows of a merged model; call unmerge() first")
+            return self._single(slot, x, args, kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        slot = self._slot
+        if slot is not None:
+            return self._single(slot, x, args, kwargs)
+        if not self.active:
+            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        update = F.linear(self._down(x, A), B)
+        cache: dict = {}
+        for name in self.active:  # several active adapters: their updates add up (as in PEFT)
+            update = self._update(self.slots[name], x, cache)
+            result = result + (update if update.dtype == result.dtype else update.to(result.dtype))
+        return result
+
+    def _single(self, slot: AdapterSlot, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        if slot.heads > 1:
+            result = self.base_layer(x, *args, **kwargs)
+            update = self._hydra(slot, x)
+            return result + (update if update.dtype == result.dtype else update.to(result.dtype))
+        A, B = self._down_and_up(slot)
+        if not args and not kwargs and self._can_fuse(x, A, B):
+            return self._fused(slot, x, A, B)
+        result = self.base_layer(x, *args, **kwargs)
+        update = F.linear(self._down(slot, x, A), B)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     # --- merging ------------------------------------------------------------------------------
-    def delta_weight(self, target: Target) -> torch.Tensor:
+    def delta_weight(self, target: Target, adapter_name: str | None = None) -> torch.Tensor:
         """scaling * B A for one target, shape (d_out, d_in)."""
-        a_key, b_key = self.keys[self.targets.index(target)]
+        slot = self.slots[adapter_name] if adapter_name is not None else self._view()
+        a_key, b_key = slot.keys[slot.targets.index(target)]
         bank = self._bank[0]
-        return (bank[b_key].float() @ bank[a_key].float()) * self.scaling
+        return (bank[b_key].float() @ bank[a_key].float()) * slot.scaling
 
     @torch.no_grad()
-    def _apply_delta(self, sign: float) -> None:
+    def _apply_delta(self, adapter_name: str, sign: float) -> None:
         w = self.base_layer.weight
-        for t in self.targets:
-            d = self.delta_weight(t).to(w.device)
+        slot = self.slots[adapter_name]
+        for t in slot.targets:
+            d = self.delta_weight(t, adapter_name).to(w.device)
             rows = slice(t.out_start, t.out_start + t.d_out)
             if self.transposed:
                 w[:, rows] += (sign * d.T).to(w.dtype)
             else:
                 w[rows, :] += (sign * d).to(w.dtype)
 
-    def merge(self) -> None:
-        """W0 += scaling * B A, after which the layer costs what the base layer costs."""
-        if not self.merged:
-            self._apply_delta(+1.0)
-            self.merged = True
+    def merge(self, adapter_names=None) -> None:
+        """W0 += scaling * B A for the active adapters (or ``adapter_names``); then base cost."""
+        for name in (self.active if adapter_names is None else [a for a in adapter_names if a in self.slots]):
+            if name not in self.merged_adapters:
+                if self.slots[name].heads > 1:
+                    from .errors import ShareLoraError
+
+                    raise ShareLoraError(f"adapter {name!r} routes B heads per token (HydraLoRA): its update "
+                                         "depends on the input and cannot be merged into the weights")
+                self._apply_delta(name, +1.0)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        if self.merged:
-            self._apply_delta(-1.0)
-            self.merged = False
+        while self.merged_adapters:
+            self._apply_delta(self.merged_adapters.pop(), -1.0)
 
     def extra_repr(self) -> str:
-        parts = [f"{t.slice_name or 'all'}: A={t.a_key}, B={t.b_key}" for t in self.targets]
-        return f"scaling={self.scaling:g}, " + "; ".join(parts)
+        rows = []
+        for name, slot in self.slots.items():
+            parts = [f"{t.slice_name or 'all'}: A={t.a_key}, B={t.b_key}" for t in slot.targets]
+            rows.append(f"{name}: scaling={slot.scaling:g}, " + "; ".join(parts))
+        return " | ".join(rows)

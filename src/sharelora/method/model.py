@@ -1,8 +1,19 @@
-"""ShareLoraModel: a base model with ShareLoRA layers injected, and the verbs users expect."""
+"""ShareLoraModel: a base model with ShareLoRA adapters injected, and the verbs users expect.
+
+A model holds one or more named adapters (PEFT's multi-adapter interface: ``add_adapter``,
+``set_adapter``, ``delete_adapter``, ``adapter_names=`` for mixed batches). Each adapter has its
+own config and sharing plan; adapters that set ``task_share`` read their task group's shared A
+(or B), created by the first of them and reused by the others, so the plan of every adapter
+names exactly the tensors it reads and each tensor exists once in ``sharelora_bank``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import types
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
@@ -13,7 +24,10 @@ from . import checkpoint
 from .config import ShareLoraConfig
 from .errors import ShareLoraError
 from .layers import SharedDownProjection, ShareLoraLayer, bank_name
-from .plan import SharingPlan, build_plan, init_tensor, same_input_set
+from .modules_to_save import ModulesToSave
+from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
+                   init_tensor, plain_modules, same_input_set)
+from .routing import Routing
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -24,91 +38,260 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def _matching_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    found = {}
-    for n, m in model.named_modules():
-        if n and any(n == s or n.endswith("." + s) for s in names):
-            found[n] = m
+def _matching_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Paths of the modules ``modules_to_save`` names (outermost matches only)."""
+    found = [n for n, _ in plain_modules(model) if n and any(n == s or n.endswith("." + s) for s in names)]
     missing = [s for s in names if not any(n == s or n.endswith("." + s) for n in found)]
     if missing:
         children = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_children()})
         raise ShareLoraError(f"modules_to_save {missing} matched no module; top-level modules: {children}")
     # Keep outermost matches only: a matched module's submodules come with it.
-    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+    return sorted(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
+
+
+def _clear_all(shared: tuple[SharedDownProjection, ...], *_args) -> None:
+    for s in shared:
+        s.clear()
 
 
 class ShareLoraModel(nn.Module):
     """A model whose target linear maps compute ``W0 x + (alpha/r) B A dropout(x)``.
 
     The A and B tensors live once each in ``sharelora_bank`` (an ``nn.ParameterDict``) and the
-    injected ``ShareLoraLayer`` s read them by key, following ``plan``. Only the adapter tensors
-    and ``modules_to_save`` are trainable. ``forward`` is the base model's forward, and unknown
-    attributes are looked up on the base model (``model.config``, ``model.generate``, ...).
+    injected ``ShareLoraLayer`` s read them by key, following each adapter's plan. Only the
+    active adapters' tensors and ``modules_to_save`` are trainable. ``forward`` is the base
+    model's forward (plus ``adapter_names=``), and unknown attributes are looked up on the base
+    model (``model.config``, ...).
     """
 
-    def __init__(self, base_model: nn.Module, config: ShareLoraConfig):
+    def __init__(self, base_model: nn.Module, config: ShareLoraConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         if isinstance(base_model, ShareLoraModel) or any(isinstance(m, ShareLoraLayer) for m in base_model.modules()):
             raise ShareLoraError("the model already has ShareLoRA layers; call merge_and_unload() first or use the "
                                  "original base model")
-        config.validate()
-        self.sharelora_config = config
-        self.plan: SharingPlan = build_plan(base_model, config)
-        saved = _matching_modules(base_model, list(config.modules_to_save)) if config.modules_to_save else {}
-
         for p in base_model.parameters():
             p.requires_grad_(False)
-        for m in saved.values():
-            for p in m.parameters():
-                p.requires_grad_(True)
-        self.modules_to_save_names = sorted(saved)
+        self.base_model = base_model
+        self.sharelora_bank = nn.ParameterDict()
+        self.sharelora_configs: dict[str, ShareLoraConfig] = {}
+        self.plans: dict[str, SharingPlan] = {}
+        self.active_adapters: list[str] = []
+        self.routing = Routing()
+        self._train_shared = True
+        self._trainable = True
+        self._shared_down_hooks: list = []
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
 
-        ref = next(base_model.parameters(), None)
+    # --- adapters -----------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every loaded adapter, in the order they were added."""
+        return list(self.sharelora_configs)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active), as PEFT names it."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def _view_adapter(self) -> str:
+        return self.active_adapters[0] if self.active_adapters else next(iter(self.sharelora_configs))
+
+    @property
+    def sharelora_config(self) -> ShareLoraConfig:
+        """The (first) active adapter's config."""
+        return self.sharelora_configs[self._view_adapter()]
+
+    @property
+    def plan(self) -> SharingPlan:
+        """The (first) active adapter's sharing plan."""
+        return self.plans[self._view_adapter()]
+
+    def _wrappers(self) -> dict[str, ModulesToSave]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ModulesToSave)}
+
+    def saved_module_names(self, adapter_name: str) -> list[str]:
+        """Paths of the modules_to_save copies that ``adapter_name`` trains."""
+        return sorted(n for n, w in self._wrappers().items() if adapter_name in w.modules_to_save)
+
+    @property
+    def modules_to_save_names(self) -> list[str]:
+        """Paths of the (first) active adapter's modules_to_save."""
+        return self.saved_module_names(self._view_adapter())
+
+    def add_adapter(self, adapter_name: str, config: ShareLoraConfig) -> None:
+        """Add an adapter (inactive and frozen until ``set_adapter``); task-shared tensors are reused."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.sharelora_configs:
+            raise ShareLoraError(f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
+                                 "or choose another name")
+        if not isinstance(config, ShareLoraConfig):
+            raise ShareLoraError(f"config must be a ShareLoraConfig, got {type(config).__name__}")
+        config.validate()
+        base = self.base_model
+        plan = build_plan(base, config, adapter_name)
+        check_task_group(adapter_name, config, plan,
+                         {n: (self.sharelora_configs[n], self.plans[n]) for n in self.sharelora_configs})
+        saved = _matching_modules(base, list(config.modules_to_save)) if config.modules_to_save else []
+        adapted = {t.module_name for t in plan.targets}
+        clash = [n for n in saved if n in adapted or any(m.startswith(n + ".") for m in adapted)]
+        if clash:
+            raise ShareLoraError(f"modules_to_save {clash} also holds target modules of adapter {adapter_name!r}; "
+                                 "a module is either trained in full (modules_to_save) or adapted, not both")
+
+        ref = next(base.parameters(), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
-        bank = nn.ParameterDict()
-        for key, spec in self.plan.tensors.items():
-            bank[bank_name(key)] = nn.Parameter(init_tensor(spec, config.init_lora_weights, dtype, device))
-
-        for module_name, targets in self.plan.targets_by_module().items():
-            layer = ShareLoraLayer(base_model.get_submodule(module_name), targets, bank,
-                                   config.scaling, config.dropout)
-            _set_submodule(base_model, module_name, layer)
-
-        self.base_model = base_model
-        self.sharelora_bank = bank
+        for key, spec in plan.tensors.items():
+            if bank_name(key) not in self.sharelora_bank:  # a task-shared tensor its group already has is reused
+                self.sharelora_bank[bank_name(key)] = nn.Parameter(
+                    init_tensor(spec, config.init_lora_weights, dtype, device), requires_grad=False)
+        for module_name, targets in plan.targets_by_module().items():
+            module = base.get_submodule(module_name)
+            if isinstance(module, ShareLoraLayer):
+                module.add_slot(adapter_name, targets, config.scaling, config.dropout, config.heads,
+                                config.router_top_k)
+            else:
+                layer = ShareLoraLayer(module, targets, self.sharelora_bank, config.scaling, config.dropout,
+                                       adapter_name, config.heads, config.router_top_k, routing=self.routing)
+                _set_submodule(base, module_name, layer)
+            base.get_submodule(module_name).slots[adapter_name].dropout_mask = config.dropout_mask
+        for path in saved:
+            module = base.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, self.routing)
+                _set_submodule(base, path, module)
+            module.add(adapter_name)
+        self.sharelora_configs[adapter_name] = config
+        self.plans[adapter_name] = plan
         self._share_down_projections()
+        self._activate(self.active_adapters)
+
+    def set_adapter(self, adapter_name: str | list[str], train_shared: bool = True) -> None:
+        """Make ``adapter_name`` (or a list of names, whose updates add up) the active adapter(s).
+
+        The active adapters' own tensors and modules_to_save train, every other adapter is frozen.
+        ``train_shared=False`` also freezes the task-shared tensors the active adapters read
+        (continual learning: a new task trains only its own tensors, so every earlier adapter's
+        outputs stay bit-identical). A model loaded with ``is_trainable=False`` stays frozen.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ShareLoraError("set_adapter needs at least one adapter name")
+        unknown = [n for n in names if n not in self.sharelora_configs]
+        if unknown:
+            raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
+        self._train_shared = bool(train_shared)
+        self._activate(list(dict.fromkeys(names)))
+
+    def _activate(self, names: list[str]) -> None:
+        self.active_adapters = names
+        for _, layer in self.sharelora_layers():
+            layer.set_active(names)
+        for wrapper in self._wrappers().values():
+            wrapper.set_active(names)
+        trainable: set[str] = set()
+        if self._trainable:
+            for n in names:
+                plan = self.plans[n]
+                trainable |= {bank_name(k) for k in plan.own_tensors()}
+                if self._train_shared:
+                    trainable |= {bank_name(k) for k in plan.shared_tensors()}
+        for key, p in self.sharelora_bank.items():
+            p.requires_grad_(key in trainable)
+        for wrapper in self._wrappers().values():
+            for n, module in wrapper.modules_to_save.items():
+                for p in module.parameters():
+                    p.requires_grad_(self._trainable and n in names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter, its own tensors and heads, and shared tensors no other adapter reads."""
+        if adapter_name not in self.sharelora_configs:
+            raise ShareLoraError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapter_names}")
+        if len(self.sharelora_configs) == 1:
+            raise ShareLoraError(f"{adapter_name!r} is the model's only adapter; use unload() to get the base model")
+        plan = self.plans.pop(adapter_name)
+        del self.sharelora_configs[adapter_name]
+        for name, layer in list(self.sharelora_layers()):
+            layer.remove_slot(adapter_name)
+            if not layer.slots:
+                _set_submodule(self.base_model, name, layer.base_layer)
+        for path, wrapper in self._wrappers().items():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+            if not len(wrapper.modules_to_save):
+                _set_submodule(self.base_model, path, wrapper.original_module)
+        still_read = {k for p in self.plans.values() for k in p.tensors}
+        for key in plan.tensors:
+            if key not in still_read:
+                del self.sharelora_bank[bank_name(key)]
+        self._share_down_projections()
+        remaining = [n for n in self.active_adapters if n != adapter_name] or [self.adapter_names[0]]
+        self._activate(remaining)
 
     def _share_down_projections(self) -> None:
         """Sibling modules that read one input compute their down-projections in one product.
 
-        Whole (unsliced) adapted modules under one parent that usually read the same tensor
-        (``SAME_INPUT_LEAVES``: q/k/v, gate/up) or that read with the same A (scope "qkv") get one
-        ``SharedDownProjection``, cleared before and after each forward of the parent (the block
-        that calls them); see ``ShareLoraLayer``. ``dropout_mask`` (config) decides whether they
-        also share the dropout mask while training ("input") or compute separately ("module").
+        Per adapter: whole (unsliced) adapted modules under one parent that usually read the same
+        tensor (``SAME_INPUT_LEAVES``: q/k/v, gate/up) or that read with the same A (scope "qkv")
+        get one ``SharedDownProjection``, cleared before and after each forward of the parent (the
+        block that calls them); see ``ShareLoraLayer``. ``dropout_mask`` (config) decides whether
+        they also share the dropout mask while training ("input") or compute separately ("module").
         """
-        groups: dict[tuple[str, object], list[ShareLoraLayer]] = {}
-        for name, layer in self.sharelora_layers():
-            layer.dropout_mask = self.sharelora_config.dropout_mask
-            if layer.whole:
-                parent, _, leaf = name.rpartition(".")
-                kind = same_input_set(leaf)
-                groups.setdefault((parent, layer.keys[0][0] if kind is None else kind), []).append(layer)
+        for handle in self._shared_down_hooks:
+            handle.remove()
         self._shared_down_hooks = []
-        for (parent_name, _), layers in groups.items():
-            if len(layers) < 2:
-                continue
-            shared = SharedDownProjection(tuple(dict.fromkeys(l.keys[0][0] for l in layers)), self.sharelora_bank)
-            for layer in layers:
-                layer.shared_down = shared
+        layers = list(self.sharelora_layers())
+        by_parent: dict[str, list[SharedDownProjection]] = defaultdict(list)
+        for adapter in self.sharelora_configs:
+            groups: dict[tuple[str, object], list] = {}
+            for name, layer in layers:
+                slot = layer.slots.get(adapter)
+                if slot is None:
+                    continue
+                slot.shared_down = None
+                if slot.whole and slot.heads == 1:
+                    parent, _, leaf = name.rpartition(".")
+                    kind = same_input_set(leaf)
+                    groups.setdefault((parent, slot.keys[0][0] if kind is None else kind), []).append(slot)
+            for (parent_name, _), slots in groups.items():
+                if len(slots) < 2:
+                    continue
+                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank)
+                for slot in slots:
+                    slot.shared_down = shared
+                by_parent[parent_name].append(shared)
+        for parent_name, shared in by_parent.items():
             parent = self.base_model.get_submodule(parent_name)
-            self._shared_down_hooks += [parent.register_forward_pre_hook(shared.clear),
-                                        parent.register_forward_hook(shared.clear)]
+            clear = functools.partial(_clear_all, tuple(shared))
+            self._shared_down_hooks += [parent.register_forward_pre_hook(clear), parent.register_forward_hook(clear)]
 
     # --- plumbing -----------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward; ``adapter_names`` (one per row, "__base__" = none) routes rows."""
+        self.routing.set(adapter_names, self.sharelora_configs)
         return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's ``generate``; ``adapter_names`` gives each prompt its adapter."""
+        self.routing.set(adapter_names, self.sharelora_configs)
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            self.routing.clear()
+
+    def __setattr__(self, name: str, value) -> None:
+        # TRL's SFTTrainer replaces a transformers model's forward with a fused-LM-head forward that
+        # reads ``self.base_model`` as the backbone (it unwraps PEFT models first, ours it cannot
+        # recognise). Here ``base_model`` is the whole transformers model, so that replacement is
+        # rebound to the wrapped model, which our forward calls. It is recognised by its own
+        # ``fused_lm_head`` parameter; wrappers of our forward (accelerate's autocast) stay here.
+        if name == "forward" and getattr(value, "__self__", None) is self and "base_model" in self._modules \
+                and "fused_lm_head" in inspect.signature(value.__func__, follow_wrapped=False).parameters:
+            base = self._modules["base_model"]
+            object.__setattr__(base, "forward", types.MethodType(value.__func__, base))
+            return
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         try:
@@ -126,45 +309,75 @@ class ShareLoraModel(nn.Module):
             if isinstance(m, ShareLoraLayer):
                 yield name, m
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      activation_checkpointing_kwargs: dict | None = None, **options) -> None:
         """Turn on the base model's activation (gradient) checkpointing, non-reentrant by default.
 
-        With the reentrant variant the frozen embeddings' output must require grad, or no gradient
-        would reach the adapters inside the checkpointed blocks; this is arranged here.
+        Takes the kwargs under either name (transformers 5 calls ``activation_checkpointing_enable(
+        activation_checkpointing_kwargs=...)``, earlier versions and PEFT users the other). With the
+        reentrant variant the frozen embeddings' output must require grad, or no gradient would
+        reach the adapters inside the checkpointed blocks; this is arranged here. Other options
+        (transformers' ``every_n_layers``, ``offload``) go to the base model's method.
         """
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {}),
+                  **(activation_checkpointing_kwargs or {})}
         base = self.base_model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
         else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         if kwargs["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
     activation_checkpointing_enable = gradient_checkpointing_enable
 
     # --- counting -----------------------------------------------------------------------------
+    def _saved_parameters(self, adapter_name: str) -> int:
+        wrappers = self._wrappers()
+        return sum(p.numel() for n in self.saved_module_names(adapter_name)
+                   for p in wrappers[n].modules_to_save[adapter_name].parameters())
+
     def parameter_report(self) -> dict:
-        """Adapter parameters (each shared tensor once), LoRA's count on the same targets, the saving."""
-        adapter = self.plan.num_parameters()
-        lora = self.plan.lora_equivalent()
-        saved = sum(p.numel() for n in self.modules_to_save_names
-                    for p in self.base_model.get_submodule(n).parameters())
-        total = sum(p.numel() for p in self.parameters())
+        """Adapter parameters (each tensor once), LoRA's count on the same targets, the saving.
+
+        With several adapters, ``adapter_parameters`` counts the whole model (a task-shared tensor
+        once), ``adapters`` has each adapter's own and shared counts, and
+        ``separate_lora_parameters`` is what one plain LoRA per adapter would train.
+        """
+        plan = self.plan
+        adapter = sum(p.numel() for p in self.sharelora_bank.values())
+        lora = sum(p.lora_equivalent() for p in self.plans.values())
+        shared_keys = {k for p in self.plans.values() for k in p.shared_tensors()}
+        per_adapter = {}
+        for name, p in self.plans.items():
+            cfg = self.sharelora_configs[name]
+            per_adapter[name] = {
+                "share": cfg.share, "task_share": cfg.task_share, "task_group": cfg.task_group, "rank": cfg.rank,
+                "heads": cfg.heads,
+                "own_parameters": sum(s.numel for s in p.own_tensors().values()),
+                "shared_parameters": sum(s.numel for s in p.shared_tensors().values()),
+                "modules_to_save_parameters": self._saved_parameters(name),
+                "lora_equivalent_parameters": p.lora_equivalent(),
+            }
         return {
-            "share": self.plan.share,
-            "scope": self.plan.scope,
-            "rank": self.plan.rank,
+            "share": plan.share,
+            "scope": plan.scope,
+            "rank": plan.rank,
             "adapter_parameters": adapter,
             "lora_equivalent_parameters": lora,
             "saving_vs_lora": 1.0 - adapter / lora if lora else 0.0,
-            "modules_to_save_parameters": saved,
+            "modules_to_save_parameters": sum(v["modules_to_save_parameters"] for v in per_adapter.values()),
             "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
-            "all_parameters": total,
-            "targets": len(self.plan.targets),
-            "tensors": len(self.plan.tensors),
-            "shared_tensors": sum(1 for s in self.plan.tensors.values() if s.shared),
-            "groups": self.plan.groups(),
+            "all_parameters": sum(p.numel() for p in self.parameters()),
+            "targets": len(plan.targets),
+            "tensors": len(self.sharelora_bank),
+            "shared_tensors": sum(1 for s in plan.tensors.values() if s.shared or s.task_shared),
+            "groups": plan.groups(),
+            "adapters": per_adapter,
+            "active_adapters": list(self.active_adapters),
+            "task_shared_parameters": sum(self.sharelora_bank[bank_name(k)].numel() for k in shared_keys),
+            "separate_lora_parameters": lora,
+            "separate_adapters_parameters": sum(p.num_parameters() for p in self.plans.values()),
         }
 
     def print_trainable_parameters(self) -> None:
@@ -172,6 +385,14 @@ class ShareLoraModel(nn.Module):
         pct = 100.0 * r["trainable_parameters"] / max(r["all_parameters"], 1)
         print(f"trainable params: {r['trainable_parameters']:,} || all params: {r['all_parameters']:,} "
               f"|| trainable%: {pct:.4f}")
+        if len(r["adapters"]) > 1:
+            print(f"{len(r['adapters'])} adapters: {r['adapter_parameters']:,} adapter params in all (task-shared "
+                  f"{r['task_shared_parameters']:,}) vs {r['separate_lora_parameters']:,} for separate LoRAs")
+            for name, a in r["adapters"].items():
+                print(f"  {name}: share={a['share']} task_share={a['task_share']} r={a['rank']}: own "
+                      f"{a['own_parameters']:,} + shared {a['shared_parameters']:,}, modules_to_save "
+                      f"{a['modules_to_save_parameters']:,}")
+            return
         print(f"ShareLoRA share={r['share']} scope={r['scope']} r={r['rank']}: adapter params "
               f"{r['adapter_parameters']:,} vs LoRA {r['lora_equivalent_parameters']:,} "
               f"({100 * r['saving_vs_lora']:.1f}% fewer); modules_to_save params {r['modules_to_save_parameters']:,}")
@@ -181,17 +402,30 @@ class ShareLoraModel(nn.Module):
                   f"(LoRA {g['lora_equivalent']:,})")
 
     # --- state --------------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """{plan key: tensor} for every adapter tensor (once) and every modules_to_save tensor."""
-        out = {key: self.sharelora_bank[bank_name(key)] for key in self.plan.tensors}
-        for n in self.modules_to_save_names:
-            for pn, p in self.base_model.get_submodule(n).state_dict().items():
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """{local key: tensor} of one adapter (the active one by default): every tensor it reads
+        (each once) and its modules_to_save tensors, as a single-adapter file stores them."""
+        name = adapter_name or self._view_adapter()
+        if name not in self.plans:
+            raise ShareLoraError(f"no adapter named {name!r}; loaded adapters: {self.adapter_names}")
+        out = {spec.local_key: self.sharelora_bank[bank_name(key)] for key, spec in self.plans[name].tensors.items()}
+        wrappers = self._wrappers()
+        for n in self.saved_module_names(name):
+            for pn, p in wrappers[n].modules_to_save[name].state_dict().items():
                 out[f"{checkpoint.MODULES_TO_SAVE_PREFIX}{n}.{pn}"] = p
         return out
 
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy ``tensors`` into the adapter; keys and shapes must match exactly."""
-        expected = {k: v.shape for k, v in self.adapter_state_dict().items()}
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Copy ``tensors`` (local keys, see ``adapter_state_dict``) into one adapter; keys and shapes must match."""
+        name = adapter_name or self._view_adapter()
+        current = self.adapter_state_dict(name)
+        self._check_fit({k: v.shape for k, v in current.items()}, tensors, self.sharelora_configs[name])
+        with torch.no_grad():
+            for k, p in current.items():
+                p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
+
+    def _check_fit(self, expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor],
+                   config: ShareLoraConfig) -> None:
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         wrong = [(k, tuple(tensors[k].shape), tuple(expected[k])) for k in expected
@@ -204,70 +438,169 @@ class ShareLoraModel(nn.Module):
                 lines.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
             for k, got, want in wrong[:3]:
                 lines.append(f"{k}: saved shape {got}, this model needs {want}")
-            base = self.sharelora_config.base_model_name_or_path
+            base = config.base_model_name_or_path
             raise ShareLoraError(
                 "the adapter does not fit this base model: " + "; ".join(lines)
                 + f". Load it into the base model it was trained on{f' ({base})' if base else ''} "
                 "with the same target_modules and share settings"
             )
-        with torch.no_grad():
-            for key in self.plan.tensors:
-                p = self.sharelora_bank[bank_name(key)]
-                p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
-            for n in self.modules_to_save_names:
-                prefix = f"{checkpoint.MODULES_TO_SAVE_PREFIX}{n}."
-                sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                self.base_model.get_submodule(n).load_state_dict(sub, strict=True)
 
-    def save_pretrained(self, save_directory: str | Path, **_ignored) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each shared tensor once)."""
-        cfg = self.sharelora_config
-        if cfg.base_model_name_or_path is None:
-            name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
-            cfg.base_model_name_or_path = name
-        return checkpoint.save_adapter(save_directory, cfg, self.adapter_state_dict())
+    def multi_adapter_state_dict(self, adapter_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """{file key: tensor} of several adapters, each tensor once: ``<adapter>/<local key>`` for an
+        adapter's own tensors and heads, ``@<task group>/<local key>`` for task-shared ones."""
+        out: dict[str, torch.Tensor] = {}
+        for name in adapter_names or self.adapter_names:
+            for key, spec in self.plans[name].tensors.items():
+                file_key = key if spec.task_shared else f"{name}/{spec.local_key}"
+                out[file_key] = self.sharelora_bank[bank_name(key)]
+            wrappers = self._wrappers()
+            for n in self.saved_module_names(name):
+                for pn, p in wrappers[n].modules_to_save[name].state_dict().items():
+                    out[f"{name}/{checkpoint.MODULES_TO_SAVE_PREFIX}{n}.{pn}"] = p
+        return out
+
+    def load_multi_adapter_state_dict(self, tensors: dict[str, torch.Tensor],
+                                      adapter_names: list[str] | None = None) -> None:
+        current = self.multi_adapter_state_dict(adapter_names)
+        self._check_fit({k: v.shape for k, v in current.items()}, tensors, self.sharelora_config)
+        with torch.no_grad():
+            for k, p in current.items():
+                p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        **_ignored) -> Path:
+        """Write the adapters: ``adapter_config.json`` + ``adapter_model.safetensors``, each tensor once.
+
+        A model whose only (selected) adapter is ``default`` writes the single-adapter format;
+        several adapters (or one with another name) write the multi-adapter format of
+        ``checkpoint.save_adapters`` (one file, a task-shared tensor once for all tasks).
+        """
+        names = list(selected_adapters) if selected_adapters else self.adapter_names
+        unknown = [n for n in names if n not in self.sharelora_configs]
+        if unknown:
+            raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
+        for n in names:
+            cfg = self.sharelora_configs[n]
+            if cfg.base_model_name_or_path is None:
+                cfg.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path",
+                                                      None) or None
+        if names == [DEFAULT_ADAPTER]:
+            return checkpoint.save_adapter(save_directory, self.sharelora_configs[DEFAULT_ADAPTER],
+                                           self.adapter_state_dict(DEFAULT_ADAPTER))
+        active = [n for n in self.active_adapters if n in names] or names[:1]
+        return checkpoint.save_adapters(save_directory, {n: self.sharelora_configs[n] for n in names},
+                                        self.multi_adapter_state_dict(names), active)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_directory: str | Path,
-                        is_trainable: bool = False) -> ShareLoraModel:
-        """Inject the saved adapter into ``base_model`` (the same architecture it was trained on)."""
+                        adapter_name: str | list[str] | None = None, is_trainable: bool = False) -> ShareLoraModel:
+        """Inject the saved adapter(s) into ``base_model`` (the architecture they were trained on).
+
+        A multi-adapter directory loads every adapter, or only ``adapter_name`` (a name or a list),
+        reading only the tensors those adapters need. A single-adapter directory loads as
+        ``adapter_name`` (default ``"default"``).
+        """
         if not isinstance(base_model, nn.Module):
             raise ShareLoraError(
                 f"base_model must be a loaded torch model, got {type(base_model).__name__}; load it first, e.g. "
                 "AutoModelForSequenceClassification.from_pretrained(name)"
             )
-        config, tensors = checkpoint.load_adapter(adapter_directory)
-        return cls.from_adapter_state_dict(base_model, config, tensors, is_trainable)
+        if not checkpoint.is_multi_adapter(adapter_directory):
+            if adapter_name is not None and not isinstance(adapter_name, str):
+                raise ShareLoraError(f"{adapter_directory} holds one adapter; adapter_name must be one name")
+            config, tensors = checkpoint.load_adapter(adapter_directory)
+            return cls.from_adapter_state_dict(base_model, config, tensors, is_trainable,
+                                               adapter_name or DEFAULT_ADAPTER)
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        configs, tensors, active = checkpoint.load_adapters(adapter_directory, names)
+        order = list(configs)
+        model = cls(base_model, configs[order[0]], order[0])
+        for n in order[1:]:
+            model.add_adapter(n, configs[n])
+        model.load_multi_adapter_state_dict(tensors, order)
+        model.set_adapter([n for n in active if n in configs] or order[:1])
+        if not is_trainable:
+            model._freeze()
+        return model
+
+    def load_adapter(self, adapter_directory: str | Path, adapter_name: str | list[str] | None = None) -> list[str]:
+        """Add adapter(s) saved in a directory to this model (PEFT's ``load_adapter``); returns their names."""
+        if not checkpoint.is_multi_adapter(adapter_directory):
+            if not isinstance(adapter_name, str):
+                raise ShareLoraError(f"{adapter_directory} holds one adapter: name it with adapter_name='...'")
+            config, tensors = checkpoint.load_adapter(adapter_directory)
+            self.add_adapter(adapter_name, config)
+            self.load_adapter_state_dict(tensors, adapter_name)
+            return [adapter_name]
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        configs, tensors, _ = checkpoint.load_adapters(adapter_directory, names)
+        for n, cfg in configs.items():
+            self.add_adapter(n, cfg)
+        self.load_multi_adapter_state_dict(tensors, list(configs))
+        self._activate(self.active_adapters)
+        return list(configs)
 
     @classmethod
     def from_adapter_state_dict(cls, base_model: nn.Module, config: ShareLoraConfig,
-                                tensors: dict[str, torch.Tensor], is_trainable: bool = False) -> ShareLoraModel:
+                                tensors: dict[str, torch.Tensor], is_trainable: bool = False,
+                                adapter_name: str = DEFAULT_ADAPTER) -> ShareLoraModel:
         """Inject ``config`` into ``base_model`` and load ``tensors``; frozen and in eval mode unless trainable."""
-        model = cls(base_model, config)
-        model.load_adapter_state_dict(tensors)
+        model = cls(base_model, config, adapter_name)
+        model.load_adapter_state_dict(tensors, adapter_name)
         if not is_trainable:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.eval()
+            model._freeze()
         return model
 
+    def _freeze(self) -> None:
+        self._trainable = False
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
     # --- PEFT ---------------------------------------------------------------------------------
-    def export_peft(self, save_directory: str | Path) -> Path:
-        """Write a standard PEFT LoRA directory (per-layer lora_A / lora_B) with identical outputs."""
+    def export_peft(self, save_directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
+        """Write a standard PEFT LoRA directory (per-layer lora_A / lora_B) with identical outputs.
+
+        One adapter (``adapter_name``, default: the only or the active one) is written at the
+        directory's root; a list of names writes each to ``<directory>/<name>/``, which PEFT's
+        ``PeftModel.from_pretrained`` / ``load_adapter(..., adapter_name=name)`` read.
+        """
         from .peft_io import export_peft
 
-        return export_peft(self, save_directory)
+        if isinstance(adapter_name, (list, tuple)):
+            out = Path(save_directory)
+            for n in adapter_name:
+                export_peft(self, out / n, n)
+            return out
+        return export_peft(self, save_directory, adapter_name or self._view_adapter())
 
     @classmethod
-    def from_peft(cls, base_model: nn.Module, peft_directory: str | Path, is_trainable: bool = False) -> ShareLoraModel:
-        """Load a PEFT LoRA adapter as a ShareLoRA model with share="none" (exactly the same outputs)."""
-        from .peft_io import load_peft
+    def from_peft(cls, base_model: nn.Module, peft_directory: str | Path | dict, is_trainable: bool = False,
+                  adapter_name: str = DEFAULT_ADAPTER) -> ShareLoraModel:
+        """Load PEFT LoRA adapter(s) as share="none" adapters (exactly the same outputs).
 
-        return load_peft(cls, base_model, peft_directory, is_trainable)
+        ``peft_directory`` is one directory, or ``{adapter name: directory}`` for several.
+        """
+        from .peft_io import load_peft, read_peft
+
+        if not isinstance(peft_directory, dict):
+            return load_peft(cls, base_model, peft_directory, is_trainable, adapter_name)
+        if not peft_directory:
+            raise ShareLoraError("from_peft got an empty {name: directory} mapping")
+        items = list(peft_directory.items())
+        model = load_peft(cls, base_model, items[0][1], True, items[0][0])
+        for name, d in items[1:]:
+            config, tensors = read_peft(d)
+            model.add_adapter(name, config)
+            model.load_adapter_state_dict(tensors, name)
+        model.set_adapter(items[0][0])
+        if not is_trainable:
+            model._freeze()
+        return model
 
     # --- merging ------------------------------------------------------------------------------
     def merge(self) -> None:
-        """W_l += (alpha/r) B_l A_l in every adapted layer (in place; ``unmerge`` undoes it)."""
+        """W_l += (alpha/r) B_l A_l for the active adapters in every adapted layer (``unmerge`` undoes it)."""
         for _, layer in self.sharelora_layers():
             layer.merge()
 
@@ -276,17 +609,23 @@ class ShareLoraModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the update into the weights and return the plain base model (base speed)."""
+        """Merge the active adapters into the weights and return the plain base model (base speed)."""
         self.merge()
         return self.unload()
 
     def unload(self) -> nn.Module:
-        """Put the original modules back (merged or not) and return the base model."""
+        """Put the original modules back (merged or not) and return the base model.
+
+        A modules_to_save module is replaced by the active adapter's trained copy (as PEFT does).
+        """
         for handle in self._shared_down_hooks:
             handle.remove()
         self._shared_down_hooks = []
         for name, layer in list(self.sharelora_layers()):
             _set_submodule(self.base_model, name, layer.base_layer)
+        for path, wrapper in self._wrappers().items():
+            _set_submodule(self.base_model, path, wrapper.current())
+        self.routing.clear()
         return self.base_model
 
     @contextlib.contextmanager
@@ -305,6 +644,6 @@ class ShareLoraModel(nn.Module):
                 layer.disabled = was
 
 
-def get_sharelora_model(model: nn.Module, config: ShareLoraConfig) -> ShareLoraModel:
-    """Add ShareLoRA adapters to ``model`` (in place) and return the wrapping ShareLoraModel."""
-    return ShareLoraModel(model, config)
+def get_sharelora_model(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> ShareLoraModel:
+    """Add a ShareLoRA adapter to ``model`` (in place) and return the wrapping ShareLoraModel."""
+    return ShareLoraModel(model, config, adapter_name)

@@ -11,6 +11,11 @@ Vocabulary:
     tensor key   the name of one A or B tensor in the adapter, e.g.
                  ``bert.encoder.layer.3.attention.self.query.lora_B`` (per layer) or
                  ``bert.encoder.layer.*.attention.self.query.lora_A`` (shared by all layers).
+                 That is the *local* key. In a model holding several adapters, the key a tensor
+                 is stored under says who owns it: ``<adapter>/<local key>`` for an adapter's
+                 own tensor (the adapter named ``default`` keeps the bare local key, as a
+                 single-adapter model always has), ``@<task group>/<local key>`` for a tensor
+                 that the adapters of a task group share (``task_share``).
 """
 
 from __future__ import annotations
@@ -55,6 +60,35 @@ def _conv1d_class():
     return Conv1D
 
 
+def plain_modules(model: nn.Module):
+    """``named_modules()`` of the model as it was before any adapter was added.
+
+    An injected ShareLoRA layer stands as its base layer and a modules_to_save wrapper as its
+    original module (both are recognised by a marker attribute, so the plan needs no import of
+    them), so a second adapter sees the same module paths as the first.
+    """
+    seen: set[int] = set()
+
+    def unwrap(module: nn.Module) -> nn.Module:
+        if getattr(module, "is_sharelora_layer", False):
+            return module.base_layer
+        if getattr(module, "is_sharelora_wrapper", False):
+            return module.original_module
+        return module
+
+    def walk(module: nn.Module, prefix: str):
+        module = unwrap(module)
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(model, "")
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(d_in, d_out) of an adaptable linear map, or None if the module is not one.
 
@@ -70,12 +104,34 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"  # in ``adapter_names``: a row that runs the base model alone
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become key prefixes: non-empty, no '/' or '.', not '@...', not '__base__'."""
+    if not isinstance(name, str) or not name or "/" in name or "." in name or name.startswith("@") \
+            or name == BASE_ADAPTER:
+        raise ShareLoraError(f"adapter name {name!r} is not allowed: use a non-empty name without '/', '.', a "
+                             f"leading '@', and other than {BASE_ADAPTER!r} (which means 'no adapter')")
+    return name
+
+
+def storage_key(local_key: str, role: str, config: ShareLoraConfig, adapter_name: str) -> str:
+    """Where a tensor of ``adapter_name`` lives: its task group's (task-shared role) or its own."""
+    if role in config.task_shared_roles:
+        return f"@{config.task_group}/{local_key}"
+    return local_key if adapter_name == DEFAULT_ADAPTER else f"{adapter_name}/{local_key}"
+
+
 @dataclass(frozen=True)
 class Target:
     """One adapted linear map and the keys of the A and B it reads.
 
     The update is ``delta = scaling * B A x`` with A: (rank, d_in), B: (d_out, rank); for a slice
-    it is added to output columns ``[out_start, out_start + d_out)`` of the module.
+    it is added to output columns ``[out_start, out_start + d_out)`` of the module. With K router
+    heads (HydraLoRA) B is (d_out, K rank), the K heads side by side, and ``r_key`` names the
+    router R: (K, d_in).
     """
 
     name: str  # module path, plus ".<slice>" for a fused slice
@@ -88,6 +144,7 @@ class Target:
     out_start: int
     a_key: str
     b_key: str
+    r_key: str | None = None
 
 
 @dataclass
@@ -95,9 +152,17 @@ class TensorSpec:
     """One trainable tensor of the adapter and the targets that read it."""
 
     key: str
-    role: str  # "A" or "B"
+    role: str  # "A", "B" or "R" (router)
     shape: tuple[int, int]
     users: list[str] = field(default_factory=list)
+    local_key: str = ""
+
+    def __post_init__(self) -> None:
+        self.local_key = self.local_key or self.key
+
+    @property
+    def task_shared(self) -> bool:
+        return self.key.startswith("@")
 
     @property
     def numel(self) -> int:
@@ -110,11 +175,25 @@ class TensorSpec:
 
 @dataclass
 class SharingPlan:
+    """The targets of one adapter and the tensors they read (keys are storage keys, see above)."""
+
     rank: int
     share: str
     scope: str
     targets: list[Target]
     tensors: dict[str, TensorSpec]
+    adapter_name: str = DEFAULT_ADAPTER
+    task_share: str = "none"
+    task_group: str = "default"
+    heads: int = 1
+
+    def own_tensors(self) -> dict[str, TensorSpec]:
+        """The tensors this adapter alone owns (not its task group's)."""
+        return {k: s for k, s in self.tensors.items() if not s.task_shared}
+
+    def shared_tensors(self) -> dict[str, TensorSpec]:
+        """The tensors read from the task group (shared with the other adapters of the group)."""
+        return {k: s for k, s in self.tensors.items() if s.task_shared}
 
     def targets_by_module(self) -> dict[str, list[Target]]:
         """Targets grouped by the module that hosts them, slices in output order."""
@@ -140,16 +219,18 @@ class SharingPlan:
             row = rows.setdefault(
                 t.module_type,
                 {"module_type": t.module_type, "targets": 0, "d_in": t.d_in, "d_out": t.d_out,
-                 "A_keys": set(), "B_keys": set(), "lora_equivalent": 0},
+                 "A_keys": set(), "B_keys": set(), "R_keys": set(), "lora_equivalent": 0},
             )
             row["targets"] += 1
             row["A_keys"].add(t.a_key)
             row["B_keys"].add(t.b_key)
+            if t.r_key is not None:
+                row["R_keys"].add(t.r_key)
             row["lora_equivalent"] += self.rank * (t.d_in + t.d_out)
         out = []
         counted: set[str] = set()
         for row in rows.values():
-            keys = row.pop("A_keys") | row.pop("B_keys")
+            keys = row.pop("A_keys") | row.pop("B_keys") | row.pop("R_keys")
             row["A_tensors"] = sum(1 for k in keys if self.tensors[k].role == "A")
             row["B_tensors"] = sum(1 for k in keys if self.tensors[k].role == "B")
             # A tensor shared across module types (scope "qkv") is counted in the first row only.
@@ -177,18 +258,19 @@ def _excluded_for_all_linear(model: nn.Module, config: ShareLoraConfig) -> set[s
     excluded: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
+    out_emb = getattr(out_emb, "original_module", out_emb)
+    for name, module in plain_modules(model):
         if out_emb is not None and module is out_emb:
             excluded.add(name)
         if any(_matches_name(name, m) for m in config.modules_to_save):
             excluded.add(name)
-            excluded.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+            excluded.update(f"{name}.{sub}" for sub, _ in plain_modules(module) if sub)
     return excluded
 
 
 def _find_targets(model: nn.Module, config: ShareLoraConfig) -> list[tuple[str, str | None, tuple[int, int]]]:
     """(module path, slice name or None, (d_in, d_out) of the module) for every target."""
-    linears = {name: shape for name, module in model.named_modules() if (shape := linear_shape(module))}
+    linears = {name: shape for name, module in plain_modules(model) if (shape := linear_shape(module))}
     found: list[tuple[str, str | None, tuple[int, int]]] = []
     tm = config.target_modules
     if isinstance(tm, str) and tm == "all-linear":
@@ -239,14 +321,17 @@ def _qkv_group(module_type: str, leaf: str, qkv_siblings: dict[str, set[str]]) -
     return f"{parent}.{{{names}}}"
 
 
-def build_plan(model: nn.Module, config: ShareLoraConfig) -> SharingPlan:
+def build_plan(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> SharingPlan:
     """Decide the targets of ``config`` in ``model`` and the tensor each target reads.
 
     Shared tensors are keyed by (group, block, shape): a group is a module type (scope
     "layers") or the q/k/v projections of a block (scope "qkv"). Under scope "layers" a type
     whose layers differ in shape gets one shared tensor per shape; under scope "qkv" the user
     asked for one matrix across different projections, so shapes that disagree are an error.
+    Keys are storage keys of ``adapter_name`` (``storage_key``): a task-shared role reads the
+    task group's tensor, which ``check_task_group`` verifies the group's adapters agree on.
     """
+    check_adapter_name(adapter_name)
     raw = _find_targets(model, config)
     entries = []
     for module_name, slice_name, (d_in, d_out) in raw:
@@ -269,6 +354,12 @@ def build_plan(model: nn.Module, config: ShareLoraConfig) -> SharingPlan:
             f"layers_to_transform={config.layers_to_transform} left no target; layers found: "
             f"{sorted({_layer_index(m) for m, _, _ in raw} - {None})}"
         )
+    if config.layers_to_transform is not None:
+        found = {_layer_index(m) for m, _, _ in raw} - {None}
+        absent = sorted(set(config.layers_to_transform) - found)
+        if absent:
+            raise ShareLoraError(f"layers_to_transform={config.layers_to_transform} names layers {absent} that no "
+                                 f"target has; layers found: {sorted(found)}")
 
     qkv_siblings: dict[str, set[str]] = defaultdict(set)
     if config.scope == "qkv":
@@ -298,7 +389,8 @@ def build_plan(model: nn.Module, config: ShareLoraConfig) -> SharingPlan:
             lo = layer - layer % k
             group = group.replace("*", f"{lo}-{lo + k - 1}", 1)
         keys = {}
-        for role, dim, shape in (("A", d_in, (config.rank, d_in)), ("B", d_out, (d_out, config.rank))):
+        b_shape = (d_out, config.heads * config.rank)
+        for role, dim, shape in (("A", d_in, (config.rank, d_in)), ("B", d_out, b_shape)):
             if role in shared_roles:
                 dims = shared_shapes[(group, role)]
                 dims[dim].append(f"{name} {d_in}->{d_out}")
@@ -316,18 +408,69 @@ def build_plan(model: nn.Module, config: ShareLoraConfig) -> SharingPlan:
                     key = f"{group}@{dim}.lora_{role}"
             else:
                 key = f"{name}.lora_{role}"
-            spec = tensors.setdefault(key, TensorSpec(key=key, role=role, shape=shape))
+            stored = storage_key(key, role, config, adapter_name)
+            spec = tensors.setdefault(stored, TensorSpec(key=stored, role=role, shape=shape, local_key=key))
             spec.users.append(name)
-            keys[role] = key
+            keys[role] = stored
+        r_key = None
+        if config.router:  # HydraLoRA: one router per target, always the adapter's own
+            r_key = storage_key(f"{name}.lora_router", "R", config, adapter_name)
+            tensors[r_key] = TensorSpec(key=r_key, role="R", shape=(config.heads, d_in), users=[name],
+                                        local_key=f"{name}.lora_router")
         targets.append(Target(name, module_name, slice_name, mtype, layer, d_in, d_out, out_start,
-                              keys["A"], keys["B"]))
-    return SharingPlan(rank=config.rank, share=config.share, scope=config.scope, targets=targets, tensors=tensors)
+                              keys["A"], keys["B"], r_key))
+    return SharingPlan(rank=config.rank, share=config.share, scope=config.scope, targets=targets, tensors=tensors,
+                       adapter_name=adapter_name, task_share=config.task_share, task_group=config.task_group,
+                       heads=config.heads)
+
+
+# Fields whose values decide the shape and meaning of a task-shared tensor: adapters that share one
+# must agree on them (alpha, dropout and modules_to_save may differ per task).
+_GROUP_FIELDS = ("task_share", "rank", "share", "scope", "share_block_size", "layers_to_transform",
+                 "fused_modules", "adapter_dtype")
+
+
+def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
+                     others: dict[str, tuple[ShareLoraConfig, SharingPlan]]) -> None:
+    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters."""
+    if config.task_share == "none":
+        return
+    for other, (ocfg, oplan) in others.items():
+        if ocfg.task_share == "none" or ocfg.task_group != config.task_group:
+            continue
+        fields = _GROUP_FIELDS + (("heads",) if "B" in config.task_shared_roles else ())
+        for f in fields:
+            if getattr(ocfg, f) != getattr(config, f):
+                raise ShareLoraError(
+                    f"adapter {name!r} cannot join task group {config.task_group!r}: its {f}="
+                    f"{getattr(config, f)!r} differs from adapter {other!r}'s {f}={getattr(ocfg, f)!r}; "
+                    f"adapters that share tensors across tasks need the same {f} (or use another task_group)"
+                )
+        mine, theirs = plan.shared_tensors(), oplan.shared_tensors()
+        if set(mine) != set(theirs):
+            extra = sorted(set(mine) - set(theirs))[:2]
+            lacking = sorted(set(theirs) - set(mine))[:2]
+            raise ShareLoraError(
+                f"adapter {name!r} cannot join task group {config.task_group!r}: its target_modules give other "
+                f"shared tensors than adapter {other!r}'s (only {name!r}: {extra}; only {other!r}: {lacking}); "
+                "adapters that share tensors across tasks need the same targets"
+            )
+        for k, spec in mine.items():
+            if spec.shape != theirs[k].shape:
+                raise ShareLoraError(
+                    f"adapter {name!r} cannot join task group {config.task_group!r}: shared tensor {k} has shape "
+                    f"{spec.shape} for {name!r} but {theirs[k].shape} for adapter {other!r}"
+                )
 
 
 def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device) -> torch.Tensor:
-    """LoRA's initialisation: A ~ Kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0, so B A = 0."""
+    """LoRA's initialisation: A ~ Kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0, so B A = 0.
+
+    A router (HydraLoRA) is Kaiming-uniform too: random routing breaks the symmetry between heads
+    that all start at B_k = 0 (uniform weights would give every head the same gradient forever).
+    """
     t = torch.empty(spec.shape, dtype=torch.float32, device=device)
-    if spec.role == "A" or not init_lora_weights:
+    if spec.role in ("A", "R") or not init_lora_weights:
         nn.init.kaiming_uniform_(t, a=5**0.5)
     else:
         nn.init.zeros_(t)
