@@ -36,7 +36,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # Modules that add commands of their own (skipped while they do not exist yet).
-PLUGINS = ("sharelora.bench.cli", "sharelora.tasks.cli")
+PLUGINS = ("sharelora.bench.cli", "sharelora.tasks.cli", "sharelora.serve.cli")
 
 
 def register_command(name: str, help: str, add_arguments, run) -> None:

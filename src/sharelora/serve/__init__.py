@@ -1,0 +1,24 @@
+"""``sharelora serve``: an OpenAI-compatible server that batches requests across adapters.
+
+One file per concern (the layout of llama-cpp-python's server): ``settings`` (flags),
+``types`` (request / response bodies), ``errors`` (OpenAI-style errors), ``model`` (the base
+model and the loaded adapters), ``scheduler`` (continuous batching across adapters, no HTTP),
+``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
+
+Names are imported on first use, so ``sharelora --help`` (which imports ``serve.cli``) stays fast.
+"""
+
+import importlib
+
+_HOMES = {
+    "AdapterInfo": "model", "ServedModel": "model", "resolve_adapter_dir": "model",
+    "Completion": "scheduler", "Event": "scheduler", "GenerationRequest": "scheduler", "QueueFull": "scheduler",
+    "SamplingParams": "scheduler", "Scheduler": "scheduler", "Settings": "settings", "create_app": "app",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(name)
