@@ -580,48 +580,67 @@ class ShareLoraLayer(nn.Module):
     def _routed(self, x: torch.Tensor, result: torch.Tensor, routing) -> torch.Tensor:
         """``result`` plus, for each row, the update of the adapter ``adapter_names`` gives it.
 
-        Rows are grouped by what their adapters' down-projection reads (the A keys and the dropout
-        probability): each group computes ``u = dropout(x_rows) A^T`` once; its rows' B products
-        are then one ``bmm`` with a per-row (d_out, r) matrix ``scaling_a B_a`` (m = 1: one
-        ``linear``). Hydra adapters compute their rows on their own.
+        The plain (non-Hydra) adapters of the batch are computed together when their A and B
+        shapes and dropout agree (the usual case), with one row layout per call shared by every
+        layer: if they all read one A (task-shared), ``u = dropout(x_rows) A^T`` is one product
+        for all their rows; otherwise each row reads its adapter's A in one ``bmm``. The B
+        products are one ``bmm`` with a per-row (d_out, r) matrix ``B_a``, and each row's
+        ``scaling_a`` multiplies the small u. Adapters that do not fit that (other shapes or
+        dropout, Hydra heads) are computed per group of rows.
         """
         n = x.shape[0]
         rows = routing.rows_by_adapter(n, x.device)
-        groups: dict[tuple, list[str]] = {}
-        for name in routing.unique:
-            slot = self.slots.get(name)
-            if slot is None or rows[name].numel() == 0:
-                continue  # "__base__", or an adapter that does not adapt this module
-            key = ("hydra", name) if slot.heads > 1 else (slot.a_keys, self._dropout_p(slot))
-            groups.setdefault(key, []).append(name)
-        if not groups:
+        names = [a for a in routing.unique if a in self.slots and rows[a].numel()]  # "__base__" has no slot
+        if not names:
             return result
         x3 = x.reshape(n, -1, x.shape[-1])
         out = result.reshape(n, -1, result.shape[-1])
-        for key, names in groups.items():
-            idx = rows[names[0]] if len(names) == 1 else torch.cat([rows[a] for a in names]).sort().values
+        plain = [a for a in names if self.slots[a].heads == 1]
+        rest = [a for a in names if self.slots[a].heads > 1]
+        if len(plain) > 1:
+            weights = [self._down_and_up(self.slots[a]) for a in plain]
+            if (len({(A.shape, B.shape, A.dtype) for A, B in weights}) > 1
+                    or len({self._dropout_p(self.slots[a]) for a in plain}) > 1):
+                rest, plain = names, []  # adapters that cannot be stacked: one group each below
+            else:
+                out = self._batched(x3, out, routing, tuple(plain), weights)
+                plain = []
+        for name in plain + rest:
+            slot, idx = self.slots[name], rows[name]
             every_row = idx.numel() == n
             xg = x3 if every_row else x3.index_select(0, idx)
-            if key[0] == "hydra":
-                delta = self._hydra(self.slots[names[0]], xg)
+            if slot.heads > 1:
+                delta = self._hydra(slot, xg)
             else:
-                A, _ = self._down_and_up(self.slots[names[0]])
-                p = key[1]
+                A, B = self._down_and_up(slot)
+                p = self._dropout_p(slot)
                 dropped = F.dropout(xg, p, training=True) if p > 0.0 else xg
-                u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A)  # (n_g, T, k r)
-                if len(names) == 1:
-                    slot = self.slots[names[0]]
-                    delta = F.linear(u, self._down_and_up(slot)[1]) * slot.scaling
-                else:
-                    Bs = torch.stack([self._down_and_up(self.slots[a])[1] * self.slots[a].scaling for a in names])
-                    local = torch.cat([torch.full((rows[a].numel(),), i, dtype=torch.long, device=x.device)
-                                       for i, a in enumerate(names)])
-                    order = torch.cat([rows[a] for a in names]).argsort()
-                    per_row = Bs.index_select(0, local[order])  # (n_g, d_out, k r), rows in idx order
-                    delta = torch.bmm(u, per_row.transpose(1, 2))
+                u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A) * slot.scaling
+                delta = F.linear(u, B)
             delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
             out = out + delta if every_row else out.index_add(0, idx, delta)
         return out.view(result.shape)
+
+    def _batched(self, x3: torch.Tensor, out: torch.Tensor, routing, names: tuple[str, ...],
+                 weights: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``out`` (n, T, d_out) plus the update of every row that uses one of ``names`` (same shapes)."""
+        slots = [self.slots[a] for a in names]
+        idx, local, scale = routing.layout(names, x3.shape[0], x3.device, tuple(s.scaling for s in slots))
+        xg = x3 if idx is None else x3.index_select(0, idx)
+        p = self._dropout_p(slots[0])
+        dropped = F.dropout(xg, p, training=True) if p > 0.0 else xg
+        A0 = weights[0][0]
+        dropped = dropped if dropped.dtype == A0.dtype else dropped.to(A0.dtype)
+        if len({s.a_keys for s in slots}) == 1:  # task-shared A: one down-projection for every row
+            u = F.linear(dropped, A0)  # (n_g, T, k r)
+        else:
+            A_rows = torch.stack([A for A, _ in weights]).index_select(0, local)  # (n_g, k r, d_in)
+            u = torch.bmm(dropped, A_rows.transpose(1, 2))
+        u = u * (slots[0].scaling if scale is None else scale.to(u.dtype))
+        B_rows = torch.stack([B for _, B in weights]).index_select(0, local)  # (n_g, d_out, k r)
+        delta = torch.bmm(u, B_rows.transpose(1, 2))
+        delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
+        return out + delta if idx is None else out.index_add(0, idx, delta)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:

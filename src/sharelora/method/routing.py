@@ -81,3 +81,27 @@ class Routing:
             ids = self.row_ids(rows, device)
             self._cache[key] = {n: (ids == i).nonzero().flatten() for i, n in enumerate(self.unique)}
         return self._cache[key]
+
+    def layout(self, names: tuple[str, ...], rows: int, device: torch.device,
+               scales: tuple[float, ...] | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(idx, local, scale) of the rows that use one of ``names``, for an input with ``rows`` rows.
+
+        ``idx`` (n,) int64: those rows in order, None when it is every row; ``local`` (n,) int64:
+        each such row's position in ``names``; ``scale`` (n, 1, 1) float32: ``scales[local]``,
+        None when ``scales`` is None or all equal. Computed once per call and reused by every layer.
+        """
+        key = ("layout", names, rows, device, scales)
+        if key not in self._cache:
+            ids = self.row_ids(rows, device)
+            lookup = torch.full((len(self.unique),), -1, dtype=torch.long)
+            for j, name in enumerate(names):
+                lookup[self.unique.index(name)] = j
+            per_row = lookup.to(device).index_select(0, ids)
+            idx = (per_row >= 0).nonzero().flatten()
+            every_row = idx.numel() == rows
+            local = per_row if every_row else per_row.index_select(0, idx)
+            scale = None
+            if scales is not None and len(set(scales)) > 1:
+                scale = torch.tensor(scales, dtype=torch.float32, device=device).index_select(0, local).view(-1, 1, 1)
+            self._cache[key] = (None if every_row else idx, local, scale)
+        return self._cache[key]
