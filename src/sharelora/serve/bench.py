@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--only", default=None, help="comma list of scenario names to run (default: all)")
+    p.add_argument("--only", default=None, help="scenario names to run, separated by ';' (names contain commas), e.g. "
+                        "'batched, 1 adapter;PEFT swap' (default: all)")
     p.add_argument("--http", action="store_true", help="also 16 task-shared adapters through HTTP + openai")
     p.add_argument("--json", type=Path, default=Path("serve-bench.json"))
     p.add_argument("--markdown", type=Path, default=None)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ("batched, 16 independent adapters", "independent", 16, args.max_batch, args.requests),
         ("one at a time, 16 task-shared adapters", "shared", 16, 1, args.baseline_requests),
     ]
-    only = set(args.only.split(",")) if args.only else None
+    only = {n.strip() for n in args.only.split(";")} if args.only else None
     rows: list[dict] = []
     for name, kind, k, max_batch, n in scenarios:
         if only and name not in only:
