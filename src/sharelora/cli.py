@@ -110,7 +110,8 @@ def _run_options() -> list[tuple[str, str, dict]]:
         ("--weight-decay", "weight_decay", dict(type=float, help=f"AdamW weight decay (default: {d.weight_decay})")),
         ("--epochs", "epochs", dict(type=_positive_int, help=f"passes over the training set (default: {d.epochs})")),
         ("--max-steps", "max_steps", dict(type=_positive_int, help="stop after this many optimizer steps")),
-        ("--batch-size", "batch_size", dict(type=_positive_int, help=f"examples per optimizer step (default: {d.batch_size})")),
+        ("--batch-size", "batch_size", dict(type=_positive_int, help=f"examples per optimizer step, over all processes "
+                                            f"(split between them and --grad-accum) (default: {d.batch_size})")),
         ("--grad-accum", "grad_accum", dict(type=_positive_int, help=f"micro-batches per optimizer step (default: {d.grad_accum})")),
         ("--warmup-ratio", "warmup_ratio", dict(type=_fraction, help=f"fraction of steps with linear warmup (default: {d.warmup_ratio})")),
         ("--max-grad-norm", "max_grad_norm", dict(type=_positive_float, help=f"gradient clipping norm (default: {d.max_grad_norm})")),
@@ -123,6 +124,25 @@ def _run_options() -> list[tuple[str, str, dict]]:
         ("--checkpoint-every", "checkpoint_every", dict(type=_positive_int, help=f"optimizer steps between resume checkpoints (default: {d.checkpoint_every})")),
         ("--cache-dir", "cache_dir", dict(metavar="DIR", help="where fetched models and data are kept (default: ~/.cache/sharelora)")),
         ("--device", "device", dict(help="auto (cuda if available), cpu or cuda[:i] (default: auto)")),
+        ("--fsdp", "fsdp", dict(action="store_true",
+                                help="with several processes (torchrun / accelerate launch): shard the model with "
+                                     "FSDP2 (one unit per transformer block, the shared adapter tensors in the root) "
+                                     "instead of replicating it with DDP")),
+        # Memory options (sharelora.training.memory).
+        ("--bf16", "bf16", dict(action="store_true",
+                                help="frozen base weights in bfloat16 and the forward under bf16 autocast; the "
+                                     "adapter and head keep fp32 master weights (full fine-tuning: fp32 weights, "
+                                     "autocast only)")),
+        ("--gradient-checkpointing", "gradient_checkpointing", dict(
+            action="store_true", help="recompute each transformer block's activations in backward instead of "
+                                      "keeping them (exact; about one more forward of time)")),
+        ("--quantize", "quantize", dict(choices=["4bit", "8bit"],
+                                        help="load the base's linear maps quantized with bitsandbytes: 4bit = NF4 "
+                                             "with double quantization (QLoRA), 8bit = LLM.int8(); the heads stay "
+                                             "float. Needs: pip install 'sharelora[quantize]'")),
+        ("--quantize-compute-dtype", "quantize_compute_dtype", dict(
+            choices=["float32", "bfloat16", "float16"],
+            help="dtype the 4-bit layers compute in (default: bfloat16 with --bf16, else float32)")),
     ]
 
 
@@ -219,7 +239,9 @@ def config_from_args(args: argparse.Namespace):
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Fine-tune a model on a classification data set with a ShareLoRA method, LoRA or full fine-tuning. "
-        "With no arguments: MiniLM on Rotten Tomatoes, ShareA r=8 on query/value (a few minutes on a laptop CPU)."
+        "With no arguments: MiniLM on Rotten Tomatoes, ShareA r=8 on query/value (a few minutes on a laptop CPU). "
+        "Several processes: torchrun --nproc-per-node N -m sharelora train ... (or accelerate launch -m sharelora "
+        "train ...); --batch-size stays the global batch, rank 0 writes the run."
     )
     add_run_arguments(p)
     p.add_argument("--output-dir", default=None, metavar="DIR", help="where the run is written (default: runs/<name>)")
@@ -245,6 +267,10 @@ def _train_run(args: argparse.Namespace) -> int:
                     keep_state=args.keep_state)
     if results.get("status") == "interrupted":
         return 130
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under a launcher: rank 0 reports
+        return 0
     out = Path(results["config"]["output_dir"])
     metric = results["metric"]
     test = results.get("test") or {}
@@ -402,7 +428,9 @@ def _export_peft_run(args: argparse.Namespace) -> int:
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Merge the adapter into the base weights (W += alpha/r B A) and save a plain model with its tokenizer."
+    p.description = ("Merge the adapter into the base weights (W += alpha/r B A) and save a plain model with its tokenizer. "
+                     "A run on a 4-bit / 8-bit base (--quantize) is merged into the dequantized base: a float model "
+                     "with the trained model's outputs.")
     _two_dirs(p, "directory for the merged model")
 
 
@@ -410,7 +438,9 @@ def _merge_run(args: argparse.Namespace) -> int:
     from .training.evaluate import RUN_INFO
 
     model, tokenizer, info = _load_adapter_method(args.adapter_dir, args.cache_dir)
-    merged = model.merge_and_unload()
+    # A run on a quantized base is rebuilt on it; its merge goes into the dequantized weights, which
+    # is what the run computed with (merging into the float original would differ by the rounding).
+    merged = model.merge_and_unload(dequantize=bool(info.get("quantize")))
     merged.save_pretrained(args.out_dir)
     tokenizer.save_pretrained(args.out_dir)
     # A merged model is a complete model: `sharelora eval OUT_DIR` loads it like a fully fine-tuned one.

@@ -17,6 +17,10 @@ class ShareLoraTrainer(Trainer):
     checkpoints (and ``save_model``) write the adapter directory (``save_pretrained``) instead of a
     full state dict; ``load_best_model_at_end`` / ``resume_from_checkpoint`` load it back; the
     dataset columns kept and the label names are those of the base model's ``forward``.
+
+    With peft installed, a ShareLoraModel around a transformers model is recognised by the stock
+    ``Trainer`` (and TRL's trainers) as an adapter model and gets all of this from them
+    (``peft_surface.py``); this class gives it without peft, or for a model of another kind.
     """
 
     def __init__(self, model: ShareLoraModel = None, args=None, *a, **kw):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernel
-from .plan import Target, _conv1d_class
+from .plan import Target, _conv1d_class, linear_shape
+from .quantized import quantization_of, to_float_linear
 
 
 def bank_name(key: str) -> str:
@@ -355,7 +356,9 @@ class ShareLoraLayer(nn.Module):
 
     Args:
         base_layer: the frozen ``nn.Linear`` (W0: d_out x d_in) or GPT-2 ``Conv1D``
-            (W0 stored as d_in x d_out).
+            (W0 stored as d_in x d_out), or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``
+            (a quantized W0, see ``quantized.py``: the base computes from it, the adapter adds
+            its update in its own dtype; merging needs ``dequantize_base`` first).
         targets: the plan's targets hosted by this module: one covering all outputs, or one per
             adapted slice of a fused module (``c_attn.q`` adds to output columns [0, d)).
         bank: the model's ``ParameterDict`` of adapter tensors. A: (r, d_in), B: (d_out, r).
@@ -391,7 +394,7 @@ class ShareLoraLayer(nn.Module):
         # ShareLoraModel, which registers it once.
         self._bank = [bank]
         self._routing = [routing]
-        self._d_out_total = base_layer.weight.shape[1 if self.transposed else 0]
+        self._d_out_total = linear_shape(base_layer)[1]  # a 4-bit weight's shape is its packed storage's
         self.slots: dict[str, AdapterSlot] = {}
         self.active: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
@@ -463,6 +466,18 @@ class ShareLoraLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def quantized(self) -> str | None:
+        """"4bit" / "8bit" when the base layer is a bitsandbytes quantized linear map, else None."""
+        return quantization_of(self.base_layer)
+
+    def dequantize_base(self, dtype: torch.dtype | None = None) -> None:
+        """Replace a quantized base layer by the float ``nn.Linear`` it computes (see ``quantized.py``)."""
+        if self.quantized is None:
+            return
+        self.base_layer = to_float_linear(self.base_layer, dtype)
+        self._plain_base = True  # the fused kernel serves it from now on
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads module.weight keeps working
@@ -710,6 +725,15 @@ class ShareLoraLayer(nn.Module):
 
     def merge(self, adapter_names=None) -> None:
         """W0 += scaling * B A for the active adapters (or ``adapter_names``); then base cost."""
+        if self.quantized is not None:
+            from .errors import ShareLoraError
+
+            raise ShareLoraError(
+                f"the base layer is a {self.quantized} bitsandbytes {type(self.base_layer).__name__}: W0 + B A "
+                "would be rounded to its quantized codes again and the update lost in the rounding. Dequantize "
+                "first: model.merge_and_unload(dequantize=True) writes a float model with the adapted model's "
+                "outputs (or load the base in float / bf16 and merge there)"
+            )
         for name in (self.active if adapter_names is None else [a for a in adapter_names if a in self.slots]):
             if name not in self.merged_adapters:
                 if self.slots[name].heads > 1:

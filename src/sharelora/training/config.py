@@ -73,6 +73,16 @@ class TrainConfig:
     # "auto": from the dataset's task type; "e2e" / "instructions" train a causal LM (sharelora.tasks.build)
     task: str = "auto"
     task_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"num_beams": 4} for e2e
+    # Memory options (training/memory.py): bf16 base weights + bf16 autocast; activation checkpointing;
+    # a bitsandbytes-quantized base ("4bit" NF4 | "8bit" LLM.int8()) and the dtype its 4-bit matmuls run in
+    # (None: bfloat16 with bf16, else float32; filled in by resolved()).
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    quantize: str | None = None
+    quantize_compute_dtype: str | None = None
+    # Under a launcher (torchrun / accelerate launch): shard the model with FSDP2 instead of DDP
+    # (training/distributed.py). The math is the same, so a run may resume with or without it.
+    fsdp: bool = False
 
     @property
     def is_full(self) -> bool:
@@ -83,7 +93,9 @@ class TrainConfig:
         """A short run name: model, dataset, method, rank and seed."""
 
         rank = "" if self.is_full else f"-r{self.rank}"
-        return f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}-s{self.seed}"
+        # Options that change the numbers get a suffix, so such a run does not land in the fp32 run's directory.
+        memory = (f"-{'nf4' if self.quantize == '4bit' else 'int8'}" if self.quantize else "") + ("-bf16" if self.bf16 else "")
+        return f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}-s{self.seed}{memory}"
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and a good one."""
@@ -123,6 +135,26 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
+        self._validate_memory()
+
+    def _validate_memory(self) -> None:
+        from .memory import COMPUTE_DTYPES, QUANTIZE
+
+        for key in ("bf16", "gradient_checkpointing"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (or unset), got {self.quantize!r}")
+        if self.quantize is not None and self.is_full:
+            raise ValueError(f"--quantize {self.quantize} freezes the base in quantized form, so full fine-tuning "
+                             "cannot train it; use an adapter method (e.g. --method sharea) or drop --quantize")
+        if self.quantize_compute_dtype is not None:
+            if self.quantize_compute_dtype not in COMPUTE_DTYPES:
+                raise ValueError(f"quantize_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                                 f"got {self.quantize_compute_dtype!r}")
+            if self.quantize != "4bit":
+                raise ValueError("--quantize-compute-dtype sets the dtype of the 4-bit layers' matmuls; it needs "
+                                 "--quantize 4bit (8-bit layers compute as bitsandbytes' LLM.int8() does, in fp16)")
 
     def resolved(self) -> TrainConfig:
         """A copy with the method's overrides applied and the defaults that depend on others filled in."""
@@ -134,6 +166,8 @@ class TrainConfig:
             cfg.targets = list(overrides["target_modules"])
         if cfg.lr is None:
             cfg.lr = DEFAULT_LR["full" if cfg.is_full else "adapter"]
+        if cfg.quantize == "4bit" and cfg.quantize_compute_dtype is None:
+            cfg.quantize_compute_dtype = "bfloat16" if cfg.bf16 else "float32"
         if cfg.output_dir is None:
             cfg.output_dir = f"runs/{cfg.name}"
         return cfg
@@ -146,9 +180,16 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    # Fields that may differ between an interrupted run and its resumption.
-    RESUME_FREE = ("output_dir", "cache_dir", "device", "checkpoint_every", "eval_batch_size")
+    # Fields that may differ between an interrupted run and its resumption. Gradient checkpointing
+    # recomputes the same activations (with the same dropout masks), so a run that ran out of
+    # memory may resume with it.
+    RESUME_FREE = ("output_dir", "cache_dir", "device", "checkpoint_every", "eval_batch_size", "fsdp",
+                   "gradient_checkpointing")
+    # Fields added after checkpoints were first written, with the value those checkpoints ran with:
+    # left out of the key at that value, so such a checkpoint still resumes.
+    ADDED_LATER = {"bf16": False, "quantize": None, "quantize_compute_dtype": None}
 
     def resume_key(self) -> dict[str, Any]:
         """The part of the config that must match for a resumed run to equal an uninterrupted one."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in self.RESUME_FREE and not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}

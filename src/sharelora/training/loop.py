@@ -13,6 +13,17 @@ data order of epoch e is a permutation drawn from its own generator seeded with 
 checkpoint stores weights, optimizer, generator states and the step, so a resumed run takes
 exactly the steps the uninterrupted run would have taken and reaches the same weights.
 
+Several processes (``torchrun --nproc-per-node N -m sharelora train ...`` or ``accelerate launch``;
+distributed.py): every process runs this same loop. ``batch_size`` is the global batch: a step's
+examples are the same whatever the number of processes, split between them (and each share into
+``grad_accum`` micro-batches); each process's summed loss is divided by the step's global weight
+and multiplied by the number of processes, so DDP's (or FSDP's) average of the gradients is the
+gradient of the step's mean loss, as one process computes it. Evaluation is split and gathered
+(evaluate.py). Rank 0 alone writes: the lock, the log, the progress bar and messages, checkpoints,
+the best weights, the adapter, results.json and the plot; every process resumes from the same
+checkpoint, with its own generator states. Dropout draws differ between processes (each has its
+own stream), so a run with dropout matches a single-process run in distribution, not digit by digit.
+
 Output directory (``runs/<name>`` by default):
     results.json      config, parameter counts, dev/test metrics, times, memory
     log.jsonl         one record per log interval, dev evaluation and the final test
@@ -24,6 +35,7 @@ Output directory (``runs/<name>`` by default):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -43,13 +55,19 @@ from torch import nn
 from ..tasks import ClassificationTask
 from ..tasks.build import build_task, resolve_targets
 from .config import TrainConfig
+from .distributed import (
+    check_batch, for_evaluation, from_main, full_tensor, gather_list, gradient_sync, make_accelerator, on_main,
+    whole_trainable, wrap,
+)
 from .evaluate import RUN_INFO, evaluate, model_logits
 from .lock import output_dir_lock
+from .memory import run_info as memory_run_info
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_curves, reset_peak_rss
 from .methods import parameter_summary, prepare_model
 from .optim import adamw
 from .state import (
     atomic_write_text,
+    capture_rng,
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -107,6 +125,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s own generators (dropout) once the model is built; rank 0 keeps ``seed``'s stream."""
+    return seed + 1_000_003 * rank
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
@@ -194,13 +217,16 @@ def load_inputs(cfg: TrainConfig, bundle: Any = None, data: Any = None) -> tuple
         data = load_dataset(cfg.dataset, cache_dir=cfg.cache_dir, **cfg.dataset_options)
     if bundle is None:
         from ..sources import load_model
+        from .memory import load_options
 
         seed_everything(cfg.seed)
+        memory = load_options(cfg)  # --bf16 / --quantize: the dtype and bitsandbytes settings ({} without them)
         if model_task(task_name(cfg, data)) == "causal-lm":
-            bundle = load_model(cfg.model, task="causal-lm", cache_dir=cfg.cache_dir)
+            bundle = load_model(cfg.model, task="causal-lm", cache_dir=cfg.cache_dir, **memory)
         else:
             _, num_labels = label_space(data)
-            bundle = load_model(cfg.model, task="classification", num_labels=num_labels, cache_dir=cfg.cache_dir)
+            bundle = load_model(cfg.model, task="classification", num_labels=num_labels, cache_dir=cfg.cache_dir,
+                                **memory)
     return bundle, data
 
 
@@ -229,50 +255,64 @@ def train(
         progress: show a tqdm progress bar.
         keep_state: keep the resume checkpoint after the run finishes.
 
+    Under a launcher every process calls this and gets the same results; rank 0 alone writes.
+
     Raises OutputDirLockedError at once if another process is writing into the output directory
     (``<output_dir>/.lock``, see lock.py); a lock left by a killed process is taken over.
     """
     wall_start = time.perf_counter()
     cfg = cfg.resolved()
-    with output_dir_lock(cfg.output_dir):  # before anything is read or written there
-        return _train(cfg, wall_start, resume=resume, overwrite=overwrite, bundle=bundle, data=data,
-                      on_step=on_step, progress=progress, keep_state=keep_state)
-
-
-def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool, bundle: Any, data: Any,
-           on_step: Callable[[int], bool | None] | None, progress: bool, keep_state: bool) -> dict[str, Any]:
-    """The body of ``train``, run while holding the output directory's lock."""
+    accelerator = make_accelerator(cfg.device, fsdp=cfg.fsdp)
     paths = RunPaths(Path(cfg.output_dir))
-    finished = _prepare_output(paths, resume, overwrite)
-    if finished is not None:
-        print(f"{paths.root} already finished; results in {paths.results}")
-        return finished
+    with contextlib.ExitStack() as held:
+        def lock_and_prepare() -> tuple[dict | None, bool]:  # rank 0 only
+            held.enter_context(output_dir_lock(cfg.output_dir))  # before anything is read or written there
+            return _prepare_output(paths, resume, overwrite), paths.checkpoint.is_file()
+
+        finished, has_checkpoint = on_main(accelerator, lock_and_prepare)
+        if finished is not None:
+            if accelerator.is_main_process:
+                print(f"{paths.root} already finished; results in {paths.results}")
+            return finished
+        return _train(cfg, accelerator, paths, wall_start, resume=resume and has_checkpoint, bundle=bundle,
+                      data=data, on_step=on_step, progress=progress, keep_state=keep_state)
+
+
+def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: float, *, resume: bool, bundle: Any,
+           data: Any, on_step: Callable[[int], bool | None] | None, progress: bool, keep_state: bool) -> dict[str, Any]:
+    """The body of ``train``, run while rank 0 holds the output directory's lock."""
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    micro_batch = check_batch(cfg.batch_size, cfg.grad_accum, world)
     reset_peak_rss()
-    device = pick_device(cfg.device)
+    device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed)
 
     # --- data and model ----------------------------------------------------------------------
-    bundle, data = load_inputs(cfg, bundle, data)
+    with accelerator.main_process_first():  # rank 0 fetches into the cache, the others then read it
+        bundle, data = load_inputs(cfg, bundle, data)
     cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value projections
-    task = build_task(cfg, data, bundle.tokenizer, output_dir=paths.root)
+    # Generation tasks write their decoded samples into the output directory: rank 0's task only.
+    task = build_task(cfg, data, bundle.tokenizer, output_dir=paths.root if main else None)
     train_split = task.encode("train", cfg.max_train_examples)
     dev_split = task.encode("dev", cfg.max_eval_examples)
     test_split = task.encode("test", cfg.max_eval_examples) if "test" in task.splits else None
-    model = prepare_model(bundle.model, cfg).to(device)
+    model, optimizer = wrap(accelerator, prepare_model(bundle.model, cfg), lambda m: make_optimizer(m, cfg),
+                            fsdp=cfg.fsdp)
     model.train()
-    optimizer = make_optimizer(model, cfg)
-    params = list(trainable_parameters(model).values())
-    summary = parameter_summary(model, cfg)
+    core = accelerator.unwrap_model(model)  # without DDP's wrapper: parameter names, checkpoints, saving
+    params = list(trainable_parameters(core).values())
+    summary = parameter_summary(core, cfg)
+    if rank > 0:  # every process draws its own dropout masks (the model above is the same everywhere)
+        seed_everything(process_seed(cfg.seed, rank))
 
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = round(cfg.warmup_ratio * total_steps)
-    micro_batch = cfg.batch_size // cfg.grad_accum
     metric = task.primary_metric
 
     # --- resume ---------------------------------------------------------------------------------
@@ -281,8 +321,8 @@ def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool
         "step": 0, "best_metric": None, "best_step": None, "best_epoch": None, "best_dev": None,
         "train_time_s": 0.0, "window_loss": 0.0, "window_steps": 0, "config": cfg.resume_key(), "resumed": 0,
     }
-    if resume and paths.checkpoint.is_file():
-        saved = load_checkpoint(paths.checkpoint, model, optimizer)
+    if resume:
+        saved = load_checkpoint(paths.checkpoint, core, optimizer, rank=rank)
         if saved["config"] != cfg.resume_key():
             diff = sorted(k for k in cfg.resume_key() if saved["config"].get(k) != cfg.resume_key()[k])
             raise ValueError(
@@ -291,13 +331,23 @@ def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool
             )
         state.update({k: saved[k] for k in state if k in saved})
         state["resumed"] += 1
-        log.truncate_after(state["step"])
-        print(f"resuming {paths.root} at step {state['step']}/{total_steps}")
+        if not saved["rng_restored"]:  # written by fewer processes: this one starts a stream of its own
+            seed_everything(process_seed(cfg.seed, rank) + state["step"])
+        if main:
+            log.truncate_after(state["step"])
+            print(f"resuming {paths.root} at step {state['step']}/{total_steps}")
+
+    def checkpoint() -> None:  # every process takes part (generator states, FSDP shards); rank 0 writes
+        state["step"] = step
+        own_gpu = [device.index or 0] if world > 1 and device.type == "cuda" else None
+        rngs = gather_list(accelerator, [capture_rng(cuda_devices=own_gpu)])
+        save_checkpoint(paths.checkpoint, core, optimizer, state, rngs=rngs, write=main)
 
     # --- the loop ---------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.name, disable=not (progress and main),
+               dynamic_ncols=True)
     step = state["step"]
     loop_start = time.perf_counter()
     time_at_start = state["train_time_s"]
@@ -313,19 +363,21 @@ def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            loss_value = 0.0
             step_weight = task.step_weight(train_split, indices) if hasattr(task, "step_weight") else len(indices)
-            for start in range(0, len(indices), micro_batch):
-                batch = {k: v.to(device) for k, v in task.collate(train_split, indices[start : start + micro_batch]).items()}
-                logits = model_logits(model, task.model_inputs(batch))
-                # Sum over the micro-batch / examples (LM tasks: target tokens) in the whole step =
-                # the mean over the step, whatever grad_accum is.
-                loss = task.loss(logits, batch["labels"], reduction="sum") / step_weight
-                loss.backward()
-                loss_value += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            # Every process runs as many micro-batches as the one with the largest share (rank 0), so
+            # that each joins every collective of the step; the last one syncs the gradients.
+            count = math.ceil(math.ceil(len(indices) / world) / micro_batch)
+            loss_value = 0.0
+            with accelerator.split_between_processes(indices) as mine:  # this process's share of the step
+                for m in range(count):
+                    part = mine[m * micro_batch : (m + 1) * micro_batch]
+                    with gradient_sync(accelerator, model, sync=m == count - 1):
+                        loss_value += _forward_backward(accelerator, model, task, train_split, part, indices[:1],
+                                                        step_weight, world, device)
+            grad_norm = full_tensor(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            loss_value = accelerator.reduce(torch.tensor(loss_value, dtype=torch.float64, device=device), "sum").item()
             step += 1
             window_examples += len(indices)
             state["window_loss"] += loss_value
@@ -334,11 +386,12 @@ def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool
             if step % cfg.log_every == 0 or step == total_steps:
                 seconds = time.perf_counter() - window_start
                 rate = window_examples / seconds if seconds > 0 else float("nan")
-                log.append({
-                    "kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                    "loss": state["window_loss"] / state["window_steps"], "lr": lr, "grad_norm": grad_norm,
-                    "examples_per_s": rate,
-                })
+                if main:
+                    log.append({
+                        "kind": "train", "step": step, "epoch": step / steps_per_epoch,
+                        "loss": state["window_loss"] / state["window_steps"], "lr": lr, "grad_norm": grad_norm,
+                        "examples_per_s": rate,
+                    })
                 bar.set_postfix(loss=f"{state['window_loss'] / state['window_steps']:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}")
                 state["window_loss"], state["window_steps"] = 0.0, 0
                 window_start, window_examples = time.perf_counter(), 0
@@ -346,34 +399,47 @@ def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool
 
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end:
-                dev = evaluate(model, task, dev_split, cfg.eval_batch_size, device)
-                log.append({"kind": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch, **dev})
-                bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: dev {metric} {dev[metric]:.4f} loss {dev['loss']:.4f}")
+                with for_evaluation(accelerator, model) as scored:
+                    dev = evaluate(scored, task, dev_split, cfg.eval_batch_size, device, processes=accelerator)
+                if main:
+                    log.append({"kind": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch, **dev})
+                    bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: dev {metric} {dev[metric]:.4f} "
+                              f"loss {dev['loss']:.4f}")
                 if state["best_metric"] is None or _improves(dev[metric], state["best_metric"], task):
                     state.update(best_metric=dev[metric], best_step=step, best_epoch=step / steps_per_epoch, best_dev=dev)
-                    save_weights(paths.best, model)
+                    save_weights(paths.best, core, write=main)
             if on_step is not None and on_step(step):
                 stop.requested = True
+            # Stop where any process was asked to (Ctrl-C reaches them at different moments).
+            stop.requested = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "max").item() > 0
             state["train_time_s"] = time_at_start + time.perf_counter() - loop_start
             if epoch_end or step % cfg.checkpoint_every == 0 or stop.requested:
-                state["step"] = step
-                save_checkpoint(paths.checkpoint, model, optimizer, state)
+                checkpoint()
             if stop.requested and step < total_steps:
                 status = "interrupted"
                 break
     bar.close()
     if status == "interrupted":
-        print(f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint: {paths.checkpoint})")
+        if main:
+            print(f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint: {paths.checkpoint})")
         return {"status": "interrupted", "step": step, "total_steps": total_steps, "output_dir": str(paths.root)}
 
     # --- best weights -> test, adapter, results ---------------------------------------------------------
-    load_weights(paths.best, model)
-    test = evaluate(model, task, test_split, cfg.eval_batch_size, device) if test_split is not None else None
-    if test is not None:
-        log.append({"kind": "test", "split": "test", "step": state["best_step"], **test})
-    save_adapter(model, bundle, cfg, task, paths.adapter)
-    plot_curves(log.records(), paths.plot, metric, title=f"{cfg.name} ({cfg.method})")
+    accelerator.wait_for_everyone()  # rank 0's best weights are on disk before anyone reads them
+    load_weights(paths.best, core)
+    test = None
+    if test_split is not None:
+        with for_evaluation(accelerator, model) as scored:
+            test = evaluate(scored, task, test_split, cfg.eval_batch_size, device, processes=accelerator)
+    with whole_trainable(core) as whole:  # FSDP: every process helps gather the adapter rank 0 writes
+        if main:
+            if test is not None:
+                log.append({"kind": "test", "split": "test", "step": state["best_step"], **test})
+            save_adapter(whole, bundle, cfg, task, paths.adapter)
+            plot_curves(log.records(), paths.plot, metric, title=f"{cfg.name} ({cfg.method})")
+    accelerator.wait_for_everyone()  # the adapter is written: every process can report its size
 
+    peak_rss = gather_list(accelerator, [peak_rss_mb()])
     results = {
         "status": "finished",
         "name": cfg.name,
@@ -399,20 +465,43 @@ def _train(cfg: TrainConfig, wall_start: float, *, resume: bool, overwrite: bool
         "train_time_s": state["train_time_s"],
         "wall_time_s_this_process": time.perf_counter() - wall_start,
         "resumed": state["resumed"],
-        "peak_rss_mb": peak_rss_mb(),
+        "processes": world,
+        "fsdp": bool(cfg.fsdp),
+        "peak_rss_mb": peak_rss[0],  # rank 0's; every process's below
+        "peak_rss_mb_per_process": peak_rss,
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "device": str(device),
         "environment": environment(),
         "data_info": _jsonable(getattr(data, "info", {})),
         "model_info": _jsonable(getattr(bundle, "info", {})),
     }
-    atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    if not keep_state:
-        # The checkpoint first: a kill during the removal must not leave a checkpoint without the
-        # best weights it refers to (a --resume would then fail instead of reading results.json).
-        paths.checkpoint.unlink(missing_ok=True)
-        shutil.rmtree(paths.state, ignore_errors=True)
-    return results
+    if main:
+        atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        if not keep_state:
+            # The checkpoint first: a kill during the removal must not leave a checkpoint without the
+            # best weights it refers to (a --resume would then fail instead of reading results.json).
+            paths.checkpoint.unlink(missing_ok=True)
+            shutil.rmtree(paths.state, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return from_main(accelerator, results)  # the same on every process (rank 0 measured the files)
+
+
+def _forward_backward(accelerator: Any, model: nn.Module, task: Any, split: Any, part: list[int], stand_in: list[int],
+                      step_weight: float, world: int, device: torch.device) -> float:
+    """Forward and backward of one micro-batch; returns its share of the step's mean loss.
+
+    The loss is summed over the micro-batch (LM tasks: over target tokens) and divided by the whole
+    step's weight: summed over micro-batches and processes it is the step's mean loss whatever
+    grad_accum and the number of processes are. DDP and FSDP average gradients over the processes,
+    so each process backpropagates ``world`` times its part. A process with no examples left in
+    the step (its share ran out) still runs ``stand_in`` with weight 0: it must join the gradient
+    sync, and its gradients add nothing.
+    """
+    batch = {k: v.to(device) for k, v in task.collate(split, part or stand_in).items()}
+    logits = model_logits(model, task.model_inputs(batch))
+    loss = task.loss(logits, batch["labels"], reduction="sum") / step_weight
+    accelerator.backward(loss * world if part else loss * 0.0)
+    return loss.item() if part else 0.0
 
 
 def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: ClassificationTask, path: Path) -> None:
@@ -440,6 +529,7 @@ def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: Classifi
         "seed": cfg.seed,
         "model_task": getattr(task, "model_task", "classification"),
         **(task.run_info() if hasattr(task, "run_info") else {}),
+        **memory_run_info(cfg),  # how the base was loaded (bf16 / quantized), for eval and merge
     }
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(path, ignore_errors=True)

@@ -46,14 +46,21 @@ def sharelora_config(cfg: TrainConfig, model: nn.Module) -> Any:
 
 
 def prepare_model(base_model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The model to train: the base model itself (full) or a ``ShareLoraModel`` around it."""
+    """The model to train: the base model itself (full) or a ``ShareLoraModel`` around it, with the
+    run's memory options (``--bf16``, ``--gradient-checkpointing``; see memory.py) turned on."""
     if cfg.is_full:
         for p in base_model.parameters():
             p.requires_grad_(True)
-        return base_model
-    from sharelora import get_sharelora_model
+        model = base_model
+    else:
+        from sharelora import get_sharelora_model
 
-    return get_sharelora_model(base_model, sharelora_config(cfg, base_model))
+        model = get_sharelora_model(base_model, sharelora_config(cfg, base_model))
+    if cfg.bf16 or cfg.gradient_checkpointing:
+        from .memory import apply_memory_options
+
+        apply_memory_options(model, cfg)
+    return model
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

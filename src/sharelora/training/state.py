@@ -11,11 +11,19 @@ the file's metadata under the key ``"state"``:
     param.<name>                     trainable parameters (each shared tensor once)
     optim.<index>.<key>              AdamW state per parameter (step, exp_avg, exp_avg_sq)
     rng.torch / rng.cuda.<i>         torch's CPU and CUDA generator states (dropout)
+    rng.rank<r>.torch / .cuda.<i>    the same for process r > 0 of a multi-process run
     metadata["state"]                step, best dev metric, loss window, optimizer hyperparameters,
-                                     Python and NumPy generator states, config, elapsed seconds
+                                     Python and NumPy generator states (``rng``; ``rng_ranks`` for
+                                     processes 1, 2, ...), config, elapsed seconds
 
 The data order needs no state: epoch e visits the training set in the permutation drawn from a
 generator seeded with (seed, e), so position = the global step.
+
+Several processes (see distributed.py): every one calls ``save_checkpoint`` / ``save_weights`` (an
+FSDP shard is gathered into the whole tensor by all of them together) and only rank 0 writes
+(``write``); the file holds whole tensors, as a single process writes them, so a run may resume with
+another number of processes or with and without FSDP. Every process loads the same file and takes
+its own generator states and, under FSDP, its own shard of each tensor.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from torch import nn
 
 from ..method.checkpoint import atomic_write_text  # noqa: F401 (re-exported: one home for atomic writes)
 from ..method.checkpoint import read_safetensors, save_tensors
+from .distributed import full_tensor, is_dtensor, like
 
 STATE_KEY = "state"
 
@@ -55,12 +64,16 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 # --- random number generators ----------------------------------------------------------------
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The states of every generator a training step may draw from: tensors and JSON parts."""
+def capture_rng(cuda_devices: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The states of every generator a training step may draw from: tensors and JSON parts.
+
+    ``cuda_devices``: the GPUs whose generators to record (default: all; one process of several
+    records its own GPU's alone, rather than opening a context on every other one).
+    """
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+        for i in range(torch.cuda.device_count()) if cuda_devices is None else cuda_devices:
+            tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
     py = random.getstate()
     kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
     json_part = {
@@ -70,11 +83,13 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, json_part
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], json_part: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def restore_rng(tensors: dict[str, torch.Tensor], json_part: dict[str, Any], prefix: str = "rng") -> None:
+    torch.set_rng_state(tensors[f"{prefix}.torch"])
+    if torch.cuda.is_available():
+        for key in (k for k in tensors if k.startswith(f"{prefix}.cuda.")):
+            device = int(key.split(".")[-1])
+            if device < torch.cuda.device_count():
+                torch.cuda.set_rng_state(tensors[key], device)
     version, internal, gauss = json_part["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = json_part["numpy"]
@@ -82,26 +97,42 @@ def restore_rng(tensors: dict[str, torch.Tensor], json_part: dict[str, Any]) -> 
 
 
 # --- the checkpoint ----------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Write the resume checkpoint: parameters, optimizer, generators and ``state`` (JSON-able)."""
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *,
+                    rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+                    write: bool = True) -> None:
+    """Write the resume checkpoint: parameters, optimizer, generators and ``state`` (JSON-able).
+
+    ``rngs``: every process's ``capture_rng()``, in rank order (default: this process's alone).
+    ``write``: whether this process writes the file (rank 0); the others only help gather shards.
+    """
     params = trainable_parameters(model)
-    tensors: dict[str, torch.Tensor] = {f"param.{n}": p for n, p in params.items()}
+    tensors: dict[str, torch.Tensor] = {f"param.{n}": full_tensor(p) for n, p in params.items()}
     opt = optimizer.state_dict()
     for index, per_param in opt["state"].items():
         for key, value in per_param.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
+            t = full_tensor(value) if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"optim.{index}.{key}"] = t
-    rng_tensors, rng_json = capture_rng()
-    tensors.update(rng_tensors)
+    if not write:
+        return
+    rngs = rngs or [capture_rng()]
+    for rank, (rng_tensors, _) in enumerate(rngs):
+        prefix = "rng" if rank == 0 else f"rng.rank{rank}"
+        tensors.update({prefix + k[len("rng"):]: v for k, v in rng_tensors.items()})
     meta = dict(state)
     meta["optimizer_param_groups"] = opt["param_groups"]
     meta["parameter_names"] = list(params)
-    meta["rng"] = rng_json
+    meta["rng"] = rngs[0][1]
+    if len(rngs) > 1:
+        meta["rng_ranks"] = [json_part for _, json_part in rngs[1:]]
     atomic_save_tensors(tensors, path, metadata={STATE_KEY: json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote into ``model`` and ``optimizer``; return the state dict."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote into ``model`` and ``optimizer``; return the state dict.
+
+    ``rank``: whose generator states to restore. The returned dict's ``"rng_restored"`` is False
+    when the checkpoint holds none for this rank (it was written by fewer processes).
+    """
     tensors, metadata = load_tensors(path)
     if STATE_KEY not in metadata:
         raise ValueError(f"{path} is not a sharelora training checkpoint (no {STATE_KEY!r} metadata)")
@@ -115,20 +146,31 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"].to(p.device, p.dtype))
+            p.copy_(like(tensors[f"param.{name}"], p))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's indices
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
+            p = ordered[int(index)]
+            if is_dtensor(p) and value.shape == p.shape:  # a moment (exp_avg, ...) of a sharded parameter
+                value = like(value, p)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
-    restore_rng(tensors, meta["rng"])
+    ranks = meta.get("rng_ranks", [])
+    meta["rng_restored"] = rank <= len(ranks)
+    if rank == 0:
+        restore_rng(tensors, meta["rng"])
+    elif meta["rng_restored"]:
+        restore_rng(tensors, ranks[rank - 1], prefix=f"rng.rank{rank}")
     return meta
 
 
-def save_weights(path: Path, model: nn.Module) -> None:
-    """Save the trainable parameters (the best checkpoint so far) atomically."""
-    atomic_save_tensors(trainable_parameters(model), path)
+def save_weights(path: Path, model: nn.Module, *, write: bool = True) -> None:
+    """Save the trainable parameters (the best checkpoint so far) atomically; ``write`` as in save_checkpoint."""
+    tensors = {name: full_tensor(p) for name, p in trainable_parameters(model).items()}
+    if write:
+        atomic_save_tensors(tensors, path)
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
@@ -139,4 +181,4 @@ def load_weights(path: Path, model: nn.Module) -> None:
         raise ValueError(f"{path} holds other parameters than the model trains; it belongs to another run")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+            p.copy_(like(tensors[name], p))
