@@ -126,7 +126,7 @@ class LiveServer:
         import uvicorn
 
         from sharelora.serve.app import create_app
-        from sharelora.serve.cli import bind
+        from sharelora.serve.launch import bind
         from sharelora.serve.scheduler import Scheduler
 
         self.served = served

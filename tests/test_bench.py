@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sharelora.bench import BenchConfig, run_bench
-from sharelora.bench.cli import main as bench_main
+from sharelora.cli.bench import main as bench_main
 from sharelora.bench.measure import rotations
 from sharelora.bench.methods import METHODS, AdapterSettings, FloorModel, prepare
 from sharelora.bench.models import build_base, make_inputs, resolve_spec

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sharelora.bench.cli import main as bench_main
+from sharelora.cli.bench import main as bench_main
 from sharelora.bench.mixed import MixedConfig, build_sharelora, check_mixed, markdown, round_robin, run_mixed
 from sharelora.bench.models import build_base, make_inputs, resolve_spec
 

@@ -10,7 +10,8 @@ import pytest
 from generation_tiny import tiny_e2e, tiny_instructions, tiny_llama, tiny_tokenizer
 
 from sharelora.cli import build_parser, config_from_args, main
-from sharelora.tasks.build import TASK_PRESETS, task_config
+from sharelora.tasks.build import TASK_PRESETS
+from sharelora.training.config import task_config
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from conftest import assert_close_after_adamw
 from generation_tiny import TinyBundle, tiny_e2e, tiny_gpt2, tiny_instructions, tiny_llama, tiny_mmlu, tiny_tokenizer
 from safetensors.torch import load_file
 
-from sharelora.tasks.build import default_targets, task_config, task_name
+from sharelora.tasks.build import default_targets, task_name
+from sharelora.training.config import task_config
 from sharelora.training import train
 
 

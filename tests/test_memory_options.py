@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from training_tiny import NEGATIVE, POSITIVE, FILLER, SPECIAL, tiny_data, tiny_tokenizer as bert_tokenizer, write_csv
 
 from sharelora.cli import build_parser, config_from_args, main
-from sharelora.tasks.build import task_config
+from sharelora.training.config import task_config
 from sharelora.training import train
 from sharelora.training.config import TrainConfig
 from sharelora.training.methods import prepare_model

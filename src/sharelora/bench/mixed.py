@@ -391,15 +391,3 @@ def config_from_bench_args(args) -> MixedConfig:
                        adapters=tuple(args.adapters or d.adapters), rank=args.rank, alpha=args.alpha,
                        dropout=args.dropout, reps=args.reps or d.reps, warmup=args.warmup,
                        threads=args.threads or d.threads, device=args.device, malloc=args.malloc)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from .cli import main as bench_main
-
-    return bench_main(["--section", "mixed", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -762,3 +762,12 @@ class ShareLoraModel(nn.Module):
 def get_sharelora_model(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> ShareLoraModel:
     """Add a ShareLoRA adapter to ``model`` (in place) and return the wrapping ShareLoraModel."""
     return ShareLoraModel(model, config, adapter_name)
+
+
+def __getattr__(name: str):
+    # ``ShareLoraPeftModel`` by name (pickle looks classes up so): made on first use, as peft is optional.
+    if name == "ShareLoraPeftModel":
+        from .peft_surface import peft_facing
+
+        return peft_facing(ShareLoraModel)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,7 +50,9 @@ def peft_facing(cls: type) -> type:
     from peft import PeftModel
 
     namespace = dict(_SURFACE)
-    namespace.update({"__module__": __name__, "__doc__": cls.__doc__, "_is_peft_surface": True})
+    # The class lives, by name, in the module of the class it extends (model.py makes ShareLoraPeftModel
+    # on first lookup), so pickle finds it there.
+    namespace.update({"__module__": cls.__module__, "__doc__": cls.__doc__, "_is_peft_surface": True})
     own = {name for klass in cls.__mro__ if not issubclass(PeftModel, klass) for name in vars(klass)}
     for name, value in vars(PeftModel).items():
         if name.startswith("__") or name in own or name in namespace:
@@ -122,12 +124,3 @@ _SURFACE = {
     "supports_lora_conversion": lambda self, adapter_name="default": False,
     "_get_peft_specific_model_tags": lambda self: [],
 }
-
-
-def __getattr__(name: str):
-    # ``ShareLoraPeftModel`` by name (pickle looks classes up so): made on first use, as peft is optional.
-    if name == "ShareLoraPeftModel":
-        from .model import ShareLoraModel
-
-        return peft_facing(ShareLoraModel)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ One file per concern (the layout of llama-cpp-python's server): ``settings`` (fl
 model and the loaded adapters), ``scheduler`` (continuous batching across adapters, no HTTP),
 ``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
 
-Names are imported on first use, so ``sharelora --help`` (which imports ``serve.cli``) stays fast.
+Names are imported on first use, so ``sharelora --help`` (which imports ``sharelora.cli.serve``) stays fast.
 """
 
 import importlib

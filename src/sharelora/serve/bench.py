@@ -265,7 +265,7 @@ def _http(args, served, prompts, params) -> dict:
     from openai import OpenAI
 
     from .app import create_app
-    from .cli import bind
+    from .launch import bind
     from .scheduler import Scheduler
     from .settings import Settings
 

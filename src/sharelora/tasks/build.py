@@ -177,16 +177,3 @@ def _is_registered(dataset: str) -> bool:
     from ..sources import registry
 
     return dataset in registry.current()
-
-
-def task_config(task: str, **overrides: Any) -> Any:
-    """A ``TrainConfig`` for ``task`` from its preset, with ``overrides`` on top.
-
-    >>> cfg = task_config("e2e", method="sharea", seed=1)      # smollm2 on E2E, ShareA on q_proj/v_proj
-    >>> cfg = task_config("instructions", dataset="my-instructions.jsonl")   # a local file of instruction rows
-    """
-    from ..training.config import TrainConfig
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return TrainConfig.from_dict({"task": task, **preset_values(task, overrides)})

@@ -22,6 +22,10 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "shareab": {"share": "AB"},
     # The paper's self-attention variant: one A for the query, key and value maps of all layers.
     "sharea-qkv": {"share": "A", "scope": "qkv", "target_modules": ["query", "key", "value"]},
+    # PEFT's own shared-parameter methods, as baselines (training/peft_methods.py): VeRA (frozen shared
+    # random A/B, trained scaling vectors) and VB-LoRA (a trained vector bank shared by all layers).
+    "peft-vera": {"peft": "vera"},
+    "peft-vblora": {"peft": "vblora"},
 }
 
 # Learning rates when none is given: adapters train few, freshly initialised weights and take a
@@ -83,6 +87,9 @@ class TrainConfig:
     # Under a launcher (torchrun / accelerate launch): shard the model with FSDP2 instead of DDP
     # (training/distributed.py). The math is the same, so a run may resume with or without it.
     fsdp: bool = False
+    # Method settings other than rank/alpha/dropout (training/peft_methods.py: PEFT's VeRA / VB-LoRA
+    # options such as num_vectors); empty: the method's documented defaults.
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_full(self) -> bool:
@@ -136,6 +143,10 @@ class TrainConfig:
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
         self._validate_memory()
+        if self.method_options or (METHODS[self.method] or {}).get("peft"):
+            from .peft_methods import validate_method_options
+
+            validate_method_options(self)
 
     def _validate_memory(self) -> None:
         from .memory import COMPUTE_DTYPES, QUANTIZE
@@ -160,7 +171,7 @@ class TrainConfig:
         """A copy with the method's overrides applied and the defaults that depend on others filled in."""
         self.validate()
         cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options),
-                                  task_options=dict(self.task_options))
+                                  task_options=dict(self.task_options), method_options=dict(self.method_options))
         overrides = METHODS[cfg.method] or {}
         if "target_modules" in overrides:
             cfg.targets = list(overrides["target_modules"])
@@ -187,9 +198,22 @@ class TrainConfig:
                    "gradient_checkpointing")
     # Fields added after checkpoints were first written, with the value those checkpoints ran with:
     # left out of the key at that value, so such a checkpoint still resumes.
-    ADDED_LATER = {"bf16": False, "quantize": None, "quantize_compute_dtype": None}
+    ADDED_LATER = {"bf16": False, "quantize": None, "quantize_compute_dtype": None, "method_options": {}}
 
     def resume_key(self) -> dict[str, Any]:
         """The part of the config that must match for a resumed run to equal an uninterrupted one."""
         return {k: v for k, v in self.to_dict().items()
                 if k not in self.RESUME_FREE and not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
+
+
+def task_config(task: str, **overrides: Any) -> TrainConfig:
+    """A ``TrainConfig`` for ``task`` from its preset (``tasks.build.TASK_PRESETS``), with ``overrides`` on top.
+
+    >>> cfg = task_config("e2e", method="sharea", seed=1)      # smollm2 on E2E, ShareA on q_proj/v_proj
+    >>> cfg = task_config("instructions", dataset="my-instructions.jsonl")   # a local file of instruction rows
+    """
+    from ..tasks.build import TASKS, preset_values
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return TrainConfig.from_dict({"task": task, **preset_values(task, overrides)})

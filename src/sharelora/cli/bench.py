@@ -1,4 +1,4 @@
-"""``sharelora bench``: registered with the command line through ``sharelora.cli.PLUGINS``."""
+"""``sharelora bench`` (also ``python -m sharelora.bench``): time and memory of the methods, or of mixed-adapter batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import csv_list
+from .common import csv_list
 
 
 def _overrides(text: str) -> dict:
@@ -26,8 +26,8 @@ def _overrides(text: str) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .methods import METHODS
-    from .run import DEFAULT_MODELS
+    from ..bench.methods import METHODS
+    from ..bench.run import DEFAULT_MODELS
 
     p.add_argument("--section", choices=("methods", "mixed"), default="methods",
                    help="methods: every method's training step, memory and inference (default); mixed: forward "
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .run import DEFAULT_MODELS, BenchConfig
+    from ..bench.run import DEFAULT_MODELS, BenchConfig
 
     return BenchConfig(models=args.models or list(DEFAULT_MODELS), methods=args.methods,
                        weights=args.weights or "auto", task=args.task,
@@ -84,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     if args.section == "mixed":
-        from .mixed import config_from_bench_args, markdown, run_mixed
+        from ..bench.mixed import config_from_bench_args, markdown, run_mixed
 
         results = run_mixed(config_from_bench_args(args), log=log)
     else:
-        from .report import markdown
-        from .run import run_bench
+        from ..bench.report import markdown
+        from ..bench.run import run_bench
 
         results = run_bench(config_from_args(args), log=log)
     results["command"] = "sharelora bench " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", sys.argv[2:]))

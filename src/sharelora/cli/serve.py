@@ -1,4 +1,4 @@
-"""``sharelora serve``: registered with the command line through ``sharelora.cli.PLUGINS``.
+"""``sharelora serve``: a base model and many adapters behind an OpenAI-compatible HTTP API.
 
 Flags come from ``settings.Settings``. Heavy imports (torch, fastapi, uvicorn) happen in ``run``,
 so ``sharelora --help`` stays instant.
@@ -8,63 +8,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .settings import add_arguments as settings_arguments
+    from ..serve.settings import add_arguments as settings_arguments
 
     p.description = ("Serve a base model and many adapters over an OpenAI-compatible HTTP API; requests for "
                      "different adapters are decoded together in one batch (docs/SERVING.md).")
     settings_arguments(p)
 
 
-def load(settings, out=print):
-    """(ServedModel, Scheduler) for ``settings``: the base model and every ``--adapter``, with a line each."""
-    import time
-
-    from .model import ServedModel
-    from .scheduler import Scheduler
-
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    t0 = time.perf_counter()
-    served = ServedModel.load(settings.model, cache_dir=settings.cache_dir, device=settings.device,
-                              dtype=settings.dtype, context_length=settings.context_length)
-    n_params = sum(p.numel() for p in served.base.parameters())
-    out(f"sharelora serve: base model {served.name} ({type(served.base).__name__}, {n_params / 1e6:.1f}M parameters, "
-        f"{served.device}, context {served.context_length}) loaded in {time.perf_counter() - t0:.1f} s")
-    specs = settings.adapter_specs()
-    for i, (name, path) in enumerate(specs, 1):
-        t1 = time.perf_counter()
-        infos = served.add_adapter(served.read_adapter(path, name))
-        for info in infos:
-            group = f", task group {info.task_group!r}" if info.task_group else ""
-            out(f"  [{i}/{len(specs)}] adapter {info.name}: {info.format}{group}, {info.parameters:,} parameters "
-                f"({info.bytes / 2**20:.2f} MiB) from {path} ({time.perf_counter() - t1:.1f} s)")
-    return served, Scheduler(served, max_batch=settings.max_batch, max_queue=settings.max_queue)
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from ..cli import CliError
-    from .app import create_app
-    from .settings import settings_from_args
+    from ..serve.app import create_app
+    from ..serve.launch import bind, load
+    from ..serve.settings import settings_from_args
+    from .common import CliError
 
     try:
         settings = settings_from_args(args)

@@ -1,0 +1,39 @@
+"""``sharelora export-peft``: a ShareLoRA adapter as a standard PEFT LoRA directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def adapter_and_out_dirs(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a run directory (runs/<name>) or its adapter/ directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help=what)
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="where fetched models are kept")
+
+
+def load_adapter_run(adapter_dir: str, cache_dir: str | None):
+    """(model, tokenizer, run info) of an adapter run; a fully fine-tuned model is refused."""
+    from ..training import load_trained_model
+    from .common import CliError
+
+    model, tokenizer, info = load_trained_model(adapter_dir, cache_dir=cache_dir)
+    if info["method"] == "full":
+        raise CliError(f"{adapter_dir} is a fully fine-tuned model, not an adapter; it already loads on its own")
+    return model, tokenizer, info
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write a ShareLoRA adapter as a standard PEFT LoRA directory (one lora_A / lora_B per layer), "
+                     "loadable by peft and LoRA serving engines; outputs are identical.")
+    adapter_and_out_dirs(p, "directory for the PEFT adapter")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, _, _ = load_adapter_run(args.adapter_dir, args.cache_dir)
+    out = model.export_peft(args.out_dir)
+    print(f"PEFT LoRA adapter written to {out}")
+    return 0
+
+
+def register(register_command) -> None:
+    register_command("export-peft", "write an adapter as a standard PEFT LoRA directory", add_arguments, run)
