@@ -1,0 +1,95 @@
+"""``sharelora multitask``: several classification tasks in one model, jointly or one after another."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import CliError, add_run_arguments, config_from_args, csv_list, not_pretrained_note, positive_float, positive_int
+from .train import add_run_control_arguments, start_run
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Train one model on several classification tasks: jointly on mixed-task batches (default) or one task "
+        "after another (--continual), a head per task, per-task dev metrics every epoch, the best checkpoint on "
+        "the mean dev metric, per-task test metrics at the end. E.g. sharelora multitask --tasks "
+        "rotten-tomatoes,vitaminc --method sharea --task-share A. Output as sharelora train (results.json, "
+        "log.jsonl, curves.png with a curve per task, a multi-adapter adapter/); --resume continues a killed run."
+    )
+    p.add_argument("--tasks", type=csv_list, required=True, metavar="A,B",
+                   help="the tasks: registered dataset names or NAME=PATH items (a local file or folder)")
+    p.add_argument("--task-share", choices=["none", "A", "B"], default="A",
+                   help="what the tasks' adapters share: A (one A per module type for every task and layer; "
+                        "each task owns its B's), B, or none (an adapter each) (default: A)")
+    p.add_argument("--continual", action="store_true",
+                   help="the tasks one after another: the first trains the shared tensors, later ones only their "
+                        "own; every earlier task is re-scored after each stage (forgetting)")
+    p.add_argument("--continual-train-shared", action="store_true",
+                   help="with --continual: keep training the shared tensors in later stages (they then forget)")
+    p.add_argument("--one-adapter", action="store_true",
+                   help="one adapter for all tasks, no task id (with --continual: plain sequential fine-tuning)")
+    p.add_argument("--heads", type=positive_int, default=1,
+                   help="K > 1: HydraLoRA, one shared A and K B heads mixed per token by a router (default: 1)")
+    p.add_argument("--router-top-k", type=positive_int, default=None, help="HydraLoRA: keep the top k heads per token")
+    p.add_argument("--sampling-temperature", type=positive_float, default=1.0,
+                   help="joint training: a row's task drawn with p_t ~ N_t^(1/T); 1 = every row once, in proportion "
+                        "to size (default: 1)")
+    add_run_arguments(p)
+    for action in p._actions:  # --method hydra: HydraLoRA (lora with --heads K)
+        if action.dest == "method" and action.choices is not None:
+            action.choices = [*action.choices, "hydra"]
+    add_run_control_arguments(p)
+
+
+def config_from_multitask_args(args: argparse.Namespace):
+    from ..training.multitask import MultiTaskConfig
+
+    method = getattr(args, "method", None)
+    if method == "hydra":
+        if args.heads < 2:
+            raise CliError("--method hydra needs --heads K with K >= 2 (the number of routed B heads), e.g. --heads 4")
+        args.method = "lora"
+    base = config_from_args(args)
+    values = base.to_dict()
+    values.update(tasks=list(args.tasks), task_share=args.task_share, continual=args.continual,
+                  continual_train_shared=args.continual_train_shared, one_adapter=args.one_adapter,
+                  heads=args.heads, router_top_k=args.router_top_k, sampling_temperature=args.sampling_temperature)
+    cfg = MultiTaskConfig(**values)
+    if args.output_dir is None:
+        cfg.output_dir = None  # named after the multi-task run, not the single-task default
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.multitask import train_multitask
+
+    cfg = config_from_multitask_args(args)
+    start_run(args)
+    results = train_multitask(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                              keep_state=args.keep_state)
+    if results.get("status") == "interrupted":
+        return 130
+    out = Path(results["config"]["output_dir"])
+    metric = results["metric"]
+    p = results["parameters"]
+    print(f"\n{results['name']}: {results['method']} ({results['layout']}), "
+          f"{json.dumps({k: v for k, v in p.items() if isinstance(v, int)})}{not_pretrained_note(results)}")
+    for name, t in results["tasks"].items():
+        test = t.get("test") or {}
+        print(f"  {name}: dev {metric} {t['dev'][metric]:.4f}" + (f", test {test[metric]:.4f}" if test else ""))
+    mean = results["mean"]
+    print(f"  mean: dev {mean['dev']:.4f}" + (f", test {mean['test']:.4f}" if mean.get("test") is not None else ""))
+    if "forgetting" in results:
+        print(f"  forgetting ({metric}, test): {json.dumps(results['forgetting']['per_task'])}")
+    print(f"  results: {out / 'results.json'}\n  adapter: {out / 'adapter'}\n  curves:  {out / 'curves.png'}")
+    return 0
+
+
+def register(register_command) -> None:
+    register_command("multitask", "train one model on several tasks (joint, continual or HydraLoRA)", add_arguments, run)

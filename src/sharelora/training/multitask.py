@@ -1,0 +1,808 @@
+"""Several classification tasks in one model: joint training on mixed-task batches, or continual.
+
+    train_multitask(MultiTaskConfig(tasks=["rotten-tomatoes", "vitaminc", "multiemo"], method="sharea",
+                                    task_share="A"))
+
+What the model holds (its layout):
+    per task (default): one adapter per task, named after it. ``task_share`` says what the adapters
+        share (SPEC.md, "Sharing across tasks"): with ShareA and ``task_share="A"`` one A per module
+        type serves every layer and every task, and each task owns only its B's. Every task trains
+        its own copy of the classification head (``modules_to_save``). A batch routes each row to
+        its task's adapter and head (``adapter_names``).
+    one adapter (``one_adapter=True``, and always for HydraLoRA, ``heads > 1``): one adapter for all
+        tasks; no task id reaches it (HydraLoRA's router mixes its K B heads per token instead).
+        One head scores the union of the tasks' labels.
+
+Heads of tasks with different label counts: the base's classifier is built with max_t n_t outputs
+(per task: task t reads the first n_t) or sum_t n_t (one adapter: task t reads its own block of
+n_t). A task's loss and predictions see only its outputs, so it sends no gradient to the others.
+
+Joint training (one stage): an epoch is sum_t N_t rows. With ``sampling_temperature`` T = 1 it is
+every training row once, all tasks shuffled together (each task in proportion to its size); with
+T != 1 each row's task is drawn with p_t proportional to N_t^(1/T) (T large: uniform), then the
+task's next row in its own shuffled order. Either way a batch mixes rows of several tasks, and the
+order of an epoch is a function of (seed, stage, epoch) alone, so a resumed run takes the same
+steps. The best epoch has the highest mean dev metric over the tasks; each task's test metric is
+computed once, with its weights.
+
+Continual (``continual=True``): stage k trains task k alone. Stage 1 trains the task-shared tensors;
+later stages train only their task's own tensors and head (``set_adapter(train_shared=False)``;
+``continual_train_shared=True`` keeps training the shared ones), so every earlier task computes bit
+for bit what it did: its forgetting is exactly zero. After each stage, with that stage's best
+weights (the best epoch on its own task's dev), every task seen so far is scored on dev and test:
+the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). Baselines:
+``one_adapter=True`` with ``continual`` is plain sequential fine-tuning of one adapter through the
+tasks (it forgets); ``task_share="none"`` gives every task an adapter of its own.
+
+The loop is loop.py's (AdamW with linear warmup and decay, restarted per stage; gradient
+accumulation; clipping; Ctrl-C and resume; log.jsonl; the output directory's lock), in one process.
+
+Output directory: as ``sharelora train`` (results.json, log.jsonl, curves.png with a curve per task,
+adapter/ in the multi-adapter format with a run_info.json that names every task's data set, adapter
+and outputs, state/ while running).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tasks import ClassificationTask, EncodedSplit
+from ..tasks.build import resolve_targets
+from .config import TrainConfig, short_name
+from .evaluate import RUN_INFO, eval_settings, evaluate, model_logits, read_run_info
+from .lock import output_dir_lock
+from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_task_curves, reset_peak_rss
+from .loop import RunPaths, _prepare_output, _StopFlag, lr_at, make_optimizer, pick_device, seed_everything
+from .methods import head_modules, sharelora_config
+from .state import (
+    STATE_KEY, atomic_save_tensors, atomic_write_text, load_checkpoint, load_tensors, load_weights,
+    save_checkpoint, save_weights, trainable_parameters,
+)
+
+ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
+STAGES_FILE = "stages.safetensors"  # in state/: every adapter tensor after the last finished stage
+
+
+# --- configuration ---------------------------------------------------------------------------------
+@dataclass
+class MultiTaskConfig(TrainConfig):
+    """A multi-task run: ``TrainConfig``'s fields (``dataset`` unused) plus the tasks and how they share.
+
+    ``tasks``: "NAME=DATASET" or "DATASET" (named after it) items; a dataset is a registry name or
+    a local file / folder. ``task_dataset_options``: {task name: load_dataset options}. ``epochs``
+    and ``max_steps`` apply to each stage of a continual run.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["rotten-tomatoes", "vitaminc"])
+    task_share: str = "A"
+    continual: bool = False
+    continual_train_shared: bool = False
+    one_adapter: bool = False
+    heads: int = 1  # K > 1: HydraLoRA (K routed B heads; the one-adapter layout)
+    router_top_k: int | None = None
+    sampling_temperature: float = 1.0
+    task_dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def hydra(self) -> bool:
+        return self.heads > 1
+
+    @property
+    def layout(self) -> str:
+        return "one-adapter" if self.one_adapter or self.hydra else "per-task"
+
+    @property
+    def method_label(self) -> str:
+        """The method as tables name it: "sharea", "hydra" (LoRA with K heads), "sharea-hydra", ..."""
+        if self.hydra:
+            return "hydra" if self.method in ("lora", "hydra") else f"{self.method}-hydra"
+        return self.method
+
+    def task_datasets(self) -> dict[str, str]:
+        """{task name: dataset} from ``tasks``; a name is also the task's adapter name."""
+        out: dict[str, str] = {}
+        for item in self.tasks:
+            name, sep, dataset = item.partition("=")
+            if not sep:
+                name, dataset = re.sub(r"[^A-Za-z0-9_-]+", "-", short_name(item)), item
+            if not name or not dataset or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"task {item!r}: write NAME=DATASET with a NAME of letters, digits, '-' or '_' "
+                                 "(e.g. sst=runs/data/sst.csv), or a registered dataset name")
+            if name in out:
+                raise ValueError(f"task name {name!r} appears twice in tasks {self.tasks}; name them NAME=DATASET")
+            if name == ONE_ADAPTER:
+                raise ValueError(f"{ONE_ADAPTER!r} names the shared adapter of the one-adapter layout; "
+                                 "give the task another name")
+            out[name] = dataset
+        return out
+
+    @property
+    def name(self) -> str:
+        tasks = "+".join(self.task_datasets())
+        share = "" if self.layout == "one-adapter" else f"-ts{self.task_share}"
+        heads = f"{self.heads}" if self.hydra else ""
+        mode = "-continual" if self.continual else "-joint"
+        one = "-one" if self.one_adapter and not self.hydra else ""
+        return (f"{short_name(self.model)}-{tasks}-{self.method_label}{heads}{share}{one}{mode}"
+                f"-r{self.rank}-s{self.seed}")
+
+    def validate(self) -> None:
+        if self.method == "hydra":  # HydraLoRA: plain LoRA's A (not shared across layers) and K routed B heads
+            if not isinstance(self.heads, int) or self.heads < 2:
+                raise ValueError(f"--method hydra routes K >= 2 B heads; give --heads K (e.g. --heads 3), "
+                                 f"got heads={self.heads!r}")
+            dataclasses.replace(self, method="lora").validate()
+            return
+        super().validate()
+        if self.is_full:
+            raise ValueError("multitask trains adapters (a head per task); choose an adapter method, e.g. "
+                             "--method sharea, lora or hydra")
+        if not self.tasks:
+            raise ValueError("tasks is empty; name the tasks, e.g. --tasks rotten-tomatoes,vitaminc")
+        self.task_datasets()
+        if self.task_share not in ("none", "A", "B"):
+            raise ValueError(f"task_share must be none, A or B, got {self.task_share!r}")
+        if not isinstance(self.heads, int) or self.heads < 1:
+            raise ValueError(f"heads must be a positive integer, got {self.heads!r} (HydraLoRA: 2 or more)")
+        if self.router_top_k is not None and not (self.hydra and 1 <= self.router_top_k <= self.heads):
+            raise ValueError(f"router_top_k needs heads > 1 and 1 <= router_top_k <= heads, got {self.router_top_k!r}")
+        if not self.sampling_temperature > 0:
+            raise ValueError(f"sampling_temperature must be > 0 (1 = proportional to size), got "
+                             f"{self.sampling_temperature!r}")
+        if self.continual_train_shared and not self.continual:
+            raise ValueError("continual_train_shared applies to --continual runs only")
+        if self.task not in ("auto", "classification"):
+            raise ValueError(f"multitask trains classification tasks; task {self.task!r} does not apply")
+        unknown = sorted(set(self.task_dataset_options) - set(self.task_datasets()))
+        if unknown:
+            raise ValueError(f"task_dataset_options names unknown task(s) {unknown}; tasks: {list(self.task_datasets())}")
+        used = [k for k in ("bf16", "gradient_checkpointing", "fsdp") if getattr(self, k)] + (
+            ["quantize"] if self.quantize else [])
+        if used:
+            raise ValueError(f"multitask does not support {', '.join(used)} yet; train without it")
+
+    def resolved(self) -> MultiTaskConfig:
+        if self.method == "hydra":
+            self.validate()
+            return dataclasses.replace(self, method="lora").resolved()
+        cfg = super().resolved()
+        cfg.tasks = list(self.tasks)
+        cfg.task_dataset_options = {k: dict(v) for k, v in self.task_dataset_options.items()}
+        return cfg
+
+
+# --- one task of a multi-task model -------------------------------------------------------------------
+class TaskHead:
+    """One task of a multi-task model as ``evaluate`` sees a task: its adapter and its outputs.
+
+    ``adapter``: the adapter its rows go through (routed with ``adapter_names`` when ``routed``);
+    ``logits``: (start, end), the classifier outputs that are its classes.
+    """
+
+    greater_is_better = True
+
+    def __init__(self, name: str, task: ClassificationTask, adapter: str, logits: tuple[int, int], routed: bool):
+        self.name, self.task, self.adapter, self.routed = name, task, adapter, routed
+        self.start, self.end = logits
+        if self.end - self.start != task.num_labels:
+            raise ValueError(f"task {name!r} has {task.num_labels} labels but reads {self.end - self.start} outputs")
+        self.primary_metric = task.primary_metric
+        self.task_type = task.task_type
+        self.num_labels = task.num_labels
+        self.label_names = task.label_names
+
+    @property
+    def splits(self) -> list[str]:
+        return self.task.splits
+
+    def encode(self, split: str, limit: int | None = None) -> EncodedSplit:
+        return self.task.encode(split, limit)
+
+    def collate(self, split: EncodedSplit, indices) -> dict[str, torch.Tensor]:
+        return self.task.collate(split, indices)
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        inputs: dict[str, Any] = self.task.model_inputs(batch)
+        if self.routed:
+            inputs["adapter_names"] = [self.adapter] * batch["input_ids"].shape[0]
+        return inputs
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, self.start : self.end]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self.task.loss(self.outputs(logits), labels, reduction=reduction)
+
+    def predict(self, logits: torch.Tensor) -> list:
+        return self.task.predict(self.outputs(logits))
+
+    def metrics(self, predictions, labels) -> dict[str, float]:
+        return self.task.metrics(predictions, labels)
+
+
+def head_layout(num_labels: dict[str, int], one_adapter: bool) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(classifier outputs, {task: (start, end)}): max_t n_t, each from 0; or sum_t n_t, in blocks."""
+    if not one_adapter:
+        return max(num_labels.values()), {t: (0, n) for t, n in num_labels.items()}
+    slices, start = {}, 0
+    for t, n in num_labels.items():
+        slices[t] = (start, start + n)
+        start += n
+    return start, slices
+
+
+# --- data order --------------------------------------------------------------------------------------
+@dataclass
+class MixedSplit:
+    """The training rows of several tasks, task after task, and the task of each row."""
+
+    split: EncodedSplit
+    task_of_row: list[int]
+    sizes: list[int]
+
+    @classmethod
+    def of(cls, splits: list[EncodedSplit]) -> MixedSplit:
+        types = [s.token_type_ids for s in splits]
+        if any(t is None for t in types) and not all(t is None for t in types):
+            raise ValueError("the tasks' tokenized rows disagree on token_type_ids; use one tokenizer for all")
+        joined = EncodedSplit(
+            "train", [ids for s in splits for ids in s.input_ids],
+            None if types[0] is None else [t for s in splits for t in s.token_type_ids],
+            [y for s in splits for y in s.labels])
+        return cls(joined, [i for i, s in enumerate(splits) for _ in range(len(s))], [len(s) for s in splits])
+
+
+def mixed_order(sizes: list[int], seed: int, stage: int, epoch: int, temperature: float = 1.0) -> list[int]:
+    """The rows (indices into the tasks' rows, task after task) epoch ``epoch`` of stage ``stage`` visits.
+
+    ``sum(sizes)`` rows; a function of the arguments only. T = 1: a permutation of every row. T != 1:
+    each position's task drawn with p_t proportional to size_t^(1/T), then that task's next row in
+    its own permutations (drawn again whenever it runs out).
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + stage * 10_007 + epoch)
+    total = sum(sizes)
+    if temperature == 1.0:
+        return torch.randperm(total, generator=g).tolist()
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    weights = torch.tensor([n ** (1.0 / temperature) if n else 0.0 for n in sizes], dtype=torch.float64)
+    tasks = torch.multinomial(weights / weights.sum(), total, replacement=True, generator=g).tolist()
+    streams: list[list[int]] = [[] for _ in sizes]
+    order = []
+    for t in tasks:
+        if not streams[t]:
+            streams[t] = torch.randperm(sizes[t], generator=g).tolist()[::-1]
+        order.append(offsets[t] + streams[t].pop())
+    return order
+
+
+# --- data and model ------------------------------------------------------------------------------------
+def load_task_data(cfg: MultiTaskConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{task name: TaskData}: given ones (tests), else each task's dataset through ``sources``."""
+    datasets = cfg.task_datasets()
+    if data is not None:
+        missing = sorted(set(datasets) - set(data))
+        if missing:
+            raise ValueError(f"no data given for task(s) {missing}")
+        out = {n: data[n] for n in datasets}
+    else:
+        from ..sources import load_dataset
+
+        out = {n: load_dataset(d, cache_dir=cfg.cache_dir, **cfg.task_dataset_options.get(n, {}))
+               for n, d in datasets.items()}
+    for n, d in out.items():
+        kind = getattr(d, "task_type", "classification")
+        if kind != "classification":
+            raise ValueError(f"task {n!r} ({getattr(d, 'name', n)}) is a {kind} data set; multitask trains "
+                             "classification tasks (a head each)")
+    return out
+
+
+def build_model(base: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> nn.Module:
+    """``base`` with the run's adapters: one per task (in ``tasks`` order), or the one shared adapter."""
+    from sharelora import get_sharelora_model
+
+    if not (cfg.modules_to_save or head_modules(base)):
+        raise ValueError(f"{type(base).__name__} has no classification head (classifier / score) to train per "
+                         "task; name it with --modules-to-save")
+    config = sharelora_config(cfg, base)
+    if cfg.layout == "one-adapter":
+        config = dataclasses.replace(config, heads=cfg.heads, router=cfg.hydra, router_top_k=cfg.router_top_k)
+        return get_sharelora_model(base, config, adapter_name=ONE_ADAPTER)
+    config = dataclasses.replace(config, task_share=cfg.task_share)
+    model = get_sharelora_model(base, config, adapter_name=tasks[0])
+    for name in tasks[1:]:
+        model.add_adapter(name, dataclasses.replace(config))
+    return model
+
+
+def parameter_summary(model: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> dict[str, Any]:
+    """Adapter parameters of the whole model (each tensor once), per task, and what one more task adds."""
+    report = model.parameter_report()
+    summary: dict[str, Any] = {
+        "adapter": int(report["adapter_parameters"]),
+        "heads": int(report["modules_to_save_parameters"]),
+        "task_shared": int(report["task_shared_parameters"]),
+        "separate_lora": int(report["separate_lora_parameters"]),
+        "all": int(report["all_parameters"]),
+    }
+    if cfg.layout == "per-task":
+        per = report["adapters"]
+        summary["per_task"] = {t: {"own": per[t]["own_parameters"], "shared": per[t]["shared_parameters"],
+                                   "head": per[t]["modules_to_save_parameters"]} for t in tasks}
+        summary["added_per_task"] = int(per[tasks[-1]]["own_parameters"])  # what the last task added
+    else:
+        summary["added_per_task"] = 0  # every task reads the same adapter (its head outputs aside)
+    summary["report"] = report
+    return summary
+
+
+# --- training ---------------------------------------------------------------------------------------------
+def train_multitask(cfg: MultiTaskConfig, *, resume: bool = False, overwrite: bool = False, bundle: Any = None,
+                    data: dict[str, Any] | None = None, on_step: Callable[[int], bool | None] | None = None,
+                    progress: bool = True, keep_state: bool = False) -> dict[str, Any]:
+    """Train a multi-task run and return its results (also ``<output_dir>/results.json``).
+
+    Arguments as ``training.train``; ``data`` is {task name: TaskData} and ``bundle`` a ModelBundle
+    whose classifier has the layout's number of outputs (``head_layout``). A finished run is returned
+    as it is with ``resume``; another process writing into the output directory is an error.
+    """
+    wall_start = time.perf_counter()
+    cfg = cfg.resolved()
+    paths = RunPaths(Path(cfg.output_dir))
+    with output_dir_lock(cfg.output_dir):
+        finished = _prepare_output(paths, resume, overwrite)
+        if finished is not None:
+            print(f"{paths.root} already finished; results in {paths.results}")
+            return finished
+        run = _Run(cfg, paths, bundle, data)
+        return run.train(resume and paths.checkpoint.is_file(), on_step, progress, keep_state, wall_start)
+
+
+class _Run:
+    """The state of one multi-task run: its tasks, model, stages and the loop over them."""
+
+    def __init__(self, cfg: MultiTaskConfig, paths: RunPaths, bundle: Any, data: dict[str, Any] | None):
+        self.cfg, self.paths = cfg, paths
+        reset_peak_rss()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.seed)
+        self.device = pick_device(cfg.device)
+        self.data = load_task_data(cfg, data)
+        self.names = list(self.data)
+        from ..tasks import label_space
+
+        counts = {n: label_space(d)[1] for n, d in self.data.items()}
+        self.outputs, slices = head_layout(counts, cfg.layout == "one-adapter")
+        if bundle is None:
+            from ..sources import load_model
+
+            seed_everything(cfg.seed)  # the new head starts from the same weights for the same seed
+            bundle = load_model(cfg.model, task="classification", num_labels=self.outputs, cache_dir=cfg.cache_dir)
+        self.bundle = bundle
+        self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
+        routed = cfg.layout == "per-task"
+        self.heads = {n: TaskHead(n, ClassificationTask(d, bundle.tokenizer, max_length=cfg.max_length),
+                                  n if routed else ONE_ADAPTER, slices[n], routed) for n, d in self.data.items()}
+        self.train_splits = {n: h.encode("train", cfg.max_train_examples) for n, h in self.heads.items()}
+        self.dev_splits = {n: h.encode("dev", cfg.max_eval_examples) for n, h in self.heads.items()}
+        self.test_splits = {n: h.encode("test", cfg.max_eval_examples) for n, h in self.heads.items()
+                            if "test" in h.splits}
+        outputs = getattr(getattr(bundle.model, "config", None), "num_labels", self.outputs)
+        if outputs != self.outputs:
+            raise ValueError(f"the model's classifier has {outputs} outputs; the {cfg.layout} layout of tasks "
+                             f"{counts} needs {self.outputs}")
+        self.model = build_model(bundle.model, cfg, self.names).to(self.device)
+        self.model.train()
+        self.summary = parameter_summary(self.model, cfg, self.names)
+        self.stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
+        self.mixed = [MixedSplit.of([self.train_splits[n] for n in stage]) for stage in self.stages]
+        self.log = JsonlLog(paths.log)
+        self._orders: dict[tuple[int, int], list[int]] = {}
+
+    # --- stages -------------------------------------------------------------------------------------------
+    def steps_per_epoch(self, k: int) -> int:
+        return math.ceil(len(self.mixed[k].split) / self.cfg.batch_size)
+
+    def stage_steps(self, k: int) -> int:
+        total = self.cfg.epochs * self.steps_per_epoch(k)
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
+
+    def start_stage(self, k: int) -> None:
+        """Make stage k's tensors trainable (and no others) and give them a fresh optimizer."""
+        shared = k == 0 or self.cfg.continual_train_shared or self.cfg.layout == "one-adapter"
+        active = [ONE_ADAPTER] if self.cfg.layout == "one-adapter" else self.stages[k]
+        self.model.set_adapter(active, train_shared=shared)
+        self.params = list(trainable_parameters(self.model).values())
+        self.optimizer = make_optimizer(self.model, self.cfg)
+
+    def order(self, k: int, epoch: int) -> list[int]:
+        key = (k, epoch)
+        if key not in self._orders:
+            self._orders = {key: mixed_order(self.mixed[k].sizes, self.cfg.seed, k, epoch,
+                                             self.cfg.sampling_temperature)}
+        return self._orders[key]
+
+    def seen(self, k: int) -> list[str]:
+        """The tasks trained in stages 0..k."""
+        return [n for stage in self.stages[: k + 1] for n in stage]
+
+    def snapshot(self, k: int) -> None:
+        """Every adapter tensor after stage k (later stages do not save the ones they keep frozen)."""
+        tensors = {key: t.detach().clone() for key, t in self.model.multi_adapter_state_dict().items()}
+        atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
+
+    def restore_snapshot(self, stage: int) -> None:
+        path = self.paths.state / STAGES_FILE
+        if stage == 0 or not path.is_file():
+            if stage > 0:
+                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage + 1} but "
+                                 f"{path} (the tensors of the finished stages) is missing; use --overwrite")
+            return
+        tensors, meta = load_tensors(path)
+        if int(meta.get("stage", -1)) < stage - 1:
+            raise ValueError(f"cannot resume {self.paths.root}: {path} is from stage {int(meta['stage']) + 1}, "
+                             f"the checkpoint from stage {stage + 1}; use --overwrite")
+        self.model.load_multi_adapter_state_dict(tensors)
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    def evaluate(self, names: list[str], split: str) -> dict[str, dict[str, float]]:
+        splits = self.dev_splits if split == "dev" else self.test_splits
+        return {n: evaluate(self.model, self.heads[n], splits[n], self.cfg.eval_batch_size, self.device)
+                for n in names if n in splits}
+
+    def mean_metric(self, metrics: dict[str, dict[str, float]]) -> float:
+        return sum(m[self.heads[n].primary_metric] for n, m in metrics.items()) / len(metrics)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def train(self, resume: bool, on_step, progress: bool, keep_state: bool, wall_start: float) -> dict[str, Any]:
+        cfg, paths, log = self.cfg, self.paths, self.log
+        state: dict[str, Any] = {
+            "stage": 0, "stage_step": 0, "step": 0, "best_metric": None, "best_step": None, "best_epoch": None,
+            "best_dev": None, "train_time_s": 0.0, "window_loss": 0.0, "window_steps": 0, "stages": [],
+            "config": cfg.resume_key(), "resumed": 0,
+        }
+        if resume:
+            _, meta = load_tensors(paths.checkpoint)
+            saved = json.loads(meta[STATE_KEY])
+            if saved.get("config") != cfg.resume_key():
+                diff = sorted(k for k in cfg.resume_key() if saved.get("config", {}).get(k) != cfg.resume_key()[k])
+                raise ValueError(f"cannot resume {paths.root}: its checkpoint was written with different settings "
+                                 f"{diff}; resume with the original options or use --overwrite")
+            self.restore_snapshot(saved["stage"])
+            self.start_stage(saved["stage"])
+            saved = load_checkpoint(paths.checkpoint, self.model, self.optimizer)
+            state.update({k: saved[k] for k in state if k in saved})
+            state["resumed"] += 1
+            self._truncate_log(state)
+            print(f"resuming {paths.root} at step {state['step']} (stage {state['stage'] + 1}/{len(self.stages)})")
+        else:
+            self.start_stage(0)
+
+        from tqdm.auto import tqdm
+
+        total = sum(self.stage_steps(k) for k in range(len(self.stages)))
+        bar = tqdm(total=total, initial=state["step"], desc=cfg.name, disable=not progress, dynamic_ncols=True)
+        self._time_base, self._loop_start = state["train_time_s"], time.perf_counter()
+        status = "finished"
+        with _StopFlag() as stop:
+            while state["stage"] < len(self.stages):
+                if not self._run_stage(state, bar, stop, on_step):
+                    status = "interrupted"
+                    break
+                self._finish_stage(state)
+        bar.close()
+        if status == "interrupted":
+            print(f"stopped at step {state['step']}/{total}; continue with --resume (checkpoint: {paths.checkpoint})")
+            return {"status": "interrupted", "step": state["step"], "total_steps": total,
+                    "output_dir": str(paths.root)}
+        return self._results(state, total, keep_state, wall_start)
+
+    def _checkpoint(self, state: dict[str, Any]) -> None:
+        state["train_time_s"] = self._time_base + time.perf_counter() - self._loop_start
+        save_checkpoint(self.paths.checkpoint, self.model, self.optimizer, state)
+
+    def _run_stage(self, state: dict[str, Any], bar, stop: _StopFlag, on_step) -> bool:
+        """Train stage ``state["stage"]`` to its last step; False when asked to stop first (checkpointed)."""
+        cfg, k = self.cfg, state["stage"]
+        mixed, total, per_epoch = self.mixed[k], self.stage_steps(k), self.steps_per_epoch(k)
+        warmup = round(cfg.warmup_ratio * total)
+        micro = cfg.batch_size // cfg.grad_accum
+        window_start, window_rows = time.perf_counter(), 0
+        while state["stage_step"] < total:
+            s = state["stage_step"]
+            epoch, b = divmod(s, per_epoch)
+            indices = self.order(k, epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            lr = lr_at(s, cfg.lr, warmup, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = sum(self._forward_backward(mixed, self.stages[k], indices[m : m + micro], len(indices))
+                       for m in range(0, len(indices), micro))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            state["stage_step"] += 1
+            state["step"] += 1
+            step = state["step"]
+            window_rows += len(indices)
+            state["window_loss"] += loss
+            state["window_steps"] += 1
+            if state["stage_step"] % cfg.log_every == 0 or state["stage_step"] == total:
+                seconds = time.perf_counter() - window_start
+                rate = window_rows / seconds if seconds > 0 else float("nan")
+                mean_loss = state["window_loss"] / state["window_steps"]
+                self.log.append({"kind": "train", "step": step, "stage": k, "epoch": state["stage_step"] / per_epoch,
+                                 "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": rate})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}")
+                state["window_loss"], state["window_steps"] = 0.0, 0
+                window_start, window_rows = time.perf_counter(), 0
+            bar.update(1)
+            epoch_end = state["stage_step"] % per_epoch == 0 or state["stage_step"] == total
+            if epoch_end:
+                self._epoch_end(state, per_epoch, bar)
+            if on_step is not None and on_step(step):
+                stop.requested = True
+            if epoch_end or state["stage_step"] % cfg.checkpoint_every == 0 or stop.requested:
+                self._checkpoint(state)
+            if stop.requested and state["stage_step"] < total:
+                return False
+        return True
+
+    def _forward_backward(self, mixed: MixedSplit, stage_tasks: list[str], part: list[int], step_rows: int) -> float:
+        """Forward and backward of one micro-batch of mixed tasks; its share of the step's mean loss.
+
+        Each row goes through its task's adapter (per-task layout: ``adapter_names``) and is scored
+        on its task's outputs; the sum over rows is divided by the rows of the whole step.
+        """
+        collate = self.heads[self.names[0]].task.collate
+        batch = {key: v.to(self.device) for key, v in collate(mixed.split, part).items()}
+        tasks = [stage_tasks[mixed.task_of_row[i]] for i in part]
+        inputs: dict[str, Any] = {key: v for key, v in batch.items() if key != "labels"}
+        if self.cfg.layout == "per-task":
+            inputs["adapter_names"] = tasks
+        logits = model_logits(self.model, inputs)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for name in dict.fromkeys(tasks):
+            rows = torch.tensor([j for j, t in enumerate(tasks) if t == name], device=self.device)
+            loss = loss + self.heads[name].loss(logits.index_select(0, rows), batch["labels"].index_select(0, rows),
+                                                reduction="sum")
+        loss = loss / step_rows
+        loss.backward()
+        return loss.item()
+
+    def _epoch_end(self, state: dict[str, Any], per_epoch: int, bar) -> None:
+        """Score every task seen so far on dev; keep the weights if the stage's tasks' mean improved."""
+        k, step = state["stage"], state["step"]
+        dev = self.evaluate(self.seen(k), "dev")
+        for name, metrics in dev.items():
+            self.log.append({"kind": "eval", "split": "dev", "task": name, "stage": k, "step": step,
+                             "epoch": state["stage_step"] / per_epoch, **metrics})
+        chosen = {n: dev[n] for n in self.stages[k]}
+        mean = self.mean_metric(chosen)
+        metric = self.heads[self.names[0]].primary_metric
+        bar.write(f"step {step} (stage {k + 1}/{len(self.stages)}, epoch {state['stage_step'] / per_epoch:.2f}): "
+                  + ", ".join(f"{n} {m[self.heads[n].primary_metric]:.4f}" for n, m in dev.items())
+                  + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
+        if state["best_metric"] is None or mean > state["best_metric"]:
+            state.update(best_metric=mean, best_step=step, best_epoch=state["stage_step"] / per_epoch, best_dev=chosen)
+            save_weights(self.paths.best, self.model)
+
+    def _finish_stage(self, state: dict[str, Any]) -> None:
+        """Best weights of the stage -> every seen task on dev and test; then set up the next stage."""
+        k = state["stage"]
+        load_weights(self.paths.best, self.model)
+        seen = self.seen(k)
+        scores = {"dev": self.evaluate(seen, "dev"), "test": self.evaluate(seen, "test")}
+        for split, per_task in scores.items():
+            for name, metrics in per_task.items():
+                self.log.append({"kind": "stage", "stage": k, "task": name, "split": split, "step": state["step"],
+                                 **metrics})
+        state["stages"].append({"stage": k, "tasks": list(self.stages[k]), "step": state["step"],
+                                "best_step": state["best_step"], "best_epoch": state["best_epoch"],
+                                "best_metric": state["best_metric"], "best_dev": state["best_dev"], **scores})
+        self.snapshot(k)
+        state["stage"] += 1
+        if state["stage"] < len(self.stages):
+            state.update(stage_step=0, best_metric=None, best_step=None, best_epoch=None, best_dev=None)
+            self.start_stage(state["stage"])
+            self._checkpoint(state)  # a resume from here starts the next stage, the finished ones as they were
+
+    def _truncate_log(self, state: dict[str, Any]) -> None:
+        """Keep what the checkpoint's state had logged: a resumed run logs the rest again."""
+        done = len(state["stages"])
+        kept = [r for r in self.log.records() if r.get("step", 0) <= state["step"]
+                and not (r.get("kind") == "stage" and r.get("stage", 0) >= done)]
+        atomic_write_text(self.log.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    # --- results ------------------------------------------------------------------------------------------------
+    def _results(self, state: dict[str, Any], total: int, keep_state: bool, wall_start: float) -> dict[str, Any]:
+        cfg, paths = self.cfg, self.paths
+        metric = self.heads[self.names[0]].primary_metric
+        last = state["stages"][-1]
+        tasks = {}
+        for n, head in self.heads.items():
+            first = next(s for s in state["stages"] if n in s["tasks"])
+            tasks[n] = {
+                "dataset": cfg.task_datasets()[n], "adapter": head.adapter, "num_labels": head.num_labels,
+                "label_names": head.label_names, "logits": [head.start, head.end],
+                "examples": {"train": len(self.train_splits[n]), "dev": len(self.dev_splits[n]),
+                             "test": len(self.test_splits[n]) if n in self.test_splits else 0},
+                "dev": last["dev"].get(n), "test": last["test"].get(n),
+                "best_dev": first["best_dev"].get(n), "best_step": first["best_step"],
+            }
+        results: dict[str, Any] = {
+            "status": "finished", "name": cfg.name, "method": cfg.method_label, "layout": cfg.layout,
+            "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
+            "continual": cfg.continual, "model": getattr(self.bundle, "name", cfg.model),
+            "pretrained": getattr(self.bundle, "pretrained", None), "metric": metric, "tasks": tasks,
+            "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
+                     for split in ("dev", "test")},
+            "config": cfg.to_dict(), "parameters": self.summary, "steps": total, "stages": state["stages"],
+            "train_time_s": state["train_time_s"], "wall_time_s_this_process": time.perf_counter() - wall_start,
+            "resumed": state["resumed"], "peak_rss_mb": peak_rss_mb(), "device": str(self.device),
+            "environment": environment(),
+            "data_info": {n: _jsonable(getattr(d, "info", {})) for n, d in self.data.items()},
+        }
+        if cfg.continual:
+            results["forgetting"] = forgetting(state["stages"], self.names, metric)
+        self._save_adapter()
+        results["adapter_bytes"] = directory_bytes(paths.adapter)
+        plot_task_curves(self.log.records(), paths.plot, metric,
+                         title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
+        atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        if not keep_state:
+            paths.checkpoint.unlink(missing_ok=True)  # first: a checkpoint must not outlive the files it needs
+            shutil.rmtree(paths.state, ignore_errors=True)
+        return results
+
+    def _save_adapter(self) -> None:
+        """adapter/: every adapter (save_pretrained, multi-adapter format) and a run_info.json of the tasks."""
+        cfg, path = self.cfg, self.paths.adapter
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        info = {
+            "model": cfg.model, "method": cfg.method_label, "multitask": True, "layout": cfg.layout,
+            "task_type": "classification", "model_task": "classification", "num_labels": self.outputs,
+            "max_length": cfg.max_length, "eval_batch_size": cfg.eval_batch_size,
+            "max_eval_examples": cfg.max_eval_examples, "seed": cfg.seed,
+            "tasks": {n: {"dataset": cfg.task_datasets()[n], "dataset_options": cfg.task_dataset_options.get(n, {}),
+                          "adapter": h.adapter, "logits": [h.start, h.end], "num_labels": h.num_labels,
+                          "label_names": h.label_names} for n, h in self.heads.items()},
+        }
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+
+
+def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, split: str = "test") -> dict[str, Any]:
+    """R[k][t] (``split`` metric of task t after stage k) and forgetting_t = R[t's stage][t] - R[last][t]."""
+    matrix = [[s[split][n][metric] if n in s[split] else None for n in names] for s in stages]
+    per_task = {}
+    for j, n in enumerate(names):
+        k = next(i for i, s in enumerate(stages) if n in s["tasks"])
+        per_task[n] = matrix[k][j] - matrix[-1][j]
+    earlier = [per_task[n] for s in stages[:-1] for n in s["tasks"]]
+    return {"split": split, "metric": metric, "tasks": names, "matrix": matrix, "per_task": per_task,
+            "mean_over_earlier_tasks": _mean(earlier)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# --- multi-task adapter directories: scoring and export -------------------------------------------------------
+def is_multitask_dir(adapter_dir: str | Path | None) -> bool:
+    """Whether ``adapter_dir`` (a run directory or its adapter/) holds several tasks (multitask, compress)."""
+    if not adapter_dir:
+        return False
+    try:
+        return bool(read_run_info(adapter_dir).get("tasks"))
+    except FileNotFoundError:
+        return False
+
+
+def _chosen_tasks(info: dict[str, Any], names: list[str] | None) -> list[str]:
+    tasks = list(info["tasks"])
+    unknown = [n for n in names or [] if n not in tasks]
+    if unknown:
+        raise ValueError(f"{info['adapter_dir']} has no task {unknown}; its tasks: {tasks}")
+    return list(names) if names else tasks
+
+
+def task_heads(info: dict[str, Any], tokenizer: Any, data: dict[str, Any]) -> dict[str, TaskHead]:
+    routed = info.get("layout") != "one-adapter"
+    out = {}
+    for n, d in data.items():
+        t = info["tasks"][n]
+        task = ClassificationTask(d, tokenizer, max_length=info["max_length"])
+        if task.num_labels != t["num_labels"]:
+            raise ValueError(f"{getattr(d, 'name', n)} has {task.num_labels} label(s) but task {n!r} was trained "
+                             f"with {t['num_labels']}; evaluate it on a data set with the same labels")
+        out[n] = TaskHead(n, task, t["adapter"], tuple(t["logits"]), routed)
+    return out
+
+
+def evaluate_tasks(adapter_dir: str | Path, names: list[str] | None = None, split: str = "test",
+                   dataset: str | None = None, data_options: dict[str, Any] | None = None,
+                   batch_size: int | None = None, max_examples: int | None = None, cache_dir: str | None = None,
+                   device: str = "auto") -> dict[str, Any]:
+    """Metrics of the tasks of a multi-task adapter directory on ``split``: {task: metrics}.
+
+    Each task is scored on its own data set (run_info.json) unless ``dataset`` is given (one task
+    only), with the run's eval batch size and example cap on its own dev / test, as it logged them.
+    """
+    from ..sources import load_dataset
+    from .evaluate import load_trained_model
+
+    info = read_run_info(adapter_dir)
+    chosen = _chosen_tasks(info, names)
+    if dataset is not None and len(chosen) != 1:
+        raise ValueError(f"--dataset scores one task; name it with --adapter (tasks: {chosen})")
+    where = pick_device(device)
+    model, tokenizer, info = load_trained_model(adapter_dir, cache_dir=cache_dir, device=str(where))
+    data = {}
+    for n in chosen:
+        t = info["tasks"][n]
+        if dataset is None and not t.get("dataset"):
+            raise ValueError(f"task {n!r} of {info['adapter_dir']} names no data set (its adapter came from a PEFT "
+                             "directory); pass --dataset")
+        options = {**(t.get("dataset_options") or {}), **(data_options or {})} if dataset is None else dict(
+            data_options or {})
+        data[n] = load_dataset(dataset or t["dataset"], cache_dir=cache_dir, **options)
+    heads = task_heads(info, tokenizer, data)
+    results = {}
+    for n, head in heads.items():
+        bs, cap = eval_settings(info, split, batch_size, max_examples, own_data=dataset is None)
+        encoded = head.encode(split, cap)
+        metrics = evaluate(model, head, encoded, bs, where)
+        results[n] = {"dataset": getattr(data[n], "name", None), "adapter": head.adapter, "split": split,
+                      "examples": len(encoded), **metrics}
+    return {"adapter_dir": info["adapter_dir"], "tasks": results}
+
+
+def export_tasks_peft(adapter_dir: str | Path, out_dir: str | Path, names: list[str] | None = None,
+                      cache_dir: str | None = None) -> dict[str, Path]:
+    """Write tasks of a multi-task adapter directory as standard PEFT LoRA directories: {task: directory}.
+
+    One task is written at ``out_dir``; several (``names`` None = all) in ``out_dir/<task>/``. Each
+    head keeps only the task's own outputs, so the PEFT adapter loads into the base model built with
+    the task's number of labels. HydraLoRA adapters cannot be exported (their update depends on x).
+    """
+    from ..method.checkpoint import read_safetensors, save_tensors
+    from ..method.peft_io import PEFT_PREFIX, PEFT_WEIGHTS
+    from .evaluate import load_trained_model
+
+    info = read_run_info(adapter_dir)
+    chosen = _chosen_tasks(info, names)
+    model, _, info = load_trained_model(adapter_dir, cache_dir=cache_dir)
+    out = Path(out_dir)
+    written = {}
+    for n in chosen:
+        t = info["tasks"][n]
+        target = out if len(chosen) == 1 else out / n
+        model.export_peft(target, adapter_name=t["adapter"])
+        start, end = t["logits"]
+        if (start, end) != (0, info["num_labels"]):  # the head's rows of this task alone
+            heads = [f"{PEFT_PREFIX}{p}." for p in model.saved_module_names(t["adapter"])]
+            tensors, meta = read_safetensors(target / PEFT_WEIGHTS)
+            tensors = {k: v[start:end].clone() if any(k.startswith(h) for h in heads) and v.ndim >= 1
+                       and v.shape[0] == info["num_labels"] else v for k, v in tensors.items()}
+            save_tensors(target / PEFT_WEIGHTS, tensors, meta)
+        written[n] = target
+    return written

@@ -1,0 +1,321 @@
+"""Multi-task runs on a tiny local BERT and small local CSV tasks with 2 and 3 labels (training/multitask.py).
+
+The runs read their model and data from disk as a user's would (a model directory, one folder of
+train/dev/test CSVs per task), so reloading a run's adapter directory (evaluate_tasks,
+export_tasks_peft) goes through the same path. Every run is a few dozen steps: seconds.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_tiny import FILLER, NEGATIVE, POSITIVE, tiny_bert, tiny_data, tiny_tokenizer, write_csv
+
+from sharelora.training.multitask import (
+    ONE_ADAPTER, MultiTaskConfig, _Run, evaluate_tasks, export_tasks_peft, head_layout, is_multitask_dir,
+    mixed_order, train_multitask,
+)
+
+
+def three_way(n, seed):
+    """Label 0: a positive word, 1: a negative word, 2: neither (filler only)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 3
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        if label < 2:
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label == 0 else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """(model dir, {task: data folder}): 'sent' has 2 labels (24 train rows), 'kind' 3 labels (18)."""
+    root = tmp_path_factory.mktemp("mt")
+    model_dir = root / "tiny-bert"  # an encoder without a head, as MiniLM is: each run builds its classifier
+    tiny_bert().bert.save_pretrained(model_dir)
+    tiny_tokenizer(model_dir).save_pretrained(model_dir)
+    sent, kind = root / "sent", root / "kind"
+    for d in (sent, kind):
+        d.mkdir()
+    for split, rows in tiny_data(n_train=24, n_dev=12, n_test=12, seed=5).splits.items():
+        write_csv(sent / f"{split}.csv", rows)
+    for split, (n, seed) in {"train": (18, 1), "dev": (12, 2), "test": (12, 3)}.items():
+        write_csv(kind / f"{split}.csv", three_way(n, seed))
+    return model_dir, {"sent": sent, "kind": kind}
+
+
+def config(inputs, out, **kw):
+    model_dir, tasks = inputs
+    values = dict(model=str(model_dir), tasks=[f"{n}={d}" for n, d in tasks.items()], method="sharea",
+                  task_share="A", epochs=2, batch_size=8, lr=1e-2, log_every=2, checkpoint_every=2, seed=3,
+                  output_dir=str(out))
+    values.update(kw)
+    return MultiTaskConfig(**values)
+
+
+def run(inputs, out, **kw):
+    options = {k: kw.pop(k) for k in ("on_step", "resume", "keep_state") if k in kw}
+    return train_multitask(config(inputs, out, **kw), progress=False, **options)
+
+
+def tensors(out):
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def records(out, kinds=("train", "eval", "stage")):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] in kinds]
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+
+
+# --- joint training ------------------------------------------------------------------------------------
+def test_joint_run_writes_results_log_plot_and_a_multi_task_adapter(inputs, tmp_path):
+    out = tmp_path / "joint"
+    results = run(inputs, out)
+    for name in ("results.json", "log.jsonl", "curves.png", "adapter/adapter_model.safetensors",
+                 "adapter/run_info.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "state").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["status"] == "finished" and saved["layout"] == "per-task" and saved["steps"] == 2 * 6  # 42 rows / 8
+    assert {n: t["num_labels"] for n, t in saved["tasks"].items()} == {"sent": 2, "kind": 3}
+    assert {n: t["logits"] for n, t in saved["tasks"].items()} == {"sent": [0, 2], "kind": [0, 3]}
+    for t in saved["tasks"].values():
+        assert 0.0 <= t["test"]["accuracy"] <= 1.0 and t["test"]["examples"] == 12
+    assert saved["mean"]["test"] == pytest.approx(
+        (saved["tasks"]["sent"]["test"]["accuracy"] + saved["tasks"]["kind"]["test"]["accuracy"]) / 2)
+    # One A per module type serves both tasks: the task-shared count is the A's, each task adds its B's.
+    p = saved["parameters"]
+    assert p["task_shared"] > 0 and p["adapter"] == p["task_shared"] + 2 * p["added_per_task"]
+    evals = [r for r in records(out, ("eval",))]
+    assert sorted((r["task"], r["step"]) for r in evals) == [("kind", 6), ("kind", 12), ("sent", 6), ("sent", 12)]
+    assert is_multitask_dir(out) and is_multitask_dir(out / "adapter") and not is_multitask_dir(tmp_path)
+    # The saved adapter directory scores each task as the run did (same ops on the same weights: equal).
+    again = evaluate_tasks(out, split="test")["tasks"]
+    for n in ("sent", "kind"):
+        assert again[n]["accuracy"] == saved["tasks"][n]["test"]["accuracy"]
+        assert again[n]["loss"] == saved["tasks"][n]["test"]["loss"]
+
+
+def test_a_training_step_mixes_the_tasks_and_sends_each_row_through_its_own_adapter(inputs, tmp_path, monkeypatch):
+    seen = []
+    from sharelora.training import multitask
+
+    def spy(model, inputs_):
+        if model.training:
+            seen.append(list(inputs_["adapter_names"]))
+        return forward(model, inputs_)
+
+    forward = multitask.model_logits
+    monkeypatch.setattr(multitask, "model_logits", spy)
+    run(inputs, tmp_path / "spy", epochs=1)
+    assert len(seen) == 6 and sum(len(s) for s in seen) == 42
+    assert sum(s.count("sent") for s in seen) == 24 and sum(s.count("kind") for s in seen) == 18
+    assert sum(1 for s in seen if len(set(s)) == 2) >= 4  # most batches hold rows of both tasks
+
+
+def test_mixed_order_is_a_function_of_its_arguments_and_follows_the_temperature():
+    assert sorted(mixed_order([5, 7], seed=1, stage=0, epoch=0)) == list(range(12))  # T = 1: every row once
+    assert mixed_order([5, 7], 1, 0, 0) == mixed_order([5, 7], 1, 0, 0)
+    assert mixed_order([5, 7], 1, 0, 0) != mixed_order([5, 7], 1, 0, 1)
+    sizes = [900, 100]
+    flat = mixed_order(sizes, 0, 0, 0, temperature=1e6)  # p_t ~ N_t^(1/T) -> uniform over the tasks
+    small = sum(1 for i in flat if i >= 900)
+    assert len(flat) == 1000 and 430 < small < 570  # binomial(1000, 0.5): 4.4 standard deviations either side
+    from collections import Counter
+
+    visits = Counter(i for i in flat if i >= 900)  # the small task's rows again and again, a permutation a pass
+    assert set(visits) == set(range(900, 1000)) and max(visits.values()) - min(visits.values()) <= 1
+    t2 = sum(1 for i in mixed_order(sizes, 0, 0, 0, temperature=2.0) if i >= 900)
+    expected = 1000 * 10 / (30 + 10)  # sqrt(100) / (sqrt(900) + sqrt(100))
+    assert abs(t2 - expected) < 4.5 * (1000 * 0.25 * 0.75) ** 0.5
+
+
+def test_sampling_temperature_run_finishes_with_the_same_number_of_rows(inputs, tmp_path):
+    results = run(inputs, tmp_path / "temp", sampling_temperature=4.0, epochs=1)
+    assert results["status"] == "finished" and results["steps"] == 6
+    assert results["config"]["sampling_temperature"] == 4.0
+
+
+def test_head_layout_of_different_label_counts():
+    assert head_layout({"a": 2, "b": 3, "c": 4}, one_adapter=False) == (4, {"a": (0, 2), "b": (0, 3), "c": (0, 4)})
+    assert head_layout({"a": 2, "b": 3, "c": 4}, one_adapter=True) == (9, {"a": (0, 2), "b": (2, 5), "c": (5, 9)})
+
+
+def test_export_of_one_task_loads_into_a_base_with_its_own_label_count(inputs, tmp_path):
+    from sharelora import ShareLoraModel
+    from sharelora.sources import load_model
+
+    out = tmp_path / "joint"
+    run(inputs, out, epochs=1)
+    written = export_tasks_peft(out, tmp_path / "peft")
+    assert set(written) == {"sent", "kind"} and written["sent"] == tmp_path / "peft" / "sent"
+    model_dir, _ = inputs
+    ids = torch.tensor([[2, 5, 17, 20, 6, 3], [2, 9, 22, 3, 0, 0]])
+    mask = (ids != 0).long()
+    from sharelora.training.evaluate import load_trained_model
+
+    multi, _, _ = load_trained_model(out)
+    for n, labels in (("sent", 2), ("kind", 3)):
+        base = load_model(str(model_dir), task="classification", num_labels=labels, report_new_weights=False).model
+        peft = ShareLoraModel.from_peft(base, written[n]).eval()
+        with torch.no_grad():
+            want = multi(input_ids=ids, attention_mask=mask, adapter_names=[n, n]).logits[:, :labels]
+            got = peft(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # merged-free fp32, same sums: ~1e-7
+    one = export_tasks_peft(out, tmp_path / "one", names=["kind"])
+    assert one == {"kind": tmp_path / "one"} and (tmp_path / "one" / "adapter_config.json").is_file()
+
+
+# --- resume ---------------------------------------------------------------------------------------------
+class Killed(Exception):
+    pass
+
+
+def test_joint_resume_after_a_stop_equals_the_uninterrupted_run(inputs, tmp_path):
+    full = run(inputs, tmp_path / "a")
+    stopped = run(inputs, tmp_path / "b", on_step=lambda step: step == 5)
+    assert stopped["status"] == "interrupted" and stopped["step"] == 5
+    resumed = run(inputs, tmp_path / "b", resume=True)
+    assert resumed["resumed"] == 1
+    assert resumed["tasks"] == full["tasks"] and resumed["mean"] == full["mean"]
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_times(records(tmp_path / "a")) == without_times(records(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("kill_at", [4, 9])  # joint: mid-epoch 1; continual: in stage 2 (6 + 3 steps)
+def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill_at):
+    continual = kill_at == 9
+
+    def kill(step):
+        if step == kill_at:  # after the checkpoint of step kill_at - 1 (every 2 steps) or of the stage's end
+            raise Killed
+
+    full = run(inputs, tmp_path / "a", continual=continual)
+    with pytest.raises(Killed):
+        run(inputs, tmp_path / "b", continual=continual, on_step=kill)
+    resumed = run(inputs, tmp_path / "b", continual=continual, resume=True)
+    assert resumed["tasks"] == full["tasks"] and resumed["stages"] == full["stages"]
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_times(records(tmp_path / "a")) == without_times(records(tmp_path / "b"))  # nothing twice
+    if continual:
+        assert resumed["forgetting"] == full["forgetting"]
+
+
+def test_resume_with_other_tasks_is_refused(inputs, tmp_path):
+    run(inputs, tmp_path / "r", on_step=lambda s: s == 3)
+    with pytest.raises(ValueError, match=r"different settings \['sampling_temperature'\]"):
+        run(inputs, tmp_path / "r", sampling_temperature=2.0, resume=True)
+
+
+# --- continual --------------------------------------------------------------------------------------------
+def snapshots(monkeypatch):
+    """Every adapter tensor after each stage, as the run saves it (state/stages.safetensors)."""
+    taken = []
+    original = _Run.snapshot
+
+    def snapshot(self, k):
+        taken.append({key: t.detach().clone() for key, t in self.model.multi_adapter_state_dict().items()})
+        original(self, k)
+
+    monkeypatch.setattr(_Run, "snapshot", snapshot)
+    return taken
+
+
+def task_tensors(state, task):
+    """The tensors task ``task`` reads: its own (``task/...``) and the task-shared ones (``@group/...``)."""
+    return {k: v for k, v in state.items() if k.startswith(f"{task}/") or k.startswith("@")}
+
+
+def test_continual_sharea_with_frozen_shared_tensors_forgets_exactly_nothing(inputs, tmp_path, monkeypatch):
+    taken = snapshots(monkeypatch)
+    results = run(inputs, tmp_path / "c", continual=True)
+    assert [s["tasks"] for s in results["stages"]] == [["sent"], ["kind"]]
+    before, after = task_tensors(taken[0], "sent"), task_tensors(taken[1], "sent")
+    assert any(k.startswith("@") for k in before) and any("modules_to_save" in k for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the first task's every tensor, bit for bit
+    # ... so its outputs are too: every metric and the mean loss after stage 2 equal those after stage 1.
+    first, last = results["stages"]
+    assert last["dev"]["sent"] == first["dev"]["sent"] and last["test"]["sent"] == first["test"]["sent"]
+    f = results["forgetting"]
+    assert f["per_task"]["sent"] == 0.0 and f["mean_over_earlier_tasks"] == 0.0
+    assert f["matrix"][0][1] is None and f["matrix"][1][0] == f["matrix"][0][0]
+    # Stage 2 did train the second task's own tensors (B's and head), from their initial values.
+    kind0, kind1 = task_tensors(taken[0], "kind"), task_tensors(taken[1], "kind")
+    assert any(not torch.equal(kind0[k], kind1[k]) for k in kind0 if k.startswith("kind/"))
+
+
+def test_training_the_shared_tensors_in_later_stages_changes_the_first_task(inputs, tmp_path, monkeypatch):
+    """The control of the exact-zero test: with the shared A trained in stage 2, task 1's outputs move."""
+    taken = snapshots(monkeypatch)
+    results = run(inputs, tmp_path / "c", continual=True, continual_train_shared=True)
+    shared = [k for k in taken[0] if k.startswith("@")]
+    assert shared and all(not torch.equal(taken[0][k], taken[1][k]) for k in shared)
+    first, last = results["stages"]
+    assert last["test"]["sent"]["loss"] != first["test"]["sent"]["loss"]
+
+
+def test_sequential_single_lora_baseline_runs_and_moves_the_first_task(inputs, tmp_path):
+    results = run(inputs, tmp_path / "seq", method="lora", one_adapter=True, continual=True)
+    assert results["layout"] == "one-adapter" and results["method"] == "lora"
+    assert {n: t["logits"] for n, t in results["tasks"].items()} == {"sent": [0, 2], "kind": [2, 5]}
+    assert {n: t["adapter"] for n, t in results["tasks"].items()} == {"sent": ONE_ADAPTER, "kind": ONE_ADAPTER}
+    first, last = results["stages"]
+    assert last["test"]["sent"]["loss"] != first["test"]["sent"]["loss"]  # one adapter trained on: it moved
+    f = results["forgetting"]
+    assert f["per_task"]["sent"] == f["matrix"][0][0] - f["matrix"][1][0]
+    assert results["parameters"]["added_per_task"] == 0
+    again = evaluate_tasks(tmp_path / "seq", names=["sent"], split="test")["tasks"]
+    assert list(again) == ["sent"] and again["sent"]["loss"] == last["test"]["sent"]["loss"]
+
+
+def test_separate_adapters_per_task_share_nothing(inputs, tmp_path):
+    results = run(inputs, tmp_path / "sep", method="lora", task_share="none", continual=True)
+    p = results["parameters"]
+    assert p["task_shared"] == 0 and p["adapter"] == p["separate_lora"] == 2 * p["added_per_task"]
+    assert results["forgetting"]["per_task"]["sent"] == 0.0  # nothing shared: nothing to forget
+
+
+# --- HydraLoRA ----------------------------------------------------------------------------------------------
+def test_hydra_trains_one_routed_adapter_for_the_mixture(inputs, tmp_path):
+    out = tmp_path / "hydra"
+    results = run(inputs, out, method="hydra", heads=2, epochs=1)
+    assert results["method"] == "hydra" and results["layout"] == "one-adapter" and results["heads"] == 2
+    assert results["config"]["method"] == "lora"  # HydraLoRA = LoRA's A, K routed B heads
+    info = json.loads((out / "adapter" / "run_info.json").read_text())
+    assert info["method"] == "hydra" and info["num_labels"] == 5
+    again = evaluate_tasks(out, split="test")["tasks"]
+    assert {n: again[n]["loss"] for n in again} == {n: t["test"]["loss"] for n, t in results["tasks"].items()}
+    with pytest.raises(Exception, match="(?i)hydra|route"):
+        export_tasks_peft(out, tmp_path / "peft")
+
+
+# --- configuration errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, message", [
+    (dict(method="hydra"), "--heads K"),
+    (dict(method="full"), "adapter method"),
+    (dict(tasks=["a=x", "a=y"]), "appears twice"),
+    (dict(tasks=[f"{ONE_ADAPTER}=x"]), "another name"),
+    (dict(task_share="C"), "none, A or B"),
+    (dict(sampling_temperature=0.0), "> 0"),
+    (dict(continual_train_shared=True), "--continual"),
+    (dict(tasks=[]), "tasks is empty"),
+])
+def test_bad_configurations_name_the_problem(inputs, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        config(inputs, tmp_path / "x", **kw).resolved()
+
+
+def test_unknown_task_in_evaluate_names_the_tasks(inputs, tmp_path):
+    run(inputs, tmp_path / "j", epochs=1)
+    with pytest.raises(ValueError, match=r"no task \['nope'\].*'sent', 'kind'"):
+        evaluate_tasks(tmp_path / "j", names=["nope"])

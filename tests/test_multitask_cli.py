@@ -1,0 +1,51 @@
+"""``sharelora multitask`` end to end on a tiny local BERT and two local CSV tasks (2 and 3 labels)."""
+
+import json
+
+import pytest
+from test_multitask import inputs, three_way  # noqa: F401 (the module fixture and its data)
+
+from sharelora.cli import main
+
+
+def args(inputs, out, *extra):  # noqa: F811
+    model_dir, tasks = inputs
+    return ["multitask", "--model", str(model_dir), "--tasks", ",".join(f"{n}={d}" for n, d in tasks.items()),
+            "--epochs", "1", "--batch-size", "8", "--lr", "1e-2", "--output-dir", str(out), "--no-progress", *extra]
+
+
+def test_joint_sharea_run_reports_every_task(inputs, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "joint"
+    assert main(args(inputs, out, "--method", "sharea", "--task-share", "A")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"sent", "kind"} and results["layout"] == "per-task"
+    assert [results["tasks"][t]["num_labels"] for t in ("sent", "kind")] == [2, 3]
+    assert (out / "curves.png").is_file() and (out / "adapter").is_dir()
+    printed = capsys.readouterr().out
+    assert "sent: dev accuracy" in printed and "kind: dev accuracy" in printed
+    # A finished run given --resume is returned as it is.
+    assert main(args(inputs, out, "--method", "sharea", "--resume")) == 0
+
+
+def test_continual_run_prints_zero_forgetting_for_frozen_shared_tensors(inputs, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "continual"
+    assert main(args(inputs, out, "--method", "sharea", "--continual")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+
+
+def test_method_hydra_trains_routed_heads(inputs, tmp_path):  # noqa: F811
+    out = tmp_path / "hydra"
+    assert main(args(inputs, out, "--method", "hydra", "--heads", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["heads"] == 2 and results["layout"] == "one-adapter"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "hydra"], "--heads K"),
+    (["--method", "full"], "adapter method"),
+    (["--continual-train-shared"], "--continual"),
+])
+def test_bad_options_name_the_fix(inputs, tmp_path, capsys, extra, message):  # noqa: F811
+    assert main(args(inputs, tmp_path / "bad", *extra)) == 2
+    assert message in capsys.readouterr().err
