@@ -49,3 +49,9 @@ def test_method_hydra_trains_routed_heads(inputs, tmp_path):  # noqa: F811
 def test_bad_options_name_the_fix(inputs, tmp_path, capsys, extra, message):  # noqa: F811
     assert main(args(inputs, tmp_path / "bad", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_launcher_is_refused_with_the_reason(inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(args(inputs, tmp_path / "ddp", "--method", "sharea")) == 2
+    assert "one process" in capsys.readouterr().err

@@ -358,6 +358,11 @@ def train_multitask(cfg: MultiTaskConfig, *, resume: bool = False, overwrite: bo
     whose classifier has the layout's number of outputs (``head_layout``). A finished run is returned
     as it is with ``resume``; another process writing into the output directory is an error.
     """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would train the whole run into one directory
+        raise ValueError("sharelora multitask runs in one process for now; start it without torchrun / accelerate "
+                         "launch (sharelora train runs under them)")
     wall_start = time.perf_counter()
     cfg = cfg.resolved()
     paths = RunPaths(Path(cfg.output_dir))
