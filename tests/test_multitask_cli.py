@@ -55,3 +55,24 @@ def test_a_launcher_is_refused_with_the_reason(inputs, tmp_path, capsys, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(args(inputs, tmp_path / "ddp", "--method", "sharea")) == 2
     assert "one process" in capsys.readouterr().err
+
+
+def test_eval_and_export_peft_read_a_multi_task_directory(inputs, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "joint"
+    assert main(args(inputs, out, "--method", "sharea", "--keep-state")) == 0
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", str(tmp_path / "all.json")]) == 0
+    scored = json.loads((tmp_path / "all.json").read_text())["tasks"]
+    assert set(scored) == {"sent", "kind"}
+    for name in scored:  # the run's own test evaluation, reproduced from the saved directory
+        assert scored[name]["accuracy"] == results["tasks"][name]["test"]["accuracy"]
+    assert main(["eval", str(out), "--adapter", "kind", "--split", "dev", "--json", str(tmp_path / "k.json")]) == 0
+    assert set(json.loads((tmp_path / "k.json").read_text())["tasks"]) == {"kind"}
+    assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "sent" / "adapter_config.json").is_file()
+    assert (tmp_path / "peft" / "kind" / "adapter_config.json").is_file()
+    assert main(["export-peft", str(out), str(tmp_path / "one"), "--adapter", "kind"]) == 0
+    assert (tmp_path / "one" / "adapter_config.json").is_file()
+    assert main(["eval", str(out), "--adapter", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err

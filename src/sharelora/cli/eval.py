@@ -25,22 +25,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="where fetched models and data are kept")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    p.add_argument("--adapter", default=None, metavar="NAME[,NAME]",
+                   help="a multi-task directory (sharelora multitask / compress): score these tasks (default: all)")
     add_data_arguments(p, suppress=False)
     g = p.add_argument_group("generation tasks and MMLU")
-    g.add_argument("--task", default="auto", choices=["auto", "classification", "e2e", "instructions", "mmlu"],
+    g.add_argument("--task", default="auto",
+                   choices=["auto", "classification", "e2e", "instructions", "mmlu", "humaneval", "gsm8k"],
                    help="what to evaluate (default: auto = the task the adapter was trained on); "
-                        "mmlu scores the answer letter's log-likelihood")
+                        "mmlu scores the answer letter's log-likelihood; humaneval: greedy pass@1 (code run in "
+                        "a sandbox); gsm8k: exact match of the final number")
     g.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="mmlu without an adapter: evaluate this base model (e.g. smollm2)")
-    g.add_argument("--shots", type=int, default=0, help="mmlu: solved examples before each question (default: 0; the paper: 5)")
+    g.add_argument("--shots", "--few-shot", dest="shots", type=int, default=0,
+                   help="mmlu / gsm8k: solved examples before each question (default: 0; MMLU in the paper: 5)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="humaneval / gsm8k: longest completion (default: 384 / 256)")
+    g.add_argument("--sandbox-timeout", type=float, default=5.0,
+                   help="humaneval: wall-clock seconds per program in the sandbox (default: 5)")
     g.add_argument("--subjects", default=None, metavar="A,B", help="mmlu: only these subjects (default: all 57)")
     g.add_argument("--max-per-subject", type=int, default=None, help="mmlu: at most N questions per subject")
     g.add_argument("--num-beams", type=int, default=None, help="e2e: beam width (default: the run's)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.task == "mmlu":
+    from ..training.multitask import is_multitask_dir
+
+    if args.adapter is not None and not is_multitask_dir(args.adapter_dir):
+        raise CliError(f"--adapter picks tasks of a multi-task directory; {args.adapter_dir} holds one adapter, "
+                       "drop --adapter")
+    if args.task in ("auto", "classification") and is_multitask_dir(args.adapter_dir):
+        result = _eval_tasks(args)
+    elif args.task == "mmlu":
         result = _eval_mmlu(args)
+    elif args.task in ("humaneval", "gsm8k"):
+        result = _eval_code_math(args)
     elif args.task in ("e2e", "instructions") or _is_generation_adapter(args.adapter_dir):
         result = _eval_generation_adapter(args)
     else:
@@ -48,6 +66,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> dict[str, Any]:
+    """Every task (or the ``--adapter`` ones) of a multi-task directory, each on its own data set."""
+    from ..training.multitask import evaluate_tasks
+
+    names = [n.strip() for n in args.adapter.split(",") if n.strip()] if args.adapter else None
+    result = evaluate_tasks(args.adapter_dir, names, split=args.split, dataset=args.dataset,
+                            data_options=data_options_from_args(args), batch_size=args.batch_size,
+                            max_examples=args.max_examples, cache_dir=args.cache_dir, device=args.device)
+    print(json.dumps(result, indent=2))
+    return result
 
 
 def _eval_classification(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +104,39 @@ def _eval_classification(args: argparse.Namespace) -> dict[str, Any]:
     metrics = evaluate(model, task, split, batch_size, device)
     result = {"adapter_dir": info["adapter_dir"], "dataset": data.name, "split": args.split, "examples": len(split), **metrics}
     print(json.dumps(result, indent=2))
+    return result
+
+
+def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
+    """HumanEval pass@1 or GSM8K final-number accuracy of an adapter or a base model (``--model``)."""
+    from ..sources import load_dataset, load_model
+    from ..tasks.code_math import evaluate_gsm8k, evaluate_humaneval
+    from ..training import load_trained_model
+    from ..training.loop import pick_device
+
+    device = pick_device(args.device)
+    if args.adapter_dir:
+        model, tokenizer, info = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
+        what = {"adapter_dir": info["adapter_dir"], "model": info["model"]}
+    else:
+        if not args.model:
+            raise CliError(f"eval --task {args.task} needs an ADAPTER_DIR or --model NAME (e.g. --model smollm2)")
+        bundle = load_model(args.model, task="causal-lm", cache_dir=args.cache_dir)
+        model, tokenizer = bundle.model.to(device).eval(), bundle.tokenizer
+        what = {"model": bundle.name, "pretrained": bundle.pretrained}
+    data = load_dataset(args.dataset or args.task, cache_dir=args.cache_dir)
+    options = {"max_examples": args.max_examples, "batch_size": args.batch_size or 8, "device": device, "progress": True}
+    if args.max_new_tokens:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.task == "humaneval":
+        result = evaluate_humaneval(model, tokenizer, data, timeout_s=args.sandbox_timeout, **options)
+    else:
+        result = evaluate_gsm8k(model, tokenizer, data, shots=args.shots, **options)
+    result = {**what, "dataset": data.name, **result}
+    samples = result.pop("samples")
+    print(json.dumps(result, indent=2))
+    print(f"samples: {len(samples)} (in --json)")
+    result["samples"] = samples
     return result
 
 

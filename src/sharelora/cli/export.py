@@ -26,9 +26,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Write a ShareLoRA adapter as a standard PEFT LoRA directory (one lora_A / lora_B per layer), "
                      "loadable by peft and LoRA serving engines; outputs are identical.")
     adapter_and_out_dirs(p, "directory for the PEFT adapter")
+    p.add_argument("--adapter", default=None, metavar="NAME[,NAME]",
+                   help="a multi-task directory: export these tasks (one: at OUT_DIR; several or all (the "
+                        "default): OUT_DIR/<task>/)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.multitask import export_tasks_peft, is_multitask_dir
+
+    if is_multitask_dir(args.adapter_dir):
+        names = [n.strip() for n in args.adapter.split(",") if n.strip()] if args.adapter else None
+        for name, out in export_tasks_peft(args.adapter_dir, args.out_dir, names, cache_dir=args.cache_dir).items():
+            print(f"task {name}: PEFT LoRA adapter written to {out}")
+        return 0
+    if args.adapter is not None:
+        from .common import CliError
+
+        raise CliError(f"--adapter picks tasks of a multi-task directory; {args.adapter_dir} holds one adapter, "
+                       "drop --adapter")
     model, _, _ = load_adapter_run(args.adapter_dir, args.cache_dir)
     out = model.export_peft(args.out_dir)
     print(f"PEFT LoRA adapter written to {out}")
