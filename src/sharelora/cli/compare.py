@@ -26,7 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(compare.md, compare.png, compare.json). Rerunning the same command resumes an interrupted comparison."
     )
     p.add_argument("--methods", type=csv_list, default=["full", "lora", "sharea", "shareb", "shareab"],
-                   metavar="A,B", help="methods to compare (default: full,lora,sharea,shareb,shareab)")
+                   metavar="M[@K=V,...],...",
+                   help="methods to compare, each optionally with settings: e.g. lora@r=2,lora@r=8,sharea@r=16,"
+                        "peft-vera@r=1024,peft-vblora@r=4,num_vectors=64,vector_length=128,lr=0.004 (a KEY=VALUE "
+                        "without @ continues the entry before it). Methods: full, lora, sharea, shareb, shareab, "
+                        "sharea-qkv (keys r, alpha, dropout, lr; --rank is their default r), peft-vera (r, d_initial, "
+                        "dropout, projection_prng_key, lr), peft-vblora (r, num_vectors, vector_length, topk, "
+                        "dropout, lr); PEFT's methods take PEFT's defaults for what is not given (VeRA r=256, "
+                        "VB-LoRA r=4, num_vectors=256, vector_length=256), not --rank "
+                        "(default: full,lora,sharea,shareb,shareab)")
     p.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="number of seeds (3 = seeds 0,1,2) or a list 0,1,2 (default: 3)")
     p.add_argument("--full-lr", type=positive_float, default=None, help="learning rate of full fine-tuning (default: 3e-5); --lr sets the adapters'")
     p.add_argument("--output-dir", default=None, metavar="DIR", help="where runs and tables go (default: runs/compare-<model>-<dataset>)")
@@ -44,16 +52,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..training.compare import compare
-    from ..training.config import METHODS, short_name
+    from ..training.config import short_name
 
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise CliError(f"unknown method(s) {', '.join(unknown)} in --methods; choose from {', '.join(METHODS)}")
+    from ..training.peft_methods import parse_methods
+
+    try:
+        specs = parse_methods(args.methods)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "output_dir"}))
     out = args.output_dir or f"runs/compare-{short_name(base.model)}-{short_name(base.dataset)}"
     if base.task in ("e2e", "instructions"):
+        if any(s.settings or s.method.startswith("peft-") for s in specs):
+            raise CliError("generation comparisons take plain method names (lora,sharea,...) and --rank; "
+                           "per-method settings and PEFT's methods are for classification comparisons")
         return _compare_generation(args, base, out)
-    summary = compare(base, args.methods, args.seeds, out, full_lr=args.full_lr, isolate=not args.in_process,
+    summary = compare(base, specs, args.seeds, out, full_lr=args.full_lr, isolate=not args.in_process,
                       progress=args.progress, jobs=args.jobs, command=command_line())
     _report(out, summary)
     return 0

@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import METHODS, TrainConfig
 from .lock import output_dir_lock
+from .peft_methods import MethodSpec, parse_methods
 from .loop import train
 from .state import atomic_write_text
 
@@ -63,13 +64,15 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method, in the order first seen: counts, sizes, metric mean and std over seeds."""
     rows: dict[str, dict[str, Any]] = {}
     for r in results:
-        rows.setdefault(r["method"], {"method": r["method"], "runs": []})["runs"].append(r)
+        label = r.get("label", r["method"])
+        rows.setdefault(label, {"method": label, "runs": []})["runs"].append(r)
     lora_params = None
     if "lora" in rows:
         lora_params = rows["lora"]["runs"][0]["parameters"]["adapter"]
     table = []
     for method, row in rows.items():
         runs = row["runs"]
+        base_method = runs[0]["method"]
         metric = runs[0]["metric"]
         first = runs[0]["parameters"]
         dev = [r["dev"][metric] for r in runs]
@@ -80,9 +83,13 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": [r["config"]["seed"] for r in runs],
             "adapter_params": first["adapter"],
             "trainable_params": first["trainable"],
+            "base_method": base_method,
+            "rank": None if base_method == "full" else runs[0]["config"]["rank"],
+            "method_options": runs[0]["config"].get("method_options") or {},
             "lora_equivalent": first.get("lora_equivalent", lora_params),
-            # Full fine-tuning has no adapter to compare with LoRA's.
-            "fraction_of_lora": first["adapter"] / lora_params if lora_params and method != "full" else None,
+            # Ours: of LoRA at the same rank and targets. Full fine-tuning and PEFT's methods have no
+            # such LoRA (VeRA's r is not a LoRA rank): none.
+            "fraction_of_lora": _fraction_of_lora(first, base_method, lora_params),
             "adapter_bytes": statistics.fmean(r["adapter_bytes"] for r in runs),
             "dev_values": dev,
             "test_values": test,
@@ -96,6 +103,13 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         table.append(entry)
     return table
+
+
+def _fraction_of_lora(parameters: dict[str, Any], method: str, lora_params: int | None) -> float | None:
+    if method == "full" or METHODS.get(method, {}) is None or (METHODS.get(method) or {}).get("peft"):
+        return None
+    reference = parameters.get("lora_equivalent") or lora_params
+    return parameters["adapter"] / reference if reference else None
 
 
 def _human_bytes(n: float) -> str:
@@ -168,7 +182,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
 
 def compare(
     base: TrainConfig,
-    methods: list[str],
+    methods: list[str | MethodSpec] | str,
     seeds: list[int],
     output_dir: str | Path,
     *,
@@ -180,36 +194,40 @@ def compare(
 ) -> dict[str, Any]:
     """Train every method with every seed on the same data and write the table, plot and JSON.
 
-    ``base.lr`` (if set) is the adapters' learning rate and ``full_lr`` full fine-tuning's; unset
-    ones take the method defaults. Everything else in ``base`` is shared by all runs. ``jobs``
+    ``methods``: names or settings ("lora", "lora@r=2", "peft-vblora@r=4,num_vectors=64"; see
+    peft_methods.parse_methods) or MethodSpecs; each is a row, its runs in
+    ``<output_dir>/<method>[-<key><value>...]-s<seed>``. ``base.lr`` (if set) is the adapters' learning
+    rate and ``full_lr`` full fine-tuning's (a spec's ``lr=`` wins); unset ones take the method defaults. Everything else in ``base`` is shared by all runs. ``jobs``
     runs that many trainings side by side, each with cpu_count / jobs threads.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
+    if isinstance(methods, str):
+        methods = [methods]
+    specs = [m if isinstance(m, MethodSpec) else None for m in methods]
+    if any(s is None for s in specs):
+        specs = parse_methods([m if isinstance(m, str) else m.label for m in methods])
+    labels = [s.label for s in specs]
     out = Path(output_dir)
     with output_dir_lock(out):  # a second comparison into out refuses at once; each run locks its own directory
         # Seed-major order: if the comparison is stopped early, every method has the same seeds done.
         configs = []
         for seed in seeds:
-            for method in methods:
-                lr = full_lr if method == "full" else base.lr
-                configs.append(dataclasses.replace(
-                    base, method=method, seed=seed, lr=lr, output_dir=str(out / f"{method}-s{seed}"),
-                    targets=list(base.targets), dataset_options=dict(base.dataset_options),
-                ))
+            for spec in specs:
+                cfg = spec.apply(base, full_lr=full_lr)
+                configs.append((spec.label, dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"{spec.dirname}-s{seed}"))))
         if jobs > 1 and not isolate:
             raise ValueError("jobs > 1 needs isolated runs (one process each); drop --in-process or use --jobs 1")
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
-        def one(cfg: TrainConfig) -> dict[str, Any]:
-            print(f"== compare: {cfg.method} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
-            result = run_one(cfg, isolate=isolate, progress=progress and jobs == 1, threads=threads)
+        def one(item: tuple[str, TrainConfig]) -> dict[str, Any]:
+            label, cfg = item
+            print(f"== compare: {label} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
+            result = dict(run_one(cfg, isolate=isolate, progress=progress and jobs == 1, threads=threads))
+            result["label"] = label
             metric = result["metric"]
             test = result["test"][metric] if result.get("test") else float("nan")
-            print(f"== {cfg.method} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
+            print(f"== {label} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
                   f"({result['train_time_s']:.0f} s)", flush=True)
             return result
 
@@ -219,7 +237,7 @@ def compare(
         else:
             results = [one(cfg) for cfg in configs]
         # Table rows in the order the methods were asked for.
-        results.sort(key=lambda r: (methods.index(r["method"]), r["config"]["seed"]))
+        results.sort(key=lambda r: (labels.index(r["label"]), r["config"]["seed"]))
         rows = aggregate(results)
         first = results[0]
         header = {
@@ -233,7 +251,8 @@ def compare(
             "environment": first["environment"],
         }
         summary = {"header": header, "rows": rows, "runs": [
-            {k: r[k] for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch")}
+            {k: r[k] for k in ("name", "label", "method", "config", "parameters", "adapter_bytes", "dev", "test",
+                               "train_time_s", "peak_rss_mb", "optimizer_state_mb", "best_epoch")}
             for r in results
         ]}
         atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")

@@ -102,7 +102,8 @@ class TrainConfig:
         rank = "" if self.is_full else f"-r{self.rank}"
         # Options that change the numbers get a suffix, so such a run does not land in the fp32 run's directory.
         memory = (f"-{'nf4' if self.quantize == '4bit' else 'int8'}" if self.quantize else "") + ("-bf16" if self.bf16 else "")
-        return f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}-s{self.seed}{memory}"
+        options = "".join(f"-{k}{v}" for k, v in sorted(self.method_options.items()))
+        return f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}{options}-s{self.seed}{memory}"
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and a good one."""

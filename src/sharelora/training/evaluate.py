@@ -134,6 +134,12 @@ def load_trained_model(adapter_dir: str | Path, cache_dir: str | None = None, de
     if info["method"] == "full":
         bundle = load_model(path, task=task, num_labels=num_labels, cache_dir=cache_dir)
         model = bundle.model
+    elif str(info["method"]).startswith("peft-"):  # PEFT's VeRA / VB-LoRA (peft_methods.py): PEFT loads its own
+        import peft
+
+        bundle = load_model(info["model"], task=task, num_labels=num_labels, cache_dir=cache_dir,
+                            report_new_weights=False)
+        model = peft.PeftModel.from_pretrained(bundle.model, path)
     else:
         from sharelora import ShareLoraModel
         from ..sources.models import new_weights_note

@@ -4,6 +4,7 @@
 ``get_sharelora_model`` and trains only the adapter plus the classification head
 (``modules_to_save``): ``lora`` shares nothing, ``sharea`` / ``shareb`` / ``shareab`` share A, B or
 both across layers (per module type), ``sharea-qkv`` shares one A across query, key and value.
+``peft-vera`` / ``peft-vblora`` are PEFT's VeRA and VB-LoRA on the same targets (peft_methods.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .config import METHODS, TrainConfig
+from .peft_methods import peft_kind, peft_parameter_summary, prepare_peft_model
 
 # Names that transformers uses for a sequence-classification head, across architectures.
 HEAD_NAMES = ("classifier", "score")
@@ -52,6 +54,9 @@ def prepare_model(base_model: nn.Module, cfg: TrainConfig) -> nn.Module:
         for p in base_model.parameters():
             p.requires_grad_(True)
         model = base_model
+    elif peft_kind(cfg.method) is not None:  # PEFT's VeRA / VB-LoRA (peft_methods.py)
+        modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else head_modules(base_model)
+        model = prepare_peft_model(base_model, cfg, modules_to_save)
     else:
         from sharelora import get_sharelora_model
 
@@ -79,6 +84,8 @@ def parameter_summary(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     and SPEC's convention); ``trainable`` counts everything the optimizer updates, head included.
     For full fine-tuning the adapter is the whole model.
     """
+    if peft_kind(cfg.method) is not None:
+        return peft_parameter_summary(model, cfg)
     counts = count_parameters(model)
     summary: dict[str, Any] = {"trainable": counts["trainable"], "total": counts["total"]}
     if cfg.is_full:
