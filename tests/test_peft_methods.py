@@ -103,13 +103,15 @@ def test_parse_methods_errors_name_the_fix(text, message):
     assert message in str(e.value)
 
 
-def test_method_options_are_validated():
-    with pytest.raises(ValueError, match="peft-vera has no option"):
-        TrainConfig(method="peft-vera", method_options={"num_vectors": 4}).validate()
-    with pytest.raises(ValueError, match="takes no method_options"):
-        TrainConfig(method="lora", method_options={"num_vectors": 4}).validate()
-    with pytest.raises(ValueError, match="topk 9 exceeds num_vectors 8"):
-        TrainConfig(method="peft-vblora", method_options={"num_vectors": 8, "topk": 9}).validate()
+def test_method_options_are_validated_before_the_model_is_wrapped(tmp_path):
+    from sharelora.training.methods import prepare_model
+
+    for cfg, message in ((TrainConfig(method="peft-vera", method_options={"num_vectors": 4}), "peft-vera has no option"),
+                         (TrainConfig(method="lora", method_options={"num_vectors": 4}), "takes no method_options"),
+                         (TrainConfig(method="peft-vblora", method_options={"num_vectors": 8, "topk": 9}),
+                          "topk 9 exceeds num_vectors 8")):
+        with pytest.raises(ValueError, match=message):
+            prepare_model(tiny_bundle(tmp_path).model, cfg.resolved())
 
 
 def test_compare_makes_one_row_per_method_and_setting(tmp_path):

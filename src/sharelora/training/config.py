@@ -144,10 +144,6 @@ class TrainConfig:
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
         self._validate_memory()
-        if self.method_options or (METHODS[self.method] or {}).get("peft"):
-            from .peft_methods import validate_method_options
-
-            validate_method_options(self)
 
     def _validate_memory(self) -> None:
         from .memory import COMPUTE_DTYPES, QUANTIZE

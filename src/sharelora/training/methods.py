@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .config import METHODS, TrainConfig
-from .peft_methods import peft_kind, peft_parameter_summary, prepare_peft_model
+from .peft_methods import peft_kind, peft_parameter_summary, prepare_peft_model, validate_method_options
 
 # Names that transformers uses for a sequence-classification head, across architectures.
 HEAD_NAMES = ("classifier", "score")
@@ -50,6 +50,7 @@ def sharelora_config(cfg: TrainConfig, model: nn.Module) -> Any:
 def prepare_model(base_model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The model to train: the base model itself (full) or a ``ShareLoraModel`` around it, with the
     run's memory options (``--bf16``, ``--gradient-checkpointing``; see memory.py) turned on."""
+    validate_method_options(cfg)  # PEFT's settings (peft_methods.py); none for the other methods
     if cfg.is_full:
         for p in base_model.parameters():
             p.requires_grad_(True)
