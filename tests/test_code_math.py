@@ -1,0 +1,66 @@
+"""HumanEval / GSM8K plumbing: stop sequences, number parsing, canonical vs wrong programs in the sandbox,
+few-shot pool held out, generation on a tiny random LLaMA."""
+
+import pytest
+from generation_tiny import TinyTaskData, tiny_llama, tiny_tokenizer
+
+from sharelora.tasks.code_math import (
+    evaluate_gsm8k,
+    evaluate_humaneval,
+    generate_until,
+    gsm8k_prompt,
+    humaneval_program,
+    last_number,
+    normalize_number,
+    truncate_at_stops,
+)
+
+PROBLEM = {"task_id": "T/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "entry_point": "add",
+           "canonical_solution": "    return a + b\n",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+
+
+def test_completion_is_cut_at_the_first_stop():
+    assert truncate_at_stops("    return 1\ndef g():\n#x", ("\ndef ", "\n#")) == "    return 1"
+    assert truncate_at_stops("no stop", ("\ndef ",)) == "no stop"
+
+
+@pytest.mark.parametrize("text,number", [("so 1,234 dollars", "1234"), ("18.0", "18"), ("$7.50", "7.5"),
+                                         ("-3", "-3"), ("none", None)])
+def test_numbers_are_normalised(text, number):
+    assert normalize_number(text) == number
+
+
+def test_the_last_number_is_the_prediction():
+    assert last_number("3 + 4 = 7. The answer is 1,007.") == "1007"
+    assert last_number("no digits") is None
+
+
+def test_canonical_completion_passes_and_a_wrong_one_fails():
+    data = TinyTaskData("he", "generation", {"test": [PROBLEM, PROBLEM]})
+    r = evaluate_humaneval(None, None, data, completions=["    return a + b\n", "    return a - b\n"], timeout_s=3)
+    assert [s["status"] for s in r["samples"]] == ["passed", "failed"] and r["pass_at_1"] == 0.5
+    assert humaneval_program(PROBLEM, "X").endswith("check(add)\n")
+
+
+def test_a_hanging_completion_is_a_failure_not_a_hang():
+    data = TinyTaskData("he", "generation", {"test": [PROBLEM]})
+    r = evaluate_humaneval(None, None, data, completions=["    while True:\n        pass\n"], timeout_s=1)
+    assert r["passed"] == 0 and r["samples"][0]["status"] == "timeout"
+
+
+def test_gsm8k_exact_match_and_few_shot_exemplars_come_from_the_held_out_pool():
+    shot = {"question": "1+1?", "answer": "1+1=2", "final": "2"}
+    test = [{"question": "2+2?", "answer": "", "final": "4"}, {"question": "3+3?", "answer": "", "final": "6"}]
+    data = TinyTaskData("g", "generation", {"dev": [shot], "test": test})
+    r = evaluate_gsm8k(None, None, data, shots=1, completions=[" 2+2 = 4.", " it is 7"])
+    assert r["correct"] == 1 and r["accuracy"] == 0.5
+    assert gsm8k_prompt("2+2?", [shot]).startswith("Question: 1+1?\nAnswer: 1+1=2 The answer is 2.\n\nQuestion: 2+2?")
+    with pytest.raises(ValueError, match="few-shot pool"):
+        evaluate_gsm8k(None, None, data, shots=2, completions=["", ""])
+
+
+def test_generation_on_a_tiny_model_is_batched_and_cut():
+    tok = tiny_tokenizer()
+    texts = generate_until(tiny_llama(), tok, ["what is", "the answer is a"], ("?",), max_new_tokens=5, batch_size=2)
+    assert len(texts) == 2 and all("?" not in t for t in texts)
