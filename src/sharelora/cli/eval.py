@@ -107,10 +107,9 @@ def _eval_classification(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
-    """HumanEval pass@1 or GSM8K final-number accuracy of an adapter or a base model (``--model``)."""
-    from ..sources import load_dataset, load_model
-    from ..tasks.code_math import evaluate_gsm8k, evaluate_humaneval
+def _adapter_or_base_model(args: argparse.Namespace):
+    """(model, tokenizer, what was loaded, device) for the LM benchmarks: ADAPTER_DIR's run, or a base --model."""
+    from ..sources import load_model
     from ..training import load_trained_model
     from ..training.loop import pick_device
 
@@ -124,6 +123,15 @@ def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
         bundle = load_model(args.model, task="causal-lm", cache_dir=args.cache_dir)
         model, tokenizer = bundle.model.to(device).eval(), bundle.tokenizer
         what = {"model": bundle.name, "pretrained": bundle.pretrained}
+    return model, tokenizer, what, device
+
+
+def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
+    """HumanEval pass@1 or GSM8K final-number accuracy of an adapter or a base model (``--model``)."""
+    from ..sources import load_dataset
+    from ..tasks.code_math import evaluate_gsm8k, evaluate_humaneval
+
+    model, tokenizer, what, device = _adapter_or_base_model(args)
     data = load_dataset(args.dataset or args.task, cache_dir=args.cache_dir)
     options = {"max_examples": args.max_examples, "batch_size": args.batch_size or 8, "device": device, "progress": True}
     if args.max_new_tokens:
@@ -141,22 +149,11 @@ def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval_mmlu(args: argparse.Namespace) -> dict[str, Any]:
-    from ..sources import load_dataset, load_model
+    from ..sources import load_dataset
     from ..tasks.mmlu import evaluate_mmlu
-    from ..training import load_trained_model
     from ..training.evaluate import EVAL_BATCH_SIZE
-    from ..training.loop import pick_device
 
-    device = pick_device(args.device)
-    if args.adapter_dir:
-        model, tokenizer, info = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
-        what = {"adapter_dir": info["adapter_dir"], "model": info["model"]}
-    else:
-        if not args.model:
-            raise CliError("eval --task mmlu needs an ADAPTER_DIR or --model NAME (e.g. --model smollm2)")
-        bundle = load_model(args.model, task="causal-lm", cache_dir=args.cache_dir)
-        model, tokenizer = bundle.model.to(device).eval(), bundle.tokenizer
-        what = {"model": bundle.name, "pretrained": bundle.pretrained}
+    model, tokenizer, what, device = _adapter_or_base_model(args)
     subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
     data = load_dataset(args.dataset or "mmlu", cache_dir=args.cache_dir)
     result = evaluate_mmlu(model, tokenizer, data, shots=args.shots, subjects=subjects,
