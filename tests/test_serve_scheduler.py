@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -90,7 +91,17 @@ def test_mixed_batches_are_token_identical_to_offline_generate(served, offline):
 
 def test_continuous_batching_runs_requests_together(served):
     ps = prompts(12, seed=1)
+    gate = threading.Event()
+
+    def open_when_all_wait():  # the 12 clients' threads start at their own pace on a busy CPU
+        deadline = time.monotonic() + 60
+        while sched.waiting < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+
     with Scheduler(served, max_batch=4).start() as sched:
+        sched.call(lambda: gate.wait(60))  # the worker waits (controls run before admission) until all are queued
+        threading.Thread(target=open_when_all_wait, daemon=True).start()
         out = concurrently(lambda i: sched.generate(ps[i], route(served, ADAPTERS[i % 4]),
                                                     SamplingParams(max_tokens=10, ignore_eos=True), timeout=60), 12)
         steps = sched.steps
