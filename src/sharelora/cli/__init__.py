@@ -33,7 +33,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # In the order ``sharelora --help`` lists them.
-COMMAND_MODULES = ("train", "multitask", "compare", "eval", "export", "merge", "studies", "bench", "serve")
+COMMAND_MODULES = ("train", "multitask", "compress", "compare", "eval", "export", "merge", "studies", "bench", "serve")
 
 
 def register_command(name: str, help: str, add_arguments, run) -> None:

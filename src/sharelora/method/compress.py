@@ -91,6 +91,17 @@ def _basis(blocks: list[torch.Tensor], k: int, what: str) -> torch.Tensor:
     return Vh[:k].contiguous()
 
 
+def _check_options(rank: int, share: str, across_layers: bool, basis: str) -> None:
+    if share not in ("A", "AB"):
+        raise ShareLoraError(f"share must be 'A' or 'AB', got {share!r}")
+    if share == "AB" and not across_layers:
+        raise ShareLoraError("share='AB' shares each task's B across layers, so it needs across_layers=True")
+    if basis not in BASES:
+        raise ShareLoraError(f"basis must be one of {BASES}, got {basis!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ShareLoraError(f"rank must be a positive integer, got {rank!r}")
+
+
 def compress_adapters(base_model: nn.Module, adapters: dict[str, str | Path], rank: int, share: str = "A",
                       across_layers: bool = True, basis: str = "update", alpha: float | None = None):
     """Fit one shared A per share group and per-task B's; return (multi-adapter model, report).
@@ -108,26 +119,32 @@ def compress_adapters(base_model: nn.Module, adapters: dict[str, str | Path], ra
     ``||B_t' A_s - D_t||_F / ||D_t||_F`` (0 for a module the task leaves unchanged), its mean and
     max per task, and the parameter counts before and after.
     """
-    from .model import ShareLoraModel
-
     if not adapters:
         raise ShareLoraError("compress_adapters needs at least one {name: directory}")
-    if share not in ("A", "AB"):
-        raise ShareLoraError(f"share must be 'A' or 'AB', got {share!r}")
-    if share == "AB" and not across_layers:
-        raise ShareLoraError("share='AB' shares each task's B across layers, so it needs across_layers=True")
-    if basis not in BASES:
-        raise ShareLoraError(f"basis must be one of {BASES}, got {basis!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ShareLoraError(f"rank must be a positive integer, got {rank!r}")
+    _check_options(rank, share, across_layers, basis)
     read = {name: adapter_updates(base_model, d) for name, d in adapters.items()}
+    return compress_updates(base_model, read, rank, share=share, across_layers=across_layers, basis=basis,
+                            alpha=alpha)
+
+
+def compress_updates(base_model: nn.Module, read: dict, rank: int, share: str = "A", across_layers: bool = True,
+                     basis: str = "update", alpha: float | None = None):
+    """``compress_adapters`` on updates already read: {task: ``adapter_updates(...)``}.
+
+    For adapters whose bases differ in their heads (e.g. classifiers with different label counts),
+    read each with its own base and give heads whose tensors fit ``base_model``'s modules.
+    """
+    from .model import ShareLoraModel
+
+    if not read:
+        raise ShareLoraError("compress_updates needs at least one {name: adapter_updates(...)}")
+    _check_options(rank, share, across_layers, basis)
     modules = sorted({m for upd, _ in read.values() for m in upd})
     group_of = {m: (_module_type(m) if across_layers else m) for m in modules}
     members: dict[str, list[str]] = defaultdict(list)
     for m in modules:
         members[group_of[m]].append(m)
 
-    deltas: dict[tuple[str, str], torch.Tensor | None] = {}
     shared_A: dict[str, torch.Tensor] = {}
     for g, mods in members.items():
         blocks = []
