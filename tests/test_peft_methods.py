@@ -177,3 +177,24 @@ def test_a_peft_run_reloads_with_its_dev_metrics(tmp_path, monkeypatch):
     dev = evaluate(model, task, task.encode("dev"))
     assert info["method"] == "peft-vera"
     assert dev["loss"] == pytest.approx(results["dev"]["loss"], rel=1e-5)
+
+
+def test_merge_folds_a_peft_run_and_export_peft_says_it_is_peft_already(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from sharelora.cli import main
+    from sharelora.training.evaluate import load_trained_model
+
+    cfg = config(tmp_path, "vera", method="peft-vera", rank=16, lr=1e-2)
+    train(cfg, bundle=tiny_bundle(tmp_path), data=tiny_data(), progress=False)
+    monkeypatch.setattr("sharelora.sources.load_model", lambda *a, **k: tiny_bundle(tmp_path))
+    assert main(["export-peft", str(tmp_path / "vera"), str(tmp_path / "peft")]) == 2
+    assert "already a PEFT directory" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "vera"), str(tmp_path / "merged")]) == 0
+    unmerged, _, _ = load_trained_model(tmp_path / "vera")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    with torch.no_grad():
+        want = unmerged(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5), (got, want)

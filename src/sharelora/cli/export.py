@@ -44,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
         raise CliError(f"--adapter picks tasks of a multi-task directory; {args.adapter_dir} holds one adapter, "
                        "drop --adapter")
+    from ..training.evaluate import read_run_info
+    from .common import CliError
+
+    method = str(read_run_info(args.adapter_dir).get("method"))
+    if method.startswith("peft-"):
+        raise CliError(f"{args.adapter_dir} was trained with --method {method}: its adapter/ is already a PEFT "
+                       f"directory ({method[5:]}, not LoRA); load it with peft.PeftModel.from_pretrained, or merge it "
+                       "with sharelora merge")
     model, _, _ = load_adapter_run(args.adapter_dir, args.cache_dir)
     out = model.export_peft(args.out_dir)
     print(f"PEFT LoRA adapter written to {out}")

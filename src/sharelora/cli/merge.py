@@ -23,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_adapter_run(args.adapter_dir, args.cache_dir)
     # A run on a quantized base is rebuilt on it; its merge goes into the dequantized weights, which
     # is what the run computed with (merging into the float original would differ by the rounding).
-    merged = model.merge_and_unload(dequantize=bool(info.get("quantize")))
+    if str(info["method"]).startswith("peft-"):  # PEFT's VeRA / VB-LoRA: PEFT's own merge
+        merged = model.merge_and_unload()
+    else:
+        merged = model.merge_and_unload(dequantize=bool(info.get("quantize")))
     merged.save_pretrained(args.out_dir)
     tokenizer.save_pretrained(args.out_dir)
     # A merged model is a complete model: `sharelora eval OUT_DIR` loads it like a fully fine-tuned one.
