@@ -64,3 +64,40 @@ def test_generation_on_a_tiny_model_is_batched_and_cut():
     tok = tiny_tokenizer()
     texts = generate_until(tiny_llama(), tok, ["what is", "the answer is a"], ("?",), max_new_tokens=5, batch_size=2)
     assert len(texts) == 2 and all("?" not in t for t in texts)
+
+
+@pytest.fixture
+def tiny_lm(monkeypatch):
+    """`sharelora eval --task humaneval|gsm8k --model tiny` reads a tiny random LLaMA and the given data."""
+    from generation_tiny import TinyBundle
+
+    shot = {"question": "1+1?", "answer": "1+1=2", "final": "2"}
+    data = {"humaneval": TinyTaskData("humaneval", "generation", {"test": [PROBLEM, PROBLEM]}),
+            "gsm8k": TinyTaskData("gsm8k", "generation", {"dev": [shot], "test": [
+                {"question": "2+2?", "answer": "", "final": "4"}, {"question": "3+3?", "answer": "", "final": "6"}]})}
+    monkeypatch.setattr("sharelora.sources.load_model", lambda *a, **k: TinyBundle(tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr("sharelora.sources.load_dataset", lambda name, **k: data[name])
+
+
+@pytest.mark.parametrize("task,extra,score", [("humaneval", ["--sandbox-timeout", "2"], "pass_at_1"),
+                                              ("gsm8k", ["--shots", "1"], "accuracy")])
+def test_cli_eval_generates_scores_and_writes_every_sample(tiny_lm, tmp_path, capsys, task, extra, score):
+    import json
+
+    from sharelora.cli import main
+
+    out = tmp_path / f"{task}.json"
+    assert main(["eval", "--task", task, "--model", "tiny", "--max-new-tokens", "4", "--json", str(out), *extra]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny-llama" and 0.0 <= result[score] <= 1.0
+    assert len(result["samples"]) == 2  # every problem generated and scored
+    if task == "humaneval":  # each program ran in the sandbox and came back as a status
+        assert all(s["status"] in ("passed", "failed", "timeout", "error", "killed") for s in result["samples"])
+    assert "samples: 2" in capsys.readouterr().out
+
+
+def test_cli_eval_without_a_model_or_adapter_names_the_fix(tiny_lm, capsys):
+    from sharelora.cli import main
+
+    assert main(["eval", "--task", "humaneval"]) == 2
+    assert "--model NAME" in capsys.readouterr().err
