@@ -1,0 +1,128 @@
+"""The parameter-budget study's LR choice, table and Pareto plot (docs/RESULTS_BUDGET.md).
+
+    python docs/studies/budget_report.py choose runs/budget/<task>/probe.json   # {method: lr}, from dev only
+    python docs/studies/budget_report.py learns runs/budget/<task>/probe.json   # exit 0: some run learned
+    python docs/studies/budget_report.py report runs/budget OUT_PREFIX          # OUT_PREFIX.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def method_of(label: str) -> str:
+    return label.split("@", 1)[0]
+
+
+def choose(probe: Path) -> dict[str, float]:
+    """Per method, the probe LR with the best dev metric (ties: the smaller LR). Reads dev only."""
+    summary = json.loads(probe.read_text())
+    best: dict[str, tuple[float, float]] = {}
+    for run in summary["runs"]:
+        metric = run["dev"]["accuracy"]
+        lr = run["config"]["lr"]
+        m = method_of(run["label"])
+        if m not in best or metric > best[m][0] or (metric == best[m][0] and lr < best[m][1]):
+            best[m] = (metric, lr)
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+def rows(compare_json: Path, lrs: dict[str, float]) -> list[dict]:
+    """One row per method@setting of the sweep (the chosen LR's runs), mean +- std over seeds."""
+    summary = json.loads(compare_json.read_text())
+    groups: dict[str, list[dict]] = {}
+    for run in summary["runs"]:
+        if run["config"]["lr"] != lrs[method_of(run["label"])]:
+            continue
+        groups.setdefault(run["label"], []).append(run)
+    out = []
+    for label, runs in groups.items():
+        test = [r["test"]["accuracy"] * 100 for r in runs]
+        dev = [r["dev"]["accuracy"] * 100 for r in runs]
+        mcc = [r["test"]["mcc"] for r in runs]
+        out.append({
+            "label": label.rsplit(",lr=", 1)[0], "method": method_of(label), "lr": lrs[method_of(label)],
+            "seeds": sorted(r["config"]["seed"] for r in runs), "adapter_parameters": runs[0]["parameters"]["adapter"],
+            "trainable_parameters": runs[0]["parameters"]["trainable"], "adapter_bytes": runs[0]["adapter_bytes"],
+            "test_mean": statistics.mean(test), "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+            "dev_mean": statistics.mean(dev), "test_mcc_mean": statistics.mean(mcc),
+            "test_per_seed": test, "train_time_s_mean": statistics.mean(r["train_time_s"] for r in runs),
+            "peak_rss_mb_mean": statistics.mean(r["peak_rss_mb"] for r in runs),
+        })
+    out.sort(key=lambda r: r["adapter_parameters"])
+    best = -1.0
+    for r in out:  # the Pareto front: no setting with fewer (or as many) parameters has a higher mean
+        r["pareto"] = r["test_mean"] > best
+        best = max(best, r["test_mean"])
+    return out
+
+
+def markdown(task: str, table: list[dict]) -> str:
+    lines = [f"### {task}", "", "| method@setting | LR | adapter params | file | test acc (mean ± std, 3 seeds) | "
+             "per seed | dev acc | test MCC | Pareto |", "|---|---:|---:|---:|---:|---|---:|---:|:-:|"]
+    for r in table:
+        seeds = ", ".join(f"{t:.1f}" for t in r["test_per_seed"])
+        lines.append(f"| {r['label']} | {r['lr']:g} | {r['adapter_parameters']:,} | {r['adapter_bytes'] / 1024:.0f} KiB | "
+                     f"{r['test_mean']:.1f} ± {r['test_std']:.1f} | {seeds} | {r['dev_mean']:.1f} | "
+                     f"{r['test_mcc_mean']:.3f} | {'★' if r['pareto'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: str, table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method in dict.fromkeys(r["method"] for r in table):
+        pts = [r for r in table if r["method"] == method]
+        ax.errorbar([r["adapter_parameters"] for r in pts], [r["test_mean"] for r in pts],
+                    yerr=[r["test_std"] for r in pts], marker="o", capsize=3, label=method, linestyle="-", alpha=0.85)
+    front = [r for r in table if r["pareto"]]
+    ax.step([r["adapter_parameters"] for r in front], [r["test_mean"] for r in front], where="post", color="black",
+            linewidth=1.0, linestyle="--", label="Pareto front (means)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (head excluded, log)")
+    ax.set_ylabel("test accuracy (%), mean ± std over 3 seeds")
+    ax.set_title(f"MiniLM on {task}, query/value: accuracy vs parameter budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(root: Path, prefix: Path) -> None:
+    out: dict = {"tasks": {}}
+    md = []
+    for task_dir in sorted(p for p in root.iterdir() if (p / "lr.json").is_file()):
+        lrs = json.loads((task_dir / "lr.json").read_text())
+        probe = json.loads((task_dir / "probe.json").read_text())
+        entry = {"lr": lrs, "probe": [{"label": r["label"], "lr": r["config"]["lr"], "dev_accuracy": r["dev"]["accuracy"],
+                                       "dev_mcc": r["dev"]["mcc"]} for r in probe["runs"]],
+                 "header": probe["header"]}
+        if (task_dir / "compare.json").is_file() and json.loads((task_dir / "compare.json").read_text())["header"] != \
+                probe["header"]:
+            summary = json.loads((task_dir / "compare.json").read_text())
+            table = rows(task_dir / "compare.json", lrs)
+            entry.update(rows=table, sweep_header=summary["header"])
+            md.append(markdown(task_dir.name, table))
+            plot(task_dir.name, table, prefix.with_name(f"{prefix.name}-{task_dir.name}.png"))
+        out["tasks"][task_dir.name] = entry
+    prefix.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    prefix.with_suffix(".md").write_text("\n".join(md))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "choose":
+        print(json.dumps(choose(Path(sys.argv[2]))))
+    elif sys.argv[1] == "learns":  # exit 0 if some probe run's dev MCC > 0.1
+        sys.exit(0 if any(r["dev"]["mcc"] > 0.1 for r in json.loads(Path(sys.argv[2]).read_text())["runs"]) else 1)
+    elif sys.argv[1] == "report":
+        report(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        sys.exit(__doc__)
