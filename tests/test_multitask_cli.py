@@ -51,11 +51,6 @@ def test_bad_options_name_the_fix(inputs, tmp_path, capsys, extra, message):  # 
     assert message in capsys.readouterr().err
 
 
-def test_a_launcher_is_refused_with_the_reason(inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(args(inputs, tmp_path / "ddp", "--method", "sharea")) == 2
-    assert "one process" in capsys.readouterr().err
-
 
 def test_eval_and_export_peft_read_a_multi_task_directory(inputs, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "joint"

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 
-def make_accelerator(device: str = "auto", fsdp: bool = False) -> Any:
+def make_accelerator(device: str = "auto", fsdp: bool = False, find_unused_parameters: bool = False) -> Any:
     """The ``Accelerator`` of this process: the launcher's process group, or a single process.
 
     ``device``: "auto" (CUDA when there is one), "cpu", or "cuda[:i]" (one process only; under a
@@ -45,6 +45,9 @@ def make_accelerator(device: str = "auto", fsdp: bool = False) -> Any:
     process-wide singleton; a single process that trains several runs one after another (tests,
     ``compare --in-process``) starts each from a fresh state, so one run's device or precision never
     leaks into the next. A launched process keeps its state: its process group lives as long as it.
+
+    ``find_unused_parameters``: DDP looks for trainable tensors a step did not use (multi-task
+    batches: a task with no row in a process's micro-batch leaves its own B's out of that forward).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -58,7 +61,12 @@ def make_accelerator(device: str = "auto", fsdp: bool = False) -> Any:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))
-    accelerator = Accelerator(cpu=cpu)
+    handlers = []
+    if find_unused_parameters:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=handlers)
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(
             f"the accelerate config asks for {accelerator.distributed_type.value}; sharelora train does its own "

@@ -35,7 +35,11 @@ the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). Basel
 tasks (it forgets); ``task_share="none"`` gives every task an adapter of its own.
 
 The loop is loop.py's (AdamW with linear warmup and decay, restarted per stage; gradient
-accumulation; clipping; Ctrl-C and resume; log.jsonl; the output directory's lock), in one process.
+accumulation; clipping; Ctrl-C and resume; log.jsonl; the output directory's lock), and runs under
+a launcher as ``sharelora train`` does (distributed.py): every process runs it, a step's global
+batch of mixed rows is split over the processes, DDP averages the gradients (looking for the tensors
+a process's rows did not use: a task absent from its share), evaluation is split and gathered, and
+rank 0 alone writes. Each stage wraps the model anew, since a stage changes what is trainable.
 
 Output directory: as ``sharelora train`` (results.json, log.jsonl, curves.png with a curve per task,
 adapter/ in the multi-adapter format with a run_info.json that names every task's data set, adapter
@@ -44,6 +48,7 @@ and outputs, state/ while running).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,13 +66,18 @@ from torch import nn
 from ..tasks import ClassificationTask, EncodedSplit
 from ..tasks.build import resolve_targets
 from .config import TrainConfig, short_name
+from .distributed import (
+    check_batch, for_evaluation, from_main, gather_list, gradient_sync, make_accelerator, on_main, wrap,
+)
 from .evaluate import RUN_INFO, eval_settings, evaluate, model_logits, read_run_info
 from .lock import output_dir_lock
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_task_curves, reset_peak_rss
-from .loop import RunPaths, _prepare_output, _StopFlag, lr_at, make_optimizer, pick_device, seed_everything
+from .loop import (
+    RunPaths, _prepare_output, _StopFlag, lr_at, make_optimizer, pick_device, process_seed, seed_everything,
+)
 from .methods import head_modules, sharelora_config
 from .state import (
-    STATE_KEY, atomic_save_tensors, atomic_write_text, load_checkpoint, load_tensors, load_weights,
+    STATE_KEY, atomic_save_tensors, atomic_write_text, capture_rng, load_checkpoint, load_tensors, load_weights,
     save_checkpoint, save_weights, trainable_parameters,
 )
 
@@ -356,35 +366,42 @@ def train_multitask(cfg: MultiTaskConfig, *, resume: bool = False, overwrite: bo
 
     Arguments as ``training.train``; ``data`` is {task name: TaskData} and ``bundle`` a ModelBundle
     whose classifier has the layout's number of outputs (``head_layout``). A finished run is returned
-    as it is with ``resume``; another process writing into the output directory is an error.
+    as it is with ``resume``; another process writing into the output directory is an error. Under a
+    launcher every process calls this and gets the same results; rank 0 alone writes.
     """
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would train the whole run into one directory
-        raise ValueError("sharelora multitask runs in one process for now; start it without torchrun / accelerate "
-                         "launch (sharelora train runs under them)")
     wall_start = time.perf_counter()
     cfg = cfg.resolved()
+    accelerator = make_accelerator(cfg.device, find_unused_parameters=True)
     paths = RunPaths(Path(cfg.output_dir))
-    with output_dir_lock(cfg.output_dir):
-        finished = _prepare_output(paths, resume, overwrite)
+    with contextlib.ExitStack() as held:
+        def lock_and_prepare() -> tuple[dict | None, bool]:  # rank 0 only
+            held.enter_context(output_dir_lock(cfg.output_dir))
+            return _prepare_output(paths, resume, overwrite), paths.checkpoint.is_file()
+
+        finished, has_checkpoint = on_main(accelerator, lock_and_prepare)
         if finished is not None:
-            print(f"{paths.root} already finished; results in {paths.results}")
+            if accelerator.is_main_process:
+                print(f"{paths.root} already finished; results in {paths.results}")
             return finished
-        run = _Run(cfg, paths, bundle, data)
-        return run.train(resume and paths.checkpoint.is_file(), on_step, progress, keep_state, wall_start)
+        run = _Run(cfg, paths, bundle, data, accelerator)
+        return run.train(resume and has_checkpoint, on_step, progress, keep_state, wall_start)
 
 
 class _Run:
     """The state of one multi-task run: its tasks, model, stages and the loop over them."""
 
-    def __init__(self, cfg: MultiTaskConfig, paths: RunPaths, bundle: Any, data: dict[str, Any] | None):
-        self.cfg, self.paths = cfg, paths
+    def __init__(self, cfg: MultiTaskConfig, paths: RunPaths, bundle: Any, data: dict[str, Any] | None,
+                 accelerator: Any):
+        self.cfg, self.paths, self.acc = cfg, paths, accelerator
+        self.main, self.rank, self.world = accelerator.is_main_process, accelerator.process_index, \
+            accelerator.num_processes
+        self.micro = check_batch(cfg.batch_size, cfg.grad_accum, self.world)
         reset_peak_rss()
         torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
-        self.data = load_task_data(cfg, data)
+        self.device = accelerator.device
+        with accelerator.main_process_first():  # rank 0 fetches into the cache, the others then read it
+            self.data = load_task_data(cfg, data)
         self.names = list(self.data)
         from ..tasks import label_space
 
@@ -394,7 +411,9 @@ class _Run:
             from ..sources import load_model
 
             seed_everything(cfg.seed)  # the new head starts from the same weights for the same seed
-            bundle = load_model(cfg.model, task="classification", num_labels=self.outputs, cache_dir=cfg.cache_dir)
+            with accelerator.main_process_first():
+                bundle = load_model(cfg.model, task="classification", num_labels=self.outputs,
+                                    cache_dir=cfg.cache_dir, report_new_weights=self.main)
         self.bundle = bundle
         self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
         routed = cfg.layout == "per-task"
@@ -408,9 +427,12 @@ class _Run:
         if outputs != self.outputs:
             raise ValueError(f"the model's classifier has {outputs} outputs; the {cfg.layout} layout of tasks "
                              f"{counts} needs {self.outputs}")
-        self.model = build_model(bundle.model, cfg, self.names).to(self.device)
-        self.model.train()
-        self.summary = parameter_summary(self.model, cfg, self.names)
+        self.core = build_model(bundle.model, cfg, self.names).to(self.device)  # unwrapped: names, saving
+        self.model = self.core  # the model a step calls: wrapped per stage (start_stage)
+        self.core.train()
+        self.summary = parameter_summary(self.core, cfg, self.names)
+        if self.rank > 0:  # every process draws its own dropout masks (the model above is the same everywhere)
+            seed_everything(process_seed(cfg.seed, self.rank))
         self.stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in stage]) for stage in self.stages]
         self.log = JsonlLog(paths.log)
@@ -428,9 +450,10 @@ class _Run:
         """Make stage k's tensors trainable (and no others) and give them a fresh optimizer."""
         shared = k == 0 or self.cfg.continual_train_shared or self.cfg.layout == "one-adapter"
         active = [ONE_ADAPTER] if self.cfg.layout == "one-adapter" else self.stages[k]
-        self.model.set_adapter(active, train_shared=shared)
-        self.params = list(trainable_parameters(self.model).values())
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.core.set_adapter(active, train_shared=shared)
+        self.params = list(trainable_parameters(self.core).values())
+        # Wrapped anew: DDP syncs the tensors that were trainable when it was built.
+        self.model, self.optimizer = wrap(self.acc, self.core, lambda m: make_optimizer(m, self.cfg))
 
     def order(self, k: int, epoch: int) -> list[int]:
         key = (k, epoch)
@@ -445,8 +468,10 @@ class _Run:
 
     def snapshot(self, k: int) -> None:
         """Every adapter tensor after stage k (later stages do not save the ones they keep frozen)."""
-        tensors = {key: t.detach().clone() for key, t in self.model.multi_adapter_state_dict().items()}
-        atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
+        if self.main:
+            tensors = {key: t.detach().clone() for key, t in self.core.multi_adapter_state_dict().items()}
+            atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
+        self.acc.wait_for_everyone()
 
     def restore_snapshot(self, stage: int) -> None:
         path = self.paths.state / STAGES_FILE
@@ -459,13 +484,14 @@ class _Run:
         if int(meta.get("stage", -1)) < stage - 1:
             raise ValueError(f"cannot resume {self.paths.root}: {path} is from stage {int(meta['stage']) + 1}, "
                              f"the checkpoint from stage {stage + 1}; use --overwrite")
-        self.model.load_multi_adapter_state_dict(tensors)
+        self.core.load_multi_adapter_state_dict(tensors)
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, names: list[str], split: str) -> dict[str, dict[str, float]]:
         splits = self.dev_splits if split == "dev" else self.test_splits
-        return {n: evaluate(self.model, self.heads[n], splits[n], self.cfg.eval_batch_size, self.device)
-                for n in names if n in splits}
+        with for_evaluation(self.acc, self.model) as scored:  # every process scores a share; gathered
+            return {n: evaluate(scored, self.heads[n], splits[n], self.cfg.eval_batch_size, self.device,
+                                processes=self.acc) for n in names if n in splits}
 
     def mean_metric(self, metrics: dict[str, dict[str, float]]) -> float:
         return sum(m[self.heads[n].primary_metric] for n, m in metrics.items()) / len(metrics)
@@ -487,18 +513,22 @@ class _Run:
                                  f"{diff}; resume with the original options or use --overwrite")
             self.restore_snapshot(saved["stage"])
             self.start_stage(saved["stage"])
-            saved = load_checkpoint(paths.checkpoint, self.model, self.optimizer)
+            saved = load_checkpoint(paths.checkpoint, self.core, self.optimizer, rank=self.rank)
             state.update({k: saved[k] for k in state if k in saved})
             state["resumed"] += 1
-            self._truncate_log(state)
-            print(f"resuming {paths.root} at step {state['step']} (stage {state['stage'] + 1}/{len(self.stages)})")
+            if not saved["rng_restored"]:  # written by fewer processes: this one starts a stream of its own
+                seed_everything(process_seed(cfg.seed, self.rank) + state["step"])
+            if self.main:
+                self._truncate_log(state)
+                print(f"resuming {paths.root} at step {state['step']} (stage {state['stage'] + 1}/{len(self.stages)})")
         else:
             self.start_stage(0)
 
         from tqdm.auto import tqdm
 
         total = sum(self.stage_steps(k) for k in range(len(self.stages)))
-        bar = tqdm(total=total, initial=state["step"], desc=cfg.name, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=state["step"], desc=cfg.name, disable=not (progress and self.main),
+                   dynamic_ncols=True)
         self._time_base, self._loop_start = state["train_time_s"], time.perf_counter()
         status = "finished"
         with _StopFlag() as stop:
@@ -509,21 +539,24 @@ class _Run:
                 self._finish_stage(state)
         bar.close()
         if status == "interrupted":
-            print(f"stopped at step {state['step']}/{total}; continue with --resume (checkpoint: {paths.checkpoint})")
+            if self.main:
+                print(f"stopped at step {state['step']}/{total}; continue with --resume (checkpoint: {paths.checkpoint})")
             return {"status": "interrupted", "step": state["step"], "total_steps": total,
                     "output_dir": str(paths.root)}
         return self._results(state, total, keep_state, wall_start)
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
         state["train_time_s"] = self._time_base + time.perf_counter() - self._loop_start
-        save_checkpoint(self.paths.checkpoint, self.model, self.optimizer, state)
+        rngs = gather_list(self.acc, [capture_rng(cuda_devices=[self.device.index or 0] if self.world > 1
+                                                  and self.device.type == "cuda" else None)])
+        save_checkpoint(self.paths.checkpoint, self.core, self.optimizer, state, rngs=rngs, write=self.main)
 
     def _run_stage(self, state: dict[str, Any], bar, stop: _StopFlag, on_step) -> bool:
         """Train stage ``state["stage"]`` to its last step; False when asked to stop first (checkpointed)."""
         cfg, k = self.cfg, state["stage"]
         mixed, total, per_epoch = self.mixed[k], self.stage_steps(k), self.steps_per_epoch(k)
         warmup = round(cfg.warmup_ratio * total)
-        micro = cfg.batch_size // cfg.grad_accum
+        micro, world = self.micro, self.world
         window_start, window_rows = time.perf_counter(), 0
         while state["stage_step"] < total:
             s = state["stage_step"]
@@ -532,11 +565,20 @@ class _Run:
             lr = lr_at(s, cfg.lr, warmup, total)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = sum(self._forward_backward(mixed, self.stages[k], indices[m : m + micro], len(indices))
-                       for m in range(0, len(indices), micro))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
+            # Every process runs as many micro-batches as the one with the largest share, so that each
+            # joins every collective of the step; the last one syncs the gradients (loop.py).
+            count = math.ceil(math.ceil(len(indices) / world) / micro)
+            loss = 0.0
+            with self.acc.split_between_processes(indices) as mine:
+                for m in range(count):
+                    with gradient_sync(self.acc, self.model, sync=m == count - 1):
+                        loss += self._forward_backward(mixed, self.stages[k], mine[m * micro : (m + 1) * micro],
+                                                       indices[:1], len(indices))
+            grad_norm = self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                loss = self.acc.reduce(torch.tensor(loss, dtype=torch.float64, device=self.device), "sum").item()
             state["stage_step"] += 1
             state["step"] += 1
             step = state["step"]
@@ -547,8 +589,9 @@ class _Run:
                 seconds = time.perf_counter() - window_start
                 rate = window_rows / seconds if seconds > 0 else float("nan")
                 mean_loss = state["window_loss"] / state["window_steps"]
-                self.log.append({"kind": "train", "step": step, "stage": k, "epoch": state["stage_step"] / per_epoch,
-                                 "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": rate})
+                if self.main:
+                    self.log.append({"kind": "train", "step": step, "stage": k, "epoch": state["stage_step"] / per_epoch,
+                                     "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": rate})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}")
                 state["window_loss"], state["window_steps"] = 0.0, 0
                 window_start, window_rows = time.perf_counter(), 0
@@ -558,21 +601,28 @@ class _Run:
                 self._epoch_end(state, per_epoch, bar)
             if on_step is not None and on_step(step):
                 stop.requested = True
+            if world > 1:  # stop where any process was asked to (Ctrl-C reaches them at different moments)
+                stop.requested = self.acc.reduce(torch.tensor(float(stop.requested), device=self.device),
+                                                 "max").item() > 0
             if epoch_end or state["stage_step"] % cfg.checkpoint_every == 0 or stop.requested:
                 self._checkpoint(state)
             if stop.requested and state["stage_step"] < total:
                 return False
         return True
 
-    def _forward_backward(self, mixed: MixedSplit, stage_tasks: list[str], part: list[int], step_rows: int) -> float:
+    def _forward_backward(self, mixed: MixedSplit, stage_tasks: list[str], part: list[int], stand_in: list[int],
+                          step_rows: int) -> float:
         """Forward and backward of one micro-batch of mixed tasks; its share of the step's mean loss.
 
         Each row goes through its task's adapter (per-task layout: ``adapter_names``) and is scored
-        on its task's outputs; the sum over rows is divided by the rows of the whole step.
+        on its task's outputs; the sum over rows is divided by the rows of the whole step. Under a
+        launcher each process backpropagates ``world`` times its part (DDP averages), and one whose
+        share of the step ran out runs ``stand_in`` with weight 0 to join the gradient sync.
         """
         collate = self.heads[self.names[0]].task.collate
-        batch = {key: v.to(self.device) for key, v in collate(mixed.split, part).items()}
-        tasks = [stage_tasks[mixed.task_of_row[i]] for i in part]
+        rows_of = part or stand_in
+        batch = {key: v.to(self.device) for key, v in collate(mixed.split, rows_of).items()}
+        tasks = [stage_tasks[mixed.task_of_row[i]] for i in rows_of]
         inputs: dict[str, Any] = {key: v for key, v in batch.items() if key != "labels"}
         if self.cfg.layout == "per-task":
             inputs["adapter_names"] = tasks
@@ -583,36 +633,40 @@ class _Run:
             loss = loss + self.heads[name].loss(logits.index_select(0, rows), batch["labels"].index_select(0, rows),
                                                 reduction="sum")
         loss = loss / step_rows
-        loss.backward()
-        return loss.item()
+        self.acc.backward(loss * self.world if part else loss * 0.0)
+        return loss.item() if part else 0.0
 
     def _epoch_end(self, state: dict[str, Any], per_epoch: int, bar) -> None:
         """Score every task seen so far on dev; keep the weights if the stage's tasks' mean improved."""
         k, step = state["stage"], state["step"]
         dev = self.evaluate(self.seen(k), "dev")
         for name, metrics in dev.items():
-            self.log.append({"kind": "eval", "split": "dev", "task": name, "stage": k, "step": step,
-                             "epoch": state["stage_step"] / per_epoch, **metrics})
+            if self.main:
+                self.log.append({"kind": "eval", "split": "dev", "task": name, "stage": k, "step": step,
+                                 "epoch": state["stage_step"] / per_epoch, **metrics})
         chosen = {n: dev[n] for n in self.stages[k]}
         mean = self.mean_metric(chosen)
         metric = self.heads[self.names[0]].primary_metric
-        bar.write(f"step {step} (stage {k + 1}/{len(self.stages)}, epoch {state['stage_step'] / per_epoch:.2f}): "
-                  + ", ".join(f"{n} {m[self.heads[n].primary_metric]:.4f}" for n, m in dev.items())
-                  + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
+        if self.main:
+            bar.write(f"step {step} (stage {k + 1}/{len(self.stages)}, epoch {state['stage_step'] / per_epoch:.2f}): "
+                      + ", ".join(f"{n} {m[self.heads[n].primary_metric]:.4f}" for n, m in dev.items())
+                      + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
         if state["best_metric"] is None or mean > state["best_metric"]:
             state.update(best_metric=mean, best_step=step, best_epoch=state["stage_step"] / per_epoch, best_dev=chosen)
-            save_weights(self.paths.best, self.model)
+            save_weights(self.paths.best, self.core, write=self.main)
 
     def _finish_stage(self, state: dict[str, Any]) -> None:
         """Best weights of the stage -> every seen task on dev and test; then set up the next stage."""
         k = state["stage"]
-        load_weights(self.paths.best, self.model)
+        self.acc.wait_for_everyone()  # rank 0's best weights are on disk before anyone reads them
+        load_weights(self.paths.best, self.core)
         seen = self.seen(k)
         scores = {"dev": self.evaluate(seen, "dev"), "test": self.evaluate(seen, "test")}
         for split, per_task in scores.items():
             for name, metrics in per_task.items():
-                self.log.append({"kind": "stage", "stage": k, "task": name, "split": split, "step": state["step"],
-                                 **metrics})
+                if self.main:
+                    self.log.append({"kind": "stage", "stage": k, "task": name, "split": split,
+                                     "step": state["step"], **metrics})
         state["stages"].append({"stage": k, "tasks": list(self.stages[k]), "step": state["step"],
                                 "best_step": state["best_step"], "best_epoch": state["best_epoch"],
                                 "best_metric": state["best_metric"], "best_dev": state["best_dev"], **scores})
@@ -655,28 +709,31 @@ class _Run:
                      for split in ("dev", "test")},
             "config": cfg.to_dict(), "parameters": self.summary, "steps": total, "stages": state["stages"],
             "train_time_s": state["train_time_s"], "wall_time_s_this_process": time.perf_counter() - wall_start,
-            "resumed": state["resumed"], "peak_rss_mb": peak_rss_mb(), "device": str(self.device),
-            "environment": environment(),
+            "resumed": state["resumed"], "device": str(self.device), "processes": self.world,
+            "peak_rss_mb_per_process": gather_list(self.acc, [peak_rss_mb()]), "environment": environment(),
             "data_info": {n: _jsonable(getattr(d, "info", {})) for n, d in self.data.items()},
         }
+        results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if cfg.continual:
             results["forgetting"] = forgetting(state["stages"], self.names, metric)
-        self._save_adapter()
-        results["adapter_bytes"] = directory_bytes(paths.adapter)
-        plot_task_curves(self.log.records(), paths.plot, metric,
-                         title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
-        atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
-        if not keep_state:
-            paths.checkpoint.unlink(missing_ok=True)  # first: a checkpoint must not outlive the files it needs
-            shutil.rmtree(paths.state, ignore_errors=True)
-        return results
+        if self.main:
+            self._save_adapter()
+            results["adapter_bytes"] = directory_bytes(paths.adapter)
+            plot_task_curves(self.log.records(), paths.plot, metric,
+                             title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
+            atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
+            if not keep_state:
+                paths.checkpoint.unlink(missing_ok=True)  # first: a checkpoint must not outlive the files it needs
+                shutil.rmtree(paths.state, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return from_main(self.acc, results)  # the same on every process (rank 0 measured the files)
 
     def _save_adapter(self) -> None:
         """adapter/: every adapter (save_pretrained, multi-adapter format) and a run_info.json of the tasks."""
         cfg, path = self.cfg, self.paths.adapter
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        self.core.save_pretrained(tmp)
         info = {
             "model": cfg.model, "method": cfg.method_label, "multitask": True, "layout": cfg.layout,
             "task_type": "classification", "model_task": "classification", "num_labels": self.outputs,
