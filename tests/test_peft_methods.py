@@ -198,3 +198,25 @@ def test_merge_folds_a_peft_run_and_export_peft_says_it_is_peft_already(tmp_path
         want = unmerged(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5), (got, want)
+
+
+def test_compare_threads_reach_every_isolated_run(tmp_path, monkeypatch):
+    from sharelora.training import compare as compare_module
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_one(cfg, isolate=True, progress=False, threads=None):
+        seen.append(threads)
+        raise Stop
+
+    monkeypatch.setattr(compare_module, "run_one", fake_run_one)
+    with pytest.raises(Stop):
+        compare_module.compare(config(tmp_path, "c"), ["lora"], [0], tmp_path / "c", threads=1)
+    with pytest.raises(Stop):
+        compare_module.compare(config(tmp_path, "d"), ["lora"], [0], tmp_path / "d", jobs=2)
+    assert seen == [1, max(1, (__import__("os").cpu_count() or 1) // 2)]
+    with pytest.raises(ValueError, match="--in-process"):
+        compare_module.compare(config(tmp_path, "e"), ["lora"], [0], tmp_path / "e", threads=1, isolate=False)

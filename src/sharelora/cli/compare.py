@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="runs side by side, each with CPUs/jobs threads (default: 1; 2 suits a 2-core CPU best)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of each run (default: CPUs/jobs with --jobs > 1, else all)")
     add_run_arguments(p)
     g = p.add_argument_group("instructions: MMLU after training")
     g.add_argument("--mmlu-shots", type=int, default=None, help="score every trained adapter (and the base model) "
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                            "per-method settings and PEFT's methods are for classification comparisons")
         return _compare_generation(args, base, out)
     summary = compare(base, specs, args.seeds, out, full_lr=args.full_lr, isolate=not args.in_process,
-                      progress=args.progress, jobs=args.jobs, command=command_line())
+                      progress=args.progress, jobs=args.jobs, threads=args.threads, command=command_line())
     _report(out, summary)
     return 0
 

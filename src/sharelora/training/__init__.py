@@ -2,12 +2,14 @@
 
 from .config import DEFAULT_LR, METHODS, TrainConfig
 from .evaluate import evaluate, load_trained_model, read_run_info
+from .lock import OutputDirLockedError
 from .loop import RunExistsError, train
 
 __all__ = [
     "DEFAULT_LR",
     "METHODS",
     "TrainConfig",
+    "OutputDirLockedError",
     "RunExistsError",
     "evaluate",
     "load_trained_model",

@@ -190,6 +190,7 @@ def compare(
     isolate: bool = True,
     progress: bool = False,
     jobs: int = 1,
+    threads: int | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train every method with every seed on the same data and write the table, plot and JSON.
@@ -198,7 +199,8 @@ def compare(
     peft_methods.parse_methods) or MethodSpecs; each is a row, its runs in
     ``<output_dir>/<method>[-<key><value>...]-s<seed>``. ``base.lr`` (if set) is the adapters' learning
     rate and ``full_lr`` full fine-tuning's (a spec's ``lr=`` wins); unset ones take the method defaults. Everything else in ``base`` is shared by all runs. ``jobs``
-    runs that many trainings side by side, each with cpu_count / jobs threads.
+    runs that many trainings side by side, each with ``threads`` threads (default: cpu_count / jobs;
+    with one job, what the environment gives).
     """
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
@@ -218,7 +220,10 @@ def compare(
                 configs.append((spec.label, dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"{spec.dirname}-s{seed}"))))
         if jobs > 1 and not isolate:
             raise ValueError("jobs > 1 needs isolated runs (one process each); drop --in-process or use --jobs 1")
-        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        if threads is not None and not isolate:
+            raise ValueError("threads sets each isolated run's thread count; drop --in-process or --threads")
+        if threads is None and jobs > 1:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
 
         def one(item: tuple[str, TrainConfig]) -> dict[str, Any]:
             label, cfg = item
