@@ -97,3 +97,54 @@ def test_a_peft_lora_directory_is_an_input_too(runs, inputs, tmp_path, capsys): 
     scored = json.loads((tmp_path / "s.json").read_text())["tasks"]["sent"]
     assert scored["accuracy"] == own["test"]["accuracy"]
     assert scored["loss"] == pytest.approx(own["test"]["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def joint(inputs, tmp_path_factory):  # noqa: F811
+    """A joint multi-task ShareA run (A shared by both tasks, r=2) and a one-adapter run over the same tasks."""
+    model_dir, tasks = inputs
+    root = tmp_path_factory.mktemp("mt-runs")
+    common = ["--model", str(model_dir), "--tasks", ",".join(f"{n}={d}" for n, d in tasks.items()), "--method",
+              "sharea", "--rank", "2", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2", "--no-progress"]
+    assert main(["multitask", *common, "--task-share", "A", "--output-dir", str(root / "joint")]) == 0
+    assert main(["multitask", *common, "--one-adapter", "--output-dir", str(root / "one")]) == 0
+    return root / "joint", root / "one"
+
+
+def test_tasks_of_multitask_directories_compress_exactly(joint, runs, tmp_path):
+    per_task, one = joint
+    scores = {}
+    for d in (per_task, one):
+        assert main(["eval", str(d), "--json", str(tmp_path / f"{d.name}.json")]) == 0
+        scores[d.name] = json.loads((tmp_path / f"{d.name}.json").read_text())["tasks"]
+    # A shared rank-2 A spans every task's update of a module type: k = 2 is exact for the per-task run.
+    out = tmp_path / "c"
+    assert main(["compress", str(out), f"sent={per_task}:sent", f"kind={per_task}:kind", "--rank", "2"]) == 0
+    report = json.loads((out / "compression.json").read_text())
+    assert all(t["max_error"] < 1e-5 for t in report["tasks"].values())
+    assert report["sources"]["kind"].endswith(":kind")
+    assert main(["eval", str(out), "--json", str(tmp_path / "c.json")]) == 0
+    got = json.loads((tmp_path / "c.json").read_text())["tasks"]
+    for task in ("sent", "kind"):
+        assert got[task]["accuracy"] == scores["joint"][task]["accuracy"], task
+        assert got[task]["loss"] == pytest.approx(scores["joint"][task]["loss"], rel=1e-5), task
+    # One-adapter layout: 'kind' reads outputs 2..4 of a 5-wide head; mixed with a single-task run.
+    out = tmp_path / "mixed"
+    assert main(["compress", str(out), f"kind={one}:kind", f"sent={runs['sent']}", "--rank", "8"]) == 0
+    info = json.loads((out / "adapter" / "run_info.json").read_text())
+    assert info["num_labels"] == 3 and info["tasks"]["kind"]["logits"] == [0, 3]
+    assert main(["eval", str(out), "--adapter", "kind", "--json", str(tmp_path / "m.json")]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())["tasks"]["kind"]
+    assert got["accuracy"] == scores["one"]["kind"]["accuracy"]
+    assert got["loss"] == pytest.approx(scores["one"]["kind"]["loss"], rel=1e-5)
+
+
+def test_multitask_inputs_name_their_task(joint, runs, tmp_path, capsys):
+    per_task, _ = joint
+    assert main(["compress", str(tmp_path / "x"), f"a={per_task}", "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "DIR:TASK" in err and "sent, kind" in err
+    assert main(["compress", str(tmp_path / "x"), f"a={per_task}:nope", "--rank", "2"]) == 2
+    assert "has no task 'nope'" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "x"), f"a={runs['sent']}:sent", "--rank", "2"]) == 2
+    assert "single-task run" in capsys.readouterr().err

@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("out_dir", metavar="OUT", help="the directory to write (adapter/ and compression.json)")
     p.add_argument("adapters", nargs="+", type=name_and_dir, metavar="NAME=DIR",
-                   help="a task name and its adapter: a run directory (runs/<name>), its adapter/, or a PEFT "
-                        "LoRA directory")
+                   help="a task name and its adapter: a run directory (runs/<name>), its adapter/, a PEFT "
+                        "LoRA directory, or DIR:TASK for one task of a multi-task directory (sharelora multitask "
+                        "or compress)")
     p.add_argument("--rank", type=positive_int, required=True, help="k, the rank of the shared A")
     p.add_argument("--share", choices=["A", "AB"], default="A",
                    help="A: a B per task and layer; AB: one B per task and module type (default: A)")

@@ -3,7 +3,8 @@
     compress_runs("runs/compressed", {"rt": "runs/lora-rt", "vc": "runs/lora-vc"}, rank=16)
 
 Each input is a ``sharelora train`` run (its run directory or adapter/; any adapter method but
-HydraLoRA) or a PEFT LoRA directory. The updates are fitted by ``method.compress`` (SPEC.md,
+HydraLoRA), a PEFT LoRA directory, or one task of a multi-task directory (``sharelora multitask``
+or an earlier ``compress``) written ``DIR:TASK``: that task's adapter and its block of the head. The updates are fitted by ``method.compress`` (SPEC.md,
 "Compression"): one A per module type shared by every task and layer, a B per task (and layer,
 ``share="A"``; or per module type, ``share="AB"``). Each task keeps its own classification head.
 
@@ -60,11 +61,38 @@ def _peft_source(d: Path, model: str | None) -> dict[str, Any]:
                          "adapters, each with its head")
     return {"model": base, "num_labels": min(s[0] for s in heads), "dataset": None, "dataset_options": {},
             "label_names": None, "max_length": None, "eval_batch_size": None, "max_eval_examples": None,
-            "adapter_dir": str(d), "kind": "peft"}
+            "adapter_dir": str(d), "kind": "peft", "label": str(d)}
+
+
+def split_task(spec: str | Path) -> tuple[Path, str | None]:
+    """``DIR`` or ``DIR:TASK`` (one task of a multi-task directory) -> (directory, task or None)."""
+    text = str(spec)
+    head, sep, task = text.rpartition(":")
+    if sep and head and task and not Path(text).exists() and NAME.fullmatch(task):
+        return Path(head), task
+    return Path(text), None
+
+
+def _multitask_source(d: Path, info: dict[str, Any], task: str | None, model: str | None) -> dict[str, Any]:
+    """One task of a ``sharelora multitask`` / ``compress`` directory: its adapter and its block of the head."""
+    tasks = info["tasks"]
+    if task is None:
+        raise ValueError(f"{d} is a multi-task directory; name one of its tasks as DIR:TASK (its tasks: "
+                         f"{', '.join(tasks)})")
+    if task not in tasks:
+        raise ValueError(f"{d} has no task {task!r}; its tasks: {', '.join(tasks)}")
+    if model is not None and model != info["model"]:
+        raise ValueError(f"{d} was trained on {info['model']!r}, not --model {model!r}")
+    t = tasks[task]
+    return {**{k: info.get(k) for k in ("model", "max_length", "eval_batch_size", "max_eval_examples")},
+            "num_labels": t["num_labels"], "dataset": t.get("dataset"),
+            "dataset_options": t.get("dataset_options") or {}, "label_names": t.get("label_names"),
+            "adapter_dir": info["adapter_dir"], "kind": "multitask", "adapter": t["adapter"],
+            "source_labels": info["num_labels"], "logits": tuple(t["logits"]), "label": f"{info['adapter_dir']}:{task}"}
 
 
 def _source(directory: str | Path, model: str | None) -> dict[str, Any]:
-    d = Path(directory)
+    d, task = split_task(directory)
     if not d.is_dir():
         raise ValueError(f"adapter directory {d} does not exist")
     if (d / "adapter_config.json").is_file() and not (d / RUN_INFO).is_file():
@@ -75,8 +103,9 @@ def _source(directory: str | Path, model: str | None) -> dict[str, Any]:
         raise ValueError(f"{d} is neither a sharelora run (runs/<name> or its adapter/, with {RUN_INFO}) nor a PEFT "
                          "LoRA directory (adapter_config.json)") from None
     if info.get("tasks"):
-        raise ValueError(f"{d} is a multi-task directory; export the task you want first (sharelora export-peft "
-                         f"{d} --adapter NAME DIR) and compress DIR")
+        return _multitask_source(d, info, task, model)
+    if task is not None:
+        raise ValueError(f"{d}:{task} names a task, but {d} is a single-task run; pass {d}")
     method = str(info.get("method"))
     if method == "full" or method.startswith("peft-"):
         raise ValueError(f"{d} was trained with --method {method}; compress reads LoRA-type adapters "
@@ -91,7 +120,27 @@ def _source(directory: str | Path, model: str | None) -> dict[str, Any]:
     return {**{k: info.get(k) for k in ("model", "num_labels", "dataset", "label_names", "max_length",
                                         "eval_batch_size", "max_eval_examples")},
             "dataset_options": info.get("dataset_options") or {}, "adapter_dir": info["adapter_dir"],
-            "kind": "sharelora"}
+            "kind": "sharelora", "label": info["adapter_dir"]}
+
+
+def _task_block(heads: dict[str, dict[str, torch.Tensor]], base: torch.nn.Module, outputs: int,
+                logits: tuple[int, int], task: str) -> dict:
+    """A multi-task head cut to one task's outputs: rows ``logits`` of the classifier's output layer.
+
+    The output layer is the last Linear of the head with ``outputs`` out-features (the multi-task
+    base's classifier width); the head's other tensors are the task's as they are.
+    """
+    start, end = logits
+    out = {}
+    for path, state in heads.items():
+        last = [n for n, m in base.get_submodule(path).named_modules()
+                if isinstance(m, torch.nn.Linear) and m.out_features == outputs]
+        if not last:
+            raise ValueError(f"task {task!r}: its head {path} has no output layer of {outputs} outputs")
+        prefix = f"{last[-1]}." if last[-1] else ""
+        out[path] = {k: (v[start:end].clone() if k in (f"{prefix}weight", f"{prefix}bias") else v)
+                     for k, v in state.items()}
+    return out
 
 
 def _fit_heads(heads: dict[str, dict[str, torch.Tensor]], base: torch.nn.Module, task: str) -> dict:
@@ -156,9 +205,11 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
                                       "--overwrite")
         read = {}
         for name, s in sources.items():
-            base = load_model(base_name, task="classification", num_labels=s["num_labels"], cache_dir=cache_dir,
-                              report_new_weights=False).model
-            updates, heads = adapter_updates(base, s["adapter_dir"])
+            base = load_model(base_name, task="classification", num_labels=s.get("source_labels", s["num_labels"]),
+                              cache_dir=cache_dir, report_new_weights=False).model
+            updates, heads = adapter_updates(base, s["adapter_dir"], adapter_name=s.get("adapter"))
+            if "logits" in s:
+                heads = _task_block(heads, base, s["source_labels"], s["logits"], name)
             read[name] = (updates, heads)
             del base
         n_max = max(s["num_labels"] for s in sources.values())
@@ -179,9 +230,9 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
                           "logits": [0, s["num_labels"]], "num_labels": s["num_labels"],
                           "label_names": s["label_names"]} for n, s in sources.items()},
             "compression": {"rank": rank, "share": share, "across_layers": across_layers, "basis": basis,
-                            "sources": {n: s["adapter_dir"] for n, s in sources.items()}},
+                            "sources": {n: s["label"] for n, s in sources.items()}},
         }
-        report.update(sources={n: s["adapter_dir"] for n, s in sources.items()}, notes=notes)
+        report.update(sources={n: s["label"] for n, s in sources.items()}, notes=notes)
         adapter = out / "adapter"
         tmp = out / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
