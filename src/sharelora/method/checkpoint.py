@@ -202,6 +202,25 @@ def _check_digest(path: Path, want: str, got: str) -> None:
         )
 
 
+def _commit_weights_then_config(tmp_weights: Path, weights: Path, config_path: Path, text: str) -> None:
+    """Write the config's temporary file, then rename the weights and then the config into place.
+
+    Either temporary file is removed if a step fails before its rename. The weights' metadata holds
+    the config (or the manifest), so weights renamed without their config still load, with a warning.
+    """
+    try:
+        tmp_config = _write_temp(config_path, text.encode("utf-8"))
+    except BaseException:
+        _remove(tmp_weights)
+        raise
+    try:
+        _commit(tmp_weights, weights)
+    except BaseException:
+        _remove(tmp_config)
+        raise
+    _commit(tmp_config, config_path)
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write ``tensors`` as one safetensors file that records the sha256 of its data."""
     path = Path(path)
@@ -313,18 +332,7 @@ def save_adapter(directory: str | Path, config: ShareLoraConfig, tensors: dict[s
         metadata[REPLACES_CONFIG_KEY] = hashlib.sha256(config_path.read_bytes()).hexdigest()
     except OSError:
         pass  # no previous config (or an unreadable one, which an interrupted save then leaves an error)
-    tmp_weights = _write_sealed(weights, tensors, metadata)
-    try:
-        tmp_config = _write_temp(config_path, text.encode("utf-8"))
-    except BaseException:
-        _remove(tmp_weights)
-        raise
-    try:
-        _commit(tmp_weights, weights)
-    except BaseException:
-        _remove(tmp_config)
-        raise
-    _commit(tmp_config, config_path)
+    _commit_weights_then_config(_write_sealed(weights, tensors, metadata), weights, config_path, text)
     return directory
 
 
@@ -434,17 +442,7 @@ def save_adapters(directory: str | Path, configs: dict[str, ShareLoraConfig], te
     weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     tmp_weights = _write_sealed(weights, tensors, {"sharelora_format_version": str(MULTI_FORMAT_VERSION),
                                                     MANIFEST_KEY: text})
-    try:
-        tmp_config = _write_temp(config_path, text.encode("utf-8"))
-    except BaseException:
-        _remove(tmp_weights)
-        raise
-    try:
-        _commit(tmp_weights, weights)
-    except BaseException:
-        _remove(tmp_config)
-        raise
-    _commit(tmp_config, config_path)
+    _commit_weights_then_config(tmp_weights, weights, config_path, text)
     return directory
 
 

@@ -63,7 +63,7 @@ def generate_until(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
     """
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-    from .lm import pad_id
+    from .lm import left_padded, pad_id
 
     pad = pad_id(tokenizer)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -86,12 +86,8 @@ def generate_until(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[j, width - len(encoded[i]):] = 1
+        ids, mask = left_padded([encoded[i] for i in idx], pad)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                              stopping_criteria=StoppingCriteriaList([AllStopped(width)]))
         for j, i in enumerate(idx):

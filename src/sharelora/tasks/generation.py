@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .lm import CausalLMTask, LMSplit, pad_id
+from .lm import CausalLMTask, LMSplit, left_padded, pad_id
 
 PROMPT_TEMPLATE = "Meaning representation: {mr}\nDescription:"
 
@@ -121,13 +121,8 @@ def generate_texts(
     texts: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in indices)
-        input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for j, i in enumerate(indices):
-            n = len(prompts[i])
-            input_ids[j, width - n :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            attention_mask[j, width - n :] = 1
+        input_ids, attention_mask = left_padded([prompts[i] for i in indices], pad)
+        width = input_ids.shape[1]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=config)
         for j, i in enumerate(indices):

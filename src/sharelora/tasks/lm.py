@@ -21,8 +21,6 @@ micro-batching) and ``greater_is_better``.
 
 from __future__ import annotations
 
-from .common import select_examples
-
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .common import select_examples
 
 IGNORE_INDEX = -100
 
@@ -85,6 +85,18 @@ def pad_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
     raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token; set tokenizer.pad_token")
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id rows left-padded with ``pad`` to the longest: generation's layout."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        if len(row):
+            input_ids[j, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[j, width - len(row):] = 1
+    return input_ids, attention_mask
 
 
 def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
