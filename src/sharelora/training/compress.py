@@ -81,6 +81,8 @@ def _multitask_source(d: Path, info: dict[str, Any], task: str | None, model: st
                          f"{', '.join(tasks)})")
     if task not in tasks:
         raise ValueError(f"{d} has no task {task!r}; its tasks: {', '.join(tasks)}")
+    if info.get("quantize") or info.get("bf16"):
+        raise ValueError(f"{d} was trained on a bf16 / quantized base; compress reads adapters of a float32 base")
     if model is not None and model != info["model"]:
         raise ValueError(f"{d} was trained on {info['model']!r}, not --model {model!r}")
     t = tasks[task]

@@ -96,14 +96,20 @@ class TrainConfig:
         return METHODS.get(self.method, {}) is None
 
     @property
+    def memory_suffix(self) -> str:
+        """The run name's suffix of the options that change the numbers (-nf4 / -int8, -bf16; '' without them),
+        so such a run does not land in the fp32 run's directory."""
+        quantized = f"-{'nf4' if self.quantize == '4bit' else 'int8'}" if self.quantize else ""
+        return quantized + ("-bf16" if self.bf16 else "")
+
+    @property
     def name(self) -> str:
         """A short run name: model, dataset, method, rank and seed."""
 
         rank = "" if self.is_full else f"-r{self.rank}"
-        # Options that change the numbers get a suffix, so such a run does not land in the fp32 run's directory.
-        memory = (f"-{'nf4' if self.quantize == '4bit' else 'int8'}" if self.quantize else "") + ("-bf16" if self.bf16 else "")
         options = "".join(f"-{k}{v}" for k, v in sorted(self.method_options.items()))
-        return f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}{options}-s{self.seed}{memory}"
+        return (f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}{options}-s{self.seed}"
+                f"{self.memory_suffix}")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and a good one."""

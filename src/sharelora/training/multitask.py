@@ -75,6 +75,8 @@ from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_task
 from .loop import (
     RunPaths, _prepare_output, _StopFlag, lr_at, make_optimizer, pick_device, process_seed, seed_everything,
 )
+from .memory import apply_memory_options, load_options
+from .memory import run_info as memory_run_info
 from .methods import head_modules, sharelora_config
 from .state import (
     STATE_KEY, atomic_save_tensors, atomic_write_text, capture_rng, load_checkpoint, load_tensors, load_weights,
@@ -146,7 +148,7 @@ class MultiTaskConfig(TrainConfig):
         mode = "-continual" if self.continual else "-joint"
         one = "-one" if self.one_adapter and not self.hydra else ""
         return (f"{short_name(self.model)}-{tasks}-{self.method_label}{heads}{share}{one}{mode}"
-                f"-r{self.rank}-s{self.seed}")
+                f"-r{self.rank}-s{self.seed}{self.memory_suffix}")
 
     def validate(self) -> None:
         if self.method == "hydra":  # HydraLoRA: plain LoRA's A (not shared across layers) and K routed B heads
@@ -178,10 +180,9 @@ class MultiTaskConfig(TrainConfig):
         unknown = sorted(set(self.task_dataset_options) - set(self.task_datasets()))
         if unknown:
             raise ValueError(f"task_dataset_options names unknown task(s) {unknown}; tasks: {list(self.task_datasets())}")
-        used = [k for k in ("bf16", "gradient_checkpointing", "fsdp") if getattr(self, k)] + (
-            ["quantize"] if self.quantize else [])
-        if used:
-            raise ValueError(f"multitask does not support {', '.join(used)} yet; train without it")
+        if self.fsdp:
+            raise ValueError("multitask does not support --fsdp yet (DDP under torchrun / accelerate launch does); "
+                             "train without it")
 
     def resolved(self) -> MultiTaskConfig:
         if self.method == "hydra":
@@ -411,9 +412,9 @@ class _Run:
             from ..sources import load_model
 
             seed_everything(cfg.seed)  # the new head starts from the same weights for the same seed
-            with accelerator.main_process_first():
+            with accelerator.main_process_first():  # --bf16 / --quantize: the base's dtype and bitsandbytes layers
                 bundle = load_model(cfg.model, task="classification", num_labels=self.outputs,
-                                    cache_dir=cfg.cache_dir, report_new_weights=self.main)
+                                    cache_dir=cfg.cache_dir, report_new_weights=self.main, **load_options(cfg))
         self.bundle = bundle
         self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
         routed = cfg.layout == "per-task"
@@ -428,6 +429,11 @@ class _Run:
             raise ValueError(f"the model's classifier has {outputs} outputs; the {cfg.layout} layout of tasks "
                              f"{counts} needs {self.outputs}")
         self.core = build_model(bundle.model, cfg, self.names).to(self.device)  # unwrapped: names, saving
+        if cfg.bf16 or cfg.gradient_checkpointing:
+            # Every task's tensors are trainable while the options go on, so --bf16 gives each adapter and head
+            # fp32 master weights (start_stage then picks what a stage trains).
+            self.core.set_adapter([ONE_ADAPTER] if cfg.layout == "one-adapter" else self.names, train_shared=True)
+            apply_memory_options(self.core, cfg)
         self.model = self.core  # the model a step calls: wrapped per stage (start_stage)
         self.core.train()
         self.summary = parameter_summary(self.core, cfg, self.names)
@@ -712,6 +718,7 @@ class _Run:
             "resumed": state["resumed"], "device": str(self.device), "processes": self.world,
             "peak_rss_mb_per_process": gather_list(self.acc, [peak_rss_mb()]), "environment": environment(),
             "data_info": {n: _jsonable(getattr(d, "info", {})) for n, d in self.data.items()},
+            "model_info": _jsonable(getattr(self.bundle, "info", {})),
         }
         results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if cfg.continual:
@@ -739,6 +746,7 @@ class _Run:
             "task_type": "classification", "model_task": "classification", "num_labels": self.outputs,
             "max_length": cfg.max_length, "eval_batch_size": cfg.eval_batch_size,
             "max_eval_examples": cfg.max_eval_examples, "seed": cfg.seed,
+            **memory_run_info(cfg),  # how the base was loaded (bf16 / quantized), for eval and export
             "tasks": {n: {"dataset": cfg.task_datasets()[n], "dataset_options": cfg.task_dataset_options.get(n, {}),
                           "adapter": h.adapter, "logits": [h.start, h.end], "num_labels": h.num_labels,
                           "label_names": h.label_names} for n, h in self.heads.items()},
