@@ -8,7 +8,10 @@ from sharelora.tasks.code_math import (
     evaluate_gsm8k,
     evaluate_humaneval,
     generate_until,
+    code_block,
     gsm8k_prompt,
+    humaneval_chat_program,
+    humaneval_chat_prompt,
     humaneval_program,
     last_number,
     normalize_number,
@@ -43,6 +46,45 @@ def test_canonical_completion_passes_and_a_wrong_one_fails():
     assert humaneval_program(PROBLEM, "X").endswith("check(add)\n")
 
 
+HELPER = {"task_id": "T/1", "entry_point": "twice",
+          "prompt": "import math\n\n\ndef one():\n    return 1\n\n\ndef twice(x):\n    \"\"\"Double.\"\"\"\n",
+          "test": "def check(candidate):\n    assert candidate(3) == 6 * one()\n"}
+
+
+def test_chat_replies_run_their_code_block_with_the_prompts_header():
+    whole = "Sure:\n```python\ndef twice(x):\n    return 2 * x\n```\nIt doubles x."
+    program = humaneval_chat_program(HELPER, whole)
+    assert program.startswith("import math\n\n\ndef one():") and "Sure" not in program and "It doubles" not in program
+    assert humaneval_chat_program(HELPER, "```python\n    return 2 * x\n```").startswith(HELPER["prompt"])  # a body
+    assert code_block("```\nx = 1\n") == "x = 1\n" and code_block("no block") == "no block"  # unclosed; none
+    data = TinyTaskData("he", "generation", {"test": [HELPER, HELPER, PROBLEM]})
+    replies = [whole, "```python\ndef twice(x):\n    return x\n```", "```py\ndef add(a, b):\n    return a + b\n```"]
+    r = evaluate_humaneval(None, None, data, completions=replies, timeout_s=3, prompt_format="chat")
+    assert [s["status"] for s in r["samples"]] == ["passed", "failed", "passed"] and r["prompt_format"] == "chat"
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        evaluate_humaneval(None, None, data, completions=replies, prompt_format="markdown")
+
+
+def test_the_chat_prompt_goes_through_the_chat_template_and_needs_one():
+    text = humaneval_chat_prompt(tiny_tokenizer(chat_template=True), PROBLEM)
+    assert PROBLEM["prompt"] in text and "```python" in text
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        humaneval_chat_prompt(tiny_tokenizer(), PROBLEM)
+
+
+def test_generation_stops_a_row_once_finished_says_so():
+    tok = tiny_tokenizer()
+    calls = []
+
+    def finished(text):
+        calls.append(text)
+        return True  # every row is done after its first new token
+
+    texts = generate_until(tiny_llama(), tok, ["what is", "the answer is a"], (), max_new_tokens=6, batch_size=2,
+                           finished=finished)
+    assert calls and all(len(tok(t, add_special_tokens=False)["input_ids"]) <= 1 for t in texts)
+
+
 def test_a_hanging_completion_is_a_failure_not_a_hang():
     data = TinyTaskData("he", "generation", {"test": [PROBLEM]})
     r = evaluate_humaneval(None, None, data, completions=["    while True:\n        pass\n"], timeout_s=1)
@@ -75,11 +117,13 @@ def tiny_lm(monkeypatch):
     data = {"humaneval": TinyTaskData("humaneval", "generation", {"test": [PROBLEM, PROBLEM]}),
             "gsm8k": TinyTaskData("gsm8k", "generation", {"dev": [shot], "test": [
                 {"question": "2+2?", "answer": "", "final": "4"}, {"question": "3+3?", "answer": "", "final": "6"}]})}
-    monkeypatch.setattr("sharelora.sources.load_model", lambda *a, **k: TinyBundle(tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr("sharelora.sources.load_model",
+                        lambda *a, **k: TinyBundle(tiny_llama(), tiny_tokenizer(chat_template=True)))
     monkeypatch.setattr("sharelora.sources.load_dataset", lambda name, **k: data[name])
 
 
 @pytest.mark.parametrize("task,extra,score", [("humaneval", ["--sandbox-timeout", "2"], "pass_at_1"),
+                                              ("humaneval", ["--prompt-format", "chat"], "pass_at_1"),
                                               ("gsm8k", ["--shots", "1"], "accuracy")])
 def test_cli_eval_generates_scores_and_writes_every_sample(tiny_lm, tmp_path, capsys, task, extra, score):
     import json

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mmlu / gsm8k: solved examples before each question (default: 0; MMLU in the paper: 5)")
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="humaneval / gsm8k: longest completion (default: 384 / 256)")
+    g.add_argument("--prompt-format", choices=["completion", "chat"], default="completion",
+                   help="humaneval: completion = the model continues the bare prompt (default; base models); chat = "
+                        "the prompt sent through the chat template with a request for the whole function in a "
+                        "```python block, whose code is run (instruct models)")
     g.add_argument("--sandbox-timeout", type=float, default=5.0,
                    help="humaneval: wall-clock seconds per program in the sandbox (default: 5)")
     g.add_argument("--subjects", default=None, metavar="A,B", help="mmlu: only these subjects (default: all 57)")
@@ -137,7 +141,8 @@ def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
     if args.task == "humaneval":
-        result = evaluate_humaneval(model, tokenizer, data, timeout_s=args.sandbox_timeout, **options)
+        result = evaluate_humaneval(model, tokenizer, data, timeout_s=args.sandbox_timeout,
+                                    prompt_format=args.prompt_format, **options)
     else:
         result = evaluate_gsm8k(model, tokenizer, data, shots=args.shots, **options)
     result = {**what, "dataset": data.name, **result}

@@ -7,6 +7,11 @@ completion is cut at the first of :data:`HUMANEVAL_STOPS`; the program
 
 runs in :mod:`.sandbox` (never in this process) and passes if it ends without an exception.
 pass@1 = passed / problems (greedy: one sample per problem, so this is the unbiased estimator).
+``prompt_format="chat"`` (for instruct models, which answer a bare prompt with prose) instead asks,
+through the tokenizer's chat template, for the whole function in a ```python block
+(:data:`HUMANEVAL_CHAT_REQUEST`), stops once the block is closed, and runs the prompt's lines before
+``def <entry_point>`` (imports, helpers) + the block's code + the tests; a block that does not
+define the entry point is taken as its body (prompt + code), a reply without a block as code.
 
 GSM8K: the prompt is ``k`` solved examples (``"Question: ...\\nAnswer: <solution> The answer is
 N.\\n\\n"``, taken from the dataset's ``dev`` split, a seeded slice held out of the test problems
@@ -18,12 +23,16 @@ trailing ``.0`` ignored); exact match against the number after ``####`` in the r
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+HUMANEVAL_CHAT_REQUEST = ("Complete the following Python function. Reply with the whole function in one ```python "
+                          "code block.\n\n```python\n{prompt}```")
+PROMPT_FORMATS = ("completion", "chat")
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 GSM8K_STOPS = ("Question:", "\n\n\n")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -55,11 +64,12 @@ def last_number(text: str) -> str | None:
 @torch.no_grad()
 def generate_until(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], stops: Sequence[str], *,
                    max_new_tokens: int = 256, batch_size: int = 8, device: str | torch.device = "cpu",
-                   progress: Any = None) -> list[str]:
+                   progress: Any = None, finished: Callable[[str], bool] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (text), each cut at its first stop sequence.
 
     Batches are left-padded; a batch ends when every row holds a stop sequence (checked on the
-    decoded new tokens after each step) or the end-of-sequence token, or at ``max_new_tokens``.
+    decoded new tokens after each step), satisfies ``finished(text)`` (kept whole), or holds the
+    end-of-sequence token, or at ``max_new_tokens``.
     """
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -80,8 +90,10 @@ def generate_until(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
 
         def __call__(self, input_ids, scores, **kwargs):
             new = input_ids[:, self.width:]
-            done = [any(s in tokenizer.decode(row, skip_special_tokens=True) for s in stops)
-                    or (tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row.tolist()) for row in new]
+            texts = [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+            done = [any(s in text for s in stops) or (finished is not None and finished(text))
+                    or (tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row.tolist())
+                    for text, row in zip(texts, new)]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     for start in range(0, len(order), batch_size):
@@ -104,25 +116,66 @@ def humaneval_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+def humaneval_chat_prompt(tokenizer: Any, problem: dict) -> str:
+    """The chat request for one problem, rendered by the tokenizer's chat template (ready to generate)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template (an instruct model); use "
+                         "the 'completion' format for a base model")
+    messages = [{"role": "user", "content": HUMANEVAL_CHAT_REQUEST.format(prompt=problem["prompt"])}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def code_block(reply: str) -> str:
+    """The first ```python (or bare ```) block of a chat reply (an unclosed one to the end); else the reply."""
+    m = _FENCE.search(reply)
+    return m.group(1) if m else reply
+
+
+def humaneval_chat_program(problem: dict, reply: str) -> str:
+    """The program of a chat reply: the prompt's lines before ``def <entry_point>`` + its code + the tests.
+
+    A block that does not define the entry point is read as the body the prompt leaves open.
+    """
+    code, entry = code_block(reply), problem["entry_point"]
+    tail = f"\n\n{problem['test']}\n\ncheck({entry})\n"
+    defines = re.compile(rf"^def\s+{re.escape(entry)}\s*\(", re.M)
+    if not defines.search(code):
+        return humaneval_program(problem, code)
+    where = defines.search(problem["prompt"])
+    header = problem["prompt"][: where.start()] if where else ""
+    return f"{header}{code}{tail}"
+
+
+def _closed_block(text: str) -> bool:
+    return text.count("```") >= 2
+
+
 def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max_examples: int | None = None,
                        max_new_tokens: int = 384, batch_size: int = 8, device: str | torch.device = "cpu",
                        timeout_s: float = 5.0, workers: int = 2, progress: bool = False,
-                       completions: Sequence[str] | None = None) -> dict[str, Any]:
+                       completions: Sequence[str] | None = None, prompt_format: str = "completion") -> dict[str, Any]:
     """Greedy pass@1 on HumanEval problems (``data.splits["test"]``); see the module docstring.
 
-    ``completions`` replaces generation (tests; e.g. the canonical solutions must all pass).
+    ``completions`` replaces generation (tests; e.g. the canonical solutions must all pass);
+    with ``prompt_format="chat"`` they are chat replies.
     """
     from tqdm.auto import tqdm
 
     from .sandbox import Limits, isolation, run_programs
 
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    chat = prompt_format == "chat"
     problems = list(data.splits["test"])[:max_examples]
     if completions is None:
+        prompts = [humaneval_chat_prompt(tokenizer, p) if chat else p["prompt"] for p in problems]
         bar = tqdm(total=len(problems), desc="humaneval generate", disable=not progress)
-        completions = generate_until(model, tokenizer, [p["prompt"] for p in problems], HUMANEVAL_STOPS,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, progress=bar)
+        completions = generate_until(model, tokenizer, prompts, () if chat else HUMANEVAL_STOPS,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, progress=bar,
+                                     finished=_closed_block if chat else None)
         bar.close()
-    programs = [humaneval_program(p, c) for p, c in zip(problems, completions)]
+    build = humaneval_chat_program if chat else humaneval_program
+    programs = [build(p, c) for p, c in zip(problems, completions)]
     results = run_programs(programs, Limits(timeout_s=timeout_s), workers=workers, progress=progress,
                            desc="humaneval run")
     samples = [{"task_id": p["task_id"], "completion": c, "status": r.status, "error": r.error,
@@ -132,7 +185,8 @@ def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max
     for r in results:
         statuses[r.status] = statuses.get(r.status, 0) + 1
     return {"task": "humaneval", "problems": len(problems), "passed": passed,
-            "pass_at_1": passed / max(1, len(problems)), "statuses": statuses, "max_new_tokens": max_new_tokens,
+            "pass_at_1": passed / max(1, len(problems)), "statuses": statuses, "prompt_format": prompt_format,
+            "max_new_tokens": max_new_tokens,
             "timeout_s": timeout_s, "sandbox": isolation(), "samples": samples}
 
 
