@@ -31,8 +31,17 @@ for task in $TASKS; do  # per task: the probe, then the sweep
       --methods "$(IFS=,; echo "${probe[*]}")"
     cp "$dir/compare.json" "$dir/probe.json"; cp "$dir/compare.md" "$dir/probe.md"
   fi
-  # The LR per method: the best dev accuracy of the probe (test is not read).
-  python docs/studies/budget_report.py choose "$dir/probe.json" > "$dir/lr.json"
+  # Extend the grid upward (its next LR, at most twice) for every method whose best dev LR is its largest probed
+  # (added after the first sweep: VeRA and VB-LoRA peaked at 2e-2, the top of the common grid).
+  for ext in 1 2; do
+    more=$(python docs/studies/budget_report.py at-top "$dir"/probe*.json | paste -sd, -)
+    [ -z "$more" ] && break
+    [ -f "$dir/probe-ext$ext.json" ] || {
+      sharelora compare --dataset "$task" "${COMMON[@]}" --seeds 0, --output-dir "$dir" --methods "$more"
+      cp "$dir/compare.json" "$dir/probe-ext$ext.json"; }
+  done
+  # The LR per method: the best dev accuracy over the probe runs (test is not read).
+  python docs/studies/budget_report.py choose "$dir"/probe*.json > "$dir/lr.json"
   # The sweep, only where some probe run learned (dev MCC > 0.1): else every method is at the majority class.
   if ! python docs/studies/budget_report.py learns "$dir/probe.json"; then
     echo "== $task: no probe run left the majority class (dev MCC <= 0.1); no sweep" >&2

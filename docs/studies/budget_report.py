@@ -1,8 +1,10 @@
 """The parameter-budget study's LR choice, table and Pareto plot (docs/RESULTS_BUDGET.md).
 
-    python docs/studies/budget_report.py choose runs/budget/<task>/probe.json   # {method: lr}, from dev only
+    python docs/studies/budget_report.py choose runs/budget/<task>/probe*.json  # {method: lr}, from dev only
     python docs/studies/budget_report.py learns runs/budget/<task>/probe.json   # exit 0: some run learned
     python docs/studies/budget_report.py report runs/budget OUT_PREFIX          # OUT_PREFIX.{json,md,png}
+    python docs/studies/budget_report.py at-top PROBE_JSON...    # settings whose best dev LR is the grid's top: the next
+    python docs/studies/budget_report.py extend BUDGET_JSON TASK SWEEP_JSON OUT_PREFIX PROBE_JSON...
 """
 
 from __future__ import annotations
@@ -19,15 +21,66 @@ def method_of(label: str) -> str:
 
 def choose(probe: Path) -> dict[str, float]:
     """Per method, the probe LR with the best dev metric (ties: the smaller LR). Reads dev only."""
-    summary = json.loads(probe.read_text())
+    return choose_runs(json.loads(probe.read_text())["runs"])
+
+
+def next_lr(lr: float) -> float:
+    """The grid's next LR up: 2e-3 -> 6e-3 -> 2e-2 -> 6e-2 -> 2e-1 (about x3 a step)."""
+    return float(f"{lr * 3:.1g}") if f"{lr:.0e}".startswith("2") else float(f"{lr * 10 / 3:.1g}")
+
+
+def at_top(probes: list[Path]) -> dict[str, float]:
+    """{probe setting label without its LR: the grid's next LR} of each method whose best dev LR is its largest probed."""
+    runs = [r for p in probes for r in json.loads(p.read_text())["runs"]]
+    best = choose_runs(runs)
+    out = {}
+    for r in runs:
+        m = method_of(r["label"])
+        top = max(q["config"]["lr"] for q in runs if method_of(q["label"]) == m)
+        if best[m] == top and r["config"]["lr"] == top:
+            out[r["label"].rsplit(",lr=", 1)[0]] = next_lr(top)
+    return out
+
+
+def choose_runs(runs: list[dict]) -> dict[str, float]:
     best: dict[str, tuple[float, float]] = {}
-    for run in summary["runs"]:
-        metric = run["dev"]["accuracy"]
-        lr = run["config"]["lr"]
-        m = method_of(run["label"])
+    for run in runs:
+        metric, lr, m = run["dev"]["accuracy"], run["config"]["lr"], method_of(run["label"])
         if m not in best or metric > best[m][0] or (metric == best[m][0] and lr < best[m][1]):
             best[m] = (metric, lr)
     return {m: lr for m, (_, lr) in best.items()}
+
+
+def extend(budget_json: Path, task: str, probes: list[Path], sweep: Path, prefix: Path) -> None:
+    """Add extended-LR probes to a finished study: re-choose each method's LR on dev over every probe run, take
+    the rows of methods whose LR changed from ``sweep`` (their settings re-run at the new LR), recompute the front."""
+    out = json.loads(budget_json.read_text())
+    entry = out["tasks"][task]
+    extra = [r for p in probes for r in json.loads(p.read_text())["runs"]]
+    seen = {(e["label"]) for e in entry["probe"]}
+    entry["probe"] += [{"label": r["label"], "lr": r["config"]["lr"], "dev_accuracy": r["dev"]["accuracy"],
+                        "dev_mcc": r["dev"]["mcc"], "extended": True} for r in extra if r["label"] not in seen]
+    best: dict[str, tuple[float, float]] = {}
+    for e in entry["probe"]:
+        m = method_of(e["label"])
+        if m not in best or e["dev_accuracy"] > best[m][0] or (e["dev_accuracy"] == best[m][0] and e["lr"] < best[m][1]):
+            best[m] = (e["dev_accuracy"], e["lr"])
+    lrs = {m: lr for m, (_, lr) in best.items()}
+    changed = {m for m in lrs if lrs[m] != entry["lr"][m]}
+    kept = [r for r in entry["rows"] if r["method"] not in changed]
+    new = [r for r in rows(sweep, lrs) if r["method"] in changed]
+    missing = changed - {r["method"] for r in new}
+    if missing:
+        raise SystemExit(f"the LR of {sorted(missing)} changed but {sweep} has no runs of them at the new LR")
+    table = sorted(kept + new, key=lambda r: r["adapter_parameters"])
+    best_mean = -1.0
+    for r in table:
+        r["pareto"] = r["test_mean"] > best_mean
+        best_mean = max(best_mean, r["test_mean"])
+    entry.update(lr_before_extension=dict(entry["lr"]), lr=lrs, rows=table, lr_changed=sorted(changed))
+    prefix.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    prefix.with_suffix(".md").write_text(markdown(task, table))
+    plot(task, table, prefix.with_name(f"{prefix.name}-{task}.png"))
 
 
 def rows(compare_json: Path, lrs: dict[str, float]) -> list[dict]:
@@ -118,11 +171,16 @@ def report(root: Path, prefix: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "choose":
-        print(json.dumps(choose(Path(sys.argv[2]))))
+    if sys.argv[1] == "choose":  # over one or more probe files
+        print(json.dumps(choose_runs([r for a in sys.argv[2:] for r in json.loads(Path(a).read_text())["runs"]])))
     elif sys.argv[1] == "learns":  # exit 0 if some probe run's dev MCC > 0.1
         sys.exit(0 if any(r["dev"]["mcc"] > 0.1 for r in json.loads(Path(sys.argv[2]).read_text())["runs"]) else 1)
     elif sys.argv[1] == "report":
         report(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "at-top":  # SETTING=NEXT_LR per line, for methods whose best dev LR is their largest
+        for label, lr in at_top([Path(a) for a in sys.argv[2:]]).items():
+            print(f"{label},lr={lr:g}")
+    elif sys.argv[1] == "extend":  # extend BUDGET_JSON TASK SWEEP_JSON OUT_PREFIX PROBE_JSON...
+        extend(Path(sys.argv[2]), sys.argv[3], [Path(a) for a in sys.argv[6:]], Path(sys.argv[4]), Path(sys.argv[5]))
     else:
         sys.exit(__doc__)
