@@ -9,6 +9,7 @@ from sharelora.tasks.code_math import (
     evaluate_humaneval,
     generate_until,
     code_block,
+    gsm8k_chat_prompt,
     gsm8k_prompt,
     humaneval_chat_program,
     humaneval_chat_prompt,
@@ -63,6 +64,18 @@ def test_chat_replies_run_their_code_block_with_the_prompts_header():
     assert [s["status"] for s in r["samples"]] == ["passed", "failed", "passed"] and r["prompt_format"] == "chat"
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         evaluate_humaneval(None, None, data, completions=replies, prompt_format="markdown")
+
+
+def test_gsm8k_chat_gives_the_exemplars_as_turns():
+    tok = tiny_tokenizer(chat_template=True)
+    shot = {"question": "1+1?", "answer": "1+1=2", "final": "2"}
+    text = gsm8k_chat_prompt(tok, "2+2?", [shot])
+    assert text.index("Question: 1+1?") < text.index("1+1=2 The answer is 2.") < text.index("Question: 2+2?")
+    data = TinyTaskData("g", "generation", {"dev": [shot], "test": [{"question": "2+2?", "answer": "", "final": "4"}]})
+    r = evaluate_gsm8k(None, tok, data, shots=1, completions=["2+2=4. The answer is 4."], prompt_format="chat")
+    assert r["correct"] == 1 and r["prompt_format"] == "chat"
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        evaluate_gsm8k(None, tok, data, completions=[""], prompt_format="turns")
 
 
 def test_the_chat_prompt_goes_through_the_chat_template_and_needs_one():
@@ -124,6 +137,7 @@ def tiny_lm(monkeypatch):
 
 @pytest.mark.parametrize("task,extra,score", [("humaneval", ["--sandbox-timeout", "2"], "pass_at_1"),
                                               ("humaneval", ["--prompt-format", "chat"], "pass_at_1"),
+                                              ("gsm8k", ["--shots", "1", "--prompt-format", "chat"], "accuracy"),
                                               ("gsm8k", ["--shots", "1"], "accuracy")])
 def test_cli_eval_generates_scores_and_writes_every_sample(tiny_lm, tmp_path, capsys, task, extra, score):
     import json

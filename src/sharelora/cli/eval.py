@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="humaneval / gsm8k: longest completion (default: 384 / 256)")
     g.add_argument("--prompt-format", choices=["completion", "chat"], default="completion",
-                   help="humaneval: completion = the model continues the bare prompt (default; base models); chat = "
-                        "the prompt sent through the chat template with a request for the whole function in a "
-                        "```python block, whose code is run (instruct models)")
+                   help="humaneval / gsm8k: completion = the model continues the bare prompt (default; base "
+                        "models); chat = through the chat template (instruct models): humaneval asks for the whole "
+                        "function in a ```python block, whose code is run; gsm8k gives the exemplars as chat turns")
     g.add_argument("--sandbox-timeout", type=float, default=5.0,
                    help="humaneval: wall-clock seconds per program in the sandbox (default: 5)")
     g.add_argument("--subjects", default=None, metavar="A,B", help="mmlu: only these subjects (default: all 57)")
@@ -144,7 +144,7 @@ def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
         result = evaluate_humaneval(model, tokenizer, data, timeout_s=args.sandbox_timeout,
                                     prompt_format=args.prompt_format, **options)
     else:
-        result = evaluate_gsm8k(model, tokenizer, data, shots=args.shots, **options)
+        result = evaluate_gsm8k(model, tokenizer, data, shots=args.shots, prompt_format=args.prompt_format, **options)
     result = {**what, "dataset": data.name, **result}
     samples = result.pop("samples")
     print(json.dumps(result, indent=2))

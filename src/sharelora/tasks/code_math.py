@@ -13,7 +13,7 @@ through the tokenizer's chat template, for the whole function in a ```python blo
 ``def <entry_point>`` (imports, helpers) + the block's code + the tests; a block that does not
 define the entry point is taken as its body (prompt + code), a reply without a block as code.
 
-GSM8K: the prompt is ``k`` solved examples (``"Question: ...\\nAnswer: <solution> The answer is
+GSM8K (``prompt_format="chat"``: the same exemplars as chat turns): the prompt is ``k`` solved examples (``"Question: ...\\nAnswer: <solution> The answer is
 N.\\n\\n"``, taken from the dataset's ``dev`` split, a seeded slice held out of the test problems
 because the package ships only test.jsonl) and then ``"Question: <q>\\nAnswer:"``; the completion
 is cut at the next ``"Question:"``; the prediction is the LAST number in it (commas removed, a
@@ -116,13 +116,17 @@ def humaneval_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-def humaneval_chat_prompt(tokenizer: Any, problem: dict) -> str:
-    """The chat request for one problem, rendered by the tokenizer's chat template (ready to generate)."""
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """``messages`` rendered by the tokenizer's chat template, ending with the assistant's turn to speak."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt format 'chat' needs a tokenizer with a chat template (an instruct model); use "
                          "the 'completion' format for a base model")
-    messages = [{"role": "user", "content": HUMANEVAL_CHAT_REQUEST.format(prompt=problem["prompt"])}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def humaneval_chat_prompt(tokenizer: Any, problem: dict) -> str:
+    """The chat request for one problem, rendered by the tokenizer's chat template (ready to generate)."""
+    return chat_prompt(tokenizer, [{"role": "user", "content": HUMANEVAL_CHAT_REQUEST.format(prompt=problem["prompt"])}])
 
 
 def code_block(reply: str) -> str:
@@ -195,19 +199,36 @@ def gsm8k_prompt(question: str, shots: Sequence[dict]) -> str:
     return f"{head}Question: {question}\nAnswer:"
 
 
+def gsm8k_chat_prompt(tokenizer: Any, question: str, shots: Sequence[dict]) -> str:
+    """The few-shot prompt as a conversation: each exemplar a user question and the assistant's solution."""
+    messages = []
+    for s in shots:
+        messages += [{"role": "user", "content": f"Question: {s['question']}"},
+                     {"role": "assistant", "content": f"{s['answer']} The answer is {s['final']}."}]
+    return chat_prompt(tokenizer, [*messages, {"role": "user", "content": f"Question: {question}"}])
+
+
 def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: Any, *, shots: int = 0,
                    max_examples: int | None = None, max_new_tokens: int = 256, batch_size: int = 8,
                    device: str | torch.device = "cpu", progress: bool = False,
-                   completions: Sequence[str] | None = None) -> dict[str, Any]:
-    """Exact match of the final number on GSM8K test problems; ``shots`` exemplars from ``dev``."""
+                   completions: Sequence[str] | None = None, prompt_format: str = "completion") -> dict[str, Any]:
+    """Exact match of the final number on GSM8K test problems; ``shots`` exemplars from ``dev``.
+
+    ``prompt_format="chat"``: the exemplars and the question as a conversation in the tokenizer's
+    chat template (for instruct models), scored the same way.
+    """
     from tqdm.auto import tqdm
+
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
 
     pool = list(data.splits.get("dev") or [])
     if shots < 0 or shots > len(pool):
         raise ValueError(f"shots must be 0..{len(pool)} (the held-out few-shot pool), got {shots}")
     problems = list(data.splits["test"])[:max_examples]
-    prompts = [gsm8k_prompt(p["question"], pool[:shots]) for p in problems]
     if completions is None:
+        prompts = [gsm8k_chat_prompt(tokenizer, p["question"], pool[:shots]) if prompt_format == "chat"
+                   else gsm8k_prompt(p["question"], pool[:shots]) for p in problems]
         bar = tqdm(total=len(problems), desc=f"gsm8k {shots}-shot", disable=not progress)
         completions = generate_until(model, tokenizer, prompts, GSM8K_STOPS, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, device=device, progress=bar)
@@ -220,7 +241,8 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: Any, *, shots: 
         correct += ok
         samples.append({"question": p["question"], "completion": c, "prediction": pred, "reference": gold,
                         "correct": ok})
-    return {"task": "gsm8k", "shots": shots, "problems": len(problems), "correct": correct,
+    return {"task": "gsm8k", "shots": shots, "prompt_format": prompt_format, "problems": len(problems),
+            "correct": correct,
             "accuracy": correct / max(1, len(problems)),
             "no_number": sum(s["prediction"] is None for s in samples), "max_new_tokens": max_new_tokens,
             "samples": samples}
