@@ -16,11 +16,14 @@ score() {  # score NAME MODEL_ARGS... -- EVAL_ARGS...
   [ -f "$OUT/$name.json" ] || sharelora eval "$@" --json "$OUT/$name.json"
 }
 # GSM8K: the first 200 test problems for the base, the first 100 for each adapter (compute; the base's first 100
-# are the same problems). HumanEval: all 164, chat format for all four, completion format for the base.
+# are the same problems), and the first 100 with the exemplars as chat turns. HumanEval: all 164, chat format for
+# all four, completion format for the base.
 for who in base lora sharea shareab; do
   if [ "$who" = base ]; then src=(--model smollm2); n=200; else src=("$OUT/$who-s0"); n=100; fi
   score "gsm8k-4shot-$who" --task gsm8k "${src[@]}" --few-shot 4 --max-examples "$n" --max-new-tokens 192
   score "humaneval-chat-$who" --task humaneval "${src[@]}" --prompt-format chat
+  score "gsm8k-chat4shot-$who" --task gsm8k "${src[@]}" --few-shot 4 --prompt-format chat --max-examples 100 \
+    --max-new-tokens 192
 done
 score humaneval-completion-base --task humaneval --model smollm2
 python docs/studies/code_math_report.py "$OUT" docs/results/code-math

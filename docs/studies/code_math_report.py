@@ -67,7 +67,8 @@ def rows(root: Path) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     lines = ["| model | task (format) | problems | solved | score (95% CI) | notes |", "|---|---|---:|---:|---:|---|"]
     for r in table:
-        task = "GSM8K (4-shot)" if r["task"] == "gsm8k" else f"HumanEval ({r['format']})"
+        task = {"4shot": "GSM8K (4-shot)", "chat4shot": "GSM8K (4-shot, chat turns)"}.get(r["format"], r["format"]) \
+            if r["task"] == "gsm8k" else f"HumanEval ({r['format']})"
         notes = (f"{r['no_number']} with no number" if r["task"] == "gsm8k"
                  else ", ".join(f"{k} {v}" for k, v in sorted(r["statuses"].items())))
         lines.append(f"| {WHO.get(r['who'], r['who'])} | {task} | {r['problems']} | {r['solved']} | "
