@@ -150,6 +150,11 @@ def humaneval_chat_program(problem: dict, reply: str) -> str:
     return f"{header}{code}{tail}"
 
 
+def _check_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+
+
 def _closed_block(text: str) -> bool:
     return text.count("```") >= 2
 
@@ -167,8 +172,7 @@ def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max
 
     from .sandbox import Limits, isolation, run_programs
 
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    _check_format(prompt_format)
     chat = prompt_format == "chat"
     problems = list(data.splits["test"])[:max_examples]
     if completions is None:
@@ -219,8 +223,7 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: Any, *, shots: 
     """
     from tqdm.auto import tqdm
 
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    _check_format(prompt_format)
 
     pool = list(data.splits.get("dev") or [])
     if shots < 0 or shots > len(pool):

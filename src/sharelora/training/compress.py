@@ -29,6 +29,7 @@ import torch
 
 from .evaluate import RUN_INFO, read_run_info
 from .lock import output_dir_lock
+from .multitask import task_rows
 from .loop import RunExistsError
 from .state import atomic_write_text
 
@@ -125,26 +126,6 @@ def _source(directory: str | Path, model: str | None) -> dict[str, Any]:
             "kind": "sharelora", "label": info["adapter_dir"]}
 
 
-def _task_block(heads: dict[str, dict[str, torch.Tensor]], base: torch.nn.Module, outputs: int,
-                logits: tuple[int, int], task: str) -> dict:
-    """A multi-task head cut to one task's outputs: rows ``logits`` of the classifier's output layer.
-
-    The output layer is the last Linear of the head with ``outputs`` out-features (the multi-task
-    base's classifier width); the head's other tensors are the task's as they are.
-    """
-    start, end = logits
-    out = {}
-    for path, state in heads.items():
-        last = [n for n, m in base.get_submodule(path).named_modules()
-                if isinstance(m, torch.nn.Linear) and m.out_features == outputs]
-        if not last:
-            raise ValueError(f"task {task!r}: its head {path} has no output layer of {outputs} outputs")
-        prefix = f"{last[-1]}." if last[-1] else ""
-        out[path] = {k: (v[start:end].clone() if k in (f"{prefix}weight", f"{prefix}bias") else v)
-                     for k, v in state.items()}
-    return out
-
-
 def _fit_heads(heads: dict[str, dict[str, torch.Tensor]], base: torch.nn.Module, task: str) -> dict:
     """Each head tensor padded with zero rows to the shared base's classifier (task t reads its first n_t)."""
     out = {}
@@ -210,8 +191,8 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
             base = load_model(base_name, task="classification", num_labels=s.get("source_labels", s["num_labels"]),
                               cache_dir=cache_dir, report_new_weights=False).model
             updates, heads = adapter_updates(base, s["adapter_dir"], adapter_name=s.get("adapter"))
-            if "logits" in s:
-                heads = _task_block(heads, base, s["source_labels"], s["logits"], name)
+            if "logits" in s:  # one task of a multi-task head: its own rows
+                heads = {path: task_rows(state, s["source_labels"], s["logits"]) for path, state in heads.items()}
             read[name] = (updates, heads)
             del base
         n_max = max(s["num_labels"] for s in sources.values())

@@ -846,6 +846,16 @@ def evaluate_tasks(adapter_dir: str | Path, names: list[str] | None = None, spli
     return {"adapter_dir": info["adapter_dir"], "tasks": results}
 
 
+def task_rows(tensors: dict[str, torch.Tensor], outputs: int, logits: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Head tensors cut to one task's rows ``logits`` of a multi-task classifier with ``outputs`` outputs.
+
+    Every tensor whose first dimension is the classifier's width (its output layer's weight and
+    bias) keeps rows start..end; the others are the task's as they are.
+    """
+    start, end = logits
+    return {k: v[start:end].clone() if v.ndim >= 1 and v.shape[0] == outputs else v for k, v in tensors.items()}
+
+
 def export_tasks_peft(adapter_dir: str | Path, out_dir: str | Path, names: list[str] | None = None,
                       cache_dir: str | None = None) -> dict[str, Path]:
     """Write tasks of a multi-task adapter directory as standard PEFT LoRA directories: {task: directory}.
@@ -871,8 +881,8 @@ def export_tasks_peft(adapter_dir: str | Path, out_dir: str | Path, names: list[
         if (start, end) != (0, info["num_labels"]):  # the head's rows of this task alone
             heads = [f"{PEFT_PREFIX}{p}." for p in model.saved_module_names(t["adapter"])]
             tensors, meta = read_safetensors(target / PEFT_WEIGHTS)
-            tensors = {k: v[start:end].clone() if any(k.startswith(h) for h in heads) and v.ndim >= 1
-                       and v.shape[0] == info["num_labels"] else v for k, v in tensors.items()}
-            save_tensors(target / PEFT_WEIGHTS, tensors, meta)
+            head = task_rows({k: v for k, v in tensors.items() if any(k.startswith(h) for h in heads)},
+                             info["num_labels"], (start, end))
+            save_tensors(target / PEFT_WEIGHTS, {**tensors, **head}, meta)
         written[n] = target
     return written
