@@ -226,3 +226,21 @@ def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_keeps_the_pre
     assert sorted(os.listdir(tmp_path)) == sorted(FILES["checkpoint"])
     # best.safetensors was written before the disk filled up (version 2); the checkpoint is still version 1.
     assert check("checkpoint", tmp_path, versions, (1, 2), {}) == 1
+
+
+# ---- temporary files a killed save left behind ------------------------------------------------
+
+def test_the_next_save_removes_the_temporary_files_a_killed_save_left_but_not_a_live_writers(versions, tmp_path):
+    versions.save("adapter", tmp_path, 1)
+    old = time.time() - checkpoint.STALE_TEMP_S - 60
+    stale = tmp_path / f".{checkpoint.WEIGHTS_NAME}.k1ll3d.tmp"  # the name _write_temp gives; untouched for > 1 h
+    live = tmp_path / ".adapter_config.json.wr1t1ng.tmp"  # modified just now: may be another process mid-write
+    foreign = tmp_path / ".notes.txt.k1ll3d.tmp"  # old, but not the temporary of a file the save writes
+    for p in (stale, live, foreign):
+        p.write_bytes(b"x" * 100)
+    os.utime(stale, (old, old))
+    os.utime(foreign, (old, old))
+    versions.save("adapter", tmp_path, 2)
+    assert not stale.exists() and live.exists() and foreign.exists()
+    foreign.unlink()  # check() allows only the save's own temporaries beside its files
+    assert check("adapter", tmp_path, versions, (2, 2), {}) == 2

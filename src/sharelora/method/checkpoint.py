@@ -21,12 +21,14 @@ This module is also the one home of how the project writes and reads files safel
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -82,9 +84,11 @@ def _write_temp(path: Path, head, body: Iterable = (), digest_at: int | None = N
     With ``digest_at``, the hex sha256 of the body replaces the 64 bytes of ``head`` at that
     offset once the body is written, so the data is hashed in the same pass that writes it.
     The temporary file (``.<name>.<random>.tmp``) is removed if anything fails; only a killed
-    process leaves one behind, and nothing reads those names.
+    process leaves one behind, and the next write of the same file removes those left over an
+    hour unmodified (:func:`_remove_stale_temps`). Nothing reads those names.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
@@ -106,6 +110,24 @@ def _write_temp(path: Path, head, body: Iterable = (), digest_at: int | None = N
         _remove(tmp)
         raise
     return Path(tmp)
+
+
+STALE_TEMP_S = 3600.0  # a temporary file this long unmodified belongs to a killed writer, not a live one
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove ``path``'s temporary files (``.<name>.<random>.tmp``) that a killed process left behind.
+
+    A live writer modifies its file as it goes; one untouched for :data:`STALE_TEMP_S` is an orphan.
+    Best effort: a file that vanished or cannot be removed is left to the next write.
+    """
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def _commit(tmp: Path, path: Path) -> None:
