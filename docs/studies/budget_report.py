@@ -1,8 +1,9 @@
 """The parameter-budget study's LR choice, table and Pareto plot (docs/RESULTS_BUDGET.md).
 
     python docs/studies/budget_report.py choose runs/budget/<task>/probe*.json  # {method: lr}, from dev only
-    python docs/studies/budget_report.py learns runs/budget/<task>/probe.json   # exit 0: some run learned
+    python docs/studies/budget_report.py learns runs/budget/<task>/probe*.json  # exit 0: some run learned
     python docs/studies/budget_report.py report runs/budget OUT_PREFIX          # OUT_PREFIX.{json,md,png}
+    python docs/studies/budget_report.py add runs/budget/<task> OUT_PREFIX      # one task into OUT_PREFIX.json
     python docs/studies/budget_report.py at-top PROBE_JSON...    # settings whose best dev LR is the grid's top: the next
     python docs/studies/budget_report.py extend BUDGET_JSON TASK SWEEP_JSON OUT_PREFIX PROBE_JSON...
 """
@@ -124,7 +125,16 @@ def markdown(task: str, table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(task: str, table: list[dict], path: Path) -> None:
+def majority_accuracy(task: str, n: int) -> float:
+    """Test accuracy (%) of always predicting the most frequent class of the first ``n`` test rows (what compare
+    evaluates with --max-eval-examples n): the level a run that learned nothing sits at."""
+    from sharelora.sources import load_dataset
+
+    labels = [r["label"] for r in load_dataset(task).splits["test"][:n]]
+    return 100 * max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def plot(task: str, table: list[dict], path: Path, majority: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,6 +148,8 @@ def plot(task: str, table: list[dict], path: Path) -> None:
     front = [r for r in table if r["pareto"]]
     ax.step([r["adapter_parameters"] for r in front], [r["test_mean"] for r in front], where="post", color="black",
             linewidth=1.0, linestyle="--", label="Pareto front (means)")
+    if majority is not None:
+        ax.axhline(majority, color="grey", linestyle=":", linewidth=1.2, label=f"majority class ({majority:.1f}%)")
     ax.set_xscale("log")
     ax.set_xlabel("trainable adapter parameters (head excluded, log)")
     ax.set_ylabel("test accuracy (%), mean ± std over 3 seeds")
@@ -149,34 +161,52 @@ def plot(task: str, table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(root: Path, prefix: Path) -> None:
-    out: dict = {"tasks": {}}
-    md = []
-    for task_dir in sorted(p for p in root.iterdir() if (p / "lr.json").is_file()):
-        lrs = json.loads((task_dir / "lr.json").read_text())
-        probe = json.loads((task_dir / "probe.json").read_text())
-        entry = {"lr": lrs, "probe": [{"label": r["label"], "lr": r["config"]["lr"], "dev_accuracy": r["dev"]["accuracy"],
-                                       "dev_mcc": r["dev"]["mcc"]} for r in probe["runs"]],
-                 "header": probe["header"]}
-        if (task_dir / "compare.json").is_file() and json.loads((task_dir / "compare.json").read_text())["header"] != \
-                probe["header"]:
-            summary = json.loads((task_dir / "compare.json").read_text())
-            table = rows(task_dir / "compare.json", lrs)
-            entry.update(rows=table, sweep_header=summary["header"])
-            md.append(markdown(task_dir.name, table))
-            plot(task_dir.name, table, prefix.with_name(f"{prefix.name}-{task_dir.name}.png"))
-        out["tasks"][task_dir.name] = entry
+def task_entry(task_dir: Path, prefix: Path) -> dict:
+    """One task's study entry (its LRs, probe and, if swept, the table); writes the task's plot."""
+    lrs = json.loads((task_dir / "lr.json").read_text())
+    probe = json.loads((task_dir / "probe.json").read_text())
+    probes = sorted(task_dir.glob("probe*.json"))
+    entry = {"lr": lrs, "probe": [{"label": r["label"], "lr": r["config"]["lr"], "dev_accuracy": r["dev"]["accuracy"],
+                                   "dev_mcc": r["dev"]["mcc"]} for p in probes for r in json.loads(p.read_text())["runs"]],
+             "header": probe["header"]}
+    if (task_dir / "compare.json").is_file() and json.loads((task_dir / "compare.json").read_text())["header"] != \
+            probe["header"]:
+        summary = json.loads((task_dir / "compare.json").read_text())
+        table = rows(task_dir / "compare.json", lrs)
+        majority = majority_accuracy(summary["header"]["dataset"], summary["header"]["examples"]["test"])
+        entry.update(rows=table, sweep_header=summary["header"], majority_test_accuracy=majority)
+        plot(task_dir.name, table, prefix.with_name(f"{prefix.name}-{task_dir.name}.png"), majority)
+    return entry
+
+
+def write(out: dict, prefix: Path) -> None:
     prefix.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    prefix.with_suffix(".md").write_text("\n".join(md))
+    prefix.with_suffix(".md").write_text("\n".join(markdown(t, e["rows"]) for t, e in out["tasks"].items() if "rows" in e))
+
+
+def report(root: Path, prefix: Path) -> None:
+    """The whole study from ``root`` (one directory per task)."""
+    write({"tasks": {d.name: task_entry(d, prefix) for d in sorted(root.iterdir()) if (d / "lr.json").is_file()}},
+          prefix)
+
+
+def add(task_dir: Path, prefix: Path) -> None:
+    """Replace (or add) one task of a committed study, keeping the other tasks' entries as they are."""
+    out = json.loads(prefix.with_suffix(".json").read_text()) if prefix.with_suffix(".json").is_file() else {"tasks": {}}
+    out["tasks"][task_dir.name] = task_entry(task_dir, prefix)
+    write(out, prefix)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "choose":  # over one or more probe files
         print(json.dumps(choose_runs([r for a in sys.argv[2:] for r in json.loads(Path(a).read_text())["runs"]])))
     elif sys.argv[1] == "learns":  # exit 0 if some probe run's dev MCC > 0.1
-        sys.exit(0 if any(r["dev"]["mcc"] > 0.1 for r in json.loads(Path(sys.argv[2]).read_text())["runs"]) else 1)
+        sys.exit(0 if any(r["dev"]["mcc"] > 0.1 for a in sys.argv[2:] for r in json.loads(Path(a).read_text())["runs"])
+                 else 1)
     elif sys.argv[1] == "report":
         report(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "add":  # add TASK_DIR OUT_PREFIX: one task into an existing OUT_PREFIX.json
+        add(Path(sys.argv[2]), Path(sys.argv[3]))
     elif sys.argv[1] == "at-top":  # SETTING=NEXT_LR per line, for methods whose best dev LR is their largest
         for label, lr in at_top([Path(a) for a in sys.argv[2:]]).items():
             print(f"{label},lr={lr:g}")
