@@ -2,6 +2,8 @@
 # The parameter-budget study (docs/RESULTS_BUDGET.md): an LR probe on dev, then the sweep, per task.
 # Usage: bash docs/studies/budget.sh [OUT_ROOT]   (default runs/budget). Rerunning resumes.
 # One torch thread per run (one core); run it beside another job, or with JOBS=2 (compare --jobs 2) on an idle machine.
+# TASKS (default: the rotten-tomatoes vitaminc; the study also ran TASKS=multiemo) and SWEEP_TASKS (default:
+# TASKS) pick what is probed and swept.
 set -euo pipefail
 OUT=${1:-runs/budget}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
@@ -44,7 +46,7 @@ for task in $TASKS; do  # per task: the probe, then the sweep
   # nothing on the task, for every method (2026-12-03: until then such a task was skipped).
   python docs/studies/budget_report.py learns "$dir"/probe*.json ||
     echo "== $task: no probe run left the majority class (dev MCC <= 0.1); sweeping anyway" >&2
-  case " ${SWEEP_TASKS:-rotten-tomatoes vitaminc} " in
+  case " ${SWEEP_TASKS:-$TASKS} " in
     *" $task "*) ;;
     *) echo "== $task: sweep not requested (SWEEP_TASKS)" >&2; continue ;;
   esac
