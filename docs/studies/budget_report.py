@@ -73,11 +73,7 @@ def extend(budget_json: Path, task: str, probes: list[Path], sweep: Path, prefix
     missing = changed - {r["method"] for r in new}
     if missing:
         raise SystemExit(f"the LR of {sorted(missing)} changed but {sweep} has no runs of them at the new LR")
-    table = sorted(kept + new, key=lambda r: r["adapter_parameters"])
-    best_mean = -1.0
-    for r in table:
-        r["pareto"] = r["test_mean"] > best_mean
-        best_mean = max(best_mean, r["test_mean"])
+    table = mark_front(sorted(kept + new, key=lambda r: r["adapter_parameters"]))
     entry.update(lr_before_extension=dict(entry["lr"]), lr=lrs, rows=table, lr_changed=sorted(changed))
     prefix.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     prefix.with_suffix(".md").write_text(markdown(task, table))
@@ -106,12 +102,17 @@ def rows(compare_json: Path, lrs: dict[str, float]) -> list[dict]:
             "test_per_seed": test, "train_time_s_mean": statistics.mean(r["train_time_s"] for r in runs),
             "peak_rss_mb_mean": statistics.mean(r["peak_rss_mb"] for r in runs),
         })
-    out.sort(key=lambda r: r["adapter_parameters"])
+    return mark_front(sorted(out, key=lambda r: r["adapter_parameters"]))
+
+
+def mark_front(table: list[dict]) -> list[dict]:
+    """Mark the Pareto front of rows sorted by adapter parameters: no row with fewer (or as many) parameters has
+    a higher test mean."""
     best = -1.0
-    for r in out:  # the Pareto front: no setting with fewer (or as many) parameters has a higher mean
+    for r in table:
         r["pareto"] = r["test_mean"] > best
         best = max(best, r["test_mean"])
-    return out
+    return table
 
 
 def markdown(task: str, table: list[dict]) -> str:
@@ -169,9 +170,8 @@ def task_entry(task_dir: Path, prefix: Path) -> dict:
     entry = {"lr": lrs, "probe": [{"label": r["label"], "lr": r["config"]["lr"], "dev_accuracy": r["dev"]["accuracy"],
                                    "dev_mcc": r["dev"]["mcc"]} for p in probes for r in json.loads(p.read_text())["runs"]],
              "header": probe["header"]}
-    if (task_dir / "compare.json").is_file() and json.loads((task_dir / "compare.json").read_text())["header"] != \
-            probe["header"]:
-        summary = json.loads((task_dir / "compare.json").read_text())
+    summary = json.loads((task_dir / "compare.json").read_text()) if (task_dir / "compare.json").is_file() else None
+    if summary is not None and summary["header"] != probe["header"]:  # compare.json is the sweep's, not the probe's
         table = rows(task_dir / "compare.json", lrs)
         majority = majority_accuracy(summary["header"]["dataset"], summary["header"]["examples"]["test"])
         entry.update(rows=table, sweep_header=summary["header"], majority_test_accuracy=majority)
