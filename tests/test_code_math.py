@@ -13,6 +13,7 @@ from sharelora.tasks.code_math import (
     gsm8k_prompt,
     humaneval_chat_program,
     humaneval_chat_prompt,
+    humaneval_check,
     humaneval_program,
     last_number,
     normalize_number,
@@ -44,7 +45,9 @@ def test_canonical_completion_passes_and_a_wrong_one_fails():
     data = TinyTaskData("he", "generation", {"test": [PROBLEM, PROBLEM]})
     r = evaluate_humaneval(None, None, data, completions=["    return a + b\n", "    return a - b\n"], timeout_s=3)
     assert [s["status"] for s in r["samples"]] == ["passed", "failed"] and r["pass_at_1"] == 0.5
-    assert humaneval_program(PROBLEM, "X").endswith("check(add)\n")
+    assert humaneval_program(PROBLEM, "X") == PROBLEM["prompt"] + "X\n"  # the tests are not in the sample's program
+    check = humaneval_check(PROBLEM, "X")
+    assert (check.setup, check.entry_point) == (PROBLEM["prompt"], "add") and check.tests.endswith("check(add)\n")
 
 
 HELPER = {"task_id": "T/1", "entry_point": "twice",
@@ -56,6 +59,7 @@ def test_chat_replies_run_their_code_block_with_the_prompts_header():
     whole = "Sure:\n```python\ndef twice(x):\n    return 2 * x\n```\nIt doubles x."
     program = humaneval_chat_program(HELPER, whole)
     assert program.startswith("import math\n\n\ndef one():") and "Sure" not in program and "It doubles" not in program
+    assert "check(" not in program  # the tests run in the judge, not in the sample's program
     assert humaneval_chat_program(HELPER, "```python\n    return 2 * x\n```").startswith(HELPER["prompt"])  # a body
     assert code_block("```\nx = 1\n") == "x = 1\n" and code_block("no block") == "no block"  # unclosed; none
     data = TinyTaskData("he", "generation", {"test": [HELPER, HELPER, PROBLEM]})

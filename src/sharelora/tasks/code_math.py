@@ -1,17 +1,19 @@
 """HumanEval (greedy pass@1) and GSM8K (exact match of the final number) for a causal LM.
 
 HumanEval: the model continues the problem's ``prompt`` (a signature and docstring) greedily; the
-completion is cut at the first of :data:`HUMANEVAL_STOPS`; the program
-
-    prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})\\n"
-
-runs in :mod:`.sandbox` (never in this process) and passes if it ends without an exception.
+completion is cut at the first of :data:`HUMANEVAL_STOPS`; the candidate's program
+``prompt + completion`` runs in :mod:`.sandbox` (never in this process), and the problem's tests run
+in a second sandboxed process, the judge (:func:`humaneval_check`): it runs the prompt (for helpers
+some tests use), binds ``entry_point`` to a proxy of the candidate's function, and runs
+``test + f"check({entry_point})"``; every value the candidate returns reaches the tests as a plain
+builtin value, so only the judge can say "passed" (see :mod:`.sandbox`). The sample passes if the
+tests run to their end without an exception, as in the benchmark's own harness.
 pass@1 = passed / problems (greedy: one sample per problem, so this is the unbiased estimator).
 ``prompt_format="chat"`` (for instruct models, which answer a bare prompt with prose) instead asks,
 through the tokenizer's chat template, for the whole function in a ```python block
-(:data:`HUMANEVAL_CHAT_REQUEST`), stops once the block is closed, and runs the prompt's lines before
-``def <entry_point>`` (imports, helpers) + the block's code + the tests; a block that does not
-define the entry point is taken as its body (prompt + code), a reply without a block as code.
+(:data:`HUMANEVAL_CHAT_REQUEST`), stops once the block is closed, and the candidate's program is the
+prompt's lines before ``def <entry_point>`` (imports, helpers) + the block's code; a block that does
+not define the entry point is taken as its body (prompt + code), a reply without a block as code.
 
 GSM8K (``prompt_format="chat"``: the same exemplars as chat turns): the prompt is ``k`` solved examples (``"Question: ...\\nAnswer: <solution> The answer is
 N.\\n\\n"``, taken from the dataset's ``dev`` split, a seeded slice held out of the test problems
@@ -27,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from .sandbox import Check
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 HUMANEVAL_CHAT_REQUEST = ("Complete the following Python function. Reply with the whole function in one ```python "
@@ -112,8 +116,16 @@ def generate_until(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
-    """The program the sandbox runs: prompt + completion + the problem's tests + ``check(entry_point)``."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    """The candidate's program: prompt + completion (the tests are not in it: the judge runs them)."""
+    return f"{problem['prompt']}{completion}\n"
+
+
+def humaneval_check(problem: dict, program: str) -> Check:
+    """How the sandbox judges ``program``: the judge runs the prompt (trusted; its helpers, e.g. ``poly``,
+    are what the tests call), then the problem's ``test`` and ``check(<entry_point>)`` against the candidate."""
+    entry = problem["entry_point"]
+    return Check(program=program, entry_point=entry, setup=problem["prompt"],
+                 tests=f"{problem['test']}\n\ncheck({entry})\n")
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -136,18 +148,17 @@ def code_block(reply: str) -> str:
 
 
 def humaneval_chat_program(problem: dict, reply: str) -> str:
-    """The program of a chat reply: the prompt's lines before ``def <entry_point>`` + its code + the tests.
+    """The candidate's program of a chat reply: the prompt's lines before ``def <entry_point>`` + its code.
 
     A block that does not define the entry point is read as the body the prompt leaves open.
     """
     code, entry = code_block(reply), problem["entry_point"]
-    tail = f"\n\n{problem['test']}\n\ncheck({entry})\n"
     defines = re.compile(rf"^def\s+{re.escape(entry)}\s*\(", re.M)
     if not defines.search(code):
         return humaneval_program(problem, code)
     where = defines.search(problem["prompt"])
     header = problem["prompt"][: where.start()] if where else ""
-    return f"{header}{code}{tail}"
+    return f"{header}{code}\n"
 
 
 def _check_format(prompt_format: str) -> None:
@@ -162,17 +173,21 @@ def _closed_block(text: str) -> bool:
 def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max_examples: int | None = None,
                        max_new_tokens: int = 384, batch_size: int = 8, device: str | torch.device = "cpu",
                        timeout_s: float = 5.0, workers: int = 2, progress: bool = False,
-                       completions: Sequence[str] | None = None, prompt_format: str = "completion") -> dict[str, Any]:
+                       completions: Sequence[str] | None = None, prompt_format: str = "completion",
+                       allow_unisolated: bool = False) -> dict[str, Any]:
     """Greedy pass@1 on HumanEval problems (``data.splits["test"]``); see the module docstring.
 
     ``completions`` replaces generation (tests; e.g. the canonical solutions must all pass);
-    with ``prompt_format="chat"`` they are chat replies.
+    with ``prompt_format="chat"`` they are chat replies. Where the sandbox cannot isolate the
+    generated code (no Linux namespaces) this raises :class:`.sandbox.SandboxUnavailable` before
+    generating, unless ``allow_unisolated`` (then it runs as this user; see ``FALLBACK_WARNING``).
     """
     from tqdm.auto import tqdm
 
-    from .sandbox import Limits, isolation, run_programs
+    from .sandbox import Limits, require_isolation, run_checks
 
     _check_format(prompt_format)
+    sandbox = require_isolation(allow_unisolated)
     chat = prompt_format == "chat"
     problems = list(data.splits["test"])[:max_examples]
     if completions is None:
@@ -183,9 +198,9 @@ def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max
                                      finished=_closed_block if chat else None)
         bar.close()
     build = humaneval_chat_program if chat else humaneval_program
-    programs = [build(p, c) for p, c in zip(problems, completions)]
-    results = run_programs(programs, Limits(timeout_s=timeout_s), workers=workers, progress=progress,
-                           desc="humaneval run")
+    checks = [humaneval_check(p, build(p, c)) for p, c in zip(problems, completions)]
+    results = run_checks(checks, Limits(timeout_s=timeout_s), workers=workers, progress=progress,
+                         desc="humaneval run", allow_unisolated=allow_unisolated)
     samples = [{"task_id": p["task_id"], "completion": c, "status": r.status, "error": r.error,
                 "seconds": r.seconds} for p, c, r in zip(problems, completions, results)]
     passed = sum(r.passed for r in results)
@@ -195,7 +210,7 @@ def evaluate_humaneval(model: torch.nn.Module, tokenizer: Any, data: Any, *, max
     return {"task": "humaneval", "problems": len(problems), "passed": passed,
             "pass_at_1": passed / max(1, len(problems)), "statuses": statuses, "prompt_format": prompt_format,
             "max_new_tokens": max_new_tokens,
-            "timeout_s": timeout_s, "sandbox": isolation(), "samples": samples}
+            "timeout_s": timeout_s, "sandbox": sandbox, "samples": samples}
 
 
 def gsm8k_prompt(question: str, shots: Sequence[dict]) -> str:
