@@ -1,6 +1,8 @@
 """HumanEval / GSM8K plumbing: stop sequences, number parsing, canonical vs wrong programs in the sandbox,
 few-shot pool held out, generation on a tiny random LLaMA."""
 
+import json
+
 import pytest
 from generation_tiny import TinyTaskData, tiny_llama, tiny_tokenizer
 
@@ -19,6 +21,11 @@ from sharelora.tasks.code_math import (
     normalize_number,
     truncate_at_stops,
 )
+
+from sharelora.tasks import sandbox
+
+# Where the sandbox cannot isolate (no namespaces), these tests' own programs run in the fallback, opted in.
+UNISOLATED = {} if sandbox.isolation()["isolated"] else {"allow_unisolated": True}
 
 PROBLEM = {"task_id": "T/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "entry_point": "add",
            "canonical_solution": "    return a + b\n",
@@ -43,7 +50,8 @@ def test_the_last_number_is_the_prediction():
 
 def test_canonical_completion_passes_and_a_wrong_one_fails():
     data = TinyTaskData("he", "generation", {"test": [PROBLEM, PROBLEM]})
-    r = evaluate_humaneval(None, None, data, completions=["    return a + b\n", "    return a - b\n"], timeout_s=3)
+    r = evaluate_humaneval(None, None, data, completions=["    return a + b\n", "    return a - b\n"], timeout_s=3,
+                           **UNISOLATED)
     assert [s["status"] for s in r["samples"]] == ["passed", "failed"] and r["pass_at_1"] == 0.5
     assert humaneval_program(PROBLEM, "X") == PROBLEM["prompt"] + "X\n"  # the tests are not in the sample's program
     check = humaneval_check(PROBLEM, "X")
@@ -64,7 +72,7 @@ def test_chat_replies_run_their_code_block_with_the_prompts_header():
     assert code_block("```\nx = 1\n") == "x = 1\n" and code_block("no block") == "no block"  # unclosed; none
     data = TinyTaskData("he", "generation", {"test": [HELPER, HELPER, PROBLEM]})
     replies = [whole, "```python\ndef twice(x):\n    return x\n```", "```py\ndef add(a, b):\n    return a + b\n```"]
-    r = evaluate_humaneval(None, None, data, completions=replies, timeout_s=3, prompt_format="chat")
+    r = evaluate_humaneval(None, None, data, completions=replies, timeout_s=3, prompt_format="chat", **UNISOLATED)
     assert [s["status"] for s in r["samples"]] == ["passed", "failed", "passed"] and r["prompt_format"] == "chat"
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         evaluate_humaneval(None, None, data, completions=replies, prompt_format="markdown")
@@ -104,7 +112,7 @@ def test_generation_stops_a_row_once_finished_says_so():
 
 def test_a_hanging_completion_is_a_failure_not_a_hang():
     data = TinyTaskData("he", "generation", {"test": [PROBLEM]})
-    r = evaluate_humaneval(None, None, data, completions=["    while True:\n        pass\n"], timeout_s=1)
+    r = evaluate_humaneval(None, None, data, completions=["    while True:\n        pass\n"], timeout_s=1, **UNISOLATED)
     assert r["passed"] == 0 and r["samples"][0]["status"] == "timeout"
 
 
@@ -149,6 +157,8 @@ def test_cli_eval_generates_scores_and_writes_every_sample(tiny_lm, tmp_path, ca
     from sharelora.cli import main
 
     out = tmp_path / f"{task}.json"
+    if UNISOLATED and task == "humaneval":
+        extra = [*extra, "--allow-unisolated-sandbox"]
     assert main(["eval", "--task", task, "--model", "tiny", "--max-new-tokens", "4", "--json", str(out), *extra]) == 0
     result = json.loads(out.read_text())
     assert result["model"] == "tiny-llama" and 0.0 <= result[score] <= 1.0
@@ -163,3 +173,32 @@ def test_cli_eval_without_a_model_or_adapter_names_the_fix(tiny_lm, capsys):
 
     assert main(["eval", "--task", "humaneval"]) == 2
     assert "--model NAME" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_namespaces(monkeypatch):
+    """A machine where the sandbox gets no namespaces (the fallback), with the once-per-process warning unsaid."""
+    monkeypatch.setattr(sandbox, "USE_NAMESPACES", False)
+    monkeypatch.setattr(sandbox, "_WARNED", False)
+
+
+def test_without_isolation_humaneval_is_refused_before_generating_unless_allowed(no_namespaces, capsys):
+    data = TinyTaskData("he", "generation", {"test": [PROBLEM]})
+    with pytest.raises(sandbox.SandboxUnavailable, match="allow_unisolated=True"):
+        evaluate_humaneval(None, None, data)  # no model: generating first would fail otherwise
+    r = evaluate_humaneval(None, None, data, completions=["    return a + b\n"], timeout_s=3, allow_unisolated=True)
+    assert r["passed"] == 1 and r["sandbox"]["isolated"] is False
+    assert capsys.readouterr().err.count(sandbox.FALLBACK_WARNING) == 1
+
+
+def test_cli_eval_humaneval_refuses_without_isolation_and_runs_with_the_flag(tiny_lm, no_namespaces, tmp_path, capsys):
+    from sharelora.cli import main
+
+    args = ["eval", "--task", "humaneval", "--model", "tiny", "--max-new-tokens", "4", "--sandbox-timeout", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot isolate generated code" in err and "--allow-unisolated-sandbox" in err
+    out = tmp_path / "he.json"
+    assert main([*args, "--allow-unisolated-sandbox", "--json", str(out)]) == 0
+    assert capsys.readouterr().err.count(sandbox.FALLBACK_WARNING) == 1
+    assert len(json.loads(out.read_text())["samples"]) == 2

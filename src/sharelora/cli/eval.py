@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "function in a ```python block, whose code is run; gsm8k gives the exemplars as chat turns")
     g.add_argument("--sandbox-timeout", type=float, default=5.0,
                    help="humaneval: wall-clock seconds per program in the sandbox (default: 5)")
+    g.add_argument("--allow-unisolated-sandbox", action="store_true",
+                   help="humaneval: run the generated code even where the sandbox cannot isolate it (no Linux "
+                        "namespaces, e.g. a restricted container). It then runs as your user with only resource "
+                        "limits: it can write your files outside its temporary directory, leave processes behind "
+                        "(setsid) and signal your processes, this one included. Without this flag it is refused "
+                        "there (default: refuse)")
     g.add_argument("--subjects", default=None, metavar="A,B", help="mmlu: only these subjects (default: all 57)")
     g.add_argument("--max-per-subject", type=int, default=None, help="mmlu: at most N questions per subject")
     g.add_argument("--num-beams", type=int, default=None, help="e2e: beam width (default: the run's)")
@@ -135,6 +141,10 @@ def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
     from ..sources import load_dataset
     from ..tasks.code_math import evaluate_gsm8k, evaluate_humaneval
 
+    if args.task == "humaneval":
+        from ..tasks.sandbox import require_isolation
+
+        require_isolation(args.allow_unisolated_sandbox)  # refused before a model is loaded
     model, tokenizer, what, device = _adapter_or_base_model(args)
     data = load_dataset(args.dataset or args.task, cache_dir=args.cache_dir)
     options = {"max_examples": args.max_examples, "batch_size": args.batch_size or 8, "device": device, "progress": True}
@@ -142,7 +152,8 @@ def _eval_code_math(args: argparse.Namespace) -> dict[str, Any]:
         options["max_new_tokens"] = args.max_new_tokens
     if args.task == "humaneval":
         result = evaluate_humaneval(model, tokenizer, data, timeout_s=args.sandbox_timeout,
-                                    prompt_format=args.prompt_format, **options)
+                                    prompt_format=args.prompt_format,
+                                    allow_unisolated=args.allow_unisolated_sandbox, **options)
     else:
         result = evaluate_gsm8k(model, tokenizer, data, shots=args.shots, prompt_format=args.prompt_format, **options)
     result = {**what, "dataset": data.name, **result}
