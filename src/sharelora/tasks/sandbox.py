@@ -622,7 +622,6 @@ class _Child:
     """One bootstrap process: its request, working directory, output and result records."""
 
     def __init__(self, request: dict[str, Any], limits: Limits, tag: str, pass_fds: Sequence[int] = ()):
-        self.limits = limits
         self.workdir = tempfile.mkdtemp(prefix="sharelora-sandbox-")
         os.chmod(self.workdir, 0o755)  # a sample dropped to uid nobody must reach it (chowned in the child)
         self.rfd, wfd = os.pipe()
