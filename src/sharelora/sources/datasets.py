@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ from typing import Any, Callable, NamedTuple
 
 from . import registry as _registry
 from .errors import SourceError
-from .cache import cached_json, fetch, sha256_file
-from .registry import TASK_TYPES, Source
+from .cache import cached_json, sha256_file
+from .origins import materialize
+from .registry import TASK_TYPES, Origin, Source
 from .splits import count_by, fingerprint, group_split, seeded_order, stratified_split
 
 SPLITS = ("train", "dev", "test")
@@ -129,13 +131,54 @@ def load_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike |
 
 # ---- registered datasets -------------------------------------------------------------------
 
-def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> TaskData:
+def _load_registered(source: Source, cache_dir, options: dict, check: bool, _via: tuple[str, ...] = ()) -> TaskData:
+    """Load ``source`` from the first of its origins that can be had (see :mod:`.origins`).
+
+    Origins of the same data are verified by content, so the splits and their pinned
+    fingerprint are the same whichever answered. When every one of them fails, a substitute
+    (other data) is loaded instead, with a notice on stderr and ``info["substitute"]``; when all
+    fail, the error lists each origin and why.
+    """
     builder = _BUILDERS.get(source.loader)
     if builder is None:
         raise SourceError(f"registry entry {source.name!r} names loader {source.loader!r}, which this "
                           f"sharelora does not have (known: {sorted(_BUILDERS)}); upgrade sharelora")
     allowed = _check_options(f"load_dataset({source.name!r})", builder, options, extra=["check_fingerprint"])
-    path = fetch(source, cache_dir)
+    failed: list[tuple[Origin, str]] = []
+    for origin in source.origins():
+        if origin.kind == "substitute":
+            try:
+                return _load_substitute(source, origin, cache_dir, options, check, failed, _via)
+            except SourceError as e:
+                failed.append((origin, str(e)))
+                continue
+        try:
+            paths, digest = ([], None) if origin.kind == "generated" else materialize(origin, cache_dir)
+        except SourceError as e:
+            failed.append((origin, str(e)))
+            continue
+        data = _build(source, builder, allowed, paths[0] if paths else None, cache_dir, options, check)
+        data.info.update({"origin": origin.label, "content": digest})
+        if origin.kind == "pypi" and origin.source is not source:
+            data.info.update({"package": origin.source.package, "version": origin.source.version,
+                              "archive": origin.source.archive, "sha256": origin.source.sha256,
+                              "paths": list(origin.source.paths)})
+        if origin.kind == "repo":
+            data.info.update({"package": None, "version": None, "archive": origin.repo_path, "sha256": origin.sha256})
+        if failed:
+            data.info["unavailable_origins"] = {o.label: e.splitlines()[0][:200] for o, e in failed}
+            _notice(f"sharelora: {source.name}: {_failed_list(failed)}; used {origin.label} instead (the same data: its "
+                    f"files match the pinned content {digest})")
+        return data
+    raise SourceError(
+        f"dataset {source.name!r} could not be loaded from any of its {len(failed)} origin(s):\n  - "
+        + "\n  - ".join(f"{o.label}: {e}" for o, e in failed)
+        + "\nFixes: check access to the package index (pip config / PIP_INDEX_URL, $SHARELORA_OFFLINE); copy a "
+          "listed archive into <cache>/archives/; or run `sharelora sources` to see which origins answer")
+
+
+def _build(source: Source, builder: Callable, allowed: list[str], path: Path | None, cache_dir, options: dict,
+           check: bool) -> TaskData:
     recipe = dict(source.split)
     recipe.update({k: v for k, v in options.items()})
     kwargs = {k: v for k, v in recipe.items() if k in allowed}
@@ -143,19 +186,52 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> T
         kwargs["cache_dir"] = cache_dir
     data = builder(source, path, **kwargs)
     data.info = {
-        "source": source.name, "package": source.package, "version": source.version,
-        "archive": source.archive, "sha256": source.sha256, "paths": list(source.paths),
+        "source": source.name, "package": source.package or None, "version": source.version or None,
+        "archive": source.archive or None, "sha256": source.sha256 or None, "paths": list(source.paths),
         "license": source.license, "stands_in_for": source.stands_in_for,
         "recipe": recipe, "seed": recipe.get("seed"), **data.info,
         "sizes": data.sizes(), "fingerprint": fingerprint(data.splits),
     }
     if check and not options and source.fingerprint and data.info["fingerprint"] != source.fingerprint:
+        where = f"Delete {path.parent} to re-fetch, or pass" if path is not None else "Pass"
         raise SourceError(
             f"the splits of {source.name!r} hash to {data.info['fingerprint']}, but the registry pins "
             f"{source.fingerprint}: the data or the split code changed, so results would not be "
-            f"comparable with other machines. Delete {path.parent} to re-fetch, or pass "
-            f"check_fingerprint=False if you changed the recipe on purpose")
+            f"comparable with other machines. {where} check_fingerprint=False if you changed the recipe on purpose")
     return data
+
+
+def _load_substitute(source: Source, origin: Origin, cache_dir, options: dict, check: bool,
+                     failed: list[tuple[Origin, str]], via: tuple[str, ...]) -> TaskData:
+    """``origin.dataset`` in place of ``source`` (every origin of ``source``'s own data failed)."""
+    if origin.dataset in via or origin.dataset == source.name:
+        raise SourceError(f"substitute chain {' -> '.join(via + (source.name, origin.dataset))} loops")
+    sub = _registry.current().get(origin.dataset)
+    kept = {k: v for k, v in options.items() if k not in origin.drop_options}
+    dropped = sorted(set(options) - set(kept))
+    data = _load_registered(sub, cache_dir, kept, check, via + (source.name,))
+    data.name = source.name
+    data.info["substitute"] = {"for": source.name, "used": sub.name, "note": origin.note,
+                               "dropped_options": dropped, "comparable": False}
+    data.info["unavailable_origins"] = {o.label: e.splitlines()[0][:200] for o, e in failed}
+    drop = f"; option(s) {dropped} are {source.name}'s own and were dropped" if dropped else ""
+    _notice(f"sharelora: {source.name}: {_failed_list(failed)}. Using the documented SUBSTITUTE {sub.name!r} "
+            f"instead: {origin.note} Results are NOT comparable with results on {source.name}{drop}")
+    return data
+
+
+def _failed_list(failed: list[tuple[Origin, str]]) -> str:
+    return "; ".join(f"{o.label} unavailable ({e.splitlines()[0][:160]})" for o, e in failed)
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Print ``message`` to stderr once per process (a multitask run loads a dataset more than once)."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _check_options(what: str, loader: Callable, options: dict, extra: list[str] = ()) -> list[str]:
