@@ -15,13 +15,16 @@ downloaded). :func:`remote_dependence` says which datasets still hang on one rem
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import registry as _registry
-from .cache import (content_digest, content_digest_of_files, extraction_dir, fetch, index_files, is_cached, offline,
-                    sha256_file, unavailable_since)
+from .cache import (content_digest, content_digest_of_files, default_cache_dir, extraction_dir, fetch, index_files,
+                    is_cached, offline, sha256_file, unavailable_since)
 from .errors import SourceError
 from .registry import Origin, Source
 
@@ -51,7 +54,7 @@ def materialize(origin: Origin, cache_dir: str | os.PathLike | None = None) -> t
         if got != origin.sha256:
             raise SourceError(f"the copy {f} has sha256 {got}, the registry pins {origin.sha256}; it was changed "
                               f"after installation: reinstall sharelora")
-        paths = [f]
+        paths = [_decompressed(f, entry, origin, cache_dir)]
         digest = content_digest_of_files(paths)
     else:
         raise SourceError(f"origin {origin.label} has no files of its own")
@@ -61,6 +64,37 @@ def materialize(origin: Origin, cache_dir: str | os.PathLike | None = None) -> t
             f"registry pins {entry.content}. The files were changed or the package re-released with other data; "
             f"it was NOT used")
     return paths, digest
+
+
+def _decompressed(f: Path, entry: Source, origin: Origin, cache_dir) -> Path:
+    """``f`` itself, or for a ``.gz`` copy of a member that is not gzipped, its content in the cache.
+
+    The copy is decompressed once into ``<cache>/extracted/repo-<sha12>/`` (through a temporary
+    file and a rename); a read-only cache decompresses into a temporary folder instead.
+    """
+    member = entry.paths[0]
+    if not (f.name.endswith(".gz") and not member.endswith(".gz")):
+        return f
+    name = PurePosixPath(member).name
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = root / "extracted" / f"repo-{origin.sha256[:12]}" / name
+    if out.is_file():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        target_dir = out.parent
+    except OSError:
+        target_dir = Path(tempfile.mkdtemp(prefix="sharelora-repo-"))
+        out = target_dir / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target_dir)
+    try:
+        with os.fdopen(fd, "wb") as w, gzip.open(f, "rb") as r:
+            shutil.copyfileobj(r, w, 1 << 20)
+        os.replace(tmp, out)
+    except (OSError, EOFError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise SourceError(f"the copy {f} could not be decompressed into {target_dir} ({e}); reinstall sharelora") from None
+    return out
 
 
 # ---- status, for `sharelora sources` -------------------------------------------------------
