@@ -206,3 +206,66 @@ def remote_dependence(reg: _registry.Registry | None = None) -> dict[str, list[s
         if len(keys) < 2:
             out[s.name] = sorted(k[1] for k in keys)
     return out
+
+
+@dataclass
+class EntryStatus:
+    """One registered model or dataset for ``sharelora sources``: its origins and whether it loads now.
+
+    ``verdict``: ``"loads"`` (its own data: an origin is cached, shipped or listed by the index),
+    ``"substitute"`` (only through a substitute, other data), ``"unknown"`` (nothing cached and
+    the index not asked) or ``"unavailable"``; ``via`` names the origin that would be used.
+    """
+
+    name: str
+    kind: str
+    task_type: str | None
+    stands_in_for: str | None
+    license: str
+    origins: list[OriginStatus]
+    verdict: str
+    via: str | None
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["origins"] = [dict(o.__dict__, usable=o.usable) for o in self.origins]
+        return d
+
+
+def report(cache_dir: str | os.PathLike | None = None, *, check_index: bool | None = None,
+           reg: _registry.Registry | None = None) -> list[EntryStatus]:
+    """:class:`EntryStatus` of every registered entry, models first, in registry order.
+
+    ``check_index`` as in :func:`status` (one request per package, no downloads). A dataset's
+    substitute counts as usable when the substitute's own verdict is ``loads``.
+    """
+    reg = reg or _registry.current()
+    listings: dict = {}
+    by_name: dict[str, EntryStatus] = {}
+    # A substitute's verdict is needed by the dataset it stands in for: those go first.
+    subs = [s for s in reg.datasets() if _is_substitute_only(s, reg)]
+    for s in subs + [s for s in reg.all() if s not in subs]:
+        origins = status(s, cache_dir, check_index=check_index, _listings=listings)
+        verdict, via = "unavailable", None
+        unknown = False
+        for o, st in zip(s.origins(), origins):
+            if o.kind == "substitute":
+                sub = by_name.get(o.dataset)
+                if sub is not None and sub.verdict == "loads":
+                    verdict, via = "substitute", f"{o.dataset} via {sub.via}"
+                    break
+                unknown = unknown or (sub is not None and sub.verdict == "unknown")
+                continue
+            if st.usable:
+                verdict, via = "loads", st.label
+                break
+            unknown = unknown or st.usable is None
+        if verdict == "unavailable" and unknown:
+            verdict = "unknown"
+        by_name[s.name] = EntryStatus(s.name, s.kind, s.task_type, s.stands_in_for, s.license, origins, verdict, via)
+    return [by_name[s.name] for s in reg.all()]
+
+
+def _is_substitute_only(s: Source, reg: _registry.Registry) -> bool:
+    """Whether ``s`` is named as another dataset's substitute (its status is needed first)."""
+    return any(o.kind == "substitute" and o.dataset == s.name for e in reg.datasets() for o in e.origins())
