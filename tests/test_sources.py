@@ -318,7 +318,9 @@ def test_builtin_registry_lists_the_offline_models_and_datasets():
     assert [s.name for s in registry.models()] == ["minilm", "smollm2", "gpt2-random"]
     assert [s.name for s in registry.datasets()] == ["rotten-tomatoes", "vitaminc", "multiemo", "hyperbaton",
                                                      "fever", "e2e", "natural-instructions", "mmlu", "gsm8k",
-                                                     "humaneval"]
+                                                     "humaneval", "rt-snippets", "commonsense-relations",
+                                                     "hedge-sentences", "movie-reviews", "adjective-order",
+                                                     "wordnet-definitions", "wordnet-instructions"]
 
 
 def test_builtin_datasets_pin_a_seeded_recipe_and_a_fingerprint():
@@ -328,7 +330,7 @@ def test_builtin_datasets_pin_a_seeded_recipe_and_a_fingerprint():
 
 
 def test_builtin_sources_pin_archive_checksums():
-    for s in registry.all_sources():
+    for s in [o.source for e in registry.all_sources() for o in e.origins() if o.kind == "pypi"]:
         assert len(s.sha256) == 64, s.name
         assert s.archive.replace("-", "_").startswith(f"{s.package}-{s.version}".replace("-", "_")), s.name
         assert s.dist in ("wheel", "sdist")

