@@ -67,7 +67,9 @@ class ShareLoraModel(nn.Module):
     Around a transformers model, and with peft installed, the instance is also a ``peft.PeftModel``
     (``peft_surface.py``): transformers' ``Trainer`` and TRL recognise adapter models only by that
     class, and then checkpoint the adapter alone (``save_pretrained``), resume with ``load_adapter``
-    and accept a quantized base. None of PEFT's own machinery runs on it.
+    and accept a quantized base. None of PEFT's own machinery runs on it. (With bitsandbytes
+    installed and a float base, only if peft is imported already: creating the model never
+    imports peft, and so bitsandbytes, on its own; see peft_surface.py.)
     """
 
     # transformers reads this to tell an adapter model from a bare (e.g. quantized) base model.
