@@ -65,3 +65,20 @@ def test_making_a_float_model_imports_neither_peft_nor_bitsandbytes(tmp_path):
     done = run_python(code, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "IMPORTED []" in done.stdout and "PEFT_MODEL False True" in done.stdout, done.stdout
+
+
+def test_building_the_package_metadata_prints_no_deprecation(tmp_path):
+    # setuptools deprecates `license = { text = ... }` (issue 23): the SPDX form, with license-files
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} predates SPDX license expressions (77)")
+    root = SRC.parent
+    code = ("import sys\nfrom setuptools import build_meta\n"
+            f"print('DIST', build_meta.prepare_metadata_for_build_wheel({str(tmp_path)!r}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Deprecat" not in done.stderr, done.stderr[-3000:]
+    dist = tmp_path / done.stdout.split("DIST ")[1].strip()
+    metadata = (dist / "METADATA").read_text(encoding="utf-8")
+    assert "License-Expression: Apache-2.0" in metadata
+    assert (dist / "licenses" / "LICENSE").is_file()
