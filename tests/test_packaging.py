@@ -82,3 +82,123 @@ def test_building_the_package_metadata_prints_no_deprecation(tmp_path):
     metadata = (dist / "METADATA").read_text(encoding="utf-8")
     assert "License-Expression: Apache-2.0" in metadata
     assert (dist / "licenses" / "LICENSE").is_file()
+
+
+# --- extras: one table, one line naming the extra -----------------------------------------------------------
+def pyproject():
+    import tomllib
+
+    return tomllib.loads((SRC.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def requirement_names(requirements):
+    import re
+
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_the_core_is_torch_transformers_and_safetensors():
+    assert requirement_names(pyproject()["dependencies"]) == {"torch", "transformers", "safetensors"}
+
+
+def test_every_module_of_an_extra_comes_from_a_package_of_that_extra():
+    from importlib.metadata import packages_distributions
+
+    from sharelora.extras import EXTRAS
+
+    optional = pyproject()["optional-dependencies"]
+    assert set(EXTRAS) <= set(optional)
+    provided = packages_distributions()
+    for extra, modules in EXTRAS.items():
+        names = requirement_names(optional[extra])
+        for module in modules:
+            if module not in provided:
+                pytest.skip(f"{module} is not installed here, so its distribution is unknown")
+            dists = {d.lower().replace("_", "-") for d in provided[module]}
+            assert dists & names, f"extra {extra!r}: module {module} comes from {dists}, not from {sorted(names)}"
+
+
+def test_all_holds_every_feature_and_test_holds_all():
+    optional = pyproject()["optional-dependencies"]
+    assert optional["all"] == ["sharelora[train,serve,gguf,quantize,peft,datasets,tensorboard]"]
+    assert "sharelora[all,wandb,mlflow]" in optional["test"]
+    assert set(optional) - {"all", "test"} == {"train", "serve", "gguf", "quantize", "peft", "datasets",
+                                                "tensorboard", "wandb", "mlflow"}
+
+
+def test_py_typed_is_shipped_and_the_version_is_the_package_metadata():
+    from importlib.metadata import PackageNotFoundError, version
+
+    import sharelora
+
+    assert (SRC / "sharelora" / "py.typed").is_file()
+    import tomllib
+
+    tool = tomllib.loads((SRC.parent / "pyproject.toml").read_text(encoding="utf-8"))["tool"]
+    assert "py.typed" in tool["setuptools"]["package-data"]["sharelora"]
+    assert pyproject()["version"] not in (SRC / "sharelora" / "__init__.py").read_text(encoding="utf-8")  # written once
+    try:
+        assert sharelora.__version__ == version("sharelora")
+    except PackageNotFoundError:
+        assert sharelora.__version__ == "0+unknown"
+
+
+def test_version_flag_prints_the_version(capsys):
+    import sharelora
+    from sharelora.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sharelora {sharelora.__version__}"
+
+
+PRETEND_MISSING = ("import sys\nimport sharelora.extras as extras\n"
+                   "extras._installed = lambda module: module not in {MISSING!r}\n"
+                   "from sharelora.cli import main\nsys.exit(main({ARGV!r}))\n")
+
+
+@pytest.mark.parametrize("argv,missing,extra", [
+    (["serve", "--help"], {"fastapi"}, "serve"),  # its flags need the extra: before parsing
+    (["serve", "--model", "x", "--port", "1"], {"uvicorn"}, "serve"),
+    (["train", "--max-steps", "1"], {"matplotlib"}, "train"),
+    (["multitask", "--help"], {"sacrebleu"}, "train"),
+    (["export-peft", "no/such/run", "out"], {"scipy"}, "train"),  # its run imports the extra
+])
+def test_a_command_whose_extra_is_missing_stops_with_one_line_naming_it(tmp_path, argv, missing, extra):
+    done = run_python(PRETEND_MISSING.format(MISSING=missing, ARGV=argv), tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sharelora {argv[0]}: error: "), done.stderr[-2000:]
+    assert f"pip install 'sharelora[{extra}]'" in lines[0] and sorted(missing)[0] in lines[0]
+
+
+def test_top_level_help_lists_the_commands_whose_extra_is_missing(tmp_path):
+    done = run_python(PRETEND_MISSING.format(MISSING={"fastapi"}, ARGV=["--help"]), tmp_path)
+    assert done.returncode == 0 and "  serve: pip install 'sharelora[serve]'" in done.stdout, done.stdout
+
+
+def test_an_import_of_an_extra_inside_a_run_becomes_one_line(monkeypatch, capsys):
+    import sharelora.cli as cli
+
+    def needs_peft(args):
+        import peft  # noqa: F401
+
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ModuleNotFoundError
+    cli.register_command("needs-peft", "imports peft", lambda p: None, needs_peft)
+    assert cli.main(["needs-peft"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sharelora needs-peft: error: sharelora needs-peft needs peft, not installed here: "
+                   "pip install 'sharelora[peft]'"]
+
+
+@pytest.mark.parametrize("options,extra", [(dict(method="peft-vera"), "peft"), (dict(quantize="4bit"), "quantize"),
+                                           (dict(report_to=["mlflow"]), "mlflow")])
+def test_a_run_whose_options_need_a_missing_extra_fails_before_loading_anything(monkeypatch, options, extra):
+    import sharelora.extras as extras
+    from sharelora.training import TrainConfig
+
+    monkeypatch.setattr(extras, "_installed", lambda module: module not in extras.EXTRAS[extra])
+    with pytest.raises(extras.MissingExtraError, match=rf"pip install 'sharelora\[{extra}\]'"):
+        TrainConfig(**options).validate()

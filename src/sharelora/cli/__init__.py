@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         by_extra: dict[str, list[str]] = {}
         for name, missing in UNAVAILABLE.items():
             by_extra.setdefault(missing.extra, []).append(name)
-        parser.epilog = "not installed here: " + "; ".join(
-            f"{', '.join(names)} (pip install 'sharelora[{extra}]')" for extra, names in by_extra.items())
+        parser.epilog = "commands whose extra is not installed here:\n" + "\n".join(
+            f"  {', '.join(names)}: pip install 'sharelora[{extra}]'" for extra, names in by_extra.items())
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's lines as they are
     return parser
 
 

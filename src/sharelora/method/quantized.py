@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..extras import import_module
 from .errors import ShareLoraError
 
 _KINDS = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
@@ -71,8 +70,12 @@ def keep_trainable(model: nn.Module) -> int:
 
 
 def _bnb():
-    # a quantized layer exists, so bitsandbytes was importable once; if not now, name the extra
-    return import_module("bitsandbytes", "dequantizing a bitsandbytes layer")
+    try:
+        import bitsandbytes
+    except ImportError as e:  # a quantized layer exists, so bitsandbytes was importable once
+        raise ShareLoraError("dequantizing a bitsandbytes layer needs bitsandbytes: pip install "
+                             "'sharelora[quantize]'") from e
+    return bitsandbytes
 
 
 @torch.no_grad()
