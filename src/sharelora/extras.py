@@ -14,7 +14,6 @@ project imports; tests/test_packaging.py checks it against pyproject.toml.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -52,17 +51,6 @@ def require(extra: str, feature: str) -> None:
     missing = missing_modules(extra)
     if missing:
         raise MissingExtraError(extra, feature, missing)
-
-
-def import_module(name: str, feature: str):
-    """``importlib.import_module(name)``, or ``MissingExtraError`` naming the extra that provides it."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        error = as_missing_extra(e, feature)
-        if error is None:
-            raise
-        raise error from None
 
 
 def extra_providing(module: str) -> str | None:
