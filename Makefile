@@ -1,4 +1,6 @@
-# Fresh machine -> virtual environment with everything -> run / test.
+# Fresh machine -> virtual environment with everything (the `test` extra: every feature and the test
+# tools) -> run / test. `make core` checks the lean core install (`pip install .`, no extras) in a fresh,
+# temporary environment (.ci/core_install.sh).
 # TORCH pins the CPU build that this project's machines install from a local file; override it
 # (e.g. `make install TORCH="torch==2.13.0 --index-url ..."`) for a CUDA build.
 VENV ?= .venv
@@ -9,7 +11,7 @@ PYTEST_ARGS ?=
 # paths that depend on it are tested as users run them; .ci/run adds a one-thread pass of -m numerics.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test smoke bench clean
+.PHONY: install run test core smoke bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +27,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+core:
+	TORCH="$(TORCH)" bash .ci/core_install.sh
 
 smoke: install
 	$(PY) -m pytest -q -m smoke $(PYTEST_ARGS)

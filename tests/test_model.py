@@ -119,6 +119,42 @@ def test_disable_adapter_gives_base_outputs_and_restores():
         torch.testing.assert_close(run(model, "llama", x), adapted_out, rtol=0, atol=0)
 
 
+def _trained_head_model():
+    """A tiny BERT classifier whose adapter and trained head copy both differ from the base's."""
+    base, model = adapted("bert", "A", init=False, modules_to_save=["classifier"])
+    with torch.no_grad():
+        for p in model.base_model.classifier.modules_to_save["default"].parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    return base, model.eval()
+
+
+def test_no_adapter_means_the_base_model_head_included():
+    # disable_adapter(), adapter_names=["__base__"] and the base model before wrapping: one "no adapter"
+    base, model = _trained_head_model()
+    x = example_input("bert")
+    with torch.no_grad():
+        expected = run(base, "bert", x)
+        assert not torch.allclose(run(model, "bert", x), expected, atol=1e-3)  # the head copy is trained
+        with model.disable_adapter():
+            disabled = run(model, "bert", x)
+            routed_inside = model(**x, adapter_names=["default"] * x["input_ids"].shape[0]).logits
+        routed = model(**x, adapter_names=["__base__"] * x["input_ids"].shape[0]).logits
+    torch.testing.assert_close(disabled, expected, rtol=0, atol=0)
+    torch.testing.assert_close(routed, expected, rtol=0, atol=0)
+    torch.testing.assert_close(routed_inside, expected, rtol=0, atol=0)  # inside the block, as PEFT: no adapter
+
+
+def test_disable_adapter_restores_the_trained_head():
+    _, model = _trained_head_model()
+    x = example_input("bert")
+    with torch.no_grad():
+        before = run(model, "bert", x)
+        with model.disable_adapter():
+            run(model, "bert", x)
+        torch.testing.assert_close(run(model, "bert", x), before, rtol=0, atol=0)
+    assert not model.base_model.classifier.disabled
+
+
 def test_disable_on_merged_adapter_is_an_error():
     _, model = adapted("bert", "A", init=False)
     model.merge()

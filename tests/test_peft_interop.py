@@ -81,3 +81,29 @@ def test_import_refuses_dora(tmp_path):
     pm.save_pretrained(str(tmp_path))
     with pytest.raises(ShareLoraError, match="use_dora"):
         ShareLoraModel.from_peft(tiny_llama(), tmp_path)
+
+
+def test_disable_adapter_runs_the_original_head_as_peft_does():
+    # PEFT's disable_adapter() runs ModulesToSaveWrapper's original module; ours must give the same outputs
+    base = tiny_bert()
+    x = example_input("bert")
+    ours = get_sharelora_model(copy.deepcopy(base), ShareLoraConfig(rank=4, alpha=8, target_modules=["query", "value"],
+                                                                    modules_to_save=["classifier"],
+                                                                    init_lora_weights=False))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                       target_modules=["query", "value"],
+                                                                       modules_to_save=["classifier"],
+                                                                       init_lora_weights=False))
+    with torch.no_grad():
+        for head in (ours.base_model.classifier.modules_to_save["default"],
+                     theirs.base_model.model.classifier.modules_to_save["default"]):
+            for p in head.parameters():
+                p.add_(1.0)  # a trained head: different from the base's
+        ours.eval(), theirs.eval()
+        with theirs.disable_adapter():
+            peft_disabled = theirs(**x).logits
+        with ours.disable_adapter():
+            our_disabled = ours(**x).logits
+        expected = base(**x).logits
+    torch.testing.assert_close(peft_disabled, expected, rtol=0, atol=0)
+    torch.testing.assert_close(our_disabled, peft_disabled, rtol=0, atol=0)

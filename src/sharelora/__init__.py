@@ -1,9 +1,14 @@
 """sharelora: LoRA whose low-rank matrices are shared across layers (ShareLoRA, arXiv 2406.10785).
 
+``pip install sharelora`` gives this method (torch, transformers, safetensors); the CLI's training,
+the server and the rest come with extras (``sharelora[train]``, ``[serve]``, ``[all]``: extras.py).
+
     from sharelora import ShareLoraConfig, get_sharelora_model
     model = get_sharelora_model(base_model, ShareLoraConfig(rank=8, alpha=16, share="A",
                                                             target_modules=["query", "value"]))
 """
+
+from importlib import metadata as _metadata
 
 from .method import (
     BASE_ADAPTER,
@@ -20,7 +25,10 @@ from .method import (
     get_sharelora_model,
 )
 
-__version__ = "0.1.0"
+try:  # the one version: pyproject.toml's, as installed
+    __version__ = _metadata.version("sharelora")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BASE_ADAPTER", "SCOPES", "SHARE_MODES", "TASK_SHARE_MODES", "ShareLoraConfig", "ShareLoraError",

@@ -86,6 +86,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def report_to(text: str) -> list[str]:
+    """--report-to: none | all | tracker names, comma-separated (training/trackers.py)."""
+    from ..training.trackers import parse_report_to
+
+    try:
+        return parse_report_to(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # Options of a training run: (flags, TrainConfig field, argparse keywords). Defaults are SUPPRESSed
 # so that only options given on the command line override TrainConfig's defaults or --config.
 def _run_options() -> list[tuple[str, str, dict]]:
@@ -126,6 +136,11 @@ def _run_options() -> list[tuple[str, str, dict]]:
                                 help="with several processes (torchrun / accelerate launch): shard the model with "
                                      "FSDP2 (one unit per transformer block, the shared adapter tensors in the root) "
                                      "instead of replicating it with DDP")),
+        ("--report-to", "report_to", dict(type=report_to, metavar="none|all|NAME[,NAME]",
+                                          help="also send log.jsonl's records and the config to experiment trackers: "
+                                               "tensorboard (<output-dir>/tensorboard), wandb, mlflow, or all that "
+                                               "are installed (default: none; e.g. pip install "
+                                               "'sharelora[tensorboard]')")),
         # Memory options (sharelora.training.memory).
         ("--bf16", "bf16", dict(action="store_true",
                                 help="frozen base weights in bfloat16 and the forward under bf16 autocast; the "

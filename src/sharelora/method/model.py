@@ -67,7 +67,9 @@ class ShareLoraModel(nn.Module):
     Around a transformers model, and with peft installed, the instance is also a ``peft.PeftModel``
     (``peft_surface.py``): transformers' ``Trainer`` and TRL recognise adapter models only by that
     class, and then checkpoint the adapter alone (``save_pretrained``), resume with ``load_adapter``
-    and accept a quantized base. None of PEFT's own machinery runs on it.
+    and accept a quantized base. None of PEFT's own machinery runs on it. (With bitsandbytes
+    installed and a float base, only if peft is imported already: creating the model never
+    imports peft, and so bitsandbytes, on its own; see peft_surface.py.)
     """
 
     # transformers reads this to tell an adapter model from a bare (e.g. quantized) base model.
@@ -745,18 +747,25 @@ class ShareLoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within the block the model computes the base model's outputs (modules_to_save stay trained)."""
+        """Within the block the model computes the base model's outputs, as PEFT's ``disable_adapter``.
+
+        No low-rank update runs and every ``modules_to_save`` module (a task head) is its original,
+        frozen version, not an adapter's trained copy: the same outputs as ``adapter_names`` of
+        ``"__base__"`` and as the base model before ``get_sharelora_model``. ``adapter_names``
+        given inside the block are ignored, as PEFT ignores them there.
+        """
         layers = [layer for _, layer in self.sharelora_layers()]
         if any(layer.merged for layer in layers):
             raise ShareLoraError("cannot disable a merged adapter; call unmerge() first")
-        previous = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
+        switches = layers + list(self._wrappers().values())
+        previous = [m.disabled for m in switches]
+        for m in switches:
+            m.disabled = True
         try:
             yield
         finally:
-            for layer, was in zip(layers, previous):
-                layer.disabled = was
+            for m, was in zip(switches, previous):
+                m.disabled = was
 
 
 def get_sharelora_model(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> ShareLoraModel:

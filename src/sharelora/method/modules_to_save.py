@@ -4,7 +4,9 @@
 it keeps the original, frozen, for rows without an adapter (``"__base__"``), and one trainable
 copy per adapter that names the module in its ``modules_to_save``, so every task keeps its own
 head. Without routing the first active adapter that has a copy runs; with ``adapter_names``
-each row goes through its adapter's copy (or the original).
+each row goes through its adapter's copy (or the original). While ``disabled`` (inside
+``ShareLoraModel.disable_adapter()``) every call runs the original, as PEFT's
+``ModulesToSaveWrapper`` does: "no adapter" is the base model, head included.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ModulesToSave(nn.Module):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
+        self.disabled = False  # True: every call runs the original (ShareLoraModel.disable_adapter)
         self._routing = [routing]
         for p in original_module.parameters():
             p.requires_grad_(False)
@@ -50,6 +53,8 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module
 
     def forward(self, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(*args, **kwargs)
         routing = self._routing[0]
         if routing is None or not routing.active:
             return self.current()(*args, **kwargs)

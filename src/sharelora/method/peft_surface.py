@@ -9,7 +9,13 @@ checkpointed as its whole state dict, frozen base included, and cannot resume fr
 
 So a ShareLoraModel around a transformers model is created as a ``ShareLoraPeftModel``, a
 subclass of both ShareLoraModel and ``peft.PeftModel`` (``ShareLoraModel.__new__`` chooses the
-class; without peft installed it stays a plain ShareLoraModel). It is a PeftModel in name only:
+class; without peft installed it stays a plain ShareLoraModel). One exception: ``import peft``
+imports bitsandbytes whenever it is installed (slow, and on CPU it prints kernel warnings), so on
+a float base the class is chosen without importing peft: it is the PeftModel one if peft is
+imported already (importing ``transformers.Trainer`` or TRL does that, as does ``import peft``),
+or if bitsandbytes is not installed or already imported (a quantized base), i.e. whenever
+importing peft costs nothing the caller did not ask for. ``ShareLoraTrainer`` needs neither.
+It is a PeftModel in name only:
 ``PeftModel.__init__`` never runs (no PEFT tuner is built), ShareLoraModel comes first in the
 MRO and its own methods already speak PEFT's interface (``save_pretrained``, ``from_pretrained``,
 ``load_adapter``, ``add_adapter`` / ``set_adapter`` / ``delete_adapter``, ``active_adapters``,
@@ -21,6 +27,7 @@ that says so, instead of running PEFT code on a model it does not know.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from torch import nn
@@ -37,10 +44,20 @@ def trainer_facing_class(cls: type, base_model: nn.Module) -> type:
     modeling = sys.modules.get("transformers.modeling_utils")  # not loaded: base_model cannot be one of its models
     if modeling is None or not isinstance(base_model, modeling.PreTrainedModel):
         return cls
+    if not _peft_import_is_free():
+        return cls
     try:
         return peft_facing(cls)
     except ImportError:  # peft is optional for the method
         return cls
+
+
+def _peft_import_is_free() -> bool:
+    """Whether ``import peft`` now imports nothing the caller has not: peft itself, or bitsandbytes
+    (which peft imports whenever it is installed) is imported already or not installed."""
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        return True
+    return importlib.util.find_spec("bitsandbytes") is None
 
 
 def peft_facing(cls: type) -> type:

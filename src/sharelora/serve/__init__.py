@@ -10,6 +10,10 @@ Names are imported on first use, so ``sharelora --help`` (which imports ``sharel
 
 import importlib
 
+from ..extras import require
+
+require("serve", "the HTTP server (sharelora serve)")
+
 _HOMES = {
     "AdapterInfo": "model", "ServedModel": "model", "resolve_adapter_dir": "model",
     "Completion": "scheduler", "Event": "scheduler", "GenerationRequest": "scheduler", "QueueFull": "scheduler",

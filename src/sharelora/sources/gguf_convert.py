@@ -47,6 +47,9 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, ov
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..extras import require
+
+    require("gguf", f"reading the GGUF model {Path(gguf_file).name}")
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if not gguf_file.is_file():
         raise SourceError(f"GGUF file {gguf_file} does not exist")

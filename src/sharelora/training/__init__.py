@@ -1,5 +1,9 @@
 """Training and evaluation of classification runs: the loop, its records, resume and comparisons."""
 
+from ..extras import require
+
+require("train", "sharelora.training (training runs, evaluation, studies)")
+
 from .config import DEFAULT_LR, METHODS, TrainConfig
 from .evaluate import evaluate, load_trained_model, read_run_info
 from .lock import OutputDirLockedError

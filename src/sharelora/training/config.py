@@ -90,6 +90,9 @@ class TrainConfig:
     # Method settings other than rank/alpha/dropout (training/peft_methods.py: PEFT's VeRA / VB-LoRA
     # options such as num_vectors); empty: the method's documented defaults.
     method_options: dict[str, Any] = field(default_factory=dict)
+    # Experiment trackers that get log.jsonl's records and this config (training/trackers.py):
+    # any of "tensorboard", "wandb", "mlflow"; empty: none.
+    report_to: list[str] = field(default_factory=list)
 
     @property
     def is_full(self) -> bool:
@@ -150,6 +153,18 @@ class TrainConfig:
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
         self._validate_memory()
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        """The packages the run's options need, before anything is loaded (one line naming the extra)."""
+        from ..extras import require
+        from .trackers import check_installed, parse_report_to
+
+        check_installed(parse_report_to(self.report_to))
+        if "peft" in (METHODS[self.method] or {}):
+            require("peft", f"--method {self.method} (PEFT's implementation)")
+        if self.quantize is not None:
+            require("quantize", f"--quantize {self.quantize}")
 
     def _validate_memory(self) -> None:
         from .memory import COMPUTE_DTYPES, QUANTIZE
@@ -172,9 +187,12 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the method's overrides applied and the defaults that depend on others filled in."""
+        from .trackers import parse_report_to
+
         self.validate()
         cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options),
-                                  task_options=dict(self.task_options), method_options=dict(self.method_options))
+                                  task_options=dict(self.task_options), method_options=dict(self.method_options),
+                                  report_to=parse_report_to(self.report_to))
         overrides = METHODS[cfg.method] or {}
         if "target_modules" in overrides:
             cfg.targets = list(overrides["target_modules"])
@@ -198,7 +216,7 @@ class TrainConfig:
     # recomputes the same activations (with the same dropout masks), so a run that ran out of
     # memory may resume with it.
     RESUME_FREE = ("output_dir", "cache_dir", "device", "checkpoint_every", "eval_batch_size", "fsdp",
-                   "gradient_checkpointing")
+                   "gradient_checkpointing", "report_to")
     # Fields added after checkpoints were first written, with the value those checkpoints ran with:
     # left out of the key at that value, so such a checkpoint still resumes.
     ADDED_LATER = {"bf16": False, "quantize": None, "quantize_compute_dtype": None, "method_options": {}}

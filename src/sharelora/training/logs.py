@@ -21,15 +21,27 @@ from .state import atomic_write_text
 
 
 class JsonlLog:
-    """Append-only JSONL file, flushed per record so a killed run keeps what it logged."""
+    """Append-only JSONL file, flushed per record so a killed run keeps what it logged.
 
-    def __init__(self, path: Path):
+    ``trackers`` (trackers.py, ``--report-to``): every record appended also goes to them; ``close``
+    finishes them when the run is over.
+    """
+
+    def __init__(self, path: Path, trackers: Any = None):
         self.path = Path(path)
+        self.trackers = trackers
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        """Finish the trackers (the file itself needs nothing: each record was flushed)."""
+        if self.trackers is not None:
+            self.trackers.finish()
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():

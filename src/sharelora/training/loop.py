@@ -63,6 +63,7 @@ from .evaluate import RUN_INFO, evaluate, model_logits
 from .lock import output_dir_lock
 from .memory import run_info as memory_run_info
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_curves, reset_peak_rss
+from .trackers import run_trackers
 from .methods import parameter_summary, prepare_model
 from .optim import adamw
 from .state import (
@@ -316,7 +317,7 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
     metric = task.primary_metric
 
     # --- resume ---------------------------------------------------------------------------------
-    log = JsonlLog(paths.log)
+    log = JsonlLog(paths.log, trackers=run_trackers(cfg.report_to, cfg.name, paths.root, cfg.to_dict()) if main else None)
     state: dict[str, Any] = {
         "step": 0, "best_metric": None, "best_step": None, "best_epoch": None, "best_dev": None,
         "train_time_s": 0.0, "window_loss": 0.0, "window_steps": 0, "config": cfg.resume_key(), "resumed": 0,
@@ -437,6 +438,7 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
                 log.append({"kind": "test", "split": "test", "step": state["best_step"], **test})
             save_adapter(whole, bundle, cfg, task, paths.adapter)
             plot_curves(log.records(), paths.plot, metric, title=f"{cfg.name} ({cfg.method})")
+            log.close()  # the trackers (--report-to)
     accelerator.wait_for_everyone()  # the adapter is written: every process can report its size
 
     peak_rss = gather_list(accelerator, [peak_rss_mb()])

@@ -72,6 +72,7 @@ from .distributed import (
 from .evaluate import RUN_INFO, eval_settings, evaluate, model_logits, read_run_info
 from .lock import output_dir_lock
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_task_curves, reset_peak_rss
+from .trackers import run_trackers
 from .loop import (
     RunPaths, _prepare_output, _StopFlag, lr_at, make_optimizer, pick_device, process_seed, seed_everything,
 )
@@ -441,7 +442,8 @@ class _Run:
             seed_everything(process_seed(cfg.seed, self.rank))
         self.stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in stage]) for stage in self.stages]
-        self.log = JsonlLog(paths.log)
+        self.log = JsonlLog(paths.log, trackers=run_trackers(cfg.report_to, cfg.name, paths.root, cfg.to_dict())
+                            if self.main else None)
         self._orders: dict[tuple[int, int], list[int]] = {}
 
     # --- stages -------------------------------------------------------------------------------------------
@@ -728,6 +730,7 @@ class _Run:
             results["adapter_bytes"] = directory_bytes(paths.adapter)
             plot_task_curves(self.log.records(), paths.plot, metric,
                              title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
+            self.log.close()  # the trackers (--report-to)
             atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
             if not keep_state:
                 paths.checkpoint.unlink(missing_ok=True)  # first: a checkpoint must not outlive the files it needs
