@@ -866,17 +866,12 @@ def _strip_marker(word: str) -> str:
     return re.sub(r"\((a|p|ip)\)$", "", word)
 
 
-def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: int = 0, dev_mrs: int = 20,
-                         test_mrs: int = 40, mrs: int = 800) -> TaskData:
-    """Data-to-text from WordNet 3.0 nouns: a synset's data (word, synonyms, kind of) -> its definition.
+def _definition_pool(synsets: list[dict]) -> list[dict]:
+    """``wordnet-definitions``' eligible rows ``{"mr", "target", "offset"}``, in file order.
 
-    The ``mr`` reads like E2E's, e.g. ``"word: ketch, synonyms: ..., kind of: sailing vessel"``,
-    and the ``target`` is WordNet's human-written definition. Synsets whose first word is one
-    lower-case word, that have a hypernym and a definition of 20-120 characters are taken in
-    seeded order, ``mrs`` of them, each one meaning representation with one reference; split
-    by MR like ``e2e`` (``test_mrs``, ``dev_mrs``, the rest train). Rows have E2E's fields.
+    Eligible: the first word is one lower-case word, the synset has a hypernym and its definition
+    has 20-120 characters. The ``mr`` names the word, up to 3 synonyms and its first 2 hypernyms.
     """
-    synsets = _wordnet_synsets(paths, "n")
     words_of = {s["offset"]: s["words"] for s in synsets}
     pool = []
     for s in synsets:
@@ -888,13 +883,32 @@ def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: in
         if len(s["words"]) > 1:
             parts.append("synonyms: " + " | ".join(s["words"][1:4]))
         parts.append("kind of: " + " | ".join(words_of[h][0] for h in s["hypernyms"][:2] if h in words_of))
-        pool.append({"mr": ", ".join(parts), "target": d})
-    chosen = seeded_order(pool, seed, key=lambda r: r["mr"])
+        pool.append({"mr": ", ".join(parts), "target": d, "offset": s["offset"]})
+    return pool
+
+
+def _chosen_mrs(pool: list[dict], seed: int, mrs: int) -> dict[str, list[str]]:
+    """The first ``mrs`` distinct MRs of ``pool`` in seeded order, each with its definitions (file order)."""
     by_mr: dict[str, list[str]] = {}
-    for r in chosen:
+    for r in seeded_order(pool, seed, key=lambda r: r["mr"]):
         if len(by_mr) >= mrs and r["mr"] not in by_mr:
             continue
         by_mr.setdefault(r["mr"], []).append(r["target"])
+    return by_mr
+
+
+def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: int = 0, dev_mrs: int = 20,
+                         test_mrs: int = 40, mrs: int = 800) -> TaskData:
+    """Data-to-text from WordNet 3.0 nouns: a synset's data (word, synonyms, kind of) -> its definition.
+
+    The ``mr`` reads like E2E's, e.g. ``"word: ketch, synonyms: ..., kind of: sailing vessel"``,
+    and the ``target`` is WordNet's human-written definition. Synsets whose first word is one
+    lower-case word, that have a hypernym and a definition of 20-120 characters are taken in
+    seeded order, ``mrs`` of them, each one meaning representation with one reference; split
+    by MR like ``e2e`` (``test_mrs``, ``dev_mrs``, the rest train). Rows have E2E's fields.
+    """
+    pool = _definition_pool(_wordnet_synsets(paths, "n"))
+    by_mr = _chosen_mrs(pool, seed, mrs)
     order = seeded_order(by_mr, seed, key=lambda m: m)
     if dev_mrs + test_mrs >= len(order):
         raise SourceError(f"wordnet-definitions has {len(order)} meaning representations; dev_mrs={dev_mrs} + "
