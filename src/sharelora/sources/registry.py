@@ -207,6 +207,9 @@ class Origin:
         if self.kind == "pypi":
             return f"pypi:{self.source.requirement} ({self.source.dist})"
         if self.kind == "repo":
+            folders = {str(PurePosixPath(p).parent) for p in self.repo_paths}
+            if len(self.repo_paths) > 1 and len(folders) == 1:  # repo:wordnet/data.noun1.subset.xz+data.noun2...
+                return f"repo:{folders.pop()}/" + "+".join(PurePosixPath(p).name for p in self.repo_paths)
             return "repo:" + ",".join(self.repo_paths)
         if self.kind == "substitute":
             return f"substitute:{self.dataset}"
