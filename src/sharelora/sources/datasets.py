@@ -220,6 +220,11 @@ def _build(source: Source, builder: Callable, allowed: list[str], paths: list[Pa
         "sizes": data.sizes(), "fingerprint": fingerprint(data.splits),
     }
     if (must_match or check and not options) and source.fingerprint and data.info["fingerprint"] != source.fingerprint:
+        if must_match:
+            raise SourceError(
+                f"the splits built from this subset copy hash to {data.info['fingerprint']}, but the registry pins "
+                f"{source.fingerprint}: the copy no longer holds every row the default splits read (or the split "
+                f"code changed); it was NOT used. Rebuild it with `python -m sharelora.sources.copies` or reinstall")
         where = f"Delete {paths[0].parent} to re-fetch, or pass" if paths else "Pass"
         raise SourceError(
             f"the splits of {source.name!r} hash to {data.info['fingerprint']}, but the registry pins "
