@@ -45,6 +45,7 @@ from ..method.plan import BASE_ADAPTER
 log = logging.getLogger("sharelora.serve")
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the seeds torch.Generator.manual_seed takes
 
 
 class QueueFull(RuntimeError):
@@ -314,6 +315,9 @@ class Scheduler:
             raise ValueError("the prompt has no tokens")
         if request.params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.params.max_tokens}")
+        seed = request.params.seed
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (what torch.Generator takes), got {seed}")
         with self._cv:
             if not self.alive:
                 raise SchedulerStopped("the scheduler is not running")
@@ -495,10 +499,11 @@ class Scheduler:
                 self._finish(_Row(request, _Text(self.engine.decode, ()), None), "cancelled")
                 continue
             p = request.params
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
-            generator = None if p.temperature < GREEDY_BELOW else torch.Generator().manual_seed(seed)
-            row = _Row(request, _Text(self.engine.decode, p.stop), generator)
-            try:
+            row = _Row(request, _Text(self.engine.decode, p.stop), None)
+            try:  # everything of one request, its generator included, fails alone
+                if p.temperature >= GREEDY_BELOW:
+                    seed = p.seed if p.seed is not None else random.getrandbits(63)
+                    row.generator = torch.Generator().manual_seed(seed)
                 ids = torch.tensor([request.prompt_ids], dtype=torch.long)
                 mask = torch.ones_like(ids)
                 positions = torch.arange(ids.shape[1]).unsqueeze(0)
