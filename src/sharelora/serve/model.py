@@ -43,6 +43,7 @@ from ..method.errors import ShareLoraError
 from ..method.model import ShareLoraModel
 from ..method.modules_to_save import ModulesToSave
 from ..method.plan import BASE_ADAPTER, check_adapter_name
+from .batch_cache import unsupported_attention
 from .errors import BadRequest, Forbidden, NotFound, log
 
 WEIGHTS = "adapter_model.safetensors"
@@ -140,10 +141,9 @@ class ServedModel:
     """The base model, its tokenizer and the loaded adapters (see the module docstring)."""
 
     def __init__(self, base_model: torch.nn.Module, tokenizer, name: str, context_length: int | None = None):
-        layer_types = getattr(base_model.config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"{name} has {sorted(set(layer_types))} attention layers; the server batches models "
-                             "whose layers all use full attention")
+        why = unsupported_attention(base_model.config)
+        if why is not None:
+            raise ValueError(f"{name} {why}")
         self.base = base_model.eval()
         self.tokenizer = tokenizer
         self.name = name
