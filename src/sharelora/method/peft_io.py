@@ -286,7 +286,8 @@ def read_peft(peft_directory: str | Path) -> tuple[ShareLoraConfig, dict[str, to
     if not modules:
         raise ShareLoraError(f"{d}/{PEFT_WEIGHTS} has no lora_A tensors; is it a LoRA adapter?")
     _check_lora_pairs(d, tensors, modules)
-    r, alpha = _peft_rank(d, "'r'", pc.get("r", _MISSING)), _peft_alpha(d, "'lora_alpha'", pc.get("lora_alpha", _MISSING))
+    r = _peft_rank(d, "'r'", pc.get("r", _MISSING))
+    alpha = _peft_alpha(d, "'lora_alpha'", pc.get("lora_alpha", _MISSING))
     patterns = {k: pc.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
     for k, pattern in patterns.items():
         if not isinstance(pattern, dict):
