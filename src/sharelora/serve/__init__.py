@@ -2,10 +2,9 @@
 
 One file per concern (the layout of llama-cpp-python's server): ``settings`` (flags),
 ``types`` (request / response bodies), ``errors`` (OpenAI-style errors), ``guard`` (the body-size
-bound and the API key, before any route), ``model`` (the base
-model and the loaded adapters), ``scheduler`` (continuous batching across adapters, no HTTP),
-``batch_cache`` (the batch's KV cache),
-``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
+bound and the API key, before any route), ``model`` (the base model and the loaded adapters),
+``scheduler`` (continuous batching across adapters, no HTTP), ``batch_cache`` (the batch's KV
+cache), ``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
 
 Names are imported on first use, so ``sharelora --help`` (which imports ``sharelora.cli.serve``) stays fast.
 """
