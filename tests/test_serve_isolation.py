@@ -264,6 +264,14 @@ def test_a_lone_surrogate_is_400(server, path, body, param):
     assert reply["error"]["param"].startswith(param) and "surrogate" in reply["error"]["message"]
 
 
+@pytest.mark.parametrize("depth", [500, 20_000])
+def test_a_deeply_nested_field_is_400_not_500(server, depth):
+    nested = "[" * depth + "]" * depth
+    body = '{"model": "sql", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": %s}' % nested
+    status, reply = post(server, "/v1/chat/completions", body)
+    assert status == 400, reply  # refused by name, or as a body Python's JSON parser cannot nest so deep
+
+
 # --- adapter directories that are not what they claim -----------------------------------------------------------
 def _peft_variant(files, name: str, edit_config=None, edit_tensors=None) -> str:
     from safetensors.torch import load_file, save_file

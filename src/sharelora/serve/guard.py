@@ -1,6 +1,6 @@
 """What a request passes before a route sees it: the body-size bound and the API key.
 
-* ``BodyLimit`` (ASGI middleware) reads a request's body up to ``--max-body-bytes`` and answers 413
+* ``BodyLimit`` (ASGI middleware) reads every request's body up to ``--max-body-bytes`` and answers 413
   past it, whether the client sent ``Content-Length`` (refused before a byte is read) or a chunked
   body (refused at the chunk that crosses the bound); nothing larger is ever held in memory or
   parsed as JSON.
@@ -18,9 +18,6 @@ import json
 from starlette.requests import Request
 
 from .errors import PayloadTooLarge, Unauthorized, error_body
-
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
 
 def api_key_check(key: str | None):
     """The dependency that requires ``key`` (None: no authentication). An empty key is refused here
@@ -49,7 +46,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:

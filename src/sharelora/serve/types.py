@@ -28,29 +28,26 @@ from .scheduler import SEED_RANGE
 MAX_NAME_CHARS = 128  # a model or adapter name; longer ones are refused, never echoed back
 
 
-def lone_surrogate_at(value: Any, path: str = "") -> str | None:
-    """The path of the first string in ``value`` (nested lists / dicts) that is not Unicode text, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, BaseModel):
-        value = {k: getattr(value, k) for k in type(value).model_fields}
-    if isinstance(value, dict):
-        for k, v in value.items():
-            where = f"{path}.{k}" if path else str(k)
-            if lone_surrogate_at(k, where) is not None:
-                return path or "(a key)"
-            found = lone_surrogate_at(v, where)
-            if found is not None:
-                return found
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            found = lone_surrogate_at(v, f"{path}.{i}" if path else str(i))
-            if found is not None:
-                return found
+def lone_surrogate_at(value: Any) -> str | None:
+    """The path of the first string in ``value`` (nested lists / dicts / models, keys too) that is not
+    Unicode text, or None. Iterative: a deeply nested field cannot exhaust the stack."""
+    todo = [("", value)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "(the request)"
+        elif isinstance(v, BaseModel):
+            todo.extend(reversed([(f"{path}.{k}" if path else k, getattr(v, k)) for k in type(v).model_fields]))
+        elif isinstance(v, dict):
+            items = []
+            for k, x in v.items():
+                items += [(path, k), (f"{path}.{k}" if path else str(k), x)]
+            todo.extend(reversed(items))
+        elif isinstance(v, (list, tuple)):
+            todo.extend(reversed([(f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v)]))
     return None
 
 
