@@ -465,6 +465,7 @@ class Scheduler:
                 logits, cache = self.engine.forward(ids, mask, positions, None, [request.adapter])
                 row.length = ids.shape[1]
                 reason = self._accept(row, logits[0].cpu())
+                state = BatchCache.of(cache, mask) if reason is None else None
             except Exception as e:
                 log.exception("prefill of %s failed", request.id)
                 self._finish(row, "error", e)
@@ -472,7 +473,6 @@ class Scheduler:
             if reason is not None:
                 self._finish(row, reason)
                 continue
-            state = BatchCache.of(cache, mask)
             state.mask = mask.to(state.keys[0].device)
             joined.append((row, state))
         if not joined:
