@@ -27,14 +27,36 @@ CONTEXT = 512
 TARGETS = ["q_proj", "v_proj"]
 
 
-def tiny_causal_lm(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+WINDOW = 5  # the sliding window of the tiny sliding-window models: shorter than most test prompts
 
+# Tiny configs of every attention layout the server batches (docs/SERVING.md):
+# llama: full attention; qwen2: full (its default); qwen2-sliding: full then sliding layers
+# (use_sliding_window, max_window_layers); mistral: every layer sliding (`sliding_window`, no layer_types);
+# gemma2: sliding and full alternating; gemma3: sliding, sliding, full, sliding (its 5:1 pattern, shortened).
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=3, use_sliding_window=True,
+                                                              sliding_window=WINDOW, max_window_layers=1)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_hidden_layers=4, sliding_window=WINDOW, head_dim=8,
+                                                          query_pre_attn_scalar=8)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=4, sliding_window=WINDOW, head_dim=8, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def tiny_causal_lm(seed: int = 0, arch: str = "llama"):
+    import transformers
+
+    config_name, model_name, extra = ARCHS[arch]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=48, vocab_size=len(VOCAB), max_position_embeddings=CONTEXT, bos_token_id=3,
-                      eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=48, vocab_size=len(VOCAB), max_position_embeddings=CONTEXT, bos_token_id=3,
+              eos_token_id=2, pad_token_id=0)
+    cfg = getattr(transformers, config_name)(**{**kw, **extra})
+    return getattr(transformers, model_name)(cfg).eval()
 
 
 def randomize(model: ShareLoraModel, name: str, seed: int, shared: bool = True) -> None:
@@ -53,26 +75,26 @@ def cfg(**kw) -> ShareLoraConfig:
     return ShareLoraConfig(target_modules=TARGETS, **kw)
 
 
-def build_files(root: Path) -> dict[str, Path]:
-    """model/ (weights + tokenizer) and the adapters under adapters/:
+def build_files(root: Path, arch: str = "llama") -> dict[str, Path]:
+    """model/ (weights + tokenizer of the tiny ``arch`` model) and the adapters under adapters/:
     multi/ (sql + chat, one task-shared A), solo/ (one sharelora adapter), peft/ (a PEFT LoRA),
     clash/ (task_group "default" like multi/, but another A)."""
     model_dir = root / "model"
-    tiny_causal_lm().save_pretrained(model_dir)
+    tiny_causal_lm(arch=arch).save_pretrained(model_dir)
     tiny_tokenizer(chat_template=True).save_pretrained(model_dir)
     adapters = root / "adapters"
-    multi = get_sharelora_model(tiny_causal_lm(), cfg(task_share="A"), adapter_name="sql")
+    multi = get_sharelora_model(tiny_causal_lm(arch=arch), cfg(task_share="A"), adapter_name="sql")
     multi.add_adapter("chat", cfg(task_share="A"))
     randomize(multi, "sql", 1)
     randomize(multi, "chat", 2, shared=False)
     multi.save_pretrained(adapters / "multi")
-    solo = get_sharelora_model(tiny_causal_lm(), cfg())
+    solo = get_sharelora_model(tiny_causal_lm(arch=arch), cfg())
     randomize(solo, "default", 3)
     solo.save_pretrained(adapters / "solo")
-    peft = get_sharelora_model(tiny_causal_lm(), cfg(share="none"))
+    peft = get_sharelora_model(tiny_causal_lm(arch=arch), cfg(share="none"))
     randomize(peft, "default", 4)
     peft.export_peft(adapters / "peft")
-    clash = get_sharelora_model(tiny_causal_lm(), cfg(task_share="A"))
+    clash = get_sharelora_model(tiny_causal_lm(arch=arch), cfg(task_share="A"))
     randomize(clash, "default", 5)
     clash.save_pretrained(adapters / "clash")
     return {"model": model_dir, "root": adapters, "multi": adapters / "multi", "solo": adapters / "solo",
@@ -83,10 +105,10 @@ class Offline:
     """The same adapters loaded from disk into a model of their own; ``generate`` is plain
     ``model.generate`` with one adapter active (no server, no batching)."""
 
-    def __init__(self, files: dict[str, Path]):
+    def __init__(self, files: dict[str, Path], **config):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base = AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+        base = AutoModelForCausalLM.from_pretrained(files["model"], **config).eval()  # config: attributes to change
         self.tokenizer = AutoTokenizer.from_pretrained(files["model"])
         self.model = ShareLoraModel.from_pretrained(base, files["multi"])
         self.model.load_adapter(files["solo"], adapter_name="solo")

@@ -13,8 +13,8 @@ from serve_tiny import Offline, build_files, one_thread, watchdog
 
 from sharelora.serve.errors import BadRequest
 from sharelora.serve.model import ServedModel
-from sharelora.serve.scheduler import (QueueFull, SamplingParams, Scheduler, _Text, merge_caches, sample,
-                                       select_rows)
+from sharelora.serve.batch_cache import BatchCache
+from sharelora.serve.scheduler import QueueFull, SamplingParams, Scheduler, _Text, sample
 
 ADAPTERS = ["sql", "chat", "solo", "peft", None]  # None: the base model
 
@@ -233,14 +233,37 @@ def test_cancelled_requests_leave_the_batch(served):
 
 
 # --- the KV layout ---------------------------------------------------------------------------------------------
-def test_merge_and_select_keep_each_rows_cache_and_cut_unused_columns():
-    a = [(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))]
-    b = [(2 * torch.ones(1, 2, 5, 4), 2 * torch.ones(1, 2, 5, 4))]
-    kv, mask = merge_caches([(a, torch.ones(1, 3, dtype=torch.long)), (b, torch.ones(1, 5, dtype=torch.long))])
-    assert kv[0][0].shape == (2, 2, 5, 4) and mask.tolist() == [[0, 0, 1, 1, 1], [1] * 5]
-    assert torch.equal(kv[0][0][0, :, 2:], a[0][0][0])
-    kv, mask = select_rows(kv, mask, [0])
-    assert kv[0][0].shape == (1, 2, 3, 4) and mask.tolist() == [[1, 1, 1]]
+def _state(value: float, width: int, window: int = 3) -> BatchCache:
+    """One row of ``width`` tokens: a full layer holding every column, a sliding one (window 3) the last 2."""
+    full = value * torch.arange(1, width + 1, dtype=torch.float).view(1, 1, width, 1).expand(1, 2, width, 4)
+    sliding = full[:, :, -(window - 1):]
+    return BatchCache([full, sliding], [full.clone(), sliding.clone()], [None, window],
+                      torch.ones(1, width, dtype=torch.long))
+
+
+def test_join_and_select_keep_each_rows_columns_and_cut_unused_ones():
+    a, b = _state(1.0, 3), _state(2.0, 5)
+    both = BatchCache.join([a, b])
+    assert both.mask.tolist() == [[0, 0, 1, 1, 1], [1] * 5]
+    assert both.keys[0].shape == (2, 2, 5, 4) and torch.equal(both.keys[0][0, :, 2:], a.keys[0][0])
+    assert both.keys[1].shape == (2, 2, 2, 4)  # the sliding layer keeps the last W - 1 = 2 columns
+    assert torch.equal(both.keys[1][0], a.keys[1][0]) and torch.equal(both.keys[1][1], b.keys[1][0])
+    short = BatchCache.join([_state(3.0, 1), b]).select([0])  # the long row leaves: 1 column is left
+    assert short.mask.tolist() == [[1]] and short.keys[0].shape[2] == 1 and short.keys[1].shape[2] == 1
+    assert float(short.keys[1][0, 0, 0, 0]) == 3.0
+    alone = both.select([0])
+    assert alone.mask.tolist() == [[1, 1, 1]] and torch.equal(alone.keys[0], a.keys[0])
+    assert torch.equal(alone.keys[1], a.keys[1])
+
+
+def test_to_cache_hands_transformers_the_layout():
+    state = BatchCache.join([_state(1.0, 3), _state(2.0, 5)])
+    cache = state.to_cache()
+    assert cache.is_sliding == [False, True]
+    assert [layer.get_seq_length() for layer in cache.layers] == [5, 5]  # every layer has seen 5 columns
+    assert cache.layers[1].get_mask_sizes(1) == (3, 3)  # the sliding keys are mask columns 3, 4 (+ the new one)
+    back = BatchCache.of(cache, state.mask)
+    assert all(torch.equal(x, y) for x, y in zip(back.keys, state.keys)) and back.windows == [None, 3]
 
 
 # --- adapters while serving ---------------------------------------------------------------------------------------

@@ -192,7 +192,73 @@ def _read_header(f) -> dict:
     """The JSON header of the open safetensors file ``f``, leaving ``f`` at the start of the data."""
     prefix = f.read(8)
     size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-    return _parse_header(prefix + f.read(min(size, _MAX_HEADER + 1)))[0]
+    return _parse_header(prefix + f.read(min(size, _MAX_HEADER + 1)))[0]  # a short file reads short
+
+
+# bytes per element of each safetensors dtype
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_layout(header: dict, data_bytes: int) -> None:
+    """Refuse a header whose tensors do not tile the data section exactly: each entry a known dtype,
+    a shape of non-negative ints and ``data_offsets`` [begin, end) of ``prod(shape) * itemsize`` bytes,
+    the entries back to back from 0 to ``data_bytes`` (the layout safetensors itself requires)."""
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("__metadata__ is not a map of strings to strings")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise ValueError(f"tensor {name[:80]!r}: an entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"tensor {name[:80]!r}: unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"tensor {name[:80]!r}: the shape is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name[:80]!r}: data_offsets is not [begin, end] with 0 <= begin <= end")
+        numel = 1
+        for n in shape:
+            numel *= n
+        if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
+            raise ValueError(f"tensor {name[:80]!r}: {dtype} {shape} takes {numel * _DTYPE_BYTES[dtype]} bytes, "
+                             f"but data_offsets span {offsets[1] - offsets[0]}")
+        spans.append(tuple(offsets))
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise ValueError(f"the tensors' data overlap or leave a gap at byte {end} of the data section")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"the header describes {end} bytes of tensor data, but the file holds {data_bytes}")
+
+
+def safetensors_header(path: str | Path) -> tuple[dict, int, int]:
+    """(header, where the data starts, file size) of a safetensors file, read and checked without its data.
+
+    The header is checked against the file's size: the data section is exactly the tensors the header
+    lists (see ``_check_layout``), so a truncated, padded or forged file is refused before a byte of
+    its data is read. A ShareLoraError names the file and what is wrong.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            claimed = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            if 8 + claimed > size:
+                raise ValueError(f"the header claims {claimed} bytes, but the file has {size}")
+            header, start = _parse_header(prefix + f.read(claimed))
+        _check_layout(header, size - start)
+    except FileNotFoundError:
+        raise ShareLoraError(f"{path} does not exist") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise _unreadable(path, e) from e
+    return header, start, size
 
 
 def _sealed_header(header: dict) -> tuple[bytes, int]:
@@ -260,11 +326,13 @@ def _write_sealed(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of a safetensors file, its data checked against the sha256 it records.
 
-    The file is read once; a missing, truncated or corrupted file is a ShareLoraError.
+    The header is checked first (``safetensors_header``), then the file is read once; a missing,
+    truncated or corrupted file is a ShareLoraError.
     """
     path = Path(path)
     if not path.is_file():
         raise ShareLoraError(f"{path} does not exist")
+    safetensors_header(path)  # a bad header is refused before the data is read
     buf = path.read_bytes()
     try:
         header, start = _parse_header(buf)
@@ -401,13 +469,18 @@ def _adapter_config(directory: Path, metadata: dict[str, str]) -> ShareLoraConfi
 
 
 def read_json(path: str | Path) -> dict:
+    """The JSON object in ``path``; anything else (a list, a number, bad JSON) is a ShareLoraError."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ShareLoraError(f"{path} does not exist") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ShareLoraError(f"{path} is not valid JSON ({e}); the file is corrupted or truncated") from e
+    if not isinstance(d, dict):
+        raise ShareLoraError(f"{path} holds a JSON {type(d).__name__}, not a JSON object ({{...}}) as an adapter "
+                             "config does; the file is not an adapter config")
+    return d
 
 
 # --- several adapters in one directory ------------------------------------------------------------

@@ -285,13 +285,21 @@ def read_peft(peft_directory: str | Path) -> tuple[ShareLoraConfig, dict[str, to
     modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
     if not modules:
         raise ShareLoraError(f"{d}/{PEFT_WEIGHTS} has no lora_A tensors; is it a LoRA adapter?")
+    _check_lora_pairs(d, tensors, modules)
+    r = _peft_rank(d, "'r'", pc.get("r", _MISSING))
+    alpha = _peft_alpha(d, "'lora_alpha'", pc.get("lora_alpha", _MISSING))
+    patterns = {k: pc.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
+    for k, pattern in patterns.items():
+        if not isinstance(pattern, dict):
+            raise ShareLoraError(f"{d}/adapter_config.json: {k!r} must be a JSON object of module pattern -> value")
     ranks = {m: tensors[f"{m}.lora_A"].shape[0] for m in modules}
-    r = int(pc["r"])
     scalings = {}
     for m in modules:
-        if ranks[m] != _pattern_value(pc.get("rank_pattern") or {}, m, r):
-            raise ShareLoraError(f"{m}: lora_A has rank {ranks[m]} but the config says otherwise")
-        scalings[m] = float(_pattern_value(pc.get("alpha_pattern") or {}, m, pc["lora_alpha"])) / ranks[m]
+        want = _peft_rank(d, f"rank_pattern[{m!r}]", _pattern_value(patterns["rank_pattern"], m, r))
+        if ranks[m] != want:
+            raise ShareLoraError(f"{m}: lora_A has rank {ranks[m]} but the config says {want}")
+        scalings[m] = _peft_alpha(d, f"alpha_pattern[{m!r}]",
+                                  _pattern_value(patterns["alpha_pattern"], m, alpha)) / ranks[m]
 
     # One rank and one scaling for all: the largest rank, and the most common scaling.
     rank = max(ranks.values())
@@ -323,8 +331,54 @@ def read_peft(peft_directory: str | Path) -> tuple[ShareLoraConfig, dict[str, to
     return config, ours
 
 
+_MISSING = object()
+
+
+def _peft_rank(d: Path, key: str, value) -> int:
+    if value is _MISSING:
+        raise ShareLoraError(f"{d}/adapter_config.json has no 'r' (the LoRA rank), which PEFT always writes; "
+                             "re-save the adapter with PEFT, or add \"r\": <the rows of lora_A>")
+    if type(value) is not int or value < 1:
+        raise ShareLoraError(f"{d}/adapter_config.json: {key} must be a positive integer (the LoRA rank), "
+                             f"got {str(value)[:40]!r}")
+    return value
+
+
+def _peft_alpha(d: Path, key: str, value) -> float:
+    if value is _MISSING:
+        raise ShareLoraError(f"{d}/adapter_config.json has no 'lora_alpha' (the update is scaled by lora_alpha / r), "
+                             "which PEFT always writes; re-save the adapter with PEFT, or add \"lora_alpha\": <value>")
+    if type(value) not in (int, float) or value != value or abs(value) == float("inf"):
+        raise ShareLoraError(f"{d}/adapter_config.json: {key} must be a finite number, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _check_lora_pairs(d: Path, tensors: dict[str, torch.Tensor], modules: list[str]) -> None:
+    """Every adapted module has a floating-point A (rank, d_in) and B (d_out, rank) with rank >= 1."""
+    orphans = sorted(k[: -len(".lora_B")] for k in tensors if k.endswith(".lora_B") and k[: -len(".lora_B")]
+                     not in modules)
+    missing = [m for m in modules if f"{m}.lora_B" not in tensors]
+    if missing or orphans:
+        raise ShareLoraError(f"{d}/{PEFT_WEIGHTS} is incomplete: " + "; ".join(
+            ([f"no lora_B for {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")]
+             if missing else []) + ([f"no lora_A for {orphans[:3]}"] if orphans else []))
+            + "; every adapted module needs both tensors: re-save the adapter")
+    for m in modules:
+        A, B = tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or not A.is_floating_point() or not B.is_floating_point():
+            raise ShareLoraError(f"{d}/{PEFT_WEIGHTS}: {m}: lora_A and lora_B must be 2-D floating-point tensors, "
+                                 f"got {A.dtype} {tuple(A.shape)} and {B.dtype} {tuple(B.shape)}")
+        if A.shape[0] < 1 or B.shape[1] != A.shape[0]:
+            raise ShareLoraError(f"{d}/{PEFT_WEIGHTS}: {m}: lora_A is {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+                                 "they must be (rank, in_features) and (out_features, rank) with rank >= 1")
+
+
 def _pattern_value(pattern: dict, module: str, default):
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise ShareLoraError(f"the rank / alpha pattern {str(key)[:60]!r} is not a regular expression ({e})") from None
+        if hit:
             return value
     return default

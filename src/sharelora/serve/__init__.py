@@ -1,9 +1,10 @@
 """``sharelora serve``: an OpenAI-compatible server that batches requests across adapters.
 
 One file per concern (the layout of llama-cpp-python's server): ``settings`` (flags),
-``types`` (request / response bodies), ``errors`` (OpenAI-style errors), ``model`` (the base
-model and the loaded adapters), ``scheduler`` (continuous batching across adapters, no HTTP),
-``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
+``types`` (request / response bodies), ``errors`` (OpenAI-style errors), ``guard`` (the body-size
+bound and the API key, before any route), ``model`` (the base model and the loaded adapters),
+``scheduler`` (continuous batching across adapters, no HTTP), ``batch_cache`` (the batch's KV
+cache), ``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
 
 Names are imported on first use, so ``sharelora --help`` (which imports ``sharelora.cli.serve``) stays fast.
 """

@@ -1,6 +1,9 @@
 """The HTTP routes: OpenAI's completions, chat completions and models, vLLM's adapter loading.
 
-Routes only: a request is checked and turned into a ``GenerationRequest``, the scheduler decodes
+Routes only: a request (its body bounded and its key checked in ``guard.py``, its fields in
+``types.py``) is checked against the model, tokenized on a worker thread (never on the event loop,
+and only once its length is bounded by ``--max-prompt-chars``) and turned into a
+``GenerationRequest``; the scheduler decodes
 it (batched with every other request, whatever its adapter) and hands events to an asyncio queue
 through ``loop.call_soon_threadsafe``; the route answers with JSON or server-sent events in
 OpenAI's chunk format. Errors become OpenAI-style JSON in ``errors.py``.
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import time
 import uuid
 from typing import AsyncIterator
@@ -21,7 +23,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from . import types as t
-from .errors import BadRequest, Overloaded, ServeError, Unauthorized, Unavailable, as_serve_error, error_body, install_handlers
+from .errors import BadRequest, Overloaded, ServeError, Unavailable, as_serve_error, error_body, install_handlers
+from .guard import BodyLimit, api_key_check
 from .model import ServedModel, resolve_adapter_dir
 from .scheduler import Event, GenerationRequest, QueueFull, SamplingParams, Scheduler, SchedulerStopped
 from .settings import Settings
@@ -41,8 +44,10 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
             await run_in_threadpool(scheduler.stop)
 
     app = FastAPI(title="sharelora serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(_api_key_check(settings.api_key))])
+                  dependencies=[Depends(api_key_check(settings.api_key))])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_handlers(app)
+    max_chars = settings.prompt_char_limit(served.context_length)
 
     @app.get("/health")
     async def health():
@@ -61,7 +66,7 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
     @app.post("/v1/completions")
     async def completions(body: t.CompletionRequest, request: Request):
         adapter = served.resolve(body.model)
-        prompt = _completion_prompt(served, body.prompt)
+        prompt = await _completion_prompt(served, body.prompt, max_chars)
         params = _sampling(served, body, len(prompt), body.max_tokens, "prompt")
         gen, queue = _submit(scheduler, GenerationRequest(prompt, adapter, params, label=body.model,
                                                           id=f"cmpl-{uuid.uuid4().hex}"))
@@ -83,9 +88,10 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
     @app.post("/v1/chat/completions")
     async def chat_completions(body: t.ChatCompletionRequest, request: Request):
         adapter = served.resolve(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
+        _bound_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
         try:
-            prompt = served.apply_chat_template(messages)
+            prompt = await run_in_threadpool(served.apply_chat_template, messages)
         except BadRequest:
             raise
         except Exception as e:  # the template refused the conversation (a role it does not know, ...)
@@ -139,32 +145,28 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
 
 
 # --- helpers of the routes --------------------------------------------------------------------------------
-def _api_key_check(key: str | None):
-    expected = key.encode() if key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken does not tell how much of the key was right
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
-            raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-    return check
-
-
 def _log_adapter(info, what: str) -> None:
     from .scheduler import log
 
     log.info("adapter %s %s (%s, %d parameters, %s)", info.name, what, info.format, info.parameters, info.path)
 
 
-def _completion_prompt(served: ServedModel, prompt) -> list[int]:
+def _bound_chars(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise BadRequest(f"the {what} has {n} characters, more than this server tokenizes ({limit}, "
+                         f"--max-prompt-chars); shorten the {what}", param=what, code="prompt_too_long")
+
+
+async def _completion_prompt(served: ServedModel, prompt, max_chars: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return served.encode(prompt)
+        _bound_chars(len(prompt), max_chars, "prompt")
+        return await run_in_threadpool(served.encode, prompt)
     if prompt and all(isinstance(x, int) for x in prompt):
+        if len(prompt) > served.context_length:
+            raise BadRequest(f"the prompt has {len(prompt)} tokens, more than the context ({served.context_length})",
+                             param="prompt", code="context_length_exceeded")
         bad = [x for x in prompt if not 0 <= x < served.vocab_size]
         if bad:
             raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{served.vocab_size - 1})",
@@ -178,7 +180,9 @@ def _completion_prompt(served: ServedModel, prompt) -> list[int]:
 def _sampling(served: ServedModel, body, prompt_tokens: int, max_tokens: int | None, what: str) -> SamplingParams:
     field = body.unsupported()
     if field:
-        raise BadRequest(f"{field} is not supported by this server (n = 1, no penalties, no logprobs)", param=field)
+        raise BadRequest(f"{field} is not supported by this server: it samples one completion (n = 1) with "
+                         "temperature, top_p, stop and seed, without penalties, logprobs, tools or structured "
+                         "output; remove the field or send its neutral value", param=field)
     if prompt_tokens == 0:
         raise BadRequest(f"the {what} has no tokens", param=what)
     ctx = served.context_length

@@ -2,9 +2,11 @@
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with its HTTP
 status: 400 bad request (parameters, a prompt longer than the context, an adapter that does not
-fit), 401 missing or wrong API key, 403 refused (a path outside ``--adapter-root``), 404 unknown
-model or adapter, 429 queue full, 503 shutting down, 500 anything else (logged; the server and the
-other requests go on).
+fit, a field this server does not implement, text that is not Unicode), 401 missing or wrong API
+key, 403 refused (a path outside ``--adapter-root``), 404 unknown model or adapter, 413 a body over
+``--max-body-bytes``, 429 queue full, 503 shutting down, 500 anything else (logged; the server and
+the other requests go on). A message never carries more than ``MAX_MESSAGE_CHARS`` characters nor a
+string that is not Unicode text, whatever the request held.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger("sharelora.serve")
+
+MAX_MESSAGE_CHARS = 2000
+NOT_UNICODE = ("holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which is not Unicode "
+               "text; send valid UTF-8 text")
 
 
 class ServeError(Exception):
@@ -45,6 +51,10 @@ class NotFound(ServeError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class PayloadTooLarge(ServeError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
 class Overloaded(ServeError):
     status, type, code = 429, "rate_limit_error", "queue_full"
 
@@ -53,8 +63,17 @@ class Unavailable(ServeError):
     status, type = 503, "server_error"
 
 
+def _text(s: str | None, limit: int) -> str | None:
+    """``s`` as UTF-8-safe text of at most ``limit`` characters (lone surrogates escaped)."""
+    if s is None:
+        return None
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _text(message, MAX_MESSAGE_CHARS), "type": type, "param": _text(param, 200),
+                      "code": code}}
 
 
 def as_serve_error(e: BaseException) -> ServeError:
@@ -71,12 +90,25 @@ def as_serve_error(e: BaseException) -> ServeError:
 
 
 def _validation_message(errors) -> tuple[str, str | None]:
+    """pydantic's errors as one message and the ``param`` of the first. Text that is not Unicode is
+    reported alone (the other branches of a union would only say "not a list"); a field the request
+    models do not know is refused by name."""
+    errors = list(errors)
+    surrogates = [e for e in errors if e.get("type") in ("lone_surrogate", "string_unicode")]
+    errors = surrogates or errors
     parts, param = [], None
     for err in errors:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
+        if err.get("type") == "lone_surrogate":
+            loc.append(str(err["ctx"]["field"]))
         where = ".".join(loc)
         param = param or where or None
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        if err.get("type") == "string_unicode":  # pydantic's own check of a constrained string
+            parts.append(f"{where} {NOT_UNICODE}")
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"{where} is not a field this server knows or implements; remove it (see docs/SERVING.md)")
+        else:
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "; ".join(parts) or "invalid request", param
 
 

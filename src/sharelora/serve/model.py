@@ -6,7 +6,10 @@ model) and its rows are routed with ``adapter_names``. It implements the schedul
 (``forward``, ``decode``, ``eos_token_ids``) and the adapter verbs of the server:
 
 * ``read_adapter(path, name)`` reads a directory (no model change, any thread): a sharelora
-  directory (single or multi-adapter) or a standard PEFT LoRA directory, safetensors only;
+  directory (single or multi-adapter) or a standard PEFT LoRA directory, safetensors only. The
+  weights file's header is checked first (structure, offsets, sizes; ``checkpoint.safetensors_header``)
+  and its data must fit what an adapter of this base can hold (``max_adapter_bytes``), so a file
+  that is not an adapter of this model is refused before it is read; any malformed file is a 400;
 * ``add_adapter(source)`` injects it and loads its tensors, which validates it against the base
   model (targets, shapes); on any failure the model is left as it was. It changes the model, so
   the server runs it on the scheduler's thread, between two steps;
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,10 +43,29 @@ from ..method.errors import ShareLoraError
 from ..method.model import ShareLoraModel
 from ..method.modules_to_save import ModulesToSave
 from ..method.plan import BASE_ADAPTER, check_adapter_name
-from .errors import BadRequest, Forbidden, NotFound
+from .batch_cache import unsupported_attention
+from .errors import BadRequest, Forbidden, NotFound, log
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+MAX_NAME_CHARS = 128  # adapter names are echoed in answers and logs: bounded and printable
+
+
+def check_served_name(name: str, param: str = "lora_name") -> str:
+    """``name`` if it can name a served adapter: an adapter name (``check_adapter_name``) of at most
+    ``MAX_NAME_CHARS`` printable characters; else BadRequest (which never echoes a long name)."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        shown = repr(name[:40]) + ("..." if isinstance(name, str) and len(name) > 40 else "")
+        raise BadRequest(f"adapter name {shown} ({len(name) if isinstance(name, str) else '?'} characters) is not "
+                         f"allowed: use at most {MAX_NAME_CHARS} printable characters", param=param)
+    try:
+        return check_adapter_name(name)
+    except ShareLoraError as e:
+        raise BadRequest(str(e), param=param) from None
+
+
+def _shown(names: list[str], most: int = 20) -> str:
+    return str(names[:most])[:-1] + (f", ... {len(names) - most} more]" if len(names) > most else "]")
 
 
 @dataclass
@@ -118,10 +141,9 @@ class ServedModel:
     """The base model, its tokenizer and the loaded adapters (see the module docstring)."""
 
     def __init__(self, base_model: torch.nn.Module, tokenizer, name: str, context_length: int | None = None):
-        layer_types = getattr(base_model.config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"{name} has {sorted(set(layer_types))} attention layers; the server batches models "
-                             "whose layers all use full attention")
+        why = unsupported_attention(base_model.config)
+        if why is not None:
+            raise ValueError(f"{name} {why}")
         self.base = base_model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -143,6 +165,9 @@ class ServedModel:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
+        # an adapter of this base holds at most as many numbers as the base itself (even a full
+        # modules_to_save copy is a part of it), at most 4 bytes each
+        self.max_adapter_bytes = 4 * sum(p.numel() for p in base_model.parameters())
 
     @classmethod
     def load(cls, name_or_path: str, cache_dir: str | None = None, device: str = "auto", dtype: str = "float32",
@@ -167,7 +192,8 @@ class ServedModel:
             return BASE_ADAPTER
         info = self.adapters.get(model)
         if info is None or info.retired:
-            raise NotFound(f"the model {model!r} does not exist; served: {self.served_names()}", param="model")
+            shown = repr(model[:64]) + ("..." if len(model) > 64 else "")
+            raise NotFound(f"the model {shown} does not exist; served: {_shown(self.served_names())}", param="model")
         return model
 
     def served_names(self) -> list[str]:
@@ -212,8 +238,10 @@ class ServedModel:
         d = Path(path)
         if not (d / WEIGHTS).is_file():
             raise BadRequest(f"{d} is not an adapter directory: it has no {WEIGHTS}")
-        size = (d / WEIGHTS).stat().st_size
+        if name is not None:
+            check_served_name(name)
         try:
+            size = self._check_weights_header(d / WEIGHTS)
             if checkpoint.is_multi_adapter(d):
                 configs, tensors, _ = checkpoint.load_adapters(d, [name] if name else None)
                 return AdapterSource(d, "sharelora-multi", configs, tensors, size)
@@ -227,17 +255,34 @@ class ServedModel:
                 return AdapterSource(d, "peft", {name: config}, tensors, size)
             config, tensors = checkpoint.load_adapter(d)
             return AdapterSource(d, "sharelora", {name: config}, tensors, size)
-        except ShareLoraError as e:
+        except (ShareLoraError, ValueError, KeyError, TypeError) as e:  # a malformed file is the sender's error
+            if not isinstance(e, ShareLoraError):
+                log.warning("reading the adapter in %s failed", d, exc_info=e)
             raise BadRequest(f"cannot read the adapter in {d}: {e}") from None
+
+    def _check_weights_header(self, weights: Path) -> int:
+        """The data size of ``weights`` from its checked header; refuse more than an adapter of this base holds."""
+        header, start, size = checkpoint.safetensors_header(weights)
+        meta = header.get("__metadata__") or {}
+        adapters = 1
+        if checkpoint.MANIFEST_KEY in meta:  # a multi-adapter file: each adapter may hold up to the bound
+            try:
+                adapters = max(1, len(json.loads(meta[checkpoint.MANIFEST_KEY]).get("adapters") or {}))
+            except (ValueError, AttributeError):
+                raise ShareLoraError(f"{weights}: the adapter manifest in its metadata is not a JSON object") from None
+        limit = adapters * self.max_adapter_bytes
+        if size - start > limit:
+            raise ShareLoraError(
+                f"{weights} holds {size - start:,} bytes of tensors, more than {adapters} adapter(s) of {self.name} "
+                f"can hold ({limit:,} bytes: each at most the base model's {self.max_adapter_bytes // 4:,} "
+                "parameters at 4 bytes); it is not an adapter of this model")
+        return size
 
     def add_adapter(self, source: AdapterSource) -> list[AdapterInfo]:
         """Inject and load ``source`` (validated against the base model); all or nothing."""
         names = list(source.configs)
         for n in names:
-            try:
-                check_adapter_name(n)
-            except ShareLoraError as e:
-                raise BadRequest(str(e), param="lora_name") from None
+            check_served_name(n)
             if n in self.adapters or n == self.name:
                 raise BadRequest(f"an adapter named {n!r} is loaded already; unload it first or choose another name",
                                  param="lora_name")
@@ -284,7 +329,7 @@ class ServedModel:
         """Hide ``name`` from new requests (the ones already submitted finish)."""
         info = self.adapters.get(name)
         if info is None or info.retired:
-            raise NotFound(f"no adapter named {name!r} is loaded; loaded: {self.served_names()[1:]}",
+            raise NotFound(f"no adapter named {name[:64]!r} is loaded; loaded: {_shown(self.served_names()[1:])}",
                            param="lora_name", code="adapter_not_found")
         info.retired = True
         return info
@@ -292,7 +337,7 @@ class ServedModel:
     def remove_adapter(self, name: str) -> None:
         """Remove an adapter (and the shared tensors no other adapter reads) from the model."""
         if name not in self.adapters:
-            raise NotFound(f"no adapter named {name!r} is loaded", param="lora_name", code="adapter_not_found")
+            raise NotFound(f"no adapter named {name[:64]!r} is loaded", param="lora_name", code="adapter_not_found")
         self._drop(name)
         del self.adapters[name]
 

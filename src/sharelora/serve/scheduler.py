@@ -14,12 +14,14 @@ bounded queue (``QueueFull`` past ``max_queue``). Each step the worker
    seeded ``torch.Generator``), hands the new text to the request's ``sink`` and drops the rows
    that finished (``max_tokens``, an end-of-sequence token, a stop string) or were cancelled.
 
-Batch layout. Rows are left-padded to a common length P: every layer's cache holds
-(B, kv_heads, P, head_dim) and ``mask`` (B, P) marks each row's real positions. Row i's next token
-has position id ``length_i`` (its real tokens so far), so rotary embeddings and the causal mask
-see each row as if it ran alone: the layout ``generate`` uses for a left-padded batch. A joining
-row is left-padded to P (or the batch to the row's length); leaving rows are dropped and leading
-columns that no remaining row uses are cut, so P stays the longest running row's length.
+Batch layout (``batch_cache.py``). The batch's keys and values are the model's own transformers
+cache (``DynamicCache``: full-attention layers keep every column, sliding-window layers the last
+W - 1), rows left-padded to a common width C, with ``mask`` (B, C) marking each row's real tokens.
+Row i's next token has position id ``length_i`` (its real tokens so far), so rotary embeddings,
+the causal mask and the sliding windows see each row as if it ran alone: the layout ``generate``
+uses for a left-padded batch. A joining row is left-padded to the batch (or the batch to the row);
+leaving rows are dropped and leading columns that no remaining row uses are cut, so C stays the
+longest running row's length.
 
 A failure stays with its request: a prefill or a sampling error ends that request only; if the
 batched forward itself raises, every row is tried alone on a copy of its cache, the rows that fail
@@ -41,10 +43,12 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..method.plan import BASE_ADAPTER
+from .batch_cache import BatchCache
 
 log = logging.getLogger("sharelora.serve")
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the seeds torch.Generator.manual_seed takes
 
 
 class QueueFull(RuntimeError):
@@ -125,53 +129,6 @@ class Engine(Protocol):
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens."""
-
-
-# --- the KV cache of a batch --------------------------------------------------------------------------
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(keys, values)] per layer, each (B, kv_heads, P, head_dim), of a transformers DynamicCache."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:  # transformers >= 4.56: one DynamicLayer per layer
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def cache_from_layers(kv: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    if hasattr(DynamicCache, "from_legacy_cache"):
-        return DynamicCache.from_legacy_cache(tuple(kv))
-    return DynamicCache(ddp_cache_data=kv)
-
-
-def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def merge_caches(parts: list[tuple[list, torch.Tensor]]) -> tuple[list, torch.Tensor]:
-    """Stack (cache layers, mask) of several row groups, left-padding each to the longest."""
-    longest = max(mask.shape[1] for _, mask in parts)
-    layers = []
-    for i in range(len(parts[0][0])):
-        layers.append(tuple(torch.cat([_pad_left(kv[i][j], longest - mask.shape[1], 2) for kv, mask in parts])
-                            for j in (0, 1)))
-    mask = torch.cat([_pad_left(m, longest - m.shape[1], 1) for _, m in parts])
-    return layers, mask
-
-
-def select_rows(kv: list, mask: torch.Tensor, rows: list[int]) -> tuple[list, torch.Tensor]:
-    """Keep ``rows`` and cut the leading columns none of them uses."""
-    idx = torch.tensor(rows, dtype=torch.long, device=mask.device)
-    mask = mask.index_select(0, idx)
-    used = mask.any(0).nonzero()
-    first = int(used[0]) if used.numel() else mask.shape[1]
-    mask = mask[:, first:]
-    kv = [tuple(t.index_select(0, idx.to(t.device))[:, :, first:] for t in pair) for pair in kv]
-    return kv, mask
 
 
 # --- sampling --------------------------------------------------------------------------------------------
@@ -265,9 +222,8 @@ class Scheduler:
         # every request submitted and not finished yet, by id: cancel() finds one wherever it is
         # (waiting, in its prefill, running)
         self._live: dict[str, GenerationRequest] = {}
-        self._kv: list | None = None
-        self._mask: torch.Tensor | None = None
-        self._cache = None
+        self._batch: BatchCache | None = None  # the running rows' cache (None when none runs)
+        self._cache = None  # the same state as the transformers cache the next forward updates
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -314,6 +270,9 @@ class Scheduler:
             raise ValueError("the prompt has no tokens")
         if request.params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.params.max_tokens}")
+        seed = request.params.seed
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (what torch.Generator takes), got {seed}")
         with self._cv:
             if not self.alive:
                 raise SchedulerStopped("the scheduler is not running")
@@ -386,7 +345,7 @@ class Scheduler:
                     log.exception("scheduler step failed; ending the running requests")
                     for row in self._rows:
                         self._finish(row, "error", e)
-                    self._rows, self._kv, self._mask, self._cache = [], None, None, None
+                    self._rows, self._batch, self._cache = [], None, None
         self._shutdown()
 
     def _tick(self) -> bool:
@@ -485,7 +444,7 @@ class Scheduler:
         return reason
 
     def _admit(self) -> None:
-        joined: list[tuple[_Row, list, torch.Tensor]] = []
+        joined: list[tuple[_Row, BatchCache]] = []
         while len(self._rows) + len(joined) < self.max_batch:
             with self._cv:
                 if not self._waiting:
@@ -495,16 +454,18 @@ class Scheduler:
                 self._finish(_Row(request, _Text(self.engine.decode, ()), None), "cancelled")
                 continue
             p = request.params
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
-            generator = None if p.temperature < GREEDY_BELOW else torch.Generator().manual_seed(seed)
-            row = _Row(request, _Text(self.engine.decode, p.stop), generator)
-            try:
+            row = _Row(request, _Text(self.engine.decode, p.stop), None)
+            try:  # everything of one request, its generator included, fails alone
+                if p.temperature >= GREEDY_BELOW:
+                    seed = p.seed if p.seed is not None else random.getrandbits(63)
+                    row.generator = torch.Generator().manual_seed(seed)
                 ids = torch.tensor([request.prompt_ids], dtype=torch.long)
                 mask = torch.ones_like(ids)
                 positions = torch.arange(ids.shape[1]).unsqueeze(0)
                 logits, cache = self.engine.forward(ids, mask, positions, None, [request.adapter])
                 row.length = ids.shape[1]
                 reason = self._accept(row, logits[0].cpu())
+                state = BatchCache.of(cache, mask) if reason is None else None
             except Exception as e:
                 log.exception("prefill of %s failed", request.id)
                 self._finish(row, "error", e)
@@ -512,13 +473,14 @@ class Scheduler:
             if reason is not None:
                 self._finish(row, reason)
                 continue
-            joined.append((row, cache_layers(cache), mask.to(cache_layers(cache)[0][0].device)))
+            state.mask = mask.to(state.keys[0].device)
+            joined.append((row, state))
         if not joined:
             return
-        parts = ([(self._kv, self._mask)] if self._rows else []) + [(kv, m) for _, kv, m in joined]
-        self._kv, self._mask = merge_caches(parts)
-        self._cache = cache_from_layers(self._kv)
-        self._rows += [row for row, _, _ in joined]
+        parts = ([self._batch] if self._rows else []) + [state for _, state in joined]
+        self._batch = BatchCache.join(parts)
+        self._cache = self._batch.to_cache()
+        self._rows += [row for row, _ in joined]
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self._rows) if r.request.cancelled]
@@ -532,10 +494,10 @@ class Scheduler:
             return
         self._rows = [self._rows[i] for i in rows]
         if not rows:
-            self._kv, self._mask, self._cache = None, None, None
+            self._batch, self._cache = None, None
             return
-        self._kv, self._mask = select_rows(self._kv, self._mask, rows)
-        self._cache = cache_from_layers(self._kv)
+        self._batch = self._batch.select(rows)
+        self._cache = self._batch.to_cache()
 
     def _inputs(self, rows: list[_Row], mask: torch.Tensor):
         device = mask.device
@@ -546,16 +508,15 @@ class Scheduler:
 
     def _step(self) -> None:
         rows = self._rows
-        before = (self._kv, self._mask)  # the forward's cache update concatenates: these stay valid
-        ids, mask, positions = self._inputs(rows, self._mask)
-        try:
+        ids, mask, positions = self._inputs(rows, self._batch.mask)
+        try:  # the forward's cache update concatenates: the tensors of self._batch stay valid if it fails
             logits, cache = self.engine.forward(ids, mask, positions, self._cache,
                                                 [r.request.adapter for r in rows])
         except Exception as e:
             self._isolate_failure(e)
             return
         self.steps += 1
-        self._cache, self._kv, self._mask = cache, cache_layers(cache), mask
+        self._cache, self._batch = cache, BatchCache.of(cache, mask)
         logits = logits.cpu()
         keep = []
         for i, row in enumerate(rows):
@@ -570,7 +531,6 @@ class Scheduler:
                 keep.append(i)
             else:
                 self._finish(row, reason)
-        del before
         self._keep(keep)
 
     def _isolate_failure(self, error: Exception) -> None:
@@ -578,10 +538,10 @@ class Scheduler:
         log.warning("a batched step failed (%r); trying each of its %d rows alone", error, len(self._rows))
         bad = []
         for i, row in enumerate(self._rows):
-            kv, mask = select_rows(self._kv, self._mask, [i])
-            ids, mask, positions = self._inputs([row], mask)
+            alone = self._batch.select([i])
+            ids, mask, positions = self._inputs([row], alone.mask)
             try:
-                self.engine.forward(ids, mask, positions, cache_from_layers(kv), [row.request.adapter])
+                self.engine.forward(ids, mask, positions, alone.to_cache(), [row.request.adapter])
             except Exception as e:
                 bad.append(i)
                 self._finish(row, "error", e)
@@ -591,4 +551,4 @@ class Scheduler:
             bad = list(range(len(self._rows)))
         self._keep([i for i in range(len(self._rows)) if i not in bad])
         if self._rows:  # the failed forward may have appended to some layers: rebuild from the tensors
-            self._cache = cache_from_layers(self._kv)
+            self._cache = self._batch.to_cache()

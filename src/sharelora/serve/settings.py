@@ -11,6 +11,10 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# A prompt of more than this many characters per token of context cannot fit the context with any
+# tokenizer in practice; it is refused before tokenizing (tokenizing costs time and memory first).
+CHARS_PER_TOKEN = 32
+
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -23,7 +27,12 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
     max_batch: int = Field(16, ge=1, description="requests decoded together in one forward")
     max_queue: int = Field(256, ge=0, description="requests that may wait for a batch slot; more get 429")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every request")
+    api_key: str | None = Field(None, description=(
+        "require 'Authorization: Bearer KEY' on every request (KEY compared as UTF-8 bytes)"))
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="largest request body; a larger one gets 413")
+    max_prompt_chars: int | None = Field(None, ge=1, description=(
+        "longest prompt (characters of a completion prompt, or of a chat's messages together) the server "
+        f"tokenizes; a longer one gets 400 (default: {CHARS_PER_TOKEN} x the context length)"))
     adapter_root: str | None = Field(None, description=(
         "directory under which POST /v1/load_lora_adapter may read adapters (unset: loading while serving is off)"))
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
@@ -40,6 +49,18 @@ class Settings(BaseModel):
             if not v or v.startswith("=") or v.endswith("="):
                 raise ValueError(f"--adapter expects NAME=DIR or DIR, got {v!r}")
         return values
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value != value.strip()):
+            raise ValueError("--api-key is empty or starts / ends with whitespace: give a key of visible characters, "
+                             "or leave the flag out to serve without authentication")
+        return value
+
+    def prompt_char_limit(self, context_length: int) -> int:
+        """The longest prompt, in characters, that is tokenized (``max_prompt_chars`` or its default)."""
+        return self.max_prompt_chars or CHARS_PER_TOKEN * context_length
 
     def adapter_specs(self) -> list[tuple[str | None, str]]:
         """[(name or None, directory)] of ``--adapter``."""

@@ -1,7 +1,17 @@
 """Request and response bodies with OpenAI's (and vLLM's, for adapters) field names.
 
-Fields a request may send but this server does not implement are accepted at their neutral value
-and refused otherwise (``unsupported``), so a client never gets silently different behaviour.
+What a request may hold, and nothing else:
+
+* fields this server implements;
+* fields it does not implement, accepted only at their neutral value (``tools: []``,
+  ``response_format: {"type": "text"}``, ``logprobs: false``, ...) and otherwise refused by name
+  (``unsupported``), so a client never gets silently different behaviour;
+* fields that change no output (``user``, ``store``, ``metadata``, ``service_tier``,
+  ``parallel_tool_calls``);
+* any other field is refused by name (``extra="forbid"``), as OpenAI's API does.
+
+Every string is checked to be Unicode text (no lone surrogate, which JSON's ``\\ud800`` escapes can
+smuggle in and no tokenizer or UTF-8 encoder accepts); names are bounded (``MAX_NAME_CHARS``).
 """
 
 from __future__ import annotations
@@ -9,11 +19,58 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from .errors import NOT_UNICODE
+from .scheduler import SEED_RANGE
+
+MAX_NAME_CHARS = 128  # a model or adapter name; longer ones are refused, never echoed back
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """The path of the first string in ``value`` (nested lists / dicts / models, keys too) that is not
+    Unicode text, or None. Iterative: a deeply nested field cannot exhaust the stack."""
+    todo = [("", value)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "(the request)"
+        elif isinstance(v, BaseModel):
+            todo.extend(reversed([(f"{path}.{k}" if path else k, getattr(v, k)) for k in type(v).model_fields]))
+        elif isinstance(v, dict):
+            items = []
+            for k, x in v.items():
+                items += [(path, k), (f"{path}.{k}" if path else str(k), x)]
+            todo.extend(reversed(items))
+        elif isinstance(v, (list, tuple)):
+            todo.extend(reversed([(f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v)]))
+    return None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _unicode_text(self):
+        where = lone_surrogate_at(self)
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "{field} " + NOT_UNICODE, {"field": where})
+        return self
+
+
+# the neutral value(s) of each field a request may send but this server does not implement
+_NEUTRAL: dict[str, tuple] = {
+    "n": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
 
 
 class StreamOptions(_Request):
@@ -21,32 +78,30 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    model: str
+    model: str = Field(max_length=4096)  # an adapter name or the base model's (a path, up to PATH_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
-    user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
+    # fields that change no output
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this server does not do, or None."""
-        if self.n not in (None, 1):
-            return "n"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
+        for name in type(self).model_fields:
+            if name in _NEUTRAL and getattr(self, name) not in _NEUTRAL[name]:
                 return name
-        if self.logit_bias:
-            return "logit_bias"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
         return None
 
     def stop_list(self) -> list[str]:
@@ -61,15 +116,6 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
-    def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo"
-        if self.best_of not in (None, 1):
-            return "best_of"
-        if self.suffix:
-            return "suffix"
-        return super().unsupported()
-
 
 class TextPart(_Request):
     type: Literal["text"]
@@ -80,27 +126,69 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: Any = None  # refused unless empty: this server does not call tools
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+
+    def unsupported(self) -> str | None:
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(self, name) not in _NEUTRAL.get(name, (None, [])):
+                return name
+        return None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """The message as a chat template reads it (role, content, and name / tool_call_id when given)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    parallel_tool_calls: bool | None = None  # no tools are called, so it changes nothing
+
+    def unsupported(self) -> str | None:
+        field = super().unsupported()
+        if field is not None:
+            return field
+        for i, m in enumerate(self.messages):
+            field = m.unsupported()
+            if field is not None:
+                return f"messages.{i}.{field}"
+        return None
 
 
 class LoadLoraAdapterRequest(_Request):
-    lora_name: str
-    lora_path: str
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    lora_path: str = Field(max_length=4096)
 
 
 class UnloadLoraAdapterRequest(_Request):
-    lora_name: str
-    lora_path: str | None = None
+    lora_name: str = Field(max_length=MAX_NAME_CHARS)
+    lora_path: str | None = Field(None, max_length=4096)
 
 
 # --- responses -----------------------------------------------------------------------------------------
