@@ -184,7 +184,6 @@ def _eval_generation_adapter(args: argparse.Namespace) -> dict[str, Any]:
     from ..sources import load_dataset
     from ..tasks.build import build_task, dataset_options
     from ..training import load_trained_model, read_run_info
-    from ..training.config import TrainConfig
     from ..training.evaluate import eval_settings
     from ..training.loop import pick_device
 
@@ -210,9 +209,9 @@ def _eval_generation_adapter(args: argparse.Namespace) -> dict[str, Any]:
         data_options = dataset_options(name, args.dataset, data_options_from_args(args))
     data = load_dataset(args.dataset or info["dataset"], cache_dir=args.cache_dir, **data_options)
     model, tokenizer, _ = load_trained_model(args.adapter_dir, cache_dir=args.cache_dir, device=str(device))
-    cfg = TrainConfig(task=name, max_length=info["max_length"], task_options=options)
     out = Path(args.json) if args.json else None
-    task = build_task(cfg, data, tokenizer, output_dir=out.parent if out else None,
+    task = build_task(name, data, tokenizer, max_length=info["max_length"], options=options,
+                      output_dir=out.parent if out else None,
                       samples_name=f"{out.stem}-samples-{{split}}.jsonl" if out else None)
     batch_size, max_examples = eval_settings(info, args.split, args.batch_size, args.max_examples,
                                              own_data=args.dataset is None)

@@ -209,6 +209,15 @@ class TrainConfig:
                 if k not in self.RESUME_FREE and not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
 
 
+def resolve_targets(cfg: TrainConfig, model: Any) -> TrainConfig:
+    """``cfg`` with ``targets=["auto"]`` replaced by the query/value projections of ``model`` (``default_targets``)."""
+    from ..tasks.build import default_targets
+
+    if list(cfg.targets) == ["auto"]:
+        return dataclasses.replace(cfg, targets=default_targets(model))
+    return cfg
+
+
 def task_config(task: str, **overrides: Any) -> TrainConfig:
     """A ``TrainConfig`` for ``task`` from its preset (``tasks.build.TASK_PRESETS``), with ``overrides`` on top.
 

@@ -286,3 +286,17 @@ def gather_list(accelerator: Any, items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(items)
+
+
+class Processes:
+    """The run's processes as a task's evaluation sees them (``tasks.base.Processes``)."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+
+    def gather(self, items: list) -> list:
+        return gather_list(self.accelerator, items)
+
+    def from_main(self, value: Any) -> Any:
+        return from_main(self.accelerator, value)

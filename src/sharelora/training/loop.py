@@ -52,12 +52,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tasks import ClassificationTask
-from ..tasks.build import build_task, resolve_targets
-from .config import TrainConfig
+from ..tasks import Task
+from ..tasks.build import build_task
+from .config import TrainConfig, resolve_targets
 from .distributed import (
-    check_batch, for_evaluation, from_main, full_tensor, gather_list, gradient_sync, make_accelerator, on_main,
-    whole_trainable, wrap,
+    Processes, check_batch, for_evaluation, from_main, full_tensor, gather_list, gradient_sync, make_accelerator,
+    on_main, whole_trainable, wrap,
 )
 from .evaluate import RUN_INFO, evaluate, model_logits
 from .lock import output_dir_lock
@@ -221,7 +221,7 @@ def load_inputs(cfg: TrainConfig, bundle: Any = None, data: Any = None) -> tuple
 
         seed_everything(cfg.seed)
         memory = load_options(cfg)  # --bf16 / --quantize: the dtype and bitsandbytes settings ({} without them)
-        if model_task(task_name(cfg, data)) == "causal-lm":
+        if model_task(task_name(cfg.task, data)) == "causal-lm":
             bundle = load_model(cfg.model, task="causal-lm", cache_dir=cfg.cache_dir, **memory)
         else:
             _, num_labels = label_space(data)
@@ -295,7 +295,8 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
         bundle, data = load_inputs(cfg, bundle, data)
     cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value projections
     # Generation tasks write their decoded samples into the output directory: rank 0's task only.
-    task = build_task(cfg, data, bundle.tokenizer, output_dir=paths.root if main else None)
+    task = build_task(cfg.task, data, bundle.tokenizer, max_length=cfg.max_length, options=cfg.task_options,
+                      output_dir=paths.root if main else None)
     train_split = task.encode("train", cfg.max_train_examples)
     dev_split = task.encode("dev", cfg.max_eval_examples)
     test_split = task.encode("test", cfg.max_eval_examples) if "test" in task.splits else None
@@ -363,7 +364,7 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            step_weight = task.step_weight(train_split, indices) if hasattr(task, "step_weight") else len(indices)
+            step_weight = task.step_weight(train_split, indices)
             # Every process runs as many micro-batches as the one with the largest share (rank 0), so
             # that each joins every collective of the step; the last one syncs the gradients.
             count = math.ceil(math.ceil(len(indices) / world) / micro_batch)
@@ -400,12 +401,12 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end:
                 with for_evaluation(accelerator, model) as scored:
-                    dev = evaluate(scored, task, dev_split, cfg.eval_batch_size, device, processes=accelerator)
+                    dev = evaluate(scored, task, dev_split, cfg.eval_batch_size, device, Processes(accelerator))
                 if main:
                     log.append({"kind": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch, **dev})
                     bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: dev {metric} {dev[metric]:.4f} "
                               f"loss {dev['loss']:.4f}")
-                if state["best_metric"] is None or _improves(dev[metric], state["best_metric"], task):
+                if state["best_metric"] is None or task.improves(dev[metric], state["best_metric"]):
                     state.update(best_metric=dev[metric], best_step=step, best_epoch=step / steps_per_epoch, best_dev=dev)
                     save_weights(paths.best, core, write=main)
             if on_step is not None and on_step(step):
@@ -430,7 +431,7 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
     test = None
     if test_split is not None:
         with for_evaluation(accelerator, model) as scored:
-            test = evaluate(scored, task, test_split, cfg.eval_batch_size, device, processes=accelerator)
+            test = evaluate(scored, task, test_split, cfg.eval_batch_size, device, Processes(accelerator))
     with whole_trainable(core) as whole:  # FSDP: every process helps gather the adapter rank 0 writes
         if main:
             if test is not None:
@@ -447,9 +448,9 @@ def _train(cfg: TrainConfig, accelerator: Any, paths: RunPaths, wall_start: floa
         "model": getattr(bundle, "name", cfg.model),
         "dataset": getattr(data, "name", cfg.dataset),
         "task_type": task.task_type,
-        "task": getattr(task, "name", "classification"),
+        "task": task.name,
         "metric": metric,
-        "greater_is_better": getattr(task, "greater_is_better", True),
+        "greater_is_better": task.greater_is_better,
         "pretrained": getattr(bundle, "pretrained", None),
         "config": cfg.to_dict(),
         "parameters": summary,
@@ -504,7 +505,7 @@ def _forward_backward(accelerator: Any, model: nn.Module, task: Any, split: Any,
     return loss.item() if part else 0.0
 
 
-def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: ClassificationTask, path: Path) -> None:
+def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: Task, path: Path) -> None:
     """Write the trained weights with ``save_pretrained`` (plus run_info.json) via a temporary directory.
 
     Adapter methods write the ShareLoRA adapter (each shared tensor once); full fine-tuning
@@ -527,18 +528,13 @@ def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: Classifi
         "eval_batch_size": cfg.eval_batch_size,  # with max_eval_examples: `sharelora eval` rescoring as the run did
         "max_eval_examples": cfg.max_eval_examples,
         "seed": cfg.seed,
-        "model_task": getattr(task, "model_task", "classification"),
-        **(task.run_info() if hasattr(task, "run_info") else {}),
+        "model_task": task.model_task,
+        **task.run_info(),
         **memory_run_info(cfg),  # how the base was loaded (bf16 / quantized), for eval and merge
     }
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
-
-
-def _improves(value: float, best: float, task: Any) -> bool:
-    """Whether a dev metric beats the best so far (higher accuracy / BLEU, lower loss)."""
-    return value > best if getattr(task, "greater_is_better", True) else value < best
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

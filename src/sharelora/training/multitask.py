@@ -63,11 +63,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import ClassificationTask, EncodedSplit
-from ..tasks.build import resolve_targets
-from .config import TrainConfig, short_name
+from ..tasks import ClassificationTask, EncodedSplit, ONE_PROCESS, Processes as TaskProcesses, Task
+from ..tasks.classification import score_split
+from .config import TrainConfig, resolve_targets, short_name
 from .distributed import (
-    check_batch, for_evaluation, from_main, gather_list, gradient_sync, make_accelerator, on_main, wrap,
+    Processes, check_batch, for_evaluation, from_main, gather_list, gradient_sync, make_accelerator, on_main, wrap,
 )
 from .evaluate import RUN_INFO, eval_settings, evaluate, model_logits, read_run_info
 from .lock import output_dir_lock
@@ -195,17 +195,17 @@ class MultiTaskConfig(TrainConfig):
 
 
 # --- one task of a multi-task model -------------------------------------------------------------------
-class TaskHead:
-    """One task of a multi-task model as ``evaluate`` sees a task: its adapter and its outputs.
+class TaskHead(Task):
+    """One task of a multi-task model (the task contract): its adapter and its outputs.
 
     ``adapter``: the adapter its rows go through (routed with ``adapter_names`` when ``routed``);
     ``logits``: (start, end), the classifier outputs that are its classes.
     """
 
-    greater_is_better = True
+    model_task = "classification"
 
     def __init__(self, name: str, task: ClassificationTask, adapter: str, logits: tuple[int, int], routed: bool):
-        self.name, self.task, self.adapter, self.routed = name, task, adapter, routed
+        self.name, self.task, self.adapter, self.routed, self.data = name, task, adapter, routed, task.data
         self.start, self.end = logits
         if self.end - self.start != task.num_labels:
             raise ValueError(f"task {name!r} has {task.num_labels} labels but reads {self.end - self.start} outputs")
@@ -213,10 +213,6 @@ class TaskHead:
         self.task_type = task.task_type
         self.num_labels = task.num_labels
         self.label_names = task.label_names
-
-    @property
-    def splits(self) -> list[str]:
-        return self.task.splits
 
     def encode(self, split: str, limit: int | None = None) -> EncodedSplit:
         return self.task.encode(split, limit)
@@ -241,6 +237,10 @@ class TaskHead:
 
     def metrics(self, predictions, labels) -> dict[str, float]:
         return self.task.metrics(predictions, labels)
+
+    def evaluate(self, model: nn.Module, split: EncodedSplit, batch_size: int = 64, device: Any = "cpu",
+                 processes: TaskProcesses = ONE_PROCESS) -> dict[str, float]:
+        return score_split(self, model, split, batch_size, device, processes)
 
 
 def head_layout(num_labels: dict[str, int], one_adapter: bool) -> tuple[int, dict[str, tuple[int, int]]]:
@@ -497,7 +497,7 @@ class _Run:
         splits = self.dev_splits if split == "dev" else self.test_splits
         with for_evaluation(self.acc, self.model) as scored:  # every process scores a share; gathered
             return {n: evaluate(scored, self.heads[n], splits[n], self.cfg.eval_batch_size, self.device,
-                                processes=self.acc) for n in names if n in splits}
+                                Processes(self.acc)) for n in names if n in splits}
 
     def mean_metric(self, metrics: dict[str, dict[str, float]]) -> float:
         return sum(m[self.heads[n].primary_metric] for n, m in metrics.items()) / len(metrics)

@@ -42,8 +42,7 @@ from .state import atomic_write_text, trainable_parameters
 def _task(name: str, data: Any, tokenizer: Any, max_length: int):
     from ..tasks.build import TASK_PRESETS, build_task
 
-    cfg = TrainConfig(task=name, max_length=max_length or TASK_PRESETS[name]["max_length"])
-    return build_task(cfg, data, tokenizer)
+    return build_task(name, data, tokenizer, max_length=max_length or TASK_PRESETS[name]["max_length"])
 
 
 def _e2e_dev_all_references(data: Any) -> Any:
@@ -88,7 +87,7 @@ def train_steps(model: torch.nn.Module, task: Any, split: Any, *, steps: int, lr
 
 def _adapted_model(model_name: str, method: str, rank: int, seed: int, cache_dir: str | None):
     from ..sources import load_model
-    from ..tasks.build import resolve_targets
+    from .config import resolve_targets
 
     seed_everything(seed)
     bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
