@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..method import ShareLoraConfig, build_plan, get_sharelora_model
+from ..training.engine import optimizer_step
 from ..training.optim import adamw
 from .models import ModelSpec
 
@@ -74,9 +75,9 @@ class Prepared:
         return self.model(**batch).loss
 
     def step(self, batch: dict) -> None:
+        """Forward, backward and the training engine's optimizer step (no clipping: the step alone is timed)."""
         self.loss(batch).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state (exp_avg, exp_avg_sq, step)."""

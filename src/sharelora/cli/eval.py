@@ -89,7 +89,7 @@ def _eval_classification(args: argparse.Namespace) -> dict[str, Any]:
     from ..tasks import ClassificationTask
     from ..training import evaluate, load_trained_model
     from ..training.evaluate import eval_settings
-    from ..training.loop import pick_device
+    from ..training.engine import pick_device
 
     if args.adapter_dir is None:
         raise CliError("eval needs ADAPTER_DIR (a run directory or its adapter/); only --task mmlu --model NAME works without")
@@ -115,7 +115,7 @@ def _adapter_or_base_model(args: argparse.Namespace):
     """(model, tokenizer, what was loaded, device) for the LM benchmarks: ADAPTER_DIR's run, or a base --model."""
     from ..sources import load_model
     from ..training import load_trained_model
-    from ..training.loop import pick_device
+    from ..training.engine import pick_device
 
     device = pick_device(args.device)
     if args.adapter_dir:
@@ -185,7 +185,7 @@ def _eval_generation_adapter(args: argparse.Namespace) -> dict[str, Any]:
     from ..tasks.build import build_task, dataset_options
     from ..training import load_trained_model, read_run_info
     from ..training.evaluate import eval_settings
-    from ..training.loop import pick_device
+    from ..training.engine import pick_device
 
     if not args.adapter_dir:
         raise CliError(f"eval --task {args.task} needs ADAPTER_DIR (a run directory runs/<name> or its adapter/)")

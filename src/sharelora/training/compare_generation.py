@@ -183,7 +183,7 @@ def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], 
                          f"{', '.join(m for m in METHODS if m != 'full')}")
     out = Path(output_dir)
     with output_dir_lock(out):  # a second comparison into out refuses at once; each run locks its own directory
-        from .loop import pick_device
+        from .engine import pick_device
 
         device = str(pick_device(base.device))
         results = []
