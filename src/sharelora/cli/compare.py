@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.compare import compare
     from ..training.config import short_name
 
-    from ..training.peft_methods import parse_methods
+    from ..training.methods import parse_methods
 
     try:
         specs = parse_methods(args.methods)

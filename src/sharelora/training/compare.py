@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
 from .lock import output_dir_lock
-from .peft_methods import MethodSpec, parse_methods
+from .methods import METHODS, MethodSpec, parse_methods
 from .loop import train
 from .state import atomic_write_text
 
@@ -106,7 +106,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _fraction_of_lora(parameters: dict[str, Any], method: str, lora_params: int | None) -> float | None:
-    if method == "full" or METHODS.get(method, {}) is None or (METHODS.get(method) or {}).get("peft"):
+    if method not in METHODS or METHODS[method].kind != "sharelora":
         return None
     reference = parameters.get("lora_equivalent") or lora_params
     return parameters["adapter"] / reference if reference else None

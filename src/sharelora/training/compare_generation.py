@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .compare import _human_bytes, run_one
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
+from .methods import METHODS
 from .lock import output_dir_lock
 from .state import atomic_write_text
 

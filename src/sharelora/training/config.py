@@ -13,20 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# method name -> how the ShareLoRA config differs from plain LoRA; None means full fine-tuning.
-METHODS: dict[str, dict[str, Any] | None] = {
-    "full": None,
-    "lora": {"share": "none"},
-    "sharea": {"share": "A"},
-    "shareb": {"share": "B"},
-    "shareab": {"share": "AB"},
-    # The paper's self-attention variant: one A for the query, key and value maps of all layers.
-    "sharea-qkv": {"share": "A", "scope": "qkv", "target_modules": ["query", "key", "value"]},
-    # PEFT's own shared-parameter methods, as baselines (training/peft_methods.py): VeRA (frozen shared
-    # random A/B, trained scaling vectors) and VB-LoRA (a trained vector bank shared by all layers).
-    "peft-vera": {"peft": "vera"},
-    "peft-vblora": {"peft": "vblora"},
-}
+from .methods import METHODS, method, validate_method_options
 
 # Learning rates when none is given: adapters train few, freshly initialised weights and take a
 # large rate; full fine-tuning moves every pretrained weight and needs a small one. The LoRA paper
@@ -53,7 +40,8 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # Names (suffix match), or one string: a regex (full match on the module path) or "all-linear".
+    targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
     modules_to_save: list[str] | None = None  # None: the classification head, found by name
     lr: float | None = None  # None: DEFAULT_LR for the method
     weight_decay: float = 0.01
@@ -87,13 +75,14 @@ class TrainConfig:
     # Under a launcher (torchrun / accelerate launch): shard the model with FSDP2 instead of DDP
     # (training/distributed.py). The math is the same, so a run may resume with or without it.
     fsdp: bool = False
-    # Method settings other than rank/alpha/dropout (training/peft_methods.py: PEFT's VeRA / VB-LoRA
-    # options such as num_vectors); empty: the method's documented defaults.
+    # The method's other settings (methods.py): ShareLoraConfig fields for ShareLoRA methods (share, scope,
+    # share_block_size, layers_to_transform, dropout_mask, ...), PEFT's options for its methods (num_vectors,
+    # ...); empty: the method's preset and defaults.
     method_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_full(self) -> bool:
-        return METHODS.get(self.method, {}) is None
+        return method(self.method).kind == "full"
 
     @property
     def memory_suffix(self) -> str:
@@ -107,14 +96,14 @@ class TrainConfig:
         """A short run name: model, dataset, method, rank and seed."""
 
         rank = "" if self.is_full else f"-r{self.rank}"
-        options = "".join(f"-{k}{v}" for k, v in sorted(self.method_options.items()))
+        options = "".join(f"-{k}{'.'.join(map(str, v)) if isinstance(v, list) else v}"
+                          for k, v in sorted(self.method_options.items()))
         return (f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}{options}-s{self.seed}"
                 f"{self.memory_suffix}")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and a good one."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method(self.method)  # a known name
         positive_ints = {
             "rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
             "grad_accum": self.grad_accum, "max_length": self.max_length,
@@ -150,6 +139,7 @@ class TrainConfig:
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
         self._validate_memory()
+        validate_method_options(self)
 
     def _validate_memory(self) -> None:
         from .memory import COMPUTE_DTYPES, QUANTIZE
@@ -173,11 +163,12 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the method's overrides applied and the defaults that depend on others filled in."""
         self.validate()
-        cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options),
-                                  task_options=dict(self.task_options), method_options=dict(self.method_options))
-        overrides = METHODS[cfg.method] or {}
-        if "target_modules" in overrides:
-            cfg.targets = list(overrides["target_modules"])
+        cfg = dataclasses.replace(self, targets=self.targets if isinstance(self.targets, str) else list(self.targets),
+                                  dataset_options=dict(self.dataset_options), task_options=dict(self.task_options),
+                                  method_options=dict(self.method_options))
+        preset = METHODS[cfg.method].preset
+        if "target_modules" in preset:
+            cfg.targets = list(preset["target_modules"])
         if cfg.lr is None:
             cfg.lr = DEFAULT_LR["full" if cfg.is_full else "adapter"]
         if cfg.quantize == "4bit" and cfg.quantize_compute_dtype is None:
