@@ -10,7 +10,6 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -248,7 +247,8 @@ def data_options_from_args(args: argparse.Namespace) -> dict:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                       help="JSON file of TrainConfig fields; options given here override it")
+                       help="YAML or JSON file of the run's fields (every option, by its name with _ for -; a run "
+                            "directory's config.yaml is one); options given here override it")
     for flag, dest, kwargs in _run_options():
         flags = flag if isinstance(flag, tuple) else (flag,)
         group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
@@ -257,23 +257,46 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_task_arguments(parser)
 
 
-def config_from_args(args: argparse.Namespace):
-    """TrainConfig from --config (if any) with the options given on the command line on top."""
+def read_config_arg(args: argparse.Namespace, cls: type | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields in ``--config`` (none without it), checked against ``cls``'s (TrainConfig's) and ``extra``."""
+    from ..training.config import TrainConfig, check_fields, read_config_file
+
+    path = getattr(args, "config", None)
+    if not path:
+        return {}
+    try:
+        values = read_config_file(path)
+        check_fields(cls or TrainConfig, values, f"--config {path}", extra)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(str(e)) from None
+    return values
+
+
+def settle(args: argparse.Namespace, defaults: dict[str, Any], values: dict[str, Any],
+           types: dict[str, Any] | None = None) -> None:
+    """Set each key of ``defaults`` on ``args``: the command line's value, else ``values``' (a config file's,
+    taken out of it; a string read with ``types[key]``), else the default."""
+    for key, default in defaults.items():
+        if hasattr(args, key):
+            values.pop(key, None)
+            continue
+        value = values.pop(key, default)
+        kind = (types or {}).get(key)
+        if kind is not None and isinstance(value, str):
+            try:
+                value = kind(value)
+            except argparse.ArgumentTypeError as e:
+                raise CliError(f"--config {args.config}: {key}: {e}") from None
+        setattr(args, key, value)
+
+
+def config_from_args(args: argparse.Namespace, cls: type | None = None, values: dict[str, Any] | None = None):
+    """A TrainConfig (or ``cls``, e.g. MultiTaskConfig) from ``values`` (default: --config's fields) with the
+    options given on the command line on top."""
     from ..training.config import TrainConfig
 
-    values: dict = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise CliError(f"--config {path} does not exist; pass a JSON file of TrainConfig fields")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CliError(f"--config {path} is not valid JSON ({e})") from None
-        known = set(TrainConfig().to_dict())
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CliError(f"--config {path} has unknown fields {unknown}; known fields: {sorted(known)}")
+    cls = cls or TrainConfig
+    values = dict(read_config_arg(args, cls) if values is None else values)
     from ..tasks.build import preset_values
 
     for _, dest, _ in _run_options():
@@ -287,7 +310,7 @@ def config_from_args(args: argparse.Namespace):
     values["dataset_options"] = {**(values.get("dataset_options") or {}), **data_options_from_args(args)}
     # Last: which of the preset's values (and dataset options) apply depends on every option above.
     values = preset_values(values.get("task"), values)
-    cfg = TrainConfig.from_dict(values)
+    cfg = cls.from_dict(values)
     try:
         cfg.validate()
     except ValueError as e:

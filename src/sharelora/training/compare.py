@@ -3,7 +3,9 @@
 Each run is an ordinary ``train`` run in ``<output_dir>/<method>-s<seed>``, so a comparison that
 was interrupted continues where it stopped when started again (finished runs are read back,
 unfinished ones resume from their checkpoint). By default every run executes in its own Python
-process, so its peak memory is its own and not the maximum of everything run before it.
+process (spawned with ``multiprocessing``; its entry point is ``train_in_process``, a library
+function, not the command line), so its peak memory is its own and not the maximum of everything
+run before it.
 
 Outputs in ``<output_dir>``: ``compare.md`` (the table), ``compare.json`` (every run's
 numbers and the aggregates) and ``compare.png`` (test metric and parameter count per method).
@@ -14,11 +16,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,24 @@ def run_one(cfg: TrainConfig, isolate: bool = True, progress: bool = False, thre
     out = Path(cfg.output_dir)
     if not isolate:
         return train(cfg, resume=True, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "train_config.json"
-    atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    command = [sys.executable, "-m", "sharelora.cli", "train", "--config", str(config_path), "--resume"]
-    if not progress:
-        command.append("--no-progress")
-    env = dict(os.environ)
-    if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run(command, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {out} failed (exit code {proc.returncode}); see its output above, then rerun compare to resume")
+    child = multiprocessing.get_context("spawn").Process(target=train_in_process, args=(cfg.to_dict(), threads, progress),
+                                                         name=f"compare {out.name}")
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"run {out} failed (exit code {child.exitcode}); see its output above, then rerun compare "
+                           "to resume")
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def train_in_process(values: dict[str, Any], threads: int | None = None, progress: bool = False) -> None:
+    """A spawned process's work: train (or resume, or read back) the run of config ``values`` with ``threads``."""
+    if threads is not None:
+        import torch
+
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        torch.set_num_threads(threads)
+    train(TrainConfig.from_dict(values), resume=True, progress=progress)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

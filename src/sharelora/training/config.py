@@ -1,16 +1,22 @@
-"""TrainConfig: every value that decides a training run, as one flat dataclass.
+"""TrainConfig: every value that decides a training run, as one flat dataclass (also a YAML / JSON file).
 
 The defaults are the paper's GLUE recipe for RoBERTa (LoRA on query and value, r = 8,
 alpha = 16, dropout 0.1, AdamW with linear warmup and decay) scaled down so that
 ``sharelora train`` (MiniLM on Rotten Tomatoes) finishes in a few minutes on two CPU cores:
 maximum length 64, batch 32, 2 epochs (200 steps) and a learning rate of 2e-3 for adapters.
+
+A config is data: ``read_config_file`` reads the fields of a YAML or JSON file (``--config``), and
+every run writes its resolved config as ``<output_dir>/config.yaml`` (``write_config``), so
+``sharelora train --config runs/X/config.yaml`` is the same run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .methods import METHODS, method, validate_method_options
@@ -185,6 +191,13 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The config in a YAML or JSON file (a run directory's config.yaml, say), ``overrides`` on top."""
+        values = read_config_file(path)
+        check_fields(cls, values, f"config file {path}")
+        return cls.from_dict({**values, **overrides})
+
     # Fields that may differ between an interrupted run and its resumption. Gradient checkpointing
     # recomputes the same activations (with the same dropout masks), so a run that ran out of
     # memory may resume with it.
@@ -198,6 +211,47 @@ class TrainConfig:
         """The part of the config that must match for a resumed run to equal an uninterrupted one."""
         return {k: v for k, v in self.to_dict().items()
                 if k not in self.RESUME_FREE and not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
+
+
+CONFIG_FILE = "config.yaml"  # in a run directory: the run's resolved config
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of field -> value in a YAML or JSON file (JSON: a ``.json`` name); errors name the fix."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML or JSON file of the run's fields "
+                                f"(a run directory's {CONFIG_FILE} is one)")
+    text = path.read_text(encoding="utf-8")
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"config file {path} is not valid {kind} ({e})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value, got a {type(values).__name__}")
+    return values
+
+
+def check_fields(cls: type, values: dict[str, Any], where: str, extra: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the keys of ``values`` that are neither fields of ``cls`` nor in ``extra``."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; known fields: {sorted(known)}")
+
+
+def write_config(cfg: TrainConfig, path: str | Path) -> None:
+    """``cfg`` as YAML at ``path`` (atomically): ``TrainConfig.from_file(path)`` gives ``cfg`` back."""
+    import yaml
+
+    from ..method.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def resolve_targets(cfg: TrainConfig, model: Any) -> TrainConfig:

@@ -42,6 +42,7 @@ generator states. Dropout draws differ between processes (each has its own strea
 dropout matches a single-process run in distribution, not digit by digit.
 
 Output directory (``runs/<name>`` by default):
+    config.yaml       the resolved config: ``sharelora train --config runs/<name>/config.yaml`` is this run
     results.json      config, parameter counts, dev/test metrics, times, memory
     log.jsonl         one record per log interval and evaluation (logs.py)
     curves.png        training loss and dev metric
@@ -69,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import CONFIG_FILE, TrainConfig, write_config
 from .distributed import (
     Processes, check_batch, for_evaluation, from_main, full_tensor, gather_list, gradient_sync, make_accelerator,
     on_main, whole_trainable, wrap,
@@ -392,6 +393,8 @@ class Run:
         seed_everything(cfg.seed)
         self.load()
         cfg = self.cfg  # with what load() resolved (targets "auto")
+        if self.main:
+            write_config(cfg, self.paths.root / CONFIG_FILE)  # `--config <output_dir>/config.yaml`: this run again
         for stage in self.stages:
             schedule(stage, cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.warmup_ratio)
         self.core.train()
