@@ -232,3 +232,19 @@ def test_compare_trains_each_run_in_a_process_of_its_own(local_inputs, tmp_path)
     run = json.loads((out / "lora-s0" / "results.json").read_text())
     assert run["environment"]["torch_threads"] == 1 and (out / "lora-s0" / "config.yaml").is_file()
     assert run["status"] == "finished"
+
+
+@needs_sources
+def test_evaluate_run_is_what_eval_prints(local_inputs, tmp_path, capsys):
+    from sharelora import evaluate_run
+
+    out = tmp_path / "run"
+    assert main(tiny_run_args(local_inputs, out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    scored = evaluate_run(out, split="dev")
+    assert scored["accuracy"] == results["dev"]["accuracy"] and scored["examples"] == 16
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "dev"]) == 0
+    assert json.loads(capsys.readouterr().out) == scored
+    with pytest.raises(ValueError, match="was trained on task 'classification', not 'e2e'"):
+        evaluate_run(out, task="e2e")
