@@ -60,7 +60,8 @@ def train_in_process(values: dict[str, Any], threads: int | None = None, progres
     train(TrainConfig.from_dict(values), resume=True, progress=progress)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value; NaN for none), as every table reports seeds."""
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -99,8 +100,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "adapter_bytes": statistics.fmean(r["adapter_bytes"] for r in runs),
             "dev_values": dev,
             "test_values": test,
-            "dev_mean": _mean_std(dev)[0], "dev_std": _mean_std(dev)[1],
-            "test_mean": _mean_std(test)[0], "test_std": _mean_std(test)[1],
+            "dev_mean": mean_std(dev)[0], "dev_std": mean_std(dev)[1],
+            "test_mean": mean_std(test)[0], "test_std": mean_std(test)[1],
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs),
             "peak_rss_mb": statistics.fmean(r["peak_rss_mb"] for r in runs),
             "optimizer_state_mb": statistics.fmean(r["optimizer_state_mb"] for r in runs),

@@ -76,7 +76,8 @@ from .distributed import (
     on_main, whole_trainable, wrap,
 )
 from .lock import output_dir_lock
-from .logs import JsonlLog, directory_bytes, reset_peak_rss
+from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, reset_peak_rss
+from .memory import run_info as memory_run_info
 from .optim import adamw
 from .state import (
     atomic_write_text, capture_rng, load_checkpoint, load_weights, read_state, save_checkpoint, save_weights,
@@ -88,37 +89,14 @@ class RunExistsError(ValueError):
     """The output directory already holds a run and neither resume nor overwrite was asked for."""
 
 
-@dataclass
 class RunPaths:
-    root: Path
+    """The files of a run directory (see the module docstring)."""
 
-    @property
-    def results(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.jsonl"
-
-    @property
-    def plot(self) -> Path:
-        return self.root / "curves.png"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.state / "checkpoint.safetensors"
-
-    @property
-    def best(self) -> Path:
-        return self.state / "best.safetensors"
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.results, self.log, self.plot = self.root / "results.json", self.root / "log.jsonl", self.root / "curves.png"
+        self.adapter, self.state = self.root / "adapter", self.root / "state"
+        self.checkpoint, self.best = self.state / "checkpoint.safetensors", self.state / "best.safetensors"
 
 
 # --- small pieces every run uses ------------------------------------------------------------------
@@ -352,7 +330,7 @@ class Run:
         raise NotImplementedError
 
     def results(self) -> dict[str, Any]:
-        """results.json's dict, computed by every process (collectives: the processes' peak memory)."""
+        """results.json's dict (``common_results`` and the recipe's own), computed by every process."""
         raise NotImplementedError
 
     def save_outputs(self, model: nn.Module) -> None:
@@ -586,6 +564,28 @@ class Run:
         own_gpu = [self.device.index or 0] if self.world > 1 and self.device.type == "cuda" else None
         rngs = gather_list(self.acc, [capture_rng(cuda_devices=own_gpu)])
         save_checkpoint(self.paths.checkpoint, self.core, self.optimizer, self.state, rngs=rngs, write=self.main)
+
+    def common_results(self) -> dict[str, Any]:
+        """The fields of every results.json: the run, its parameters, times, processes, memory, environment.
+        Every process calls it (it gathers every process's peak memory)."""
+        cfg, device, peak_rss = self.cfg, self.device, gather_list(self.acc, [peak_rss_mb()])
+        return {
+            "status": "finished", "name": cfg.name, "model": self.bundle.name, "pretrained": self.bundle.pretrained,
+            "config": cfg.to_dict(), "parameters": self.summary, "steps": self.total_steps,
+            "train_time_s": self.state["train_time_s"], "wall_time_s_this_process": time.perf_counter() - self.wall_start,
+            "resumed": self.state["resumed"], "processes": self.world, "fsdp": bool(cfg.fsdp),
+            "peak_rss_mb": peak_rss[0], "peak_rss_mb_per_process": peak_rss,  # rank 0's; every process's
+            "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "device": str(device), "environment": environment(), "model_info": jsonable(self.bundle.info),
+        }
+
+    def common_run_info(self) -> dict[str, Any]:
+        """What every adapter's run_info.json records for ``sharelora eval`` / merge to rebuild the model."""
+        cfg = self.cfg
+        return {"model": cfg.model, "max_length": cfg.max_length,
+                "eval_batch_size": cfg.eval_batch_size,  # with max_eval_examples: eval rescoring as the run did
+                "max_eval_examples": cfg.max_eval_examples, "seed": cfg.seed,
+                **memory_run_info(cfg)}  # how the base was loaded (bf16 / quantized)
 
     def interrupted(self) -> dict[str, Any]:
         step, total = self.state["step"], self.total_steps

@@ -11,9 +11,7 @@ the best weights. Determinism, processes, resume and the output directory: engin
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +21,10 @@ from ..tasks import Task
 from ..tasks.build import build_task
 from .config import TrainConfig, resolve_targets
 from .engine import (  # noqa: F401 (RunExistsError, RunPaths, lr_at, pick_device: the loop's public names)
-    Run, RunExistsError, RunPaths, Stage, epoch_order, gather_list, jsonable, lr_at, pick_device,
-    save_with_run_info, seed_everything,
+    Run, RunExistsError, RunPaths, Stage, epoch_order, jsonable, lr_at, pick_device, save_with_run_info, seed_everything,
 )
 from .evaluate import model_logits
-from .logs import environment, peak_rss_mb, plot_curves
-from .memory import run_info as memory_run_info
+from .logs import plot_curves
 from .methods import parameter_summary, prepare_model
 
 
@@ -145,73 +141,28 @@ class SingleTaskRun(Run):
             self.log.append({"kind": "test", "split": "test", "step": self.state["best_step"], **self.test})
 
     def save_outputs(self, model: nn.Module) -> None:
-        save_adapter(model, self.bundle, self.cfg, self.task, self.paths.adapter)
-        plot_curves(self.log.records(), self.paths.plot, self.metric, title=f"{self.cfg.name} ({self.cfg.method})")
+        """adapter/: ``save_pretrained`` (adapter methods: the ShareLoRA adapter, each shared tensor once; full
+        fine-tuning: the whole model and its tokenizer, a model of its own) and run_info.json; the plot."""
+        cfg, task = self.cfg, self.task
+        info = {**self.common_run_info(), "method": cfg.method, "dataset": cfg.dataset,
+                "dataset_options": cfg.dataset_options, "task_type": task.task_type, "num_labels": task.num_labels,
+                "label_names": task.label_names, "model_task": task.model_task, **task.run_info()}
+        save_with_run_info(model, self.paths.adapter, info, tokenizer=self.bundle.tokenizer if cfg.is_full else None)
+        plot_curves(self.log.records(), self.paths.plot, self.metric, title=f"{cfg.name} ({cfg.method})")
 
     def results(self) -> dict[str, Any]:
-        cfg, state, task, device = self.cfg, self.state, self.task, self.device
-        peak_rss = gather_list(self.acc, [peak_rss_mb()])
-        stage = self.stages[0]
+        state, task, stage = self.state, self.task, self.stages[0]
         return {
-            "status": "finished",
-            "name": cfg.name,
-            "method": cfg.method,
-            "model": self.bundle.name,
-            "dataset": self.data.name,
-            "task_type": task.task_type,
-            "task": task.name,
-            "metric": self.metric,
+            **self.common_results(), "method": self.cfg.method, "dataset": self.data.name,
+            "task_type": task.task_type, "task": task.name, "metric": self.metric,
             "greater_is_better": task.greater_is_better,
-            "pretrained": self.bundle.pretrained,
-            "config": cfg.to_dict(),
-            "parameters": self.summary,
             "optimizer_state_mb": _optimizer_state_bytes(self.optimizer) / 2**20,
             "examples": {"train": len(self.train_split), "dev": len(self.dev_split),
                          "test": len(self.test_split) if self.test_split else 0},
-            "steps": stage.total_steps,
-            "steps_per_epoch": stage.steps_per_epoch,
-            "best_step": state["best_step"],
-            "best_epoch": state["best_epoch"],
-            "dev": state["best_dev"],
-            "test": self.test,
-            "train_time_s": state["train_time_s"],
-            "wall_time_s_this_process": time.perf_counter() - self.wall_start,
-            "resumed": state["resumed"],
-            "processes": self.world,
-            "fsdp": bool(cfg.fsdp),
-            "peak_rss_mb": peak_rss[0],  # rank 0's; every process's below
-            "peak_rss_mb_per_process": peak_rss,
-            "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-            "device": str(device),
-            "environment": environment(),
+            "steps_per_epoch": stage.steps_per_epoch, "best_step": state["best_step"],
+            "best_epoch": state["best_epoch"], "dev": state["best_dev"], "test": self.test,
             "data_info": jsonable(self.data.info),
-            "model_info": jsonable(self.bundle.info),
         }
-
-
-def save_adapter(model: nn.Module, bundle: Any, cfg: TrainConfig, task: Task, path: Path) -> None:
-    """Write the trained weights with ``save_pretrained`` (plus run_info.json) via a temporary directory.
-
-    Adapter methods write the ShareLoRA adapter (each shared tensor once); full fine-tuning
-    writes the whole model and its tokenizer, so the directory loads as a model of its own.
-    """
-    info = {
-        "model": cfg.model,
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "dataset_options": cfg.dataset_options,
-        "task_type": task.task_type,
-        "num_labels": task.num_labels,
-        "label_names": task.label_names,
-        "max_length": cfg.max_length,
-        "eval_batch_size": cfg.eval_batch_size,  # with max_eval_examples: `sharelora eval` rescoring as the run did
-        "max_eval_examples": cfg.max_eval_examples,
-        "seed": cfg.seed,
-        "model_task": task.model_task,
-        **task.run_info(),
-        **memory_run_info(cfg),  # how the base was loaded (bf16 / quantized), for eval and merge
-    }
-    save_with_run_info(model, path, info, tokenizer=bundle.tokenizer if cfg.is_full else None)
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,15 +61,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import ClassificationTask, EncodedSplit, ONE_PROCESS, Processes as TaskProcesses, Task
-from ..tasks.classification import score_split
+from ..tasks import ClassificationTask, EncodedSplit, label_space
 from .config import TrainConfig, resolve_targets, short_name
-from .distributed import gather_list, is_sharded
+from .distributed import is_sharded
 from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_everything
 from .evaluate import eval_settings, evaluate, model_logits, read_run_info
-from .logs import environment, peak_rss_mb, plot_task_curves
+from .logs import plot_task_curves
 from .memory import apply_memory_options, load_options
-from .memory import run_info as memory_run_info
 from .methods import head_modules, sharelora_config
 from .state import atomic_save_tensors, load_tensors
 
@@ -186,33 +183,21 @@ class MultiTaskConfig(TrainConfig):
 
 
 # --- one task of a multi-task model -------------------------------------------------------------------
-class TaskHead(Task):
-    """One task of a multi-task model (the task contract): its adapter and its outputs.
+class TaskHead(ClassificationTask):
+    """One task of a multi-task model: a classification task whose rows go through adapter ``adapter``
+    (routed with ``adapter_names`` when ``routed``) and whose classes are the shared classifier's outputs
+    ``logits`` = (start, end); its loss, predictions and metrics see only those."""
 
-    ``adapter``: the adapter its rows go through (routed with ``adapter_names`` when ``routed``);
-    ``logits``: (start, end), the classifier outputs that are its classes.
-    """
-
-    model_task = "classification"
-
-    def __init__(self, name: str, task: ClassificationTask, adapter: str, logits: tuple[int, int], routed: bool):
-        self.name, self.task, self.adapter, self.routed, self.data = name, task, adapter, routed, task.data
+    def __init__(self, name: str, data: Any, tokenizer: Any, max_length: int, adapter: str, logits: tuple[int, int],
+                 routed: bool):
+        super().__init__(data, tokenizer, max_length=max_length)
+        self.name, self.adapter, self.routed = name, adapter, routed
         self.start, self.end = logits
-        if self.end - self.start != task.num_labels:
-            raise ValueError(f"task {name!r} has {task.num_labels} labels but reads {self.end - self.start} outputs")
-        self.primary_metric = task.primary_metric
-        self.task_type = task.task_type
-        self.num_labels = task.num_labels
-        self.label_names = task.label_names
-
-    def encode(self, split: str, limit: int | None = None) -> EncodedSplit:
-        return self.task.encode(split, limit)
-
-    def collate(self, split: EncodedSplit, indices) -> dict[str, torch.Tensor]:
-        return self.task.collate(split, indices)
+        if self.end - self.start != self.num_labels:
+            raise ValueError(f"task {name!r} has {self.num_labels} labels but reads {self.end - self.start} outputs")
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        inputs: dict[str, Any] = self.task.model_inputs(batch)
+        inputs = super().model_inputs(batch)
         if self.routed:
             inputs["adapter_names"] = [self.adapter] * batch["input_ids"].shape[0]
         return inputs
@@ -221,17 +206,10 @@ class TaskHead(Task):
         return logits[:, self.start : self.end]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return self.task.loss(self.outputs(logits), labels, reduction=reduction)
+        return super().loss(self.outputs(logits), labels, reduction=reduction)
 
     def predict(self, logits: torch.Tensor) -> list:
-        return self.task.predict(self.outputs(logits))
-
-    def metrics(self, predictions, labels) -> dict[str, float]:
-        return self.task.metrics(predictions, labels)
-
-    def evaluate(self, model: nn.Module, split: EncodedSplit, batch_size: int = 64, device: Any = "cpu",
-                 processes: TaskProcesses = ONE_PROCESS) -> dict[str, float]:
-        return score_split(self, model, split, batch_size, device, processes)
+        return super().predict(self.outputs(logits))
 
 
 def head_layout(num_labels: dict[str, int], one_adapter: bool) -> tuple[int, dict[str, tuple[int, int]]]:
@@ -376,8 +354,6 @@ class MultiTaskRun(Run):
         with self.acc.main_process_first():  # rank 0 fetches into the cache, the others then read it
             self.data = load_task_data(cfg, self.data)
         self.names = list(self.data)
-        from ..tasks import label_space
-
         counts = {n: label_space(d)[1] for n, d in self.data.items()}
         self.outputs, slices = head_layout(counts, cfg.layout == "one-adapter")
         if self.bundle is None:
@@ -390,8 +366,8 @@ class MultiTaskRun(Run):
         bundle = self.bundle
         self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
         routed = cfg.layout == "per-task"
-        self.heads = {n: TaskHead(n, ClassificationTask(d, bundle.tokenizer, max_length=cfg.max_length),
-                                  n if routed else ONE_ADAPTER, slices[n], routed) for n, d in self.data.items()}
+        self.heads = {n: TaskHead(n, d, bundle.tokenizer, cfg.max_length, n if routed else ONE_ADAPTER, slices[n], routed)
+                      for n, d in self.data.items()}
         self.train_splits = {n: h.encode("train", cfg.max_train_examples) for n, h in self.heads.items()}
         self.dev_splits = {n: h.encode("dev", cfg.max_eval_examples) for n, h in self.heads.items()}
         self.test_splits = {n: h.encode("test", cfg.max_eval_examples) for n, h in self.heads.items()
@@ -438,7 +414,7 @@ class MultiTaskRun(Run):
     def batch_loss(self, stage: Stage, rows: list[int]) -> torch.Tensor:
         """Each row through its task's adapter (per-task layout: ``adapter_names``), scored on its task's outputs."""
         mixed = self.mixed[stage.index]
-        collate = self.heads[self.names[0]].task.collate
+        collate = self.heads[self.names[0]].collate
         batch = {key: v.to(self.device) for key, v in collate(mixed.split, rows).items()}
         tasks = [stage.tasks[mixed.task_of_row[i]] for i in rows]
         inputs: dict[str, Any] = {key: v for key, v in batch.items() if key != "labels"}
@@ -548,20 +524,13 @@ class MultiTaskRun(Run):
                 "best_dev": first["best_dev"].get(n), "best_step": first["best_step"],
             }
         results: dict[str, Any] = {
-            "status": "finished", "name": cfg.name, "method": cfg.method_label, "layout": cfg.layout,
+            **self.common_results(), "method": cfg.method_label, "layout": cfg.layout,
             "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
-            "continual": cfg.continual, "model": self.bundle.name, "pretrained": self.bundle.pretrained,
-            "metric": metric, "tasks": tasks,
+            "continual": cfg.continual, "metric": metric, "tasks": tasks,
             "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
                      for split in ("dev", "test")},
-            "config": cfg.to_dict(), "parameters": self.summary, "steps": self.total_steps, "stages": state["stages"],
-            "train_time_s": state["train_time_s"], "wall_time_s_this_process": time.perf_counter() - self.wall_start,
-            "resumed": state["resumed"], "device": str(self.device), "processes": self.world, "fsdp": bool(cfg.fsdp),
-            "peak_rss_mb_per_process": gather_list(self.acc, [peak_rss_mb()]), "environment": environment(),
-            "data_info": {n: jsonable(d.info) for n, d in self.data.items()},
-            "model_info": jsonable(self.bundle.info),
+            "stages": state["stages"], "data_info": {n: jsonable(d.info) for n, d in self.data.items()},
         }
-        results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if cfg.continual:
             results["forgetting"] = forgetting(state["stages"], self.names, metric)
         return results
@@ -570,11 +539,8 @@ class MultiTaskRun(Run):
         """adapter/: every adapter (save_pretrained, multi-adapter format) and a run_info.json of the tasks."""
         cfg, metric = self.cfg, self.heads[self.names[0]].primary_metric
         info = {
-            "model": cfg.model, "method": cfg.method_label, "multitask": True, "layout": cfg.layout,
+            **self.common_run_info(), "method": cfg.method_label, "multitask": True, "layout": cfg.layout,
             "task_type": "classification", "model_task": "classification", "num_labels": self.outputs,
-            "max_length": cfg.max_length, "eval_batch_size": cfg.eval_batch_size,
-            "max_eval_examples": cfg.max_eval_examples, "seed": cfg.seed,
-            **memory_run_info(cfg),  # how the base was loaded (bf16 / quantized), for eval and export
             "tasks": {n: {"dataset": cfg.task_datasets()[n], "dataset_options": cfg.task_dataset_options.get(n, {}),
                           "adapter": h.adapter, "logits": [h.start, h.end], "num_labels": h.num_labels,
                           "label_names": h.label_names} for n, h in self.heads.items()},
@@ -624,11 +590,11 @@ def task_heads(info: dict[str, Any], tokenizer: Any, data: dict[str, Any]) -> di
     out = {}
     for n, d in data.items():
         t = info["tasks"][n]
-        task = ClassificationTask(d, tokenizer, max_length=info["max_length"])
-        if task.num_labels != t["num_labels"]:
-            raise ValueError(f"{getattr(d, 'name', n)} has {task.num_labels} label(s) but task {n!r} was trained "
+        labels = label_space(d)[1]
+        if labels != t["num_labels"]:
+            raise ValueError(f"{getattr(d, 'name', n)} has {labels} label(s) but task {n!r} was trained "
                              f"with {t['num_labels']}; evaluate it on a data set with the same labels")
-        out[n] = TaskHead(n, task, t["adapter"], tuple(t["logits"]), routed)
+        out[n] = TaskHead(n, d, tokenizer, info["max_length"], t["adapter"], tuple(t["logits"]), routed)
     return out
 
 

@@ -33,6 +33,7 @@ import torch
 
 from ..tasks import Task
 from .config import TrainConfig
+from .compare import mean_std
 from .engine import fit, seed_everything
 from .evaluate import model_logits
 from .logs import environment, peak_rss_mb
@@ -92,19 +93,9 @@ def _header(command: str | None, bundle: Any, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
 def _pm(values: list[float], fmt: str) -> str:
-    return fmt.format(_mean(values)) + (f" ± {fmt.format(_std(values))}" if len(values) > 1 else "")
+    mean, std = mean_std(values)
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(values) > 1 else "")
 
 
 def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", second: str = "instructions",
