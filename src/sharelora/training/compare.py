@@ -203,7 +203,7 @@ def compare(
     """Train every method with every seed on the same data and write the table, plot and JSON.
 
     ``methods``: names or settings ("lora", "lora@r=2", "peft-vblora@r=4,num_vectors=64"; see
-    peft_methods.parse_methods) or MethodSpecs; each is a row, its runs in
+    methods.parse_methods) or MethodSpecs; each is a row, its runs in
     ``<output_dir>/<method>[-<key><value>...]-s<seed>``. ``base.lr`` (if set) is the adapters' learning
     rate and ``full_lr`` full fine-tuning's (a spec's ``lr=`` wins); unset ones take the method defaults. Everything else in ``base`` is shared by all runs. ``jobs``
     runs that many trainings side by side, each with ``threads`` threads (default: cpu_count / jobs;
