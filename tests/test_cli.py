@@ -158,3 +158,93 @@ def test_bad_column_names_the_columns(local_inputs, tmp_path, capsys):
 def test_unknown_dataset_is_an_error_listing_the_known_ones(tmp_path, capsys):
     assert main(["train", "--dataset", "rotten-potatoes", "--output-dir", str(tmp_path / "r")]) == 2
     assert "rotten-tomatoes" in capsys.readouterr().err
+
+
+# --- config files ----------------------------------------------------------------------------------------
+@needs_sources
+def test_a_run_directory_config_yaml_reproduces_the_run(local_inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    from sharelora.training import TrainConfig
+
+    first = tmp_path / "first"
+    assert main(tiny_run_args(local_inputs, first, "--method", "lora", "--share-block-size", "1", "--seed", "4")) == 0
+    results = json.loads((first / "results.json").read_text())
+    assert TrainConfig.from_file(first / "config.yaml").to_dict() == results["config"]  # the resolved config, whole
+    again = tmp_path / "again"  # the file's values, the output directory overridden on the command line
+    assert main(["train", "--config", str(first / "config.yaml"), "--output-dir", str(again), "--no-progress"]) == 0
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (first, again))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((again / "results.json").read_text())["test"] == results["test"]
+
+
+def test_yaml_and_json_config_files_are_overridden_by_flags(tmp_path):
+    from sharelora.cli import config_from_args
+
+    (tmp_path / "run.yaml").write_text("method: shareb\nrank: 4\nepochs: 3\ntargets: all-linear\n"
+                                       "method_options: {share_block_size: 2}\n")
+    (tmp_path / "run.json").write_text(json.dumps({"method": "shareb", "rank": 4, "epochs": 3}))
+    for name in ("run.yaml", "run.json"):
+        cfg = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / name), "--rank", "8",
+                                                          "--dropout-mask", "module"]))
+        assert (cfg.method, cfg.rank, cfg.epochs) == ("shareb", 8, 3)
+    assert cfg.method_options == {"dropout_mask": "module"}
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml")]))
+    assert cfg.targets == "all-linear" and cfg.method_options == {"share_block_size": 2}
+
+
+def test_a_config_file_that_is_not_a_mapping_names_the_problem(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("- rank\n- 8\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "must hold a mapping of field: value" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_compare_and_multitask_take_their_own_options_from_a_config_file(tmp_path, monkeypatch):
+    from sharelora.cli.multitask import config_from_multitask_args
+    from sharelora.training import compare as compare_module
+
+    (tmp_path / "mt.yaml").write_text("tasks: [a=x.csv, b=y.csv]\ncontinual: true\ntask_share: none\nrank: 4\n")
+    cfg = config_from_multitask_args(build_parser().parse_args(["multitask", "--config", str(tmp_path / "mt.yaml"),
+                                                                "--task-share", "B"]))
+    assert (cfg.tasks, cfg.continual, cfg.task_share, cfg.rank) == (["a=x.csv", "b=y.csv"], True, "B", 4)
+
+    seen = {}
+    monkeypatch.setattr(compare_module, "compare", lambda base, specs, seeds, out, **kw: seen.update(
+        methods=[s.label for s in specs], seeds=seeds, out=out, rank=base.rank, jobs=kw["jobs"]) or {"runs": []})
+    monkeypatch.setattr("sharelora.cli.compare._report", lambda out, summary: None)
+    (tmp_path / "cmp.yaml").write_text(f"methods: [lora, sharea@r=2]\nseeds: 2\nrank: 4\njobs: 2\n"
+                                       f"output_dir: {tmp_path / 'c'}\n")
+    assert main(["compare", "--config", str(tmp_path / "cmp.yaml"), "--jobs", "1"]) == 0
+    assert seen == {"methods": ["lora", "sharea@r=2"], "seeds": [0, 1], "out": str(tmp_path / "c"), "rank": 4, "jobs": 1}
+
+
+@needs_sources
+def test_compare_trains_each_run_in_a_process_of_its_own(local_inputs, tmp_path):
+    model_dir, data_dir = local_inputs
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(model_dir), "--dataset", str(data_dir), "--text-column", "review",
+                 "--label-column", "stars", "--methods", "lora", "--seeds", "1", "--epochs", "1", "--batch-size", "8",
+                 "--threads", "1", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == ["lora"]
+    run = json.loads((out / "lora-s0" / "results.json").read_text())
+    assert run["environment"]["torch_threads"] == 1 and (out / "lora-s0" / "config.yaml").is_file()
+    assert run["status"] == "finished"
+
+
+@needs_sources
+def test_evaluate_run_is_what_eval_prints(local_inputs, tmp_path, capsys):
+    from sharelora import evaluate_run
+
+    out = tmp_path / "run"
+    assert main(tiny_run_args(local_inputs, out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    scored = evaluate_run(out, split="dev")
+    assert scored["accuracy"] == results["dev"]["accuracy"] and scored["examples"] == 16
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "dev"]) == 0
+    assert json.loads(capsys.readouterr().out) == scored
+    with pytest.raises(ValueError, match="was trained on task 'classification', not 'e2e'"):
+        evaluate_run(out, task="e2e")

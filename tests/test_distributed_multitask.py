@@ -139,3 +139,24 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_run(inputs, tmp_p
     assert json.loads((killed / "results.json").read_text())["resumed"] == 1
     x, y = load_file(uninterrupted / ADAPTER), load_file(killed / ADAPTER)
     assert x.keys() == y.keys() and [k for k in x if not torch.equal(x[k], y[k])] == []
+
+
+def test_fsdp_two_processes_end_with_the_multi_task_adapter_of_ddp(inputs, joint, tmp_path):
+    _, ddp = joint
+    out = tmp_path / "fsdp"
+    run(two_processes(*mt_args(inputs, out, "--fsdp")))
+    assert max_relative_difference(out, ddp) <= 1e-4
+    results, reference = (json.loads((d / "results.json").read_text()) for d in (out, ddp))
+    assert results["fsdp"] is True and results["processes"] == 2
+    for name, (_, n_dev, _) in SIZES.items():
+        assert results["tasks"][name]["dev"]["examples"] == n_dev
+        assert results["tasks"][name]["test"]["accuracy"] == reference["tasks"][name]["test"]["accuracy"]
+
+
+def test_fsdp_leaves_a_task_absent_from_a_step_untouched_as_ddp_does(inputs, tmp_path):
+    # global batches of 2 rows: many steps hold one task only. FSDP reduces a zero gradient for the other
+    # task's tensors; left so, AdamW would move them (momentum, weight decay) where DDP leaves them alone.
+    small = ("--batch-size", "2", "--grad-accum", "1")
+    run(two_processes(*mt_args(inputs, tmp_path / "ddp", *small)))
+    run(two_processes(*mt_args(inputs, tmp_path / "fsdp", *small, "--fsdp")))
+    assert max_relative_difference(tmp_path / "fsdp", tmp_path / "ddp") <= 1e-4

@@ -91,12 +91,12 @@ def test_default_targets_are_the_query_and_value_projections():
 
 def test_mmlu_is_not_a_training_task():
     with pytest.raises(ValueError, match="eval --task mmlu"):
-        task_name(task_config("auto"), tiny_mmlu())
+        task_name("auto", tiny_mmlu())
 
 
 def test_task_and_dataset_must_agree():
     with pytest.raises(ValueError, match="cannot train on dataset 'tiny-e2e'"):
-        task_name(task_config("instructions"), tiny_e2e())
+        task_name("instructions", tiny_e2e())
 
 
 def test_cli_task_presets_and_decoding_options():

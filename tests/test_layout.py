@@ -7,6 +7,7 @@ is still a dependency), so these tests need nothing installed beyond the standar
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,23 @@ def test_no_two_modules_import_each_other():
     pairs = sorted({tuple(sorted((a, b))) for a, targets in IMPORTS.items() for b in targets
                     if a in IMPORTS.get(b, ()) and not (a.startswith(b) or b.startswith(a))})
     assert not pairs, f"modules that import each other: {pairs}"
+
+
+def _source(module: str) -> str:
+    parts = module.split(".")
+    path = SRC.parent.joinpath(*parts)
+    return (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text(encoding="utf-8")
+
+
+def test_one_module_takes_optimizer_steps():
+    """The training engine's ``optimizer_step`` is the one ``step()`` of an optimizer: train, multitask, the
+    studies and the benchmarks all step through it."""
+    stepping = sorted(m for m in IMPORTS if re.search(r"optimi[sz]er\w*\.step\(\)", _source(m)))
+    assert stepping == ["sharelora.training.engine"], stepping
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _floor(m) != "cli" and not _entry_point(m)))
+def test_no_library_module_runs_the_command_line(module):
+    """Parallel runs start a library entry point (a function), never ``python -m sharelora[.cli] ...``."""
+    text = _source(module)
+    assert not re.search(r"""["']sharelora\.cli["']|["']-m["']\s*,\s*["']sharelora["']""", text), module

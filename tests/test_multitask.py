@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from training_tiny import FILLER, NEGATIVE, POSITIVE, tiny_bert, tiny_data, tiny_tokenizer, write_csv
 
 from sharelora.training.multitask import (
-    ONE_ADAPTER, MultiTaskConfig, _Run, evaluate_tasks, export_tasks_peft, head_layout, is_multitask_dir,
+    ONE_ADAPTER, MultiTaskConfig, MultiTaskRun, evaluate_tasks, export_tasks_peft, head_layout, is_multitask_dir,
     mixed_order, train_multitask,
 )
 
@@ -221,13 +221,13 @@ def test_resume_with_other_tasks_is_refused(inputs, tmp_path):
 def snapshots(monkeypatch):
     """Every adapter tensor after each stage, as the run saves it (state/stages.safetensors)."""
     taken = []
-    original = _Run.snapshot
+    original = MultiTaskRun.snapshot
 
     def snapshot(self, k):
         taken.append({key: t.detach().clone() for key, t in self.model.multi_adapter_state_dict().items()})
         original(self, k)
 
-    monkeypatch.setattr(_Run, "snapshot", snapshot)
+    monkeypatch.setattr(MultiTaskRun, "snapshot", snapshot)
     return taken
 
 
@@ -309,6 +309,7 @@ def test_hydra_trains_one_routed_adapter_for_the_mixture(inputs, tmp_path):
     (dict(sampling_temperature=0.0), "> 0"),
     (dict(continual_train_shared=True), "--continual"),
     (dict(tasks=[]), "tasks is empty"),
+    (dict(fsdp=True, continual=True), "drop --fsdp"),
 ])
 def test_bad_configurations_name_the_problem(inputs, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):

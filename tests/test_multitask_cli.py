@@ -71,3 +71,15 @@ def test_eval_and_export_peft_read_a_multi_task_directory(inputs, tmp_path, caps
     assert (tmp_path / "one" / "adapter_config.json").is_file()
     assert main(["eval", str(out), "--adapter", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_multitask_config_yaml_reproduces_the_run(inputs, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(args(inputs, first, "--method", "sharea", "--continual")) == 0
+    assert main(["multitask", "--config", str(first / "config.yaml"), "--output-dir", str(again), "--no-progress"]) == 0
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (first, again))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (first, again))
+    assert r2["continual"] and r2["forgetting"] == r1["forgetting"]

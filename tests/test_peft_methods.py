@@ -7,7 +7,7 @@ import torch
 from training_tiny import tiny_bundle, tiny_data
 
 from sharelora.training import TrainConfig, train
-from sharelora.training.peft_methods import MethodSpec, parse_methods
+from sharelora.training.methods import MethodSpec, parse_methods
 
 # tiny BERT: 2 layers, hidden 32; targets query, value: 4 maps 32 -> 32; head: classifier 32 -> 2
 LAYERS, HIDDEN, TARGETS, HEAD = 2, 32, 4, 32 * 2 + 2
@@ -107,7 +107,7 @@ def test_method_options_are_validated_before_the_model_is_wrapped(tmp_path):
     from sharelora.training.methods import prepare_model
 
     for cfg, message in ((TrainConfig(method="peft-vera", method_options={"num_vectors": 4}), "peft-vera has no option"),
-                         (TrainConfig(method="lora", method_options={"num_vectors": 4}), "takes no method_options"),
+                         (TrainConfig(method="lora", method_options={"num_vectors": 4}), "lora has no option"),
                          (TrainConfig(method="peft-vblora", method_options={"num_vectors": 8, "topk": 9}),
                           "topk 9 exceeds num_vectors 8")):
         with pytest.raises(ValueError, match=message):

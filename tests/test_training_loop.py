@@ -237,3 +237,51 @@ def test_training_optimizer_is_fused_adamw_and_falls_back_where_torch_has_no_fus
 
     monkeypatch.setattr(torch.optim, "AdamW", NoFused)
     assert not adamw([p], lr=0.1).defaults["fused"]
+
+
+def test_every_sharelora_option_reaches_the_adapter_from_the_command_line(tmp_path):
+    from sharelora.cli import build_parser, config_from_args
+
+    regex = r".*attention\.self\.(query|value)"
+    args = build_parser().parse_args([
+        "train", "--method", "sharea", "--share", "B", "--scope", "layers", "--share-block-size", "1",
+        "--layers-to-transform", "1", "--dropout-mask", "module", "--target-modules", regex,
+        "--method-option", "adapter_dtype=float64", "--epochs", "1", "--output-dir", str(tmp_path / "run")])
+    cfg = config_from_args(args)
+    assert cfg.targets == regex and cfg.method_options == {
+        "share": "B", "scope": "layers", "share_block_size": 1, "layers_to_transform": [1], "dropout_mask": "module",
+        "adapter_dtype": "float64"}
+    assert "-share_block_size1" in cfg.name and "-layers_to_transform1" in cfg.name  # its own run directory
+    train(cfg, bundle=tiny_bundle(tmp_path), data=tiny_data(), progress=False)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert {k: saved[k] for k in ("share", "share_block_size", "layers_to_transform", "dropout_mask", "target_modules",
+                                  "adapter_dtype")} == {"share": "B", "share_block_size": 1, "layers_to_transform": [1],
+                                                        "dropout_mask": "module", "target_modules": regex,
+                                                        "adapter_dtype": "float64"}
+    weights = adapter_tensors(tmp_path, "run")
+    assert any("layer.1" in k for k in weights) and not any("layer.0" in k for k in weights)
+
+
+def test_targets_take_names_a_regex_or_all_linear():
+    from sharelora.cli.common import target_modules
+
+    assert target_modules("query,value") == ["query", "value"]
+    assert target_modules("c_attn.q,c_attn.v") == ["c_attn.q", "c_attn.v"]  # a dot is a name, not a regex
+    assert target_modules("all-linear") == "all-linear"
+    assert target_modules(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+
+
+def test_an_unknown_method_option_names_the_method_options():
+    with pytest.raises(ValueError, match=r"sharea has no option\(s\) \[.bogus.\]; its options are .*share_block_size"):
+        TrainConfig(method="sharea", method_options={"bogus": 1}).resolved()
+    with pytest.raises(ValueError, match="share_block_size must be a positive integer"):
+        TrainConfig(method="sharea", method_options={"share_block_size": 0}).resolved()
+
+
+def test_compare_entries_take_sharelora_options():
+    from sharelora.training.methods import parse_methods
+
+    spec, = parse_methods("sharea@r=4,share_block_size=2,dropout_mask=module")
+    cfg = spec.apply(TrainConfig(method_options={"scope": "layers"}))
+    assert (cfg.rank, cfg.method_options) == (4, {"scope": "layers", "share_block_size": 2, "dropout_mask": "module"})
+    assert spec.dirname == "sharea-r4-share_block_size2-dropout_maskmodule"

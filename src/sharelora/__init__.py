@@ -33,7 +33,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
 __all__ = [
     "BASE_ADAPTER", "SCOPES", "SHARE_MODES", "TASK_SHARE_MODES", "ShareLoraConfig", "ShareLoraError",
     "ShareLoraLayer", "ShareLoraModel", "SharingPlan", "build_plan", "compress_adapters", "get_sharelora_model",
-    "ShareLoraTrainer", "__version__",
+    "ShareLoraTrainer", "evaluate_run", "__version__",
 ]
 
 
@@ -42,4 +42,8 @@ def __getattr__(name):
         from .method.hf import ShareLoraTrainer
 
         return ShareLoraTrainer
+    if name == "evaluate_run":  # what `sharelora eval RUN` does (training/run_eval.py)
+        from .training.run_eval import evaluate_run
+
+        return evaluate_run
     raise AttributeError(name)

@@ -48,6 +48,7 @@ def measure(job: dict) -> dict:
     from ..bench.memory import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
     from ..sources import load_model
     from ..training.config import TrainConfig
+    from ..training.engine import optimizer_step
     from ..training.memory import load_options
     from ..training.methods import prepare_model
 
@@ -80,8 +81,7 @@ def measure(job: dict) -> dict:
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer)  # the training engine's step
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     out.update(peak_rss_mb=_peak_rss_bytes() / 2**20, step_s=statistics.median(times[1:] or times),

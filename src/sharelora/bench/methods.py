@@ -17,7 +17,8 @@
                           (how the paper's authors share A with PEFT)
     full                  full fine-tuning (every parameter trainable)
 
-Every method trains with AdamW on its trainable parameters (each shared tensor once) and no task
+The ShareLoRA rows are presets of the method vocabulary (training/methods.py: lora, sharea, shareb,
+shareab, sharea-qkv; ``PRESETS``) with the options named above. Every method trains with AdamW on its trainable parameters (each shared tensor once) and no task
 head is trained, so the trainable count is exactly the adapter's.
 """
 
@@ -33,6 +34,8 @@ import torch
 from torch import nn
 
 from ..method import ShareLoraConfig, build_plan, get_sharelora_model
+from ..training.engine import optimizer_step
+from ..training.methods import preset_config
 from ..training.optim import adamw
 from .models import ModelSpec
 
@@ -74,9 +77,9 @@ class Prepared:
         return self.model(**batch).loss
 
     def step(self, batch: dict) -> None:
+        """Forward, backward and the training engine's optimizer step (no clipping: the step alone is timed)."""
         self.loss(batch).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state (exp_avg, exp_avg_sq, step)."""
@@ -122,16 +125,19 @@ class FloorModel(nn.Module):
         return self.base_model(**kwargs)
 
 
+# The benchmark's ShareLoRA rows as the method vocabulary's presets (training/methods.py) and options on top.
+PRESETS = {"sharelora-none": ("lora", {}), "sharelora-A": ("sharea", {}),
+           "sharelora-A-modulemask": ("sharea", {"dropout_mask": "module"}), "sharelora-B": ("shareb", {}),
+           "sharelora-AB": ("shareab", {}), "sharelora-qkv": ("sharea-qkv", {}), "sharelora-qkv-unfused": ("sharea-qkv", {})}
+
+
 def _sharelora_config(name: str, spec: ModelSpec, s: AdapterSettings) -> ShareLoraConfig:
-    if name.startswith("sharelora-qkv"):
-        if not spec.qkv_targets:
-            raise ValueError(f"no q,k,v target names known for targets {list(spec.targets)}; pass --qkv-targets")
-        return ShareLoraConfig(rank=s.rank, alpha=s.alpha, dropout=s.dropout, share="A", scope="qkv",
-                               target_modules=list(spec.qkv_targets))
-    share, _, variant = name.split("-", 1)[1].partition("-")
-    return ShareLoraConfig(rank=s.rank, alpha=s.alpha, dropout=s.dropout, share=share,
-                           dropout_mask="module" if variant == "modulemask" else "input",
-                           target_modules=list(spec.targets))
+    preset, options = PRESETS[name]
+    if name.startswith("sharelora-qkv") and not spec.qkv_targets:
+        raise ValueError(f"no q,k,v target names known for targets {list(spec.targets)}; pass --qkv-targets")
+    targets = spec.qkv_targets if name.startswith("sharelora-qkv") else spec.targets
+    return preset_config(preset, rank=s.rank, alpha=s.alpha, dropout=s.dropout, target_modules=list(targets),
+                         **options)
 
 
 def _adamw(params, s: AdapterSettings) -> torch.optim.Optimizer:

@@ -10,7 +10,6 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -56,6 +55,28 @@ def csv_list(text: str) -> list[str]:
     return items
 
 
+_REGEX_CHARACTERS = set("*?[](){}|^$+\\")
+
+
+def target_modules(text: str) -> list[str] | str:
+    """--targets: "query,value" (names, suffix match), "all-linear", or a regex (full match on the module path;
+    recognised by a character such as * ? [ ] ( ) | ^ $ + that no module name holds)."""
+    text = text.strip()
+    if text == "all-linear" or _REGEX_CHARACTERS & set(text):
+        return text
+    return csv_list(text)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0, got {text!r}")
+    return values
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -99,7 +120,8 @@ def report_to(text: str) -> list[str]:
 # Options of a training run: (flags, TrainConfig field, argparse keywords). Defaults are SUPPRESSed
 # so that only options given on the command line override TrainConfig's defaults or --config.
 def _run_options() -> list[tuple[str, str, dict]]:
-    from ..training.config import METHODS, TrainConfig
+    from ..training.config import TrainConfig
+    from ..training.methods import METHODS
 
     d = TrainConfig()
     return [
@@ -112,7 +134,9 @@ def _run_options() -> list[tuple[str, str, dict]]:
         ("--rank", "rank", dict(type=positive_int, help=f"LoRA rank r (default: {d.rank})")),
         ("--alpha", "alpha", dict(type=positive_float, help=f"LoRA alpha; the update is scaled by alpha/r (default: {d.alpha:g})")),
         ("--dropout", "dropout", dict(type=fraction, help=f"dropout on the adapter input (default: {d.dropout})")),
-        ("--targets", "targets", dict(type=csv_list, metavar="A,B", help=f"modules to adapt (default: {','.join(d.targets)})")),
+        (("--targets", "--target-modules"), "targets", dict(type=target_modules, metavar="A,B|REGEX|all-linear",
+                                                           help=f"modules to adapt: names (suffix match), a regex (full match "
+                                                                f"on the module path) or all-linear (default: {','.join(d.targets)})")),
         ("--modules-to-save", "modules_to_save", dict(type=csv_list, metavar="A,B", help="modules trained in full with the adapter (default: the classification head)")),
         ("--lr", "lr", dict(type=positive_float, help="peak learning rate (default: 2e-3 for adapters, 3e-5 for full)")),
         ("--weight-decay", "weight_decay", dict(type=float, help=f"AdamW weight decay (default: {d.weight_decay})")),
@@ -159,6 +183,42 @@ def _run_options() -> list[tuple[str, str, dict]]:
     ]
 
 
+# ShareLoRA options of a run, beyond its method's preset (TrainConfig.method_options; methods.py):
+# (flag, ShareLoraConfig field, argparse keywords).
+METHOD_OPTION_FLAGS = [
+    ("--share", "share", dict(choices=["none", "A", "B", "AB"],
+                              help="which matrices one tensor serves across layers (default: the method's: lora "
+                                   "none, sharea A, shareb B, shareab AB)")),
+    ("--scope", "scope", dict(choices=["layers", "qkv"],
+                              help="layers: one shared tensor per module type (the paper); qkv: one for query, key "
+                                   "and value of all layers (default: the method's; sharea-qkv: qkv)")),
+    ("--share-block-size", "share_block_size", dict(type=positive_int, metavar="K",
+                                                    help="share only within blocks of K consecutive layers")),
+    ("--layers-to-transform", "layers_to_transform", dict(type=int_list, metavar="I,J",
+                                                          help="adapt only these layers (default: all)")),
+    ("--dropout-mask", "dropout_mask", dict(choices=["input", "module"],
+                                            help="input: modules reading one input share a dropout mask and one "
+                                                 "down-projection product (default); module: a mask per module (PEFT)")),
+]
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (ShareLoRA methods; any field with --method-option)")
+    for flag, key, kwargs in METHOD_OPTION_FLAGS:
+        group.add_argument(flag, dest=f"method_option_{key}", default=argparse.SUPPRESS, **kwargs)
+    group.add_argument("--method-option", dest="method_option", type=_key_value, action="append",
+                       default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                       help="any other option of the method's config (a ShareLoraConfig field such as fused_modules, "
+                            "or a PEFT method's, e.g. num_vectors=64); VALUE is JSON or text (repeatable)")
+
+
+def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    options = dict(getattr(args, "method_option", None) or [])
+    options.update({key: getattr(args, f"method_option_{key}") for _, key, _ in METHOD_OPTION_FLAGS
+                    if hasattr(args, f"method_option_{key}")})
+    return options
+
+
 # Options that describe how to read a local data file; passed to sources.load_dataset.
 DATA_OPTIONS = [
     ("--text-column", "text_column", "column holding the text (local files)"),
@@ -202,43 +262,70 @@ def data_options_from_args(args: argparse.Namespace) -> dict:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                       help="JSON file of TrainConfig fields; options given here override it")
+                       help="YAML or JSON file of the run's fields (every option, by its name with _ for -; a run "
+                            "directory's config.yaml is one); options given here override it")
     for flag, dest, kwargs in _run_options():
-        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kwargs)
+        flags = flag if isinstance(flag, tuple) else (flag,)
+        group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
+    add_method_arguments(parser)
     add_data_arguments(parser)
     add_task_arguments(parser)
 
 
-def config_from_args(args: argparse.Namespace):
-    """TrainConfig from --config (if any) with the options given on the command line on top."""
+def read_config_arg(args: argparse.Namespace, cls: type | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields in ``--config`` (none without it), checked against ``cls``'s (TrainConfig's) and ``extra``."""
+    from ..training.config import TrainConfig, check_fields, read_config_file
+
+    path = getattr(args, "config", None)
+    if not path:
+        return {}
+    try:
+        values = read_config_file(path)
+        check_fields(cls or TrainConfig, values, f"--config {path}", extra)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(str(e)) from None
+    return values
+
+
+def settle(args: argparse.Namespace, defaults: dict[str, Any], values: dict[str, Any],
+           types: dict[str, Any] | None = None) -> None:
+    """Set each key of ``defaults`` on ``args``: the command line's value, else ``values``' (a config file's,
+    taken out of it; a string read with ``types[key]``), else the default."""
+    for key, default in defaults.items():
+        if hasattr(args, key):
+            values.pop(key, None)
+            continue
+        value = values.pop(key, default)
+        kind = (types or {}).get(key)
+        if kind is not None and isinstance(value, str):
+            try:
+                value = kind(value)
+            except argparse.ArgumentTypeError as e:
+                raise CliError(f"--config {args.config}: {key}: {e}") from None
+        setattr(args, key, value)
+
+
+def config_from_args(args: argparse.Namespace, cls: type | None = None, values: dict[str, Any] | None = None):
+    """A TrainConfig (or ``cls``, e.g. MultiTaskConfig) from ``values`` (default: --config's fields) with the
+    options given on the command line on top."""
     from ..training.config import TrainConfig
 
-    values: dict = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise CliError(f"--config {path} does not exist; pass a JSON file of TrainConfig fields")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CliError(f"--config {path} is not valid JSON ({e})") from None
-        known = set(TrainConfig().to_dict())
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CliError(f"--config {path} has unknown fields {unknown}; known fields: {sorted(known)}")
+    cls = cls or TrainConfig
+    values = dict(read_config_arg(args, cls) if values is None else values)
     from ..tasks.build import preset_values
 
     for _, dest, _ in _run_options():
         if hasattr(args, dest):
             values[dest] = getattr(args, dest)
     values["task_options"] = {**(values.get("task_options") or {}), **task_options_from_args(args)}
+    values["method_options"] = {**(values.get("method_options") or {}), **method_options_from_args(args)}
     for attr in ("output_dir",):
         if getattr(args, attr, None) is not None:
             values[attr] = getattr(args, attr)
     values["dataset_options"] = {**(values.get("dataset_options") or {}), **data_options_from_args(args)}
     # Last: which of the preset's values (and dataset options) apply depends on every option above.
     values = preset_values(values.get("task"), values)
-    cfg = TrainConfig.from_dict(values)
+    cfg = cls.from_dict(values)
     try:
         cfg.validate()
     except ValueError as e:

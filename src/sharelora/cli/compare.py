@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CliError, add_run_arguments, command_line, config_from_args, csv_list, positive_float, positive_int
+from .common import (
+    CliError, add_run_arguments, command_line, config_from_args, csv_list, positive_float, positive_int,
+    read_config_arg, settle,
+)
 
 
 def seeds(text: str) -> list[int]:
@@ -25,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Train several methods on the same data with several seeds and write a Markdown table, a plot and JSON "
         "(compare.md, compare.png, compare.json). Rerunning the same command resumes an interrupted comparison."
     )
-    p.add_argument("--methods", type=csv_list, default=["full", "lora", "sharea", "shareb", "shareab"],
+    p.add_argument("--methods", type=csv_list, default=argparse.SUPPRESS,
                    metavar="M[@K=V,...],...",
                    help="methods to compare, each optionally with settings: e.g. lora@r=2,lora@r=8,sharea@r=16,"
                         "peft-vera@r=1024,peft-vblora@r=4,num_vectors=64,vector_length=128,lr=0.004 (a KEY=VALUE "
@@ -35,34 +38,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "dropout, lr); PEFT's methods take PEFT's defaults for what is not given (VeRA r=256, "
                         "VB-LoRA r=4, num_vectors=256, vector_length=256), not --rank "
                         "(default: full,lora,sharea,shareb,shareab)")
-    p.add_argument("--seeds", type=seeds, default=[0, 1, 2], help="number of seeds (3 = seeds 0,1,2) or a list 0,1,2 (default: 3)")
-    p.add_argument("--full-lr", type=positive_float, default=None, help="learning rate of full fine-tuning (default: 3e-5); --lr sets the adapters'")
-    p.add_argument("--output-dir", default=None, metavar="DIR", help="where runs and tables go (default: runs/compare-<model>-<dataset>)")
-    p.add_argument("--in-process", action="store_true", help="run every training in this process (faster start; peak memory is then shared)")
-    p.add_argument("--progress", action="store_true", help="show each run's progress bar")
-    p.add_argument("--jobs", type=positive_int, default=1,
+    p.add_argument("--seeds", type=seeds, default=argparse.SUPPRESS, help="number of seeds (3 = seeds 0,1,2) or a list 0,1,2 (default: 3)")
+    p.add_argument("--full-lr", type=positive_float, default=argparse.SUPPRESS, help="learning rate of full fine-tuning (default: 3e-5); --lr sets the adapters'")
+    p.add_argument("--output-dir", default=argparse.SUPPRESS, metavar="DIR", help="where runs and tables go (default: runs/compare-<model>-<dataset>)")
+    p.add_argument("--in-process", action="store_true", default=argparse.SUPPRESS, help="run every training in this process (faster start; peak memory is then shared)")
+    p.add_argument("--progress", action="store_true", default=argparse.SUPPRESS, help="show each run's progress bar")
+    p.add_argument("--jobs", type=positive_int, default=argparse.SUPPRESS,
                    help="runs side by side, each with CPUs/jobs threads (default: 1; 2 suits a 2-core CPU best)")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS,
                    help="CPU threads of each run (default: CPUs/jobs with --jobs > 1, else all)")
     add_run_arguments(p)
     g = p.add_argument_group("instructions: MMLU after training")
-    g.add_argument("--mmlu-shots", type=int, default=None, help="score every trained adapter (and the base model) "
+    g.add_argument("--mmlu-shots", type=int, default=argparse.SUPPRESS, help="score every trained adapter (and the base model) "
                    "on MMLU with this many shots (0 or 5)")
-    g.add_argument("--mmlu-subjects", default=None, metavar="A,B", help="MMLU subjects (default: all)")
-    g.add_argument("--mmlu-max-per-subject", type=int, default=None, help="MMLU questions per subject")
+    g.add_argument("--mmlu-subjects", default=argparse.SUPPRESS, metavar="A,B", help="MMLU subjects (default: all)")
+    g.add_argument("--mmlu-max-per-subject", type=int, default=argparse.SUPPRESS, help="MMLU questions per subject")
+
+
+# compare's own options (a --config file may hold them beside the runs' fields) and their defaults
+COMPARE_DEFAULTS = {"methods": ["full", "lora", "sharea", "shareb", "shareab"], "seeds": [0, 1, 2], "full_lr": None,
+                    "output_dir": None, "in_process": False, "progress": False, "jobs": 1, "threads": None,
+                    "mmlu_shots": None, "mmlu_subjects": None, "mmlu_max_per_subject": None}
 
 
 def run(args: argparse.Namespace) -> int:
     from ..training.compare import compare
     from ..training.config import short_name
+    from ..training.methods import parse_methods
 
-    from ..training.peft_methods import parse_methods
+    values = read_config_arg(args, extra=tuple(COMPARE_DEFAULTS))
+    settle(args, COMPARE_DEFAULTS, values, types={"methods": csv_list, "seeds": seeds})
+    if isinstance(args.seeds, int):
+        args.seeds = list(range(args.seeds))
 
     try:
         specs = parse_methods(args.methods)
     except ValueError as e:
         raise CliError(str(e)) from None
-    base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "output_dir"}))
+    base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "output_dir"}),
+                            values=values)
     out = args.output_dir or f"runs/compare-{short_name(base.model)}-{short_name(base.dataset)}"
     if base.task in ("e2e", "instructions"):
         if any(s.settings or s.method.startswith("peft-") for s in specs):

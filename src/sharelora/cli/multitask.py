@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CliError, add_run_arguments, config_from_args, csv_list, not_pretrained_note, positive_float, positive_int
+from .common import (
+    CliError, add_run_arguments, config_from_args, csv_list, not_pretrained_note, positive_float, positive_int,
+    read_config_arg,
+)
 from .train import add_run_control_arguments, start_run
 
 
@@ -18,22 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "rotten-tomatoes,vitaminc --method sharea --task-share A. Output as sharelora train (results.json, "
         "log.jsonl, curves.png with a curve per task, a multi-adapter adapter/); --resume continues a killed run."
     )
-    p.add_argument("--tasks", type=csv_list, required=True, metavar="A,B",
-                   help="the tasks: registered dataset names or NAME=PATH items (a local file or folder)")
-    p.add_argument("--task-share", choices=["none", "A", "B"], default="A",
+    p.add_argument("--tasks", type=csv_list, default=argparse.SUPPRESS, metavar="A,B",
+                   help="the tasks: registered dataset names or NAME=PATH items (a local file or folder); required "
+                        "unless --config names them")
+    p.add_argument("--task-share", choices=["none", "A", "B"], default=argparse.SUPPRESS,
                    help="what the tasks' adapters share: A (one A per module type for every task and layer; "
                         "each task owns its B's), B, or none (an adapter each) (default: A)")
-    p.add_argument("--continual", action="store_true",
+    p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
-    p.add_argument("--continual-train-shared", action="store_true",
+    p.add_argument("--continual-train-shared", action="store_true", default=argparse.SUPPRESS,
                    help="with --continual: keep training the shared tensors in later stages (they then forget)")
-    p.add_argument("--one-adapter", action="store_true",
+    p.add_argument("--one-adapter", action="store_true", default=argparse.SUPPRESS,
                    help="one adapter for all tasks, no task id (with --continual: plain sequential fine-tuning)")
-    p.add_argument("--heads", type=positive_int, default=1,
+    p.add_argument("--heads", type=positive_int, default=argparse.SUPPRESS,
                    help="K > 1: HydraLoRA, one shared A and K B heads mixed per token by a router (default: 1)")
-    p.add_argument("--router-top-k", type=positive_int, default=None, help="HydraLoRA: keep the top k heads per token")
-    p.add_argument("--sampling-temperature", type=positive_float, default=1.0,
+    p.add_argument("--router-top-k", type=positive_int, default=argparse.SUPPRESS, help="HydraLoRA: keep the top k heads per token")
+    p.add_argument("--sampling-temperature", type=positive_float, default=argparse.SUPPRESS,
                    help="joint training: a row's task drawn with p_t ~ N_t^(1/T); 1 = every row once, in proportion "
                         "to size (default: 1)")
     add_run_arguments(p)
@@ -43,27 +47,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_control_arguments(p)
 
 
+MULTITASK_FIELDS = ("tasks", "task_share", "continual", "continual_train_shared", "one_adapter", "heads",
+                    "router_top_k", "sampling_temperature", "task_dataset_options")
+
+
 def config_from_multitask_args(args: argparse.Namespace):
+    """MultiTaskConfig from --config (its fields, the tasks too) with the options given here on top."""
     from ..training.multitask import MultiTaskConfig
 
-    method = getattr(args, "method", None)
-    if method == "hydra":
-        if args.heads < 2:
-            raise CliError("--method hydra needs --heads K with K >= 2 (the number of routed B heads), e.g. --heads 4")
-        args.method = "lora"
-    base = config_from_args(args)
-    values = base.to_dict()
-    values.update(tasks=list(args.tasks), task_share=args.task_share, continual=args.continual,
-                  continual_train_shared=args.continual_train_shared, one_adapter=args.one_adapter,
-                  heads=args.heads, router_top_k=args.router_top_k, sampling_temperature=args.sampling_temperature)
-    cfg = MultiTaskConfig(**values)
-    if args.output_dir is None:
-        cfg.output_dir = None  # named after the multi-task run, not the single-task default
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    return cfg
+    values = read_config_arg(args, MultiTaskConfig)
+    values.update({key: getattr(args, key) for key in MULTITASK_FIELDS if hasattr(args, key)})
+    if not values.get("tasks"):
+        raise CliError("name the tasks: --tasks A,B (registered data sets or NAME=PATH items), or tasks: in --config")
+    return config_from_args(args, MultiTaskConfig, values)
 
 
 def run(args: argparse.Namespace) -> int:

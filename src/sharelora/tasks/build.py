@@ -19,11 +19,12 @@ raise ``--epochs`` / ``--max-steps`` / ``--max-train-examples`` to scale up.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from .base import Task
 
 TASKS = ("auto", "classification", "e2e", "instructions")
 LM_TASKS = ("e2e", "instructions")
@@ -72,16 +73,9 @@ def default_targets(model: nn.Module) -> list[str]:
     raise ValueError(f"cannot tell the query/value projections of {type(model).__name__}; name them with --targets")
 
 
-def resolve_targets(cfg: Any, model: nn.Module) -> Any:
-    """``cfg`` with ``targets=["auto"]`` replaced by ``default_targets(model)``."""
-    if list(cfg.targets) == ["auto"]:
-        return dataclasses.replace(cfg, targets=default_targets(model))
-    return cfg
-
-
-def task_name(cfg: Any, data: Any) -> str:
-    """The task a run trains: ``cfg.task`` or, for "auto", the one the dataset's type implies."""
-    name = getattr(cfg, "task", "auto") or "auto"
+def task_name(task: str, data: Any) -> str:
+    """The task a run trains: ``task`` or, for "auto", the one the dataset's type implies."""
+    name = task or "auto"
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     data_type = getattr(data, "task_type", "classification")
@@ -103,32 +97,32 @@ def model_task(task: str) -> str:
     return "causal-lm" if task in LM_TASKS else "classification"
 
 
-def build_task(cfg: Any, data: Any, tokenizer: Any, output_dir: str | Path | None = None,
-               samples_name: str | None = None) -> Any:
-    """The task object the training loop uses for run ``cfg`` on ``data``.
+def build_task(task: str, data: Any, tokenizer: Any, *, max_length: int, options: dict[str, Any] | None = None,
+               output_dir: str | Path | None = None, samples_name: str | None = None) -> Task:
+    """The task ``task`` ("auto": from the data set's type, see ``task_name``) on ``data``.
 
-    ``cfg.task_options`` go to the task's constructor (E2E: ``num_beams``, ``dev_num_beams``,
+    ``options`` go to the task's constructor (E2E: ``num_beams``, ``dev_num_beams``,
     ``max_new_tokens``, ``max_dev_mrs``, ``length_penalty``, ``no_repeat_ngram_size``,
     ``generation_batch_size``; instructions: ``use_chat_template``). E2E samples are written into
     ``output_dir`` as ``samples_name`` (default ``samples-{split}.jsonl``).
     """
-    name = task_name(cfg, data)
-    options = dict(getattr(cfg, "task_options", None) or {})
+    name = task_name(task, data)
+    options = dict(options or {})
     if name == "classification":
         from .classification import ClassificationTask
 
         if options:
             raise ValueError(f"task options {sorted(options)} do not apply to classification")
-        return ClassificationTask(data, tokenizer, max_length=cfg.max_length)
+        return ClassificationTask(data, tokenizer, max_length=max_length)
     if name == "e2e":
         from .generation import E2ETask
 
         files = {"samples_name": samples_name} if samples_name else {}
-        return E2ETask(data, tokenizer, max_length=cfg.max_length, samples_dir=output_dir, **files,
+        return E2ETask(data, tokenizer, max_length=max_length, samples_dir=output_dir, **files,
                        **_checked(E2ETask, options))
     from .instructions import InstructionTask
 
-    return InstructionTask(data, tokenizer, max_length=cfg.max_length, **_checked(InstructionTask, options))
+    return InstructionTask(data, tokenizer, max_length=max_length, **_checked(InstructionTask, options))
 
 
 def _checked(cls: type, options: dict[str, Any]) -> dict[str, Any]:

@@ -16,15 +16,17 @@ pairs such as claim / evidence); a regression label is a float.
 
 from __future__ import annotations
 
-from .common import select_examples
-
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .base import ONE_PROCESS, Processes, Task, logits_of
+from .common import select_examples
 from .metrics import PRIMARY_METRIC, classification_metrics, regression_metrics
 
 TASK_TYPES = ("classification", "regression")
@@ -66,7 +68,7 @@ def label_space(data: Any) -> tuple[list[str], int]:
     return names, len(names)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Sequence classification (or regression) over a ``TaskData`` with a given tokenizer.
 
     Args:
@@ -75,6 +77,9 @@ class ClassificationTask:
         tokenizer: a Hugging Face tokenizer; it must have a pad token.
         max_length: examples are truncated to this many tokens (pairs: longest first).
     """
+
+    name = "classification"
+    model_task = "classification"
 
     def __init__(self, data: Any, tokenizer: Any, max_length: int = 64):
         task_type = getattr(data, "task_type", "classification")
@@ -101,10 +106,6 @@ class ClassificationTask:
         self.task_type = task_type
         self.label_names, self.num_labels = label_space(data)
         self.primary_metric = PRIMARY_METRIC[task_type]
-
-    @property
-    def splits(self) -> list[str]:
-        return [name for name in ("train", "dev", "test") if self.data.splits.get(name)]
 
     # --- data -> tensors ---------------------------------------------------------------------
     def _label(self, example: dict, index: int, split: str) -> int | float:
@@ -187,6 +188,50 @@ class ClassificationTask:
             return regression_metrics(predictions, labels)
         return classification_metrics(predictions, labels, self.num_labels)
 
-    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch without labels: the loss is computed here, not inside the model."""
-        return {k: v for k, v in batch.items() if k != "labels"}
+    def evaluate(self, model: nn.Module, split: EncodedSplit, batch_size: int = 64,
+                 device: str | torch.device = "cpu", processes: Processes = ONE_PROCESS) -> dict[str, float]:
+        return score_split(self, model, split, batch_size, device, processes)
+
+
+@torch.no_grad()
+def score_split(task: Any, model: nn.Module, split: EncodedSplit, batch_size: int = 64,
+                device: str | torch.device = "cpu", processes: Processes = ONE_PROCESS) -> dict[str, float]:
+    """Metrics and mean loss of ``model`` on ``split`` through ``task``'s batches, loss, predictions and metrics.
+
+    Examples are batched in order of length so batches carry little padding; the metrics do not
+    depend on the order. The model's train/eval mode is restored afterwards. With several
+    ``processes``, process r scores every r-th example of the length order (so all get similar
+    lengths); predictions, labels and losses are gathered and every process computes the same
+    metrics on the whole split, each example counted once (checked). Every process runs the same
+    number of batches (one with no examples left repeats an example and drops its result), since
+    a sharded model's forward needs all of them.
+    """
+    world, rank = processes.world, processes.rank
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
+    positions = list(range(rank, len(order), world))  # this process's places in the length order
+    batches = math.ceil(math.ceil(len(order) / world) / batch_size)  # rank 0's count: the most
+    scored, batch_losses = [], []
+    for b in range(batches):
+        mine = positions[b * batch_size : (b + 1) * batch_size]
+        indices = [order[q] for q in mine] or order[:1]
+        batch = {k: v.to(device) for k, v in task.collate(split, indices).items()}
+        logits = logits_of(model, task.model_inputs(batch))
+        if not mine:  # only there so that every process runs every forward
+            continue
+        batch_losses.append(task.loss(logits, batch["labels"], reduction="sum").item())
+        scored.extend(zip(mine, task.predict(logits)))
+    model.train(was_training)
+    if world > 1:
+        scored = sorted(processes.gather(scored))
+        batch_losses = processes.gather(batch_losses)
+        if [q for q, _ in scored] != list(range(len(order))):
+            raise RuntimeError(f"evaluation gathered {len(scored)} predictions for {len(order)} examples "
+                               "(some scored twice or not at all)")
+    predictions = [p for _, p in scored]
+    labels = [split.labels[order[q]] for q, _ in scored]
+    metrics = task.metrics(predictions, labels)
+    metrics["loss"] = sum(batch_losses) / max(1, len(labels))
+    metrics["examples"] = len(labels)
+    return metrics

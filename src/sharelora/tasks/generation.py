@@ -204,8 +204,8 @@ class E2ETask(CausalLMTask):
             no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
-    def evaluate(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
-                 device: str | torch.device = "cpu") -> dict[str, float]:
+    def split_metrics(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
+                      device: str | torch.device = "cpu") -> dict[str, float]:
         """Teacher-forced loss metrics plus BLEU / chrF / ROUGE-L of decoded outputs for the split's MRs.
 
         The dev split is decoded with ``dev_num_beams`` over at most ``max_dev_mrs`` MRs, any

@@ -86,8 +86,8 @@ class InstructionTask(CausalLMTask):
         return {"task": self.name, "max_length": self.max_length, "chat_template": self.use_chat_template,
                 "task_options": {"use_chat_template": self.use_chat_template}}
 
-    def evaluate(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    def split_metrics(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
+                      device: str | torch.device = "cpu") -> dict[str, Any]:
         """Held-out loss metrics, and (outside dev) the loss per natural-instructions subtask."""
         losses = self.example_losses(model, split, batch_size, device)
         metrics: dict[str, Any] = self.summarize_losses(losses)

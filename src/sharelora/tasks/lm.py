@@ -12,11 +12,10 @@ Prompt and target are tokenized separately and joined as ids, so the boundary be
 exact whatever the tokenizer's merges would do across it.
 
 Subclasses (``E2ETask`` in ``generation.py``, ``InstructionTask`` in ``instructions.py``) say how
-an example becomes a prompt and a target (``format``) and what they measure beyond the loss.
-The training loop sees the same surface as ``ClassificationTask``: ``encode``, ``collate``,
-``model_inputs``, ``loss``, ``evaluate``, ``primary_metric``, plus ``step_weight`` (the number of
-target tokens in a step, so a step's loss is the mean over its target tokens whatever the
-micro-batching) and ``greater_is_better``.
+an example becomes a prompt and a target (``format``) and what they measure beyond the loss
+(``split_metrics``). They implement the task contract (``base.Task``) with ``step_weight`` = the
+number of target tokens in a step, so a step's loss is the mean over its target tokens whatever
+the micro-batching.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .base import ONE_PROCESS, Processes, Task, logits_of
 from .common import select_examples
 
 IGNORE_INDEX = -100
@@ -116,7 +116,7 @@ def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return nll, mask
 
 
-class CausalLMTask:
+class CausalLMTask(Task):
     """Base of the generation tasks: encoding with prompt masking, padding, token-level loss.
 
     Args:
@@ -130,7 +130,6 @@ class CausalLMTask:
     primary_metric = "loss"
     greater_is_better = False
     num_labels = None
-    label_names: list[str] = []
     model_task = "causal-lm"  # what sources.load_model must build for this task
 
     def __init__(self, data: Any, tokenizer: Any, max_length: int = 128):
@@ -147,10 +146,7 @@ class CausalLMTask:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_token_id = pad_id(tokenizer)
-
-    @property
-    def splits(self) -> list[str]:
-        return [name for name in ("train", "dev", "test") if self.data.splits.get(name)]
+        self.label_names: list[str] = []
 
     # --- subclasses -----------------------------------------------------------------------------
     def format(self, example: dict) -> tuple[list[int], list[int]]:
@@ -231,8 +227,7 @@ class CausalLMTask:
         for start in range(0, n, batch_size):
             indices = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in self.collate(split, indices).items()}
-            out = model(**self.model_inputs(batch))
-            logits = out.logits if hasattr(out, "logits") else out
+            logits = logits_of(model, self.model_inputs(batch))
             nll, mask = shifted_token_losses(logits, batch["labels"])
             hit = logits[:, :-1, :].argmax(-1).eq(batch["labels"][:, 1:]) & mask
             for j, i in enumerate(indices):
@@ -263,6 +258,12 @@ class CausalLMTask:
         return self.summarize_losses(self.example_losses(model, split, batch_size, device))
 
     def evaluate(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
-                 device: str | torch.device = "cpu") -> dict[str, float]:
+                 device: str | torch.device = "cpu", processes: Processes = ONE_PROCESS) -> dict[str, Any]:
+        """Metrics of ``model`` on ``split`` (``split_metrics``). Decoding does not split by rows, so
+        with several ``processes`` each scores the whole split and rank 0's metrics are returned."""
+        return processes.from_main(self.split_metrics(model, split, batch_size, device))
+
+    def split_metrics(self, model: torch.nn.Module, split: LMSplit, batch_size: int = 16,
+                      device: str | torch.device = "cpu") -> dict[str, Any]:
         """Metrics of ``model`` on ``split``; the base task reports the teacher-forced loss metrics."""
         return self.loss_metrics(model, split, batch_size, device)

@@ -7,7 +7,8 @@ require("train", "sharelora.training (training runs, evaluation, studies)")
 from .config import DEFAULT_LR, METHODS, TrainConfig
 from .evaluate import evaluate, load_trained_model, read_run_info
 from .lock import OutputDirLockedError
-from .loop import RunExistsError, train
+from .engine import RunExistsError
+from .loop import train
 
 __all__ = [
     "DEFAULT_LR",

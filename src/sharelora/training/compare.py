@@ -3,7 +3,9 @@
 Each run is an ordinary ``train`` run in ``<output_dir>/<method>-s<seed>``, so a comparison that
 was interrupted continues where it stopped when started again (finished runs are read back,
 unfinished ones resume from their checkpoint). By default every run executes in its own Python
-process, so its peak memory is its own and not the maximum of everything run before it.
+process (spawned with ``multiprocessing``; its entry point is ``train_in_process``, a library
+function, not the command line), so its peak memory is its own and not the maximum of everything
+run before it.
 
 Outputs in ``<output_dir>``: ``compare.md`` (the table), ``compare.json`` (every run's
 numbers and the aggregates) and ``compare.png`` (test metric and parameter count per method).
@@ -14,18 +16,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
 from .lock import output_dir_lock
-from .peft_methods import MethodSpec, parse_methods
+from .methods import METHODS, MethodSpec, parse_methods
 from .loop import train
 from .state import atomic_write_text
 
@@ -39,22 +40,28 @@ def run_one(cfg: TrainConfig, isolate: bool = True, progress: bool = False, thre
     out = Path(cfg.output_dir)
     if not isolate:
         return train(cfg, resume=True, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "train_config.json"
-    atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    command = [sys.executable, "-m", "sharelora.cli", "train", "--config", str(config_path), "--resume"]
-    if not progress:
-        command.append("--no-progress")
-    env = dict(os.environ)
-    if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run(command, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {out} failed (exit code {proc.returncode}); see its output above, then rerun compare to resume")
+    child = multiprocessing.get_context("spawn").Process(target=train_in_process, args=(cfg.to_dict(), threads, progress),
+                                                         name=f"compare {out.name}")
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"run {out} failed (exit code {child.exitcode}); see its output above, then rerun compare "
+                           "to resume")
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def train_in_process(values: dict[str, Any], threads: int | None = None, progress: bool = False) -> None:
+    """A spawned process's work: train (or resume, or read back) the run of config ``values`` with ``threads``."""
+    if threads is not None:
+        import torch
+
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        torch.set_num_threads(threads)
+    train(TrainConfig.from_dict(values), resume=True, progress=progress)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value; NaN for none), as every table reports seeds."""
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -93,8 +100,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "adapter_bytes": statistics.fmean(r["adapter_bytes"] for r in runs),
             "dev_values": dev,
             "test_values": test,
-            "dev_mean": _mean_std(dev)[0], "dev_std": _mean_std(dev)[1],
-            "test_mean": _mean_std(test)[0], "test_std": _mean_std(test)[1],
+            "dev_mean": mean_std(dev)[0], "dev_std": mean_std(dev)[1],
+            "test_mean": mean_std(test)[0], "test_std": mean_std(test)[1],
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs),
             "peak_rss_mb": statistics.fmean(r["peak_rss_mb"] for r in runs),
             "optimizer_state_mb": statistics.fmean(r["optimizer_state_mb"] for r in runs),
@@ -106,7 +113,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _fraction_of_lora(parameters: dict[str, Any], method: str, lora_params: int | None) -> float | None:
-    if method == "full" or METHODS.get(method, {}) is None or (METHODS.get(method) or {}).get("peft"):
+    if method not in METHODS or METHODS[method].kind != "sharelora":
         return None
     reference = parameters.get("lora_equivalent") or lora_params
     return parameters["adapter"] / reference if reference else None
@@ -196,7 +203,7 @@ def compare(
     """Train every method with every seed on the same data and write the table, plot and JSON.
 
     ``methods``: names or settings ("lora", "lora@r=2", "peft-vblora@r=4,num_vectors=64"; see
-    peft_methods.parse_methods) or MethodSpecs; each is a row, its runs in
+    methods.parse_methods) or MethodSpecs; each is a row, its runs in
     ``<output_dir>/<method>[-<key><value>...]-s<seed>``. ``base.lr`` (if set) is the adapters' learning
     rate and ``full_lr`` full fine-tuning's (a spec's ``lr=`` wins); unset ones take the method defaults. Everything else in ``base`` is shared by all runs. ``jobs``
     runs that many trainings side by side, each with ``threads`` threads (default: cpu_count / jobs;

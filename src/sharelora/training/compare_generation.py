@@ -20,8 +20,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .compare import _human_bytes, run_one
-from .config import METHODS, TrainConfig
+from .compare import _human_bytes, mean_std, run_one
+from .config import TrainConfig
+from .methods import METHODS
 from .lock import output_dir_lock
 from .state import atomic_write_text
 
@@ -35,12 +36,6 @@ COLUMNS = {
 }
 MMLU_COLUMNS = [("mmlu.accuracy_macro", "MMLU acc (macro, %)", "{:.2f}", 100.0),
                 ("mmlu.answer_logprob_norm", "MMLU log p(answer) among A-D", "{:.4f}", 1.0)]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _get(record: dict[str, Any], dotted: str) -> float | None:
@@ -103,7 +98,7 @@ def aggregate(task: str, results: list[dict[str, Any]], with_mmlu: bool) -> list
         }
         for key, _, _ in columns:
             vals = [v for v in (_get(r, key) for r in runs) if v is not None]
-            row["values"][key] = {"mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "all": vals}
+            row["values"][key] = {"mean": mean_std(vals)[0], "std": mean_std(vals)[1], "all": vals}
         rows.append(row)
     return rows
 
@@ -183,7 +178,7 @@ def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], 
                          f"{', '.join(m for m in METHODS if m != 'full')}")
     out = Path(output_dir)
     with output_dir_lock(out):  # a second comparison into out refuses at once; each run locks its own directory
-        from .loop import pick_device
+        from .engine import pick_device
 
         device = str(pick_device(base.device))
         results = []

@@ -30,7 +30,7 @@ import torch
 from .evaluate import RUN_INFO, read_run_info
 from .lock import output_dir_lock
 from .multitask import task_rows
-from .loop import RunExistsError
+from .engine import RunExistsError
 from .state import atomic_write_text
 
 REPORT = "compression.json"

@@ -1,32 +1,25 @@
-"""TrainConfig: every value that decides a training run, as one flat dataclass.
+"""TrainConfig: every value that decides a training run, as one flat dataclass (also a YAML / JSON file).
 
 The defaults are the paper's GLUE recipe for RoBERTa (LoRA on query and value, r = 8,
 alpha = 16, dropout 0.1, AdamW with linear warmup and decay) scaled down so that
 ``sharelora train`` (MiniLM on Rotten Tomatoes) finishes in a few minutes on two CPU cores:
 maximum length 64, batch 32, 2 epochs (200 steps) and a learning rate of 2e-3 for adapters.
+
+A config is data: ``read_config_file`` reads the fields of a YAML or JSON file (``--config``), and
+every run writes its resolved config as ``<output_dir>/config.yaml`` (``write_config``), so
+``sharelora train --config runs/X/config.yaml`` is the same run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-# method name -> how the ShareLoRA config differs from plain LoRA; None means full fine-tuning.
-METHODS: dict[str, dict[str, Any] | None] = {
-    "full": None,
-    "lora": {"share": "none"},
-    "sharea": {"share": "A"},
-    "shareb": {"share": "B"},
-    "shareab": {"share": "AB"},
-    # The paper's self-attention variant: one A for the query, key and value maps of all layers.
-    "sharea-qkv": {"share": "A", "scope": "qkv", "target_modules": ["query", "key", "value"]},
-    # PEFT's own shared-parameter methods, as baselines (training/peft_methods.py): VeRA (frozen shared
-    # random A/B, trained scaling vectors) and VB-LoRA (a trained vector bank shared by all layers).
-    "peft-vera": {"peft": "vera"},
-    "peft-vblora": {"peft": "vblora"},
-}
+from .methods import METHODS, method, validate_method_options
 
 # Learning rates when none is given: adapters train few, freshly initialised weights and take a
 # large rate; full fine-tuning moves every pretrained weight and needs a small one. The LoRA paper
@@ -53,7 +46,8 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # Names (suffix match), or one string: a regex (full match on the module path) or "all-linear".
+    targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
     modules_to_save: list[str] | None = None  # None: the classification head, found by name
     lr: float | None = None  # None: DEFAULT_LR for the method
     weight_decay: float = 0.01
@@ -87,8 +81,9 @@ class TrainConfig:
     # Under a launcher (torchrun / accelerate launch): shard the model with FSDP2 instead of DDP
     # (training/distributed.py). The math is the same, so a run may resume with or without it.
     fsdp: bool = False
-    # Method settings other than rank/alpha/dropout (training/peft_methods.py: PEFT's VeRA / VB-LoRA
-    # options such as num_vectors); empty: the method's documented defaults.
+    # The method's other settings (methods.py): ShareLoraConfig fields for ShareLoRA methods (share, scope,
+    # share_block_size, layers_to_transform, dropout_mask, ...), PEFT's options for its methods (num_vectors,
+    # ...); empty: the method's preset and defaults.
     method_options: dict[str, Any] = field(default_factory=dict)
     # Experiment trackers that get log.jsonl's records and this config (training/trackers.py):
     # any of "tensorboard", "wandb", "mlflow"; empty: none.
@@ -96,7 +91,7 @@ class TrainConfig:
 
     @property
     def is_full(self) -> bool:
-        return METHODS.get(self.method, {}) is None
+        return method(self.method).kind == "full"
 
     @property
     def memory_suffix(self) -> str:
@@ -110,14 +105,14 @@ class TrainConfig:
         """A short run name: model, dataset, method, rank and seed."""
 
         rank = "" if self.is_full else f"-r{self.rank}"
-        options = "".join(f"-{k}{v}" for k, v in sorted(self.method_options.items()))
+        options = "".join(f"-{k}{'.'.join(map(str, v)) if isinstance(v, list) else v}"
+                          for k, v in sorted(self.method_options.items()))
         return (f"{short_name(self.model)}-{short_name(self.dataset)}-{self.method}{rank}{options}-s{self.seed}"
                 f"{self.memory_suffix}")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and a good one."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method(self.method)  # a known name
         positive_ints = {
             "rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
             "grad_accum": self.grad_accum, "max_length": self.max_length,
@@ -153,6 +148,7 @@ class TrainConfig:
         if not self.targets and not self.is_full:
             raise ValueError("targets is empty; name the modules to adapt, e.g. query,value")
         self._validate_memory()
+        validate_method_options(self)
         self._check_extras()
 
     def _check_extras(self) -> None:
@@ -161,7 +157,7 @@ class TrainConfig:
         from .trackers import check_installed, parse_report_to
 
         check_installed(parse_report_to(self.report_to))
-        if "peft" in (METHODS[self.method] or {}):
+        if METHODS[self.method].kind == "peft":
             require("peft", f"--method {self.method} (PEFT's implementation)")
         if self.quantize is not None:
             require("quantize", f"--quantize {self.quantize}")
@@ -190,12 +186,13 @@ class TrainConfig:
         from .trackers import parse_report_to
 
         self.validate()
-        cfg = dataclasses.replace(self, targets=list(self.targets), dataset_options=dict(self.dataset_options),
-                                  task_options=dict(self.task_options), method_options=dict(self.method_options),
+        cfg = dataclasses.replace(self, targets=self.targets if isinstance(self.targets, str) else list(self.targets),
+                                  dataset_options=dict(self.dataset_options), task_options=dict(self.task_options),
+                                  method_options=dict(self.method_options),
                                   report_to=parse_report_to(self.report_to))
-        overrides = METHODS[cfg.method] or {}
-        if "target_modules" in overrides:
-            cfg.targets = list(overrides["target_modules"])
+        preset = METHODS[cfg.method].preset
+        if "target_modules" in preset:
+            cfg.targets = list(preset["target_modules"])
         if cfg.lr is None:
             cfg.lr = DEFAULT_LR["full" if cfg.is_full else "adapter"]
         if cfg.quantize == "4bit" and cfg.quantize_compute_dtype is None:
@@ -212,6 +209,13 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The config in a YAML or JSON file (a run directory's config.yaml, say), ``overrides`` on top."""
+        values = read_config_file(path)
+        check_fields(cls, values, f"config file {path}")
+        return cls.from_dict({**values, **overrides})
+
     # Fields that may differ between an interrupted run and its resumption. Gradient checkpointing
     # recomputes the same activations (with the same dropout masks), so a run that ran out of
     # memory may resume with it.
@@ -225,6 +229,56 @@ class TrainConfig:
         """The part of the config that must match for a resumed run to equal an uninterrupted one."""
         return {k: v for k, v in self.to_dict().items()
                 if k not in self.RESUME_FREE and not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])}
+
+
+CONFIG_FILE = "config.yaml"  # in a run directory: the run's resolved config
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of field -> value in a YAML or JSON file (JSON: a ``.json`` name); errors name the fix."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML or JSON file of the run's fields "
+                                f"(a run directory's {CONFIG_FILE} is one)")
+    text = path.read_text(encoding="utf-8")
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"config file {path} is not valid {kind} ({e})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value, got a {type(values).__name__}")
+    return values
+
+
+def check_fields(cls: type, values: dict[str, Any], where: str, extra: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the keys of ``values`` that are neither fields of ``cls`` nor in ``extra``."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; known fields: {sorted(known)}")
+
+
+def write_config(cfg: TrainConfig, path: str | Path) -> None:
+    """``cfg`` as YAML at ``path`` (atomically): ``TrainConfig.from_file(path)`` gives ``cfg`` back."""
+    import yaml
+
+    from ..method.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def resolve_targets(cfg: TrainConfig, model: Any) -> TrainConfig:
+    """``cfg`` with ``targets=["auto"]`` replaced by the query/value projections of ``model`` (``default_targets``)."""
+    from ..tasks.build import default_targets
+
+    if list(cfg.targets) == ["auto"]:
+        return dataclasses.replace(cfg, targets=default_targets(model))
+    return cfg
 
 
 def task_config(task: str, **overrides: Any) -> TrainConfig:

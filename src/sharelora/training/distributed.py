@@ -94,19 +94,22 @@ def check_batch(batch_size: int, grad_accum: int, world_size: int) -> int:
 
 
 def wrap(accelerator: Any, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-         fsdp: bool = False) -> tuple[nn.Module, Any]:
+         fsdp: bool = False, unused: bool = False) -> tuple[nn.Module, Any]:
     """(model, optimizer) ready to train: DDP through ``accelerator.prepare``, or FSDP2 units.
 
     The model is on the process's device before the optimizer is made (as a single process always
-    did). DDP runs without ``find_unused_parameters``: every trainable tensor (adapter, head) takes
-    part in every forward, and a rank without examples in a step still runs a zero-weighted
-    micro-batch (see the loop), so each backward marks every parameter once; the graph is rebuilt
-    each step, so no ``static_graph`` either.
+    did). A single task's step uses every trainable tensor (adapter, head) in every forward, and a
+    rank without examples in a step still runs a zero-weighted micro-batch (see the engine), so each
+    backward marks every parameter once; the graph is rebuilt each step, so no ``static_graph``.
+    ``unused``: a process's forward may leave trainable tensors out (multi-task rows): DDP looks for
+    them (``make_accelerator(find_unused_parameters=True)``), FSDP reduces a zero gradient for them.
     """
     model = model.to(accelerator.device)
     if not fsdp:
         return accelerator.prepare(model, make_optimizer(model))
     model = shard(model, accelerator)
+    if unused:
+        model.set_reduce_scatter_unused_params(True)
     return model, accelerator.prepare(make_optimizer(model))
 
 
@@ -286,3 +289,17 @@ def gather_list(accelerator: Any, items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(items)
+
+
+class Processes:
+    """The run's processes as a task's evaluation sees them (``tasks.base.Processes``)."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+
+    def gather(self, items: list) -> list:
+        return gather_list(self.accelerator, items)
+
+    def from_main(self, value: Any) -> Any:
+        return from_main(self.accelerator, value)

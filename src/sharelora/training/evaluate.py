@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,75 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import ClassificationTask, EncodedSplit
+from ..tasks.base import ONE_PROCESS, Processes, Task
+from ..tasks.base import logits_of as model_logits  # noqa: F401 (the logits of a forward, for the training loop)
 
 RUN_INFO = "run_info.json"  # written beside the adapter: what base model and data it was trained on
 EVAL_BATCH_SIZE = 64  # eval's batch size when neither the command nor run_info.json gives one
 
 
-def model_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a transformers model (``.logits``) or of a plain module returning a tensor."""
-    out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, task: ClassificationTask, split: EncodedSplit, batch_size: int = 64, device: str | torch.device = "cpu",
-    processes: Any = None,
-) -> dict[str, float]:
-    """Metrics and mean loss of ``model`` on ``split``; ``examples``: how many were scored.
-
-    Examples are batched in order of length so batches carry little padding; the metrics do not
-    depend on the order. The model's train/eval mode is restored afterwards.
-
-    ``processes`` (the run's ``Accelerator``) with several processes: process r scores every r-th
-    example of the length order (so all get similar lengths), the predictions, labels and losses
-    of all are gathered and every process computes the same metrics on the whole split, each
-    example counted once (checked). Every process runs the same number of batches (one with no
-    examples left repeats an example and drops its result), since a sharded model's forward needs
-    all of them. A task that evaluates itself (generation) is run whole by every process, and
-    rank 0's metrics are returned everywhere.
-    """
-    world = getattr(processes, "num_processes", 1)
-    if hasattr(task, "evaluate"):  # generation tasks decode and score in their own way
-        metrics = task.evaluate(model, split, batch_size, device)
-        if world > 1:
-            from .distributed import from_main
-
-            metrics = from_main(processes, metrics)
-        return metrics
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
-    rank = processes.process_index if world > 1 else 0
-    positions = list(range(rank, len(order), world))  # this process's places in the length order
-    batches = math.ceil(math.ceil(len(order) / world) / batch_size)  # rank 0's count: the most
-    scored, batch_losses = [], []
-    for b in range(batches):
-        mine = positions[b * batch_size : (b + 1) * batch_size]
-        indices = [order[q] for q in mine] or order[:1]
-        batch = {k: v.to(device) for k, v in task.collate(split, indices).items()}
-        logits = model_logits(model, task.model_inputs(batch))
-        if not mine:  # only there so that every process runs every forward
-            continue
-        batch_losses.append(task.loss(logits, batch["labels"], reduction="sum").item())
-        scored.extend(zip(mine, task.predict(logits)))
-    model.train(was_training)
-    if world > 1:
-        from .distributed import gather_list
-
-        scored = sorted(gather_list(processes, scored))
-        batch_losses = gather_list(processes, batch_losses)
-        if [q for q, _ in scored] != list(range(len(order))):
-            raise RuntimeError(f"evaluation gathered {len(scored)} predictions for {len(order)} examples "
-                               "(some scored twice or not at all)")
-    predictions = [p for _, p in scored]
-    labels = [split.labels[order[q]] for q, _ in scored]
-    metrics = task.metrics(predictions, labels)
-    metrics["loss"] = sum(batch_losses) / max(1, len(labels))
-    metrics["examples"] = len(labels)
-    return metrics
+def evaluate(model: nn.Module, task: Task, split: Any, batch_size: int = 64, device: str | torch.device = "cpu",
+             processes: Processes = ONE_PROCESS) -> dict[str, Any]:
+    """Metrics of ``model`` on the encoded ``split`` of ``task`` (``Task.evaluate``); ``examples``: how many
+    were scored. ``processes``: the run's processes (``distributed.Processes``), which share the work."""
+    return task.evaluate(model, split, batch_size, device, processes)
 
 
 def read_run_info(adapter_dir: str | Path) -> dict[str, Any]:

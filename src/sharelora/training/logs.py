@@ -57,9 +57,11 @@ class JsonlLog:
                 continue
         return out
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (and any final test record): a resumed run logs them again."""
-        kept = [r for r in self.records() if r.get("step", 0) <= step and r.get("kind") != "test"]
+    def truncate_after(self, step: int, finished_stages: int = 0) -> None:
+        """Drop records logged after ``step``, any final test record and the "stage" records of stages after
+        the first ``finished_stages``: a resumed run logs them again."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step and r.get("kind") != "test"
+                and not (r.get("kind") == "stage" and r.get("stage", 0) >= finished_stages)]
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 

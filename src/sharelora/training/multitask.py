@@ -34,12 +34,15 @@ the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). Basel
 ``one_adapter=True`` with ``continual`` is plain sequential fine-tuning of one adapter through the
 tasks (it forgets); ``task_share="none"`` gives every task an adapter of its own.
 
-The loop is loop.py's (AdamW with linear warmup and decay, restarted per stage; gradient
-accumulation; clipping; Ctrl-C and resume; log.jsonl; the output directory's lock), and runs under
-a launcher as ``sharelora train`` does (distributed.py): every process runs it, a step's global
-batch of mixed rows is split over the processes, DDP averages the gradients (looking for the tensors
-a process's rows did not use: a task absent from its share), evaluation is split and gathered, and
-rank 0 alone writes. Each stage wraps the model anew, since a stage changes what is trainable.
+The loop is the training engine's (engine.py: AdamW with linear warmup and decay, restarted per
+stage; gradient accumulation; clipping; Ctrl-C and resume; log.jsonl; the output directory's lock);
+``MultiTaskRun`` is its recipe: the stages, the mixed rows and their routing, the mean dev metric,
+the per-stage scores. Under a launcher it runs as ``sharelora train`` does (distributed.py): a
+step's global batch of mixed rows is split over the processes, DDP averages the gradients (looking
+for the tensors a process's rows did not use: a task absent from its share), evaluation is split
+and gathered, and rank 0 alone writes. Each stage wraps the model anew, since a stage changes what
+is trainable. ``--fsdp`` shards a joint run (FSDP reduces a zero gradient for a tensor a process's
+rows did not use, and a task absent from the whole step keeps no gradient, as with one process).
 
 Output directory: as ``sharelora train`` (results.json, log.jsonl, curves.png with a curve per task,
 adapter/ in the multi-adapter format with a run_info.json that names every task's data set, adapter
@@ -48,13 +51,8 @@ and outputs, state/ while running).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import math
 import re
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,26 +61,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import ClassificationTask, EncodedSplit
-from ..tasks.build import resolve_targets
-from .config import TrainConfig, short_name
-from .distributed import (
-    check_batch, for_evaluation, from_main, gather_list, gradient_sync, make_accelerator, on_main, wrap,
-)
-from .evaluate import RUN_INFO, eval_settings, evaluate, model_logits, read_run_info
-from .lock import output_dir_lock
-from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, plot_task_curves, reset_peak_rss
-from .trackers import run_trackers
-from .loop import (
-    RunPaths, _prepare_output, _StopFlag, lr_at, make_optimizer, pick_device, process_seed, seed_everything,
-)
+from ..tasks import ClassificationTask, EncodedSplit, label_space
+from .config import TrainConfig, resolve_targets, short_name
+from .distributed import is_sharded
+from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_everything
+from .evaluate import eval_settings, evaluate, model_logits, read_run_info
+from .logs import plot_task_curves
 from .memory import apply_memory_options, load_options
-from .memory import run_info as memory_run_info
 from .methods import head_modules, sharelora_config
-from .state import (
-    STATE_KEY, atomic_save_tensors, atomic_write_text, capture_rng, load_checkpoint, load_tensors, load_weights,
-    save_checkpoint, save_weights, trainable_parameters,
-)
+from .state import atomic_save_tensors, load_tensors
 
 ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
 STAGES_FILE = "stages.safetensors"  # in state/: every adapter tensor after the last finished stage
@@ -181,9 +168,9 @@ class MultiTaskConfig(TrainConfig):
         unknown = sorted(set(self.task_dataset_options) - set(self.task_datasets()))
         if unknown:
             raise ValueError(f"task_dataset_options names unknown task(s) {unknown}; tasks: {list(self.task_datasets())}")
-        if self.fsdp:
-            raise ValueError("multitask does not support --fsdp yet (DDP under torchrun / accelerate launch does); "
-                             "train without it")
+        if self.fsdp and self.continual:
+            raise ValueError("--fsdp shards joint multitask runs; a --continual run changes what is trainable per "
+                             "stage, which FSDP's units do not follow: run it under DDP (drop --fsdp)")
 
     def resolved(self) -> MultiTaskConfig:
         if self.method == "hydra":
@@ -196,37 +183,21 @@ class MultiTaskConfig(TrainConfig):
 
 
 # --- one task of a multi-task model -------------------------------------------------------------------
-class TaskHead:
-    """One task of a multi-task model as ``evaluate`` sees a task: its adapter and its outputs.
+class TaskHead(ClassificationTask):
+    """One task of a multi-task model: a classification task whose rows go through adapter ``adapter``
+    (routed with ``adapter_names`` when ``routed``) and whose classes are the shared classifier's outputs
+    ``logits`` = (start, end); its loss, predictions and metrics see only those."""
 
-    ``adapter``: the adapter its rows go through (routed with ``adapter_names`` when ``routed``);
-    ``logits``: (start, end), the classifier outputs that are its classes.
-    """
-
-    greater_is_better = True
-
-    def __init__(self, name: str, task: ClassificationTask, adapter: str, logits: tuple[int, int], routed: bool):
-        self.name, self.task, self.adapter, self.routed = name, task, adapter, routed
+    def __init__(self, name: str, data: Any, tokenizer: Any, max_length: int, adapter: str, logits: tuple[int, int],
+                 routed: bool):
+        super().__init__(data, tokenizer, max_length=max_length)
+        self.name, self.adapter, self.routed = name, adapter, routed
         self.start, self.end = logits
-        if self.end - self.start != task.num_labels:
-            raise ValueError(f"task {name!r} has {task.num_labels} labels but reads {self.end - self.start} outputs")
-        self.primary_metric = task.primary_metric
-        self.task_type = task.task_type
-        self.num_labels = task.num_labels
-        self.label_names = task.label_names
-
-    @property
-    def splits(self) -> list[str]:
-        return self.task.splits
-
-    def encode(self, split: str, limit: int | None = None) -> EncodedSplit:
-        return self.task.encode(split, limit)
-
-    def collate(self, split: EncodedSplit, indices) -> dict[str, torch.Tensor]:
-        return self.task.collate(split, indices)
+        if self.end - self.start != self.num_labels:
+            raise ValueError(f"task {name!r} has {self.num_labels} labels but reads {self.end - self.start} outputs")
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        inputs: dict[str, Any] = self.task.model_inputs(batch)
+        inputs = super().model_inputs(batch)
         if self.routed:
             inputs["adapter_names"] = [self.adapter] * batch["input_ids"].shape[0]
         return inputs
@@ -235,13 +206,10 @@ class TaskHead:
         return logits[:, self.start : self.end]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return self.task.loss(self.outputs(logits), labels, reduction=reduction)
+        return super().loss(self.outputs(logits), labels, reduction=reduction)
 
     def predict(self, logits: torch.Tensor) -> list:
-        return self.task.predict(self.outputs(logits))
-
-    def metrics(self, predictions, labels) -> dict[str, float]:
-        return self.task.metrics(predictions, labels)
+        return super().predict(self.outputs(logits))
 
 
 def head_layout(num_labels: dict[str, int], one_adapter: bool) -> tuple[int, dict[str, tuple[int, int]]]:
@@ -371,56 +339,35 @@ def train_multitask(cfg: MultiTaskConfig, *, resume: bool = False, overwrite: bo
     as it is with ``resume``; another process writing into the output directory is an error. Under a
     launcher every process calls this and gets the same results; rank 0 alone writes.
     """
-    wall_start = time.perf_counter()
-    cfg = cfg.resolved()
-    accelerator = make_accelerator(cfg.device, find_unused_parameters=True)
-    paths = RunPaths(Path(cfg.output_dir))
-    with contextlib.ExitStack() as held:
-        def lock_and_prepare() -> tuple[dict | None, bool]:  # rank 0 only
-            held.enter_context(output_dir_lock(cfg.output_dir))
-            return _prepare_output(paths, resume, overwrite), paths.checkpoint.is_file()
-
-        finished, has_checkpoint = on_main(accelerator, lock_and_prepare)
-        if finished is not None:
-            if accelerator.is_main_process:
-                print(f"{paths.root} already finished; results in {paths.results}")
-            return finished
-        run = _Run(cfg, paths, bundle, data, accelerator)
-        return run.train(resume and has_checkpoint, on_step, progress, keep_state, wall_start)
+    return MultiTaskRun(cfg, resume=resume, overwrite=overwrite, bundle=bundle, data=data, on_step=on_step,
+                        progress=progress, keep_state=keep_state).run()
 
 
-class _Run:
-    """The state of one multi-task run: its tasks, model, stages and the loop over them."""
+class MultiTaskRun(Run):
+    """The engine's recipe for several tasks: a stage of mixed rows (joint) or a stage per task (continual)."""
 
-    def __init__(self, cfg: MultiTaskConfig, paths: RunPaths, bundle: Any, data: dict[str, Any] | None,
-                 accelerator: Any):
-        self.cfg, self.paths, self.acc = cfg, paths, accelerator
-        self.main, self.rank, self.world = accelerator.is_main_process, accelerator.process_index, \
-            accelerator.num_processes
-        self.micro = check_batch(cfg.batch_size, cfg.grad_accum, self.world)
-        reset_peak_rss()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(cfg.seed)
-        self.device = accelerator.device
-        with accelerator.main_process_first():  # rank 0 fetches into the cache, the others then read it
-            self.data = load_task_data(cfg, data)
+    find_unused_parameters = True  # a task absent from a process's micro-batch leaves its own tensors out
+
+    # --- setup -------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        cfg = self.cfg
+        with self.acc.main_process_first():  # rank 0 fetches into the cache, the others then read it
+            self.data = load_task_data(cfg, self.data)
         self.names = list(self.data)
-        from ..tasks import label_space
-
         counts = {n: label_space(d)[1] for n, d in self.data.items()}
         self.outputs, slices = head_layout(counts, cfg.layout == "one-adapter")
-        if bundle is None:
+        if self.bundle is None:
             from ..sources import load_model
 
             seed_everything(cfg.seed)  # the new head starts from the same weights for the same seed
-            with accelerator.main_process_first():  # --bf16 / --quantize: the base's dtype and bitsandbytes layers
-                bundle = load_model(cfg.model, task="classification", num_labels=self.outputs,
-                                    cache_dir=cfg.cache_dir, report_new_weights=self.main, **load_options(cfg))
-        self.bundle = bundle
+            with self.acc.main_process_first():  # --bf16 / --quantize: the base's dtype and bitsandbytes layers
+                self.bundle = load_model(cfg.model, task="classification", num_labels=self.outputs,
+                                         cache_dir=cfg.cache_dir, report_new_weights=self.main, **load_options(cfg))
+        bundle = self.bundle
         self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
         routed = cfg.layout == "per-task"
-        self.heads = {n: TaskHead(n, ClassificationTask(d, bundle.tokenizer, max_length=cfg.max_length),
-                                  n if routed else ONE_ADAPTER, slices[n], routed) for n, d in self.data.items()}
+        self.heads = {n: TaskHead(n, d, bundle.tokenizer, cfg.max_length, n if routed else ONE_ADAPTER, slices[n], routed)
+                      for n, d in self.data.items()}
         self.train_splits = {n: h.encode("train", cfg.max_train_examples) for n, h in self.heads.items()}
         self.dev_splits = {n: h.encode("dev", cfg.max_eval_examples) for n, h in self.heads.items()}
         self.test_splits = {n: h.encode("test", cfg.max_eval_examples) for n, h in self.heads.items()
@@ -433,46 +380,112 @@ class _Run:
         if cfg.bf16 or cfg.gradient_checkpointing:
             # Every task's tensors are trainable while the options go on, so --bf16 gives each adapter and head
             # fp32 master weights (start_stage then picks what a stage trains).
-            self.core.set_adapter([ONE_ADAPTER] if cfg.layout == "one-adapter" else self.names, train_shared=True)
+            self.core.set_adapter(self.adapters(self.names), train_shared=True)
             apply_memory_options(self.core, cfg)
-        self.model = self.core  # the model a step calls: wrapped per stage (start_stage)
-        self.core.train()
-        self.summary = parameter_summary(self.core, cfg, self.names)
-        if self.rank > 0:  # every process draws its own dropout masks (the model above is the same everywhere)
-            seed_everything(process_seed(cfg.seed, self.rank))
-        self.stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
-        self.mixed = [MixedSplit.of([self.train_splits[n] for n in stage]) for stage in self.stages]
-        self.log = JsonlLog(paths.log, trackers=run_trackers(cfg.report_to, cfg.name, paths.root, cfg.to_dict())
-                            if self.main else None)
-        self._orders: dict[tuple[int, int], list[int]] = {}
+        self.model = self.core  # the model a step calls: wrapped per stage (begin_stage)
+        stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
+        self.mixed = [MixedSplit.of([self.train_splits[n] for n in names]) for names in stages]
+        self.stages = [Stage(k, len(self.mixed[k].split), self._order_of(k), tasks=names)
+                       for k, names in enumerate(stages)]
 
-    # --- stages -------------------------------------------------------------------------------------------
-    def steps_per_epoch(self, k: int) -> int:
-        return math.ceil(len(self.mixed[k].split) / self.cfg.batch_size)
+    def _order_of(self, k: int) -> Callable[[int], list[int]]:
+        sizes, cfg = self.mixed[k].sizes, self.cfg
+        return lambda epoch: mixed_order(sizes, cfg.seed, k, epoch, cfg.sampling_temperature)
 
-    def stage_steps(self, k: int) -> int:
-        total = self.cfg.epochs * self.steps_per_epoch(k)
-        return min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
+    def adapters(self, tasks: list[str]) -> list[str]:
+        """The adapters that rows of ``tasks`` go through."""
+        return [ONE_ADAPTER] if self.cfg.layout == "one-adapter" else list(tasks)
 
-    def start_stage(self, k: int) -> None:
-        """Make stage k's tensors trainable (and no others) and give them a fresh optimizer."""
-        shared = k == 0 or self.cfg.continual_train_shared or self.cfg.layout == "one-adapter"
-        active = [ONE_ADAPTER] if self.cfg.layout == "one-adapter" else self.stages[k]
-        self.core.set_adapter(active, train_shared=shared)
-        self.params = list(trainable_parameters(self.core).values())
-        # Wrapped anew: DDP syncs the tensors that were trainable when it was built.
-        self.model, self.optimizer = wrap(self.acc, self.core, lambda m: make_optimizer(m, self.cfg))
-
-    def order(self, k: int, epoch: int) -> list[int]:
-        key = (k, epoch)
-        if key not in self._orders:
-            self._orders = {key: mixed_order(self.mixed[k].sizes, self.cfg.seed, k, epoch,
-                                             self.cfg.sampling_temperature)}
-        return self._orders[key]
+    def parameter_summary(self) -> dict[str, Any]:
+        return parameter_summary(self.core, self.cfg, self.names)
 
     def seen(self, k: int) -> list[str]:
         """The tasks trained in stages 0..k."""
-        return [n for stage in self.stages[: k + 1] for n in stage]
+        return [n for stage in self.stages[: k + 1] for n in stage.tasks]
+
+    # --- stages --------------------------------------------------------------------------------------------
+    def start_stage(self, stage: Stage) -> None:
+        """Stage k's tensors trainable (and no others): its tasks' own ones; the shared ones in stage 1 only
+        (unless ``continual_train_shared``)."""
+        shared = stage.index == 0 or self.cfg.continual_train_shared or self.cfg.layout == "one-adapter"
+        self.core.set_adapter(self.adapters(stage.tasks), train_shared=shared)
+        self._own: dict[str, list[torch.nn.Parameter]] | None = None
+
+    def batch_loss(self, stage: Stage, rows: list[int]) -> torch.Tensor:
+        """Each row through its task's adapter (per-task layout: ``adapter_names``), scored on its task's outputs."""
+        mixed = self.mixed[stage.index]
+        collate = self.heads[self.names[0]].collate
+        batch = {key: v.to(self.device) for key, v in collate(mixed.split, rows).items()}
+        tasks = [stage.tasks[mixed.task_of_row[i]] for i in rows]
+        inputs: dict[str, Any] = {key: v for key, v in batch.items() if key != "labels"}
+        if self.cfg.layout == "per-task":
+            inputs["adapter_names"] = tasks
+        logits = model_logits(self.model, inputs)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for name in dict.fromkeys(tasks):
+            chosen = torch.tensor([j for j, t in enumerate(tasks) if t == name], device=self.device)
+            loss = loss + self.heads[name].loss(logits.index_select(0, chosen), batch["labels"].index_select(0, chosen),
+                                                reduction="sum")
+        return loss
+
+    def before_optimizer_step(self, stage: Stage, indices: list[int]) -> None:
+        """FSDP gives every trainable tensor a gradient (zero where a process's rows did not use it); the tensors
+        of a task with no row in the whole step get none, as one process and DDP leave them."""
+        if self.cfg.layout != "per-task" or not is_sharded(self.model):
+            return
+        mixed = self.mixed[stage.index]
+        present = {stage.tasks[mixed.task_of_row[i]] for i in indices}
+        if self._own is None:
+            names = {n: (f"sharelora_bank.{n}/", f".modules_to_save.{n}.") for n in stage.tasks}
+            self._own = {n: [p for key, p in self.core.named_parameters() if p.requires_grad
+                             and (key.startswith(bank) or head in key)] for n, (bank, head) in names.items()}
+        for name in set(stage.tasks) - present:
+            for p in self._own[name]:
+                p.grad = None
+
+    def record_fields(self, stage: Stage) -> dict[str, Any]:
+        return {"stage": stage.index}
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    def evaluate_tasks(self, names: list[str], split: str) -> dict[str, dict[str, float]]:
+        splits = self.dev_splits if split == "dev" else self.test_splits
+        return {n: self.evaluate(self.heads[n], splits[n]) for n in names if n in splits}
+
+    def mean_metric(self, metrics: dict[str, dict[str, float]]) -> float:
+        return sum(m[self.heads[n].primary_metric] for n, m in metrics.items()) / len(metrics)
+
+    def evaluate_dev(self, stage: Stage) -> tuple[float, Any]:
+        """Every task seen so far on dev; the stage's tasks' mean dev metric selects its best weights."""
+        k, step, epoch = stage.index, self.state["step"], self.state["stage_step"] / stage.steps_per_epoch
+        dev = self.evaluate_tasks(self.seen(k), "dev")
+        for name, metrics in dev.items():
+            if self.main:
+                self.log.append({"kind": "eval", "split": "dev", "task": name, "stage": k, "step": step,
+                                 "epoch": epoch, **metrics})
+        chosen = {n: dev[n] for n in stage.tasks}
+        mean = self.mean_metric(chosen)
+        metric = self.heads[self.names[0]].primary_metric
+        if self.main:
+            self.bar.write(f"step {step} (stage {k + 1}/{len(self.stages)}, epoch {epoch:.2f}): "
+                           + ", ".join(f"{n} {m[self.heads[n].primary_metric]:.4f}" for n, m in dev.items())
+                           + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
+        return mean, chosen
+
+    def score_stage(self, stage: Stage) -> None:
+        """Every seen task on dev and test with the stage's best weights; continual: the adapters kept (``snapshot``)."""
+        k, state = stage.index, self.state
+        seen = self.seen(k)
+        scores = {"dev": self.evaluate_tasks(seen, "dev"), "test": self.evaluate_tasks(seen, "test")}
+        for split, per_task in scores.items():
+            for name, metrics in per_task.items():
+                if self.main:
+                    self.log.append({"kind": "stage", "stage": k, "task": name, "split": split,
+                                     "step": state["step"], **metrics})
+        state["stages"].append({"stage": k, "tasks": list(stage.tasks), "step": state["step"],
+                                "best_step": state["best_step"], "best_epoch": state["best_epoch"],
+                                "best_metric": state["best_metric"], "best_dev": state["best_dev"], **scores})
+        if self.cfg.continual:  # what the later stages keep frozen, for a resume inside one of them
+            self.snapshot(k)
 
     def snapshot(self, k: int) -> None:
         """Every adapter tensor after stage k (later stages do not save the ones they keep frozen)."""
@@ -481,220 +494,22 @@ class _Run:
             atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
         self.acc.wait_for_everyone()
 
-    def restore_snapshot(self, stage: int) -> None:
+    def restore_stages(self, stage: Stage) -> None:
         path = self.paths.state / STAGES_FILE
-        if stage == 0 or not path.is_file():
-            if stage > 0:
-                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage + 1} but "
+        if stage.index == 0 or not path.is_file():
+            if stage.index > 0:
+                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage.index + 1} but "
                                  f"{path} (the tensors of the finished stages) is missing; use --overwrite")
             return
         tensors, meta = load_tensors(path)
-        if int(meta.get("stage", -1)) < stage - 1:
+        if int(meta.get("stage", -1)) < stage.index - 1:
             raise ValueError(f"cannot resume {self.paths.root}: {path} is from stage {int(meta['stage']) + 1}, "
-                             f"the checkpoint from stage {stage + 1}; use --overwrite")
+                             f"the checkpoint from stage {stage.index + 1}; use --overwrite")
         self.core.load_multi_adapter_state_dict(tensors)
 
-    # --- evaluation -----------------------------------------------------------------------------------------
-    def evaluate(self, names: list[str], split: str) -> dict[str, dict[str, float]]:
-        splits = self.dev_splits if split == "dev" else self.test_splits
-        with for_evaluation(self.acc, self.model) as scored:  # every process scores a share; gathered
-            return {n: evaluate(scored, self.heads[n], splits[n], self.cfg.eval_batch_size, self.device,
-                                processes=self.acc) for n in names if n in splits}
-
-    def mean_metric(self, metrics: dict[str, dict[str, float]]) -> float:
-        return sum(m[self.heads[n].primary_metric] for n, m in metrics.items()) / len(metrics)
-
-    # --- the loop ---------------------------------------------------------------------------------------------
-    def train(self, resume: bool, on_step, progress: bool, keep_state: bool, wall_start: float) -> dict[str, Any]:
-        cfg, paths, log = self.cfg, self.paths, self.log
-        state: dict[str, Any] = {
-            "stage": 0, "stage_step": 0, "step": 0, "best_metric": None, "best_step": None, "best_epoch": None,
-            "best_dev": None, "train_time_s": 0.0, "window_loss": 0.0, "window_steps": 0, "stages": [],
-            "config": cfg.resume_key(), "resumed": 0,
-        }
-        if resume:
-            _, meta = load_tensors(paths.checkpoint)
-            saved = json.loads(meta[STATE_KEY])
-            if saved.get("config") != cfg.resume_key():
-                diff = sorted(k for k in cfg.resume_key() if saved.get("config", {}).get(k) != cfg.resume_key()[k])
-                raise ValueError(f"cannot resume {paths.root}: its checkpoint was written with different settings "
-                                 f"{diff}; resume with the original options or use --overwrite")
-            self.restore_snapshot(saved["stage"])
-            self.start_stage(saved["stage"])
-            saved = load_checkpoint(paths.checkpoint, self.core, self.optimizer, rank=self.rank)
-            state.update({k: saved[k] for k in state if k in saved})
-            state["resumed"] += 1
-            if not saved["rng_restored"]:  # written by fewer processes: this one starts a stream of its own
-                seed_everything(process_seed(cfg.seed, self.rank) + state["step"])
-            if self.main:
-                self._truncate_log(state)
-                print(f"resuming {paths.root} at step {state['step']} (stage {state['stage'] + 1}/{len(self.stages)})")
-        else:
-            self.start_stage(0)
-
-        from tqdm.auto import tqdm
-
-        total = sum(self.stage_steps(k) for k in range(len(self.stages)))
-        bar = tqdm(total=total, initial=state["step"], desc=cfg.name, disable=not (progress and self.main),
-                   dynamic_ncols=True)
-        self._time_base, self._loop_start = state["train_time_s"], time.perf_counter()
-        status = "finished"
-        with _StopFlag() as stop:
-            while state["stage"] < len(self.stages):
-                if not self._run_stage(state, bar, stop, on_step):
-                    status = "interrupted"
-                    break
-                self._finish_stage(state)
-        bar.close()
-        if status == "interrupted":
-            if self.main:
-                print(f"stopped at step {state['step']}/{total}; continue with --resume (checkpoint: {paths.checkpoint})")
-            return {"status": "interrupted", "step": state["step"], "total_steps": total,
-                    "output_dir": str(paths.root)}
-        return self._results(state, total, keep_state, wall_start)
-
-    def _checkpoint(self, state: dict[str, Any]) -> None:
-        state["train_time_s"] = self._time_base + time.perf_counter() - self._loop_start
-        rngs = gather_list(self.acc, [capture_rng(cuda_devices=[self.device.index or 0] if self.world > 1
-                                                  and self.device.type == "cuda" else None)])
-        save_checkpoint(self.paths.checkpoint, self.core, self.optimizer, state, rngs=rngs, write=self.main)
-
-    def _run_stage(self, state: dict[str, Any], bar, stop: _StopFlag, on_step) -> bool:
-        """Train stage ``state["stage"]`` to its last step; False when asked to stop first (checkpointed)."""
-        cfg, k = self.cfg, state["stage"]
-        mixed, total, per_epoch = self.mixed[k], self.stage_steps(k), self.steps_per_epoch(k)
-        warmup = round(cfg.warmup_ratio * total)
-        micro, world = self.micro, self.world
-        window_start, window_rows = time.perf_counter(), 0
-        while state["stage_step"] < total:
-            s = state["stage_step"]
-            epoch, b = divmod(s, per_epoch)
-            indices = self.order(k, epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            lr = lr_at(s, cfg.lr, warmup, total)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            # Every process runs as many micro-batches as the one with the largest share, so that each
-            # joins every collective of the step; the last one syncs the gradients (loop.py).
-            count = math.ceil(math.ceil(len(indices) / world) / micro)
-            loss = 0.0
-            with self.acc.split_between_processes(indices) as mine:
-                for m in range(count):
-                    with gradient_sync(self.acc, self.model, sync=m == count - 1):
-                        loss += self._forward_backward(mixed, self.stages[k], mine[m * micro : (m + 1) * micro],
-                                                       indices[:1], len(indices))
-            grad_norm = self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                loss = self.acc.reduce(torch.tensor(loss, dtype=torch.float64, device=self.device), "sum").item()
-            state["stage_step"] += 1
-            state["step"] += 1
-            step = state["step"]
-            window_rows += len(indices)
-            state["window_loss"] += loss
-            state["window_steps"] += 1
-            if state["stage_step"] % cfg.log_every == 0 or state["stage_step"] == total:
-                seconds = time.perf_counter() - window_start
-                rate = window_rows / seconds if seconds > 0 else float("nan")
-                mean_loss = state["window_loss"] / state["window_steps"]
-                if self.main:
-                    self.log.append({"kind": "train", "step": step, "stage": k, "epoch": state["stage_step"] / per_epoch,
-                                     "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": rate})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}")
-                state["window_loss"], state["window_steps"] = 0.0, 0
-                window_start, window_rows = time.perf_counter(), 0
-            bar.update(1)
-            epoch_end = state["stage_step"] % per_epoch == 0 or state["stage_step"] == total
-            if epoch_end:
-                self._epoch_end(state, per_epoch, bar)
-            if on_step is not None and on_step(step):
-                stop.requested = True
-            if world > 1:  # stop where any process was asked to (Ctrl-C reaches them at different moments)
-                stop.requested = self.acc.reduce(torch.tensor(float(stop.requested), device=self.device),
-                                                 "max").item() > 0
-            if epoch_end or state["stage_step"] % cfg.checkpoint_every == 0 or stop.requested:
-                self._checkpoint(state)
-            if stop.requested and state["stage_step"] < total:
-                return False
-        return True
-
-    def _forward_backward(self, mixed: MixedSplit, stage_tasks: list[str], part: list[int], stand_in: list[int],
-                          step_rows: int) -> float:
-        """Forward and backward of one micro-batch of mixed tasks; its share of the step's mean loss.
-
-        Each row goes through its task's adapter (per-task layout: ``adapter_names``) and is scored
-        on its task's outputs; the sum over rows is divided by the rows of the whole step. Under a
-        launcher each process backpropagates ``world`` times its part (DDP averages), and one whose
-        share of the step ran out runs ``stand_in`` with weight 0 to join the gradient sync.
-        """
-        collate = self.heads[self.names[0]].task.collate
-        rows_of = part or stand_in
-        batch = {key: v.to(self.device) for key, v in collate(mixed.split, rows_of).items()}
-        tasks = [stage_tasks[mixed.task_of_row[i]] for i in rows_of]
-        inputs: dict[str, Any] = {key: v for key, v in batch.items() if key != "labels"}
-        if self.cfg.layout == "per-task":
-            inputs["adapter_names"] = tasks
-        logits = model_logits(self.model, inputs)
-        loss = logits.new_zeros((), dtype=torch.float32)
-        for name in dict.fromkeys(tasks):
-            rows = torch.tensor([j for j, t in enumerate(tasks) if t == name], device=self.device)
-            loss = loss + self.heads[name].loss(logits.index_select(0, rows), batch["labels"].index_select(0, rows),
-                                                reduction="sum")
-        loss = loss / step_rows
-        self.acc.backward(loss * self.world if part else loss * 0.0)
-        return loss.item() if part else 0.0
-
-    def _epoch_end(self, state: dict[str, Any], per_epoch: int, bar) -> None:
-        """Score every task seen so far on dev; keep the weights if the stage's tasks' mean improved."""
-        k, step = state["stage"], state["step"]
-        dev = self.evaluate(self.seen(k), "dev")
-        for name, metrics in dev.items():
-            if self.main:
-                self.log.append({"kind": "eval", "split": "dev", "task": name, "stage": k, "step": step,
-                                 "epoch": state["stage_step"] / per_epoch, **metrics})
-        chosen = {n: dev[n] for n in self.stages[k]}
-        mean = self.mean_metric(chosen)
-        metric = self.heads[self.names[0]].primary_metric
-        if self.main:
-            bar.write(f"step {step} (stage {k + 1}/{len(self.stages)}, epoch {state['stage_step'] / per_epoch:.2f}): "
-                      + ", ".join(f"{n} {m[self.heads[n].primary_metric]:.4f}" for n, m in dev.items())
-                      + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
-        if state["best_metric"] is None or mean > state["best_metric"]:
-            state.update(best_metric=mean, best_step=step, best_epoch=state["stage_step"] / per_epoch, best_dev=chosen)
-            save_weights(self.paths.best, self.core, write=self.main)
-
-    def _finish_stage(self, state: dict[str, Any]) -> None:
-        """Best weights of the stage -> every seen task on dev and test; then set up the next stage."""
-        k = state["stage"]
-        self.acc.wait_for_everyone()  # rank 0's best weights are on disk before anyone reads them
-        load_weights(self.paths.best, self.core)
-        seen = self.seen(k)
-        scores = {"dev": self.evaluate(seen, "dev"), "test": self.evaluate(seen, "test")}
-        for split, per_task in scores.items():
-            for name, metrics in per_task.items():
-                if self.main:
-                    self.log.append({"kind": "stage", "stage": k, "task": name, "split": split,
-                                     "step": state["step"], **metrics})
-        state["stages"].append({"stage": k, "tasks": list(self.stages[k]), "step": state["step"],
-                                "best_step": state["best_step"], "best_epoch": state["best_epoch"],
-                                "best_metric": state["best_metric"], "best_dev": state["best_dev"], **scores})
-        self.snapshot(k)
-        state["stage"] += 1
-        if state["stage"] < len(self.stages):
-            state.update(stage_step=0, best_metric=None, best_step=None, best_epoch=None, best_dev=None)
-            self.start_stage(state["stage"])
-            self._checkpoint(state)  # a resume from here starts the next stage, the finished ones as they were
-
-    def _truncate_log(self, state: dict[str, Any]) -> None:
-        """Keep what the checkpoint's state had logged: a resumed run logs the rest again."""
-        done = len(state["stages"])
-        kept = [r for r in self.log.records() if r.get("step", 0) <= state["step"]
-                and not (r.get("kind") == "stage" and r.get("stage", 0) >= done)]
-        atomic_write_text(self.log.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-
     # --- results ------------------------------------------------------------------------------------------------
-    def _results(self, state: dict[str, Any], total: int, keep_state: bool, wall_start: float) -> dict[str, Any]:
-        cfg, paths = self.cfg, self.paths
+    def results(self) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
         metric = self.heads[self.names[0]].primary_metric
         last = state["stages"][-1]
         tasks = {}
@@ -709,54 +524,30 @@ class _Run:
                 "best_dev": first["best_dev"].get(n), "best_step": first["best_step"],
             }
         results: dict[str, Any] = {
-            "status": "finished", "name": cfg.name, "method": cfg.method_label, "layout": cfg.layout,
+            **self.common_results(), "method": cfg.method_label, "layout": cfg.layout,
             "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
-            "continual": cfg.continual, "model": getattr(self.bundle, "name", cfg.model),
-            "pretrained": getattr(self.bundle, "pretrained", None), "metric": metric, "tasks": tasks,
+            "continual": cfg.continual, "metric": metric, "tasks": tasks,
             "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
                      for split in ("dev", "test")},
-            "config": cfg.to_dict(), "parameters": self.summary, "steps": total, "stages": state["stages"],
-            "train_time_s": state["train_time_s"], "wall_time_s_this_process": time.perf_counter() - wall_start,
-            "resumed": state["resumed"], "device": str(self.device), "processes": self.world,
-            "peak_rss_mb_per_process": gather_list(self.acc, [peak_rss_mb()]), "environment": environment(),
-            "data_info": {n: _jsonable(getattr(d, "info", {})) for n, d in self.data.items()},
-            "model_info": _jsonable(getattr(self.bundle, "info", {})),
+            "stages": state["stages"], "data_info": {n: jsonable(d.info) for n, d in self.data.items()},
         }
-        results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if cfg.continual:
             results["forgetting"] = forgetting(state["stages"], self.names, metric)
-        if self.main:
-            self._save_adapter()
-            results["adapter_bytes"] = directory_bytes(paths.adapter)
-            plot_task_curves(self.log.records(), paths.plot, metric,
-                             title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
-            self.log.close()  # the trackers (--report-to)
-            atomic_write_text(paths.results, json.dumps(results, indent=2, sort_keys=True) + "\n")
-            if not keep_state:
-                paths.checkpoint.unlink(missing_ok=True)  # first: a checkpoint must not outlive the files it needs
-                shutil.rmtree(paths.state, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        return from_main(self.acc, results)  # the same on every process (rank 0 measured the files)
+        return results
 
-    def _save_adapter(self) -> None:
+    def save_outputs(self, model: nn.Module) -> None:
         """adapter/: every adapter (save_pretrained, multi-adapter format) and a run_info.json of the tasks."""
-        cfg, path = self.cfg, self.paths.adapter
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.core.save_pretrained(tmp)
+        cfg, metric = self.cfg, self.heads[self.names[0]].primary_metric
         info = {
-            "model": cfg.model, "method": cfg.method_label, "multitask": True, "layout": cfg.layout,
+            **self.common_run_info(), "method": cfg.method_label, "multitask": True, "layout": cfg.layout,
             "task_type": "classification", "model_task": "classification", "num_labels": self.outputs,
-            "max_length": cfg.max_length, "eval_batch_size": cfg.eval_batch_size,
-            "max_eval_examples": cfg.max_eval_examples, "seed": cfg.seed,
-            **memory_run_info(cfg),  # how the base was loaded (bf16 / quantized), for eval and export
             "tasks": {n: {"dataset": cfg.task_datasets()[n], "dataset_options": cfg.task_dataset_options.get(n, {}),
                           "adapter": h.adapter, "logits": [h.start, h.end], "num_labels": h.num_labels,
                           "label_names": h.label_names} for n, h in self.heads.items()},
         }
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        save_with_run_info(model, self.paths.adapter, info)
+        plot_task_curves(self.log.records(), self.paths.plot, metric,
+                         title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
 
 
 def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, split: str = "test") -> dict[str, Any]:
@@ -773,10 +564,6 @@ def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, spli
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 # --- multi-task adapter directories: scoring and export -------------------------------------------------------
@@ -803,11 +590,11 @@ def task_heads(info: dict[str, Any], tokenizer: Any, data: dict[str, Any]) -> di
     out = {}
     for n, d in data.items():
         t = info["tasks"][n]
-        task = ClassificationTask(d, tokenizer, max_length=info["max_length"])
-        if task.num_labels != t["num_labels"]:
-            raise ValueError(f"{getattr(d, 'name', n)} has {task.num_labels} label(s) but task {n!r} was trained "
+        labels = label_space(d)[1]
+        if labels != t["num_labels"]:
+            raise ValueError(f"{getattr(d, 'name', n)} has {labels} label(s) but task {n!r} was trained "
                              f"with {t['num_labels']}; evaluate it on a data set with the same labels")
-        out[n] = TaskHead(n, task, t["adapter"], tuple(t["logits"]), routed)
+        out[n] = TaskHead(n, d, tokenizer, info["max_length"], t["adapter"], tuple(t["logits"]), routed)
     return out
 
 

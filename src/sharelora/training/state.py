@@ -127,6 +127,21 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     atomic_save_tensors(tensors, path, metadata={STATE_KEY: json.dumps(meta)})
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (step, stage, config, ...) without reading its tensors; ``load_checkpoint``
+    checks the file's integrity when it restores it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged file: read it in full for the error that names it
+        _, metadata = load_tensors(path)
+    if STATE_KEY not in metadata:
+        raise ValueError(f"{path} is not a sharelora training checkpoint (no {STATE_KEY!r} metadata)")
+    return json.loads(metadata[STATE_KEY])
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote into ``model`` and ``optimizer``; return the state dict.
 

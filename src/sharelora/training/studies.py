@@ -14,8 +14,8 @@ method that "keeps" task 1 by not learning task 2 is visible).
 teacher-forced loss (dropout off) on that training set and on dev. The gap dev - train over
 epochs is the overfitting curve.
 
-Both use a short, plain loop (AdamW, linear warmup/decay, clipping) over the task objects of
-``sharelora.tasks``; they do not checkpoint (each run takes minutes). Every number they write is
+Both train with the training engine's steps (``engine.fit``: AdamW, linear warmup/decay, clipping)
+over the task objects of ``sharelora.tasks``, in memory: they do not checkpoint (each run takes minutes). Every number they write is
 also in ``<output_dir>/<study>.json``.
 """
 
@@ -31,19 +31,20 @@ from typing import Any
 
 import torch
 
+from ..tasks import Task
 from .config import TrainConfig
+from .compare import mean_std
+from .engine import fit, seed_everything
+from .evaluate import model_logits
 from .logs import environment, peak_rss_mb
-from .loop import epoch_order, lr_at, seed_everything
 from .methods import parameter_summary, prepare_model
-from .optim import adamw
-from .state import atomic_write_text, trainable_parameters
+from .state import atomic_write_text
 
 
 def _task(name: str, data: Any, tokenizer: Any, max_length: int):
     from ..tasks.build import TASK_PRESETS, build_task
 
-    cfg = TrainConfig(task=name, max_length=max_length or TASK_PRESETS[name]["max_length"])
-    return build_task(cfg, data, tokenizer)
+    return build_task(name, data, tokenizer, max_length=max_length or TASK_PRESETS[name]["max_length"])
 
 
 def _e2e_dev_all_references(data: Any) -> Any:
@@ -55,40 +56,23 @@ def _e2e_dev_all_references(data: Any) -> Any:
     return dataclasses.replace(data, splits={**data.splits, "dev": rows})
 
 
-def train_steps(model: torch.nn.Module, task: Any, split: Any, *, steps: int, lr: float, batch_size: int, seed: int,
+def train_steps(model: torch.nn.Module, task: Task, split: Any, *, steps: int, lr: float, batch_size: int, seed: int,
                 warmup_ratio: float = 0.06, max_grad_norm: float = 1.0, start_epoch: int = 0,
                 on_epoch_end=None) -> list[float]:
-    """``steps`` AdamW steps on ``split`` (token-mean loss per step); returns the step losses.
+    """``steps`` of the training engine's steps on ``split`` (``engine.fit``: token-mean loss per step, no
+    weight decay); returns the step losses. ``on_epoch_end(epoch)`` is called after each full pass."""
+    def batch_loss(rows: list[int]) -> torch.Tensor:
+        batch = task.collate(split, rows)
+        return task.loss(model_logits(model, task.model_inputs(batch)), batch["labels"], reduction="sum")
 
-    ``on_epoch_end(epoch)`` is called after each full pass over ``split``.
-    """
-    params = list(trainable_parameters(model).values())
-    optimizer = adamw(params, lr=lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(split) / batch_size)
-    warmup = round(warmup_ratio * steps)
-    losses = []
-    model.train()
-    for step in range(steps):
-        epoch, b = divmod(step, per_epoch)
-        indices = epoch_order(len(split), seed, start_epoch + epoch)[b * batch_size : (b + 1) * batch_size]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, warmup, steps)
-        batch = task.collate(split, indices)
-        out = model(**task.model_inputs(batch))
-        loss = task.loss(out.logits, batch["labels"], reduction="sum") / task.step_weight(split, indices)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if on_epoch_end is not None and (step + 1) % per_epoch == 0:
-            on_epoch_end(start_epoch + epoch + 1)
-    return losses
+    return fit(model, batch_loss, lambda rows: task.step_weight(split, rows), len(split), steps=steps, lr=lr,
+               batch_size=batch_size, seed=seed, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
+               start_epoch=start_epoch, on_epoch_end=on_epoch_end)
 
 
 def _adapted_model(model_name: str, method: str, rank: int, seed: int, cache_dir: str | None):
     from ..sources import load_model
-    from ..tasks.build import resolve_targets
+    from .config import resolve_targets
 
     seed_everything(seed)
     bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
@@ -109,19 +93,9 @@ def _header(command: str | None, bundle: Any, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
 def _pm(values: list[float], fmt: str) -> str:
-    return fmt.format(_mean(values)) + (f" ± {fmt.format(_std(values))}" if len(values) > 1 else "")
+    mean, std = mean_std(values)
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(values) > 1 else "")
 
 
 def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", second: str = "instructions",
