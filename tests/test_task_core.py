@@ -404,3 +404,94 @@ def test_export_to_peft_is_a_standard_rank_r_lora_with_the_same_outputs(arch, co
     inputs = example_input(arch)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**inputs).logits, alone(model, arch, "t2", inputs), **TOL)
+
+
+# --- compress into cores -------------------------------------------------------------------------------
+def separate_loras(tmp_path, n=2, rank=2):
+    """n plain LoRAs (rank 2 on q_proj, v_proj of tiny LLaMA), each with random A and B."""
+    dirs = {}
+    for i in range(n):
+        m = get_sharelora_model(tiny_llama(), ShareLoraConfig(rank=rank, share="none", target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in m.sharelora_bank.values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        m.save_pretrained(tmp_path / f"t{i}")
+        dirs[f"t{i}"] = tmp_path / f"t{i}"
+    return dirs
+
+
+def reference_outputs(dirs, inputs):
+    out = {}
+    for name, d in dirs.items():
+        with torch.no_grad():
+            out[name] = ShareLoraModel.from_pretrained(tiny_llama(), d)(**inputs).logits
+    return out
+
+
+@pytest.mark.parametrize("share,across", [("AB", True), ("A", True), ("A", False)])
+def test_compression_into_cores_is_exact_when_the_rank_covers_the_stacks(tmp_path, share, across):
+    from sharelora.method.compress import compress_adapters
+
+    dirs = separate_loras(tmp_path)
+    # both stacks of a module type: 2 tasks x 3 layers x rank 2 = 12 <= min(d_in 32, d_out 16)
+    model, report = compress_adapters(tiny_llama(), dirs, rank=12, share=share, across_layers=across,
+                                      task_core="matrix")
+    assert report["task_core"] == "matrix" and report["relative_error_total"] < 1e-6
+    assert {model.sharelora_configs[n].task_share for n in dirs} == {"AB"}
+    inputs = example_input("llama")
+    want = reference_outputs(dirs, inputs)
+    for name in dirs:
+        assert report["tasks"][name]["max_error"] < 1e-6
+        torch.testing.assert_close(alone(model, "llama", name, inputs), want[name], **TOL)
+    rep = model.parameter_report()
+    assert report["parameters_per_task"] == rep["adapters"]["t1"]["own_parameters"] == 2 * L * 12 * 12
+    assert report["parameters"] == rep["adapter_parameters"]
+
+
+def test_compression_into_cores_error_falls_with_rank_and_sweeps_improve_on_hosvd(tmp_path):
+    from sharelora.method.compress import compress_adapters
+
+    dirs = separate_loras(tmp_path, n=3)
+    errors = []
+    for k in (2, 6, 10):
+        model, report = compress_adapters(tiny_llama(), dirs, rank=k, share="AB", task_core="matrix")
+        errors.append(report["relative_error_total"])
+        assert report["relative_error_total"] <= report["relative_error_hosvd"] + 1e-12
+        assert all(0 < t["mean_error"] < 1 for t in report["tasks"].values())
+    assert errors[0] > errors[1] > errors[2] > 0
+    # the per-task errors are those of the model: each task's update is B C A of the fitted tensors
+    t = model.plans["t1"].targets[0]
+    layer = model.base_model.get_submodule(t.module_name)
+    src = ShareLoraModel.from_pretrained(tiny_llama(), dirs["t1"])
+    D = src.base_model.get_submodule(t.module_name).delta_weight(src.plans["default"].targets[0], "default")
+    got = layer.delta_weight(t, "t1")
+    err = (torch.linalg.matrix_norm(got - D) / torch.linalg.matrix_norm(D)).item()
+    assert err == pytest.approx(report["tasks"]["t1"]["modules"][t.module_name], rel=1e-4)
+
+
+def test_compression_into_diagonal_cores_and_export_to_peft(tmp_path):
+    from peft import PeftModel
+
+    from sharelora.method.compress import compress_adapters
+
+    dirs = separate_loras(tmp_path, n=1, rank=2)
+    model, report = compress_adapters(tiny_llama(), dirs, rank=2, share="A", across_layers=False, task_core="diagonal")
+    # one rank-2 task per module: its SVD basis diagonalises it, so diagonal cores are exact too
+    assert report["tasks"]["t0"]["max_error"] < 1e-6
+    model.export_peft(tmp_path / "p", adapter_name="t0")
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "p").eval()
+    inputs = example_input("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, reference_outputs(dirs, inputs)["t0"], **TOL)
+
+
+def test_compression_into_cores_refuses_a_rank_beyond_d_out(tmp_path):
+    from sharelora.method.compress import compress_adapters
+
+    dirs = separate_loras(tmp_path, n=1)
+    with pytest.raises(ShareLoraError, match="d_out=16.*rank <= 16"):
+        compress_adapters(tiny_llama(), dirs, rank=17, share="AB", task_core="matrix")
+    with pytest.raises(ShareLoraError, match="basis='update'"):
+        compress_adapters(tiny_llama(), dirs, rank=4, share="AB", task_core="matrix", basis="A")
