@@ -51,7 +51,7 @@ def _matching_modules(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
 
 
-def _clear_all(shared: tuple[SharedDownProjection, ...], *_args) -> None:
+def _clear_all(shared: list[SharedDownProjection], *_args) -> None:
     for s in shared:
         s.clear()
 
@@ -99,6 +99,7 @@ class ShareLoraModel(nn.Module):
         self._basis_owner: dict[str, str | None] = {}  # task group -> the task-core adapter that trains its basis
         self._trainable = True
         self._shared_down_hooks: list = []
+        self._shared_downs: dict[str, list[SharedDownProjection]] = {}  # parent path -> its down-projections
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -201,7 +202,7 @@ class ShareLoraModel(nn.Module):
             module.add(adapter_name)
         self.sharelora_configs[adapter_name] = config
         self.plans[adapter_name] = plan
-        self._share_down_projections()
+        self._share_down_projections([adapter_name])
         self._activate(self.active_adapters)
 
     def set_adapter(self, adapter_name: str | list[str], train_shared: bool | None = None) -> None:
@@ -253,7 +254,7 @@ class ShareLoraModel(nn.Module):
                 trainable |= {bank_name(k) for k in plan.own_tensors()}
                 if self._trains_shared(n, names):
                     trainable |= {bank_name(k) for k in plan.shared_tensors()}
-        for key, p in self.sharelora_bank.items():
+        for key, p in self.sharelora_bank._parameters.items():  # its own dict: ParameterDict.items() is ~5x slower
             p.requires_grad_(key in trainable)
         for wrapper in self._wrappers().values():
             for n, module in wrapper.modules_to_save.items():
@@ -287,7 +288,7 @@ class ShareLoraModel(nn.Module):
         remaining = [n for n in self.active_adapters if n != adapter_name] or [self.adapter_names[0]]
         self._activate(remaining)
 
-    def _share_down_projections(self) -> None:
+    def _share_down_projections(self, adapters: list[str] | None = None) -> None:
         """Sibling modules that read one input compute their down-projections in one product.
 
         Per adapter: whole (unsliced) adapted modules under one parent that usually read the same
@@ -295,13 +296,15 @@ class ShareLoraModel(nn.Module):
         get one ``SharedDownProjection``, cleared before and after each forward of the parent (the
         block that calls them); see ``ShareLoraLayer``. ``dropout_mask`` (config) decides whether
         they also share the dropout mask while training ("input") or compute separately ("module").
+        ``adapters``: only these (just added) adapters; None rebuilds every adapter's (after a delete).
         """
-        for handle in self._shared_down_hooks:
-            handle.remove()
-        self._shared_down_hooks = []
+        if adapters is None:
+            for handle in self._shared_down_hooks:
+                handle.remove()
+            self._shared_down_hooks = []
+            self._shared_downs = {}
         layers = list(self.sharelora_layers())
-        by_parent: dict[str, list[SharedDownProjection]] = defaultdict(list)
-        for adapter in self.sharelora_configs:
+        for adapter in self.sharelora_configs if adapters is None else adapters:
             groups: dict[tuple[str, object], list] = {}
             for name, layer in layers:
                 slot = layer.slots.get(adapter)
@@ -318,11 +321,13 @@ class ShareLoraModel(nn.Module):
                 shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank)
                 for slot in slots:
                     slot.shared_down = shared
-                by_parent[parent_name].append(shared)
-        for parent_name, shared in by_parent.items():
-            parent = self.base_model.get_submodule(parent_name)
-            clear = functools.partial(_clear_all, tuple(shared))
-            self._shared_down_hooks += [parent.register_forward_pre_hook(clear), parent.register_forward_hook(clear)]
+                if parent_name not in self._shared_downs:  # the hooks clear the parent's list, which grows
+                    self._shared_downs[parent_name] = []
+                    parent = self.base_model.get_submodule(parent_name)
+                    clear = functools.partial(_clear_all, self._shared_downs[parent_name])
+                    self._shared_down_hooks += [parent.register_forward_pre_hook(clear),
+                                                parent.register_forward_hook(clear)]
+                self._shared_downs[parent_name].append(shared)
 
     # --- plumbing -----------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -781,6 +786,7 @@ class ShareLoraModel(nn.Module):
         for handle in self._shared_down_hooks:
             handle.remove()
         self._shared_down_hooks = []
+        self._shared_downs = {}
         for name, layer in list(self.sharelora_layers()):
             _set_submodule(self.base_model, name, layer.base_layer)
         for path, wrapper in self._wrappers().items():

@@ -446,7 +446,11 @@ _GROUP_FIELDS = ("task_share", "task_core", "rank", "share", "scope", "share_blo
 
 def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                      others: dict[str, tuple[ShareLoraConfig, SharingPlan]]) -> None:
-    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters."""
+    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters.
+
+    The group's adapters agree with each other (each was checked on joining), so comparing with
+    one of them is comparing with all: adding the N-th adapter costs the same as adding the second.
+    """
     if config.task_share == "none":
         return
     for other, (ocfg, oplan) in others.items():
@@ -475,6 +479,7 @@ def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                     f"adapter {name!r} cannot join task group {config.task_group!r}: shared tensor {k} has shape "
                     f"{spec.shape} for {name!r} but {theirs[k].shape} for adapter {other!r}"
                 )
+        return
 
 
 def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device,
