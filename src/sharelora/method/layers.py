@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -270,11 +271,16 @@ class SharedDownProjection:
     Args:
         a_keys: the bank names of the group's distinct A's, in the order of u's column blocks.
         bank: the model's ParameterDict holding them.
+        live: a list shared by the down-projections of one parent module: each that holds a product
+            adds itself, and the parent's hooks clear just those (``clear_live``), so a forward costs
+            the same whether the model holds one adapter or a thousand.
     """
 
-    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None):
+    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None,
+                 live: list | None = None):
         self.a_keys = tuple(a_keys)
         self._bank = [bank]
+        self._live = live
         self.clear()
 
     def columns(self, a_key: str, rank: int) -> slice:
@@ -298,7 +304,16 @@ class SharedDownProjection:
 
     def store(self, x: torch.Tensor, mode: tuple, u: torch.Tensor) -> None:
         """Keep u, (N, k r) with N = x.numel() // d_in, for the siblings that read the same x."""
+        if self._live is not None and self.x is None:
+            self._live.append(self)
         self.x, self.mode, self.u = x, mode, u
+
+
+def clear_live(live: list, *_args) -> None:
+    """Clear the down-projections in ``live`` (those holding a product) and empty it (a parent's forward hook)."""
+    for s in live:
+        s.clear()
+    live.clear()
 
 
 class AdapterSlot:
@@ -388,6 +403,21 @@ class AdapterSlot:
         return A, torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
 
 
+class _CoreGroup:
+    """Task-core adapters of one basis in one layer: their names, alpha / r each, and per target an
+    ``itemgetter`` that reads their cores from the bank's dict in one C call (a tuple, in names' order)."""
+
+    def __init__(self, names: tuple[str, ...], slots: list[AdapterSlot]):
+        self.names = names
+        self.first = slots[0]
+        self.scalings = tuple(s.scaling for s in slots)
+        self.cores = []
+        for i in range(len(self.first.targets)):
+            keys = [s.c_keys[i] for s in slots]
+            get = operator.itemgetter(*keys)
+            self.cores.append(get if len(keys) > 1 else (lambda d, get=get: (get(d),)))
+
+
 class ShareLoraLayer(nn.Module):
     """``h = W0 x + (alpha / r) * B A dropout(x)`` for one module, with A and B read by key.
 
@@ -439,6 +469,7 @@ class ShareLoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.reuse_shared_input = True
+        self._route_plans: dict[tuple, tuple] = {}  # adapter_names' set -> how this layer computes it (_route_plan)
         # The fused kernel re-implements the base layer's forward: only for these exact types.
         self._plain_base = type(base_layer) is nn.Linear or type(base_layer) is _conv1d_class()
         self.add_slot(adapter_name, targets, scaling, dropout, heads, top_k)
@@ -454,10 +485,12 @@ class ShareLoraLayer(nn.Module):
             raise ShareLoraError(f"router heads (HydraLoRA) adapt whole modules; {targets[0].module_name!r} is "
                                  "targeted by slices: target the whole fused module instead")
         self.slots[adapter_name] = slot
+        self._route_plans.clear()
         return slot
 
     def remove_slot(self, adapter_name: str) -> None:
         self.slots.pop(adapter_name, None)
+        self._route_plans.clear()
         self.active = tuple(a for a in self.active if a != adapter_name)
         if adapter_name in self.merged_adapters:
             self.merged_adapters.remove(adapter_name)
@@ -644,21 +677,16 @@ class ShareLoraLayer(nn.Module):
         share A and B, so only their r x r cores are per row (``_batched_cores``).
         """
         n = x.shape[0]
-        rows = routing.rows_by_adapter(n, x.device)
-        names = [a for a in routing.unique if a in self.slots and rows[a].numel()]  # "__base__" has no slot
-        if not names:
+        core_groups, names = self._route_plan(routing.unique)
+        if not names and not core_groups:
             return result
         x3 = x.reshape(n, -1, x.shape[-1])
         out = result.reshape(n, -1, result.shape[-1])
-        cored: dict[tuple, list[str]] = {}  # task-core adapters by (basis, dropout): computed together
-        for a in names:
-            slot = self.slots[a]
-            if slot.cored:
-                cored.setdefault((slot.a_keys, tuple(b for _, b in slot.keys), self._dropout_p(slot)), []).append(a)
-        for group in cored.values():
-            out = self._batched_cores(x3, out, routing, tuple(group))
-        if cored:
-            names = [a for a in names if not self.slots[a].cored]
+        for group in core_groups:
+            out = self._batched_cores(x3, out, routing, group)
+        if not names:
+            return out.view(result.shape)
+        rows = routing.rows_by_adapter(n, x.device)
         plain = [a for a in names if self.slots[a].heads == 1]
         rest = [a for a in names if self.slots[a].heads > 1]
         if len(plain) > 1:
@@ -706,7 +734,31 @@ class ShareLoraLayer(nn.Module):
         delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
         return out + delta if idx is None else out.index_add(0, idx, delta)
 
-    def _batched_cores(self, x3: torch.Tensor, out: torch.Tensor, routing, names: tuple[str, ...]) -> torch.Tensor:
+    def _route_plan(self, unique: tuple[str, ...]) -> tuple[list[_CoreGroup], list[str]]:
+        """(task-core groups, other adapters) among ``unique`` (one call's adapter names) that this layer hosts.
+
+        Task-core adapters with one basis (A and B keys) and dropout form one ``_CoreGroup``. Kept per
+        set of names (the last 16 sets; cleared when a slot is added or removed), so a batch of N
+        distinct tasks does its O(N) Python work once, not in every layer of every forward.
+        """
+        key = (unique, self.training)
+        plan = self._route_plans.get(key)
+        if plan is None:
+            names = [a for a in unique if a in self.slots]  # "__base__" has no slot
+            groups: dict[tuple, list[str]] = {}
+            for a in names:
+                slot = self.slots[a]
+                if slot.cored:
+                    groups.setdefault((slot.a_keys, tuple(b for _, b in slot.keys), self._dropout_p(slot)), []).append(a)
+            cored = {a for g in groups.values() for a in g}
+            plan = ([_CoreGroup(tuple(g), [self.slots[a] for a in g]) for g in groups.values()],
+                    [a for a in names if a not in cored])
+            if len(self._route_plans) >= 16:
+                self._route_plans.pop(next(iter(self._route_plans)))
+            self._route_plans[key] = plan
+        return plan
+
+    def _batched_cores(self, x3: torch.Tensor, out: torch.Tensor, routing, group: _CoreGroup) -> torch.Tensor:
         """``out`` (n, T, d_out) plus the update of every row whose adapter is one of ``names``.
 
         ``names`` are task-core adapters that read the same A and B (one task group), so the batch
@@ -718,19 +770,18 @@ class ShareLoraLayer(nn.Module):
         is gathering N small cores and the (n_g, T, r) x (r, r) products, independent of d.
         """
         bank = self._bank[0]
-        slots = [self.slots[a] for a in names]
-        first = slots[0]
-        idx, local, scale = routing.layout(names, x3.shape[0], x3.device, tuple(s.scaling for s in slots))
+        first = group.first
+        idx, local, scale = routing.layout(group.names, x3.shape[0], x3.device, group.scalings)
         xg = x3 if idx is None else x3.index_select(0, idx)
         p = self._dropout_p(first)
         dropped = F.dropout(xg, p, training=True) if p > 0.0 else xg
         A, B, cols = first.basis(bank)
         u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A)  # one product for all rows
         u = u * (first.scaling if scale is None else scale.to(u.dtype))
-        params = bank._parameters  # a plain dict: N lookups a layer cost microseconds (ParameterDict's: ~1 ms)
+        params = bank._parameters  # a plain dict, read in C by the group's itemgetters (ParameterDict's is slow)
         parts = []
         for i, c in enumerate(cols):
-            rows = torch.stack([params[s.c_keys[i]] for s in slots]).index_select(0, local)  # (n_g, r, r) / (n_g, r)
+            rows = torch.stack(group.cores[i](params)).index_select(0, local)  # (n_g, r, r) / (n_g, r)
             ui = u[..., c]
             parts.append(torch.bmm(ui, rows.transpose(1, 2)) if rows.dim() == 3 else ui * rows.unsqueeze(1))
         v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (n_g, T, S r)

@@ -24,7 +24,7 @@ from torch import nn
 from . import checkpoint
 from .config import ShareLoraConfig
 from .errors import ShareLoraError
-from .layers import SharedDownProjection, ShareLoraLayer, bank_name
+from .layers import SharedDownProjection, ShareLoraLayer, bank_name, clear_live
 from .modules_to_save import ModulesToSave
 from .quantized import keep_trainable
 from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
@@ -49,11 +49,6 @@ def _matching_modules(model: nn.Module, names: list[str]) -> list[str]:
         raise ShareLoraError(f"modules_to_save {missing} matched no module; top-level modules: {children}")
     # Keep outermost matches only: a matched module's submodules come with it.
     return sorted(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
-
-
-def _clear_all(shared: list[SharedDownProjection], *_args) -> None:
-    for s in shared:
-        s.clear()
 
 
 class ShareLoraModel(nn.Module):
@@ -99,7 +94,7 @@ class ShareLoraModel(nn.Module):
         self._basis_owner: dict[str, str | None] = {}  # task group -> the task-core adapter that trains its basis
         self._trainable = True
         self._shared_down_hooks: list = []
-        self._shared_downs: dict[str, list[SharedDownProjection]] = {}  # parent path -> its down-projections
+        self._shared_downs: dict[str, list[SharedDownProjection]] = {}  # parent path -> those holding a product
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -318,16 +313,16 @@ class ShareLoraModel(nn.Module):
             for (parent_name, _), slots in groups.items():
                 if len(slots) < 2:
                     continue
-                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank)
-                for slot in slots:
-                    slot.shared_down = shared
-                if parent_name not in self._shared_downs:  # the hooks clear the parent's list, which grows
+                if parent_name not in self._shared_downs:  # one pair of hooks per parent, for every adapter
                     self._shared_downs[parent_name] = []
                     parent = self.base_model.get_submodule(parent_name)
-                    clear = functools.partial(_clear_all, self._shared_downs[parent_name])
+                    clear = functools.partial(clear_live, self._shared_downs[parent_name])
                     self._shared_down_hooks += [parent.register_forward_pre_hook(clear),
                                                 parent.register_forward_hook(clear)]
-                self._shared_downs[parent_name].append(shared)
+                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank,
+                                              self._shared_downs[parent_name])
+                for slot in slots:
+                    slot.shared_down = shared
 
     # --- plumbing -----------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
