@@ -176,6 +176,12 @@ def test_layer_output_is_the_reference_formula(core):
         with torch.no_grad():
             assert_close_fp32(layer(x), want, k=D)
             assert_close_fp32(layer.delta_weight(t, name), (6.0 / R) * B @ C @ A, k=D)
+    # two active adapters add their updates: W0 x + s B (C_1 + C_2) A x
+    cores = [bank[bank_name(model.plans[n].targets[3].c_key)].detach() for n in ("t1", "t2")]
+    C12 = sum(c if core == "matrix" else torch.diag(c) for c in cores)
+    model.set_adapter(["t1", "t2"])
+    with torch.no_grad():
+        assert_close_fp32(layer(x), x @ layer.base_layer.weight.T + (6.0 / R) * x @ A.T @ C12.T @ B.T, k=D)
 
 
 @pytest.mark.numerics
@@ -286,10 +292,11 @@ def train_steps(model, name, inputs, steps=3, **kw):
     model.eval()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("core", CORES)
-def test_the_first_adapter_trains_the_basis_and_a_later_one_only_its_core_and_head(core):
-    model = get_sharelora_model(tiny_bert(), cfg("bert", core), adapter_name="first")
-    inputs = example_input("bert", batch=4)
+def test_the_first_adapter_trains_the_basis_and_a_later_one_only_its_core_and_head(arch, core):
+    model = get_sharelora_model(BUILD[arch](), cfg(arch, core), adapter_name="first")
+    inputs = example_input(arch, batch=4)
     basis = {k: model.sharelora_bank[bank_name(k)] for k in model.plans["first"].shared_tensors()}
     start = {k: v.clone() for k, v in basis.items()}
     train_steps(model, "first", inputs)  # default: the group's first adapter trains the basis
@@ -300,7 +307,7 @@ def test_the_first_adapter_trains_the_basis_and_a_later_one_only_its_core_and_he
         model.set_adapter("first")
         before = model(**inputs).logits.clone()
     trained_basis = {k: v.clone() for k, v in basis.items()}
-    model.add_adapter("later", cfg("bert", core))
+    model.add_adapter("later", cfg(arch, core))
     model.set_adapter("later")  # default: its core and head only
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"sharelora_bank.{bank_name(k)}" for k in model.plans["later"].own_tensors()} | {
