@@ -502,3 +502,19 @@ def test_compression_into_cores_refuses_a_rank_beyond_d_out(tmp_path):
         compress_adapters(tiny_llama(), dirs, rank=17, share="AB", task_core="matrix")
     with pytest.raises(ShareLoraError, match="basis='update'"):
         compress_adapters(tiny_llama(), dirs, rank=4, share="AB", task_core="matrix", basis="A")
+
+
+def test_a_single_default_core_adapter_saves_in_the_single_adapter_format(tmp_path):
+    from sharelora.method import checkpoint
+
+    model = get_sharelora_model(tiny_llama(), cfg("llama", "diagonal"))
+    randomize(model, "default", seed=4, basis=True)
+    model.save_pretrained(tmp_path / "one")
+    assert not checkpoint.is_multi_adapter(tmp_path / "one")
+    config, tensors = checkpoint.load_adapter(tmp_path / "one")
+    assert config.task_core == "diagonal" and sum(k.endswith(".lora_C") for k in tensors) == 2 * L
+    again = ShareLoraModel.from_pretrained(tiny_llama(), tmp_path / "one", is_trainable=True)
+    assert again.basis_owner("default") == "default"
+    inputs = example_input("llama")
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, model(**inputs).logits)
