@@ -127,3 +127,11 @@ def test_more_adapters_than_rows_is_refused():
         tiny_config(adapters=(1, 8)).validate()
     with pytest.raises(ValueError, match="libraries must be some of"):
         tiny_config(libraries=("lora",)).validate()
+
+
+def test_peft_is_run_only_up_to_its_cap_of_adapters():
+    out = run_mixed(tiny_config(adapters=(1, 4), libraries=("core", "peft"), peft_max_adapters=2), log=lambda _: None)
+    assert {r["variant"] for r in out["rows"] if r["library"] == "peft"} == {"peft/single", "peft/names"}
+    assert "peft_max_rel_diff_to_alone" not in out["checks"][1] and "core_max_rel_diff_to_alone" in out["checks"][1]
+    assert "holds 2 adapters" in out["peft_note"] and "holds 2 adapters" in markdown(out)
+    assert out["memory"]["peft_held_bytes"] == 2 * out["memory"]["peft_own_bytes"]
