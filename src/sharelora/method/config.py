@@ -79,6 +79,10 @@ class ShareLoraConfig:
             (K, d_in) per target, so ``h = W0 x + scaling * sum_k w_k(x) B_k A dropout(x)``. The
             update depends on the input, so such an adapter cannot be merged or exported to PEFT.
         router_top_k: keep only the k largest router weights per token (renormalised); None: all.
+
+    PEFT's names work too: ``ShareLoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, ...)`` is the same
+    config as ``rank=8, alpha=16, dropout=0.1``, ``cfg.r`` / ``cfg.lora_alpha`` / ``cfg.lora_dropout``
+    read and set them, and :meth:`from_peft` builds one from a PEFT ``LoraConfig``.
     """
 
     rank: int = 8
@@ -165,6 +169,57 @@ class ShareLoraConfig:
             raise ShareLoraError(f"router_top_k must be None or an integer in [1, heads={self.heads}] with "
                                  f"router=True, got {self.router_top_k!r}")
 
+    # PEFT's names for rank / alpha / dropout (PEFT_NAMES), as attributes
+    r = property(lambda self: self.rank, lambda self, v: setattr(self, "rank", v), doc="PEFT's name of ``rank``")
+    lora_alpha = property(lambda self: self.alpha, lambda self, v: setattr(self, "alpha", v),
+                          doc="PEFT's name of ``alpha``")
+    lora_dropout = property(lambda self: self.dropout, lambda self, v: setattr(self, "dropout", v),
+                            doc="PEFT's name of ``dropout``")
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, **overrides: Any) -> ShareLoraConfig:
+        """A ShareLoraConfig with a PEFT ``LoraConfig``'s rank, scaling, dropout and targets.
+
+        ``peft_config`` is a ``peft.LoraConfig`` or its ``adapter_config.json`` as a dict (peft need not
+        be installed); ``overrides`` set the ShareLoRA fields, e.g. ``share="A"``. r, lora_alpha,
+        lora_dropout, target_modules, modules_to_save, layers_to_transform, base_model_name_or_path
+        and init_lora_weights (True / False) carry over; ``use_rslora`` scales by lora_alpha / sqrt(r),
+        so alpha becomes lora_alpha * sqrt(r) (the same update). What has no ShareLoRA equivalent
+        (DoRA, per-module rank_pattern / alpha_pattern, trained biases, other initialisations) is
+        refused by name rather than dropped.
+        """
+        get = peft_config.get if isinstance(peft_config, dict) else (lambda k, d=None: getattr(peft_config, k, d))
+        kind = str(get("peft_type", "LORA") or "LORA")
+        kind = getattr(get("peft_type"), "value", kind)
+        if str(kind).upper() != "LORA":
+            raise ShareLoraError(f"from_peft reads a LoRA config; got peft_type {kind!r}")
+        refused = [k for k in ("use_dora", "rank_pattern", "alpha_pattern") if get(k)]
+        if get("bias", "none") not in (None, "none"):
+            refused.append(f"bias={get('bias')!r}")
+        init = get("init_lora_weights", True)
+        if not isinstance(init, bool):
+            refused.append(f"init_lora_weights={init!r}")
+        if refused:
+            raise ShareLoraError(f"the PEFT config sets {', '.join(refused)}, which ShareLoRA has no equivalent of; "
+                                 "unset them (use_dora=False, no rank_pattern / alpha_pattern, bias='none', "
+                                 "init_lora_weights=True) or train with PEFT")
+        r = int(get("r", 8))
+        alpha = float(get("lora_alpha", 8))
+        if get("use_rslora"):
+            alpha = alpha * r ** 0.5  # PEFT's rsLoRA scaling lora_alpha / sqrt(r) == alpha / r
+        targets = get("target_modules")
+        if targets is None:
+            raise ShareLoraError("the PEFT config has no target_modules; set them (names, a regex or 'all-linear')")
+        layers = get("layers_to_transform")
+        values: dict[str, Any] = {
+            "rank": r, "alpha": alpha, "dropout": float(get("lora_dropout", 0.0) or 0.0),
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "modules_to_save": list(get("modules_to_save") or []),
+            "layers_to_transform": [layers] if isinstance(layers, int) else (list(layers) if layers else None),
+            "init_lora_weights": init, "base_model_name_or_path": get("base_model_name_or_path"),
+        }
+        return cls(**{**values, **overrides})
+
     @property
     def scaling(self) -> float:
         return float(self.alpha) / self.rank
@@ -195,7 +250,7 @@ class ShareLoraConfig:
             raise ShareLoraError(
                 f"adapter format version {version} is newer than this sharelora understands ({FORMAT_VERSION}); upgrade sharelora"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | set(PEFT_NAMES)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ShareLoraError(f"adapter_config.json has unknown fields {unknown}; known fields: {sorted(names)}")
@@ -216,3 +271,24 @@ class ShareLoraConfig:
         if not isinstance(d, dict):
             raise ShareLoraError(f"{path} must hold a JSON object")
         return cls.from_dict(d)
+
+
+# PEFT's argument names and the fields they stand for: ShareLoraConfig(r=8, lora_alpha=16, lora_dropout=0.1)
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+_dataclass_init = ShareLoraConfig.__init__
+
+
+def _init_with_peft_names(self: ShareLoraConfig, *args: Any, **kwargs: Any) -> None:
+    for peft_name, name in PEFT_NAMES.items():
+        if peft_name in kwargs:
+            value = kwargs.pop(peft_name)
+            if name in kwargs and kwargs[name] != value:
+                raise ShareLoraError(f"{peft_name}={value!r} and {name}={kwargs[name]!r} name the same setting; "
+                                     f"pass one of them")
+            kwargs[name] = value
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init_with_peft_names.__doc__ = _dataclass_init.__doc__
+_init_with_peft_names.__signature__ = __import__("inspect").signature(_dataclass_init)
+ShareLoraConfig.__init__ = _init_with_peft_names  # type: ignore[method-assign]
