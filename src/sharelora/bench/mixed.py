@@ -412,7 +412,9 @@ def _ratio(r: dict | None) -> str:
 
 
 def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.2f}"
+    if n is None:
+        return "—"
+    return f"{n / 2**20:.2f}" if n >= 2**20 / 10 else f"{n / 2**20:.4f}"  # a task's cores: KiB, not 0.00
 
 
 _HOW = {"single": "one active adapter, no adapter_names", "names": "adapter_names = [t0] x batch"}

@@ -461,7 +461,8 @@ class ShareLoraModel(nn.Module):
               f"({100 * r['saving_vs_lora']:.1f}% fewer); modules_to_save params {r['modules_to_save_parameters']:,}")
         for g in r["groups"]:
             print(f"  {g['module_type']}: {g['targets']} targets {g['d_in']}->{g['d_out']}, "
-                  f"{g['A_tensors']} A + {g['B_tensors']} B tensors, {g['parameters']:,} params "
+                  f"{g['A_tensors']} A + {g['B_tensors']} B" + (f" + {g['C_tensors']} C" if g["C_tensors"] else "")
+                  + f" tensors, {g['parameters']:,} params "
                   f"(LoRA {g['lora_equivalent']:,})")
 
     # --- state --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class Routing:
     def clear(self) -> None:
         self.names: tuple[str, ...] | None = None
         self.unique: tuple[str, ...] = ()
+        self._index: dict[str, int] = {}
         self._ids: list[int] = []
         self._cache: dict = {}
 
@@ -57,8 +58,9 @@ class Routing:
                                  f"(and '{BASE_ADAPTER}' for no adapter)")
         self.clear()
         self.names = names
-        self.unique = tuple(dict.fromkeys(names))
-        self._ids = [self.unique.index(n) for n in names]
+        self._index = {n: i for i, n in enumerate(dict.fromkeys(names))}  # a dict: N distinct names cost O(N), not O(N^2)
+        self.unique = tuple(self._index)
+        self._ids = [self._index[n] for n in names]
 
     def row_ids(self, rows: int, device: torch.device) -> torch.Tensor:
         """(rows,) int64: the index into ``unique`` of each row of an input with ``rows`` rows."""
@@ -94,8 +96,7 @@ class Routing:
         if key not in self._cache:
             ids = self.row_ids(rows, device)
             lookup = torch.full((len(self.unique),), -1, dtype=torch.long)
-            for j, name in enumerate(names):
-                lookup[self.unique.index(name)] = j
+            lookup[[self._index[name] for name in names]] = torch.arange(len(names))
             per_row = lookup.to(device).index_select(0, ids)
             idx = (per_row >= 0).nonzero().flatten()
             every_row = idx.numel() == rows
