@@ -320,7 +320,8 @@ def test_builtin_registry_lists_the_offline_models_and_datasets():
                                                      "fever", "e2e", "natural-instructions", "mmlu", "gsm8k",
                                                      "humaneval", "rt-snippets", "commonsense-relations",
                                                      "hedge-sentences", "movie-reviews", "adjective-order",
-                                                     "wordnet-definitions", "wordnet-instructions"]
+                                                     "wordnet-definitions", "wordnet-instructions",
+                                                     "rt-subjectivity", "wordnet-noun-instructions"]
 
 
 def test_builtin_datasets_pin_a_seeded_recipe_and_a_fingerprint():

