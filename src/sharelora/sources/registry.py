@@ -18,7 +18,8 @@ A package can vanish from an index, so a dataset lists **origins**, tried in ord
   default recipe only and always checked against the pinned split fingerprint;
 * ``substitute``: another registered dataset with *different* data of the same task type, used
   only when every origin of the same data is gone (the loader says so, and the results are not
-  comparable with results on the original).
+  comparable with results on the original). A second substitute may follow the first: it is
+  tried only when the first substitute's own origins all fail, and is announced the same way.
 
 An origin of the same data is accepted by its **content**: ``content`` pins a digest of the
 member files it yields (:func:`sharelora.sources.cache.content_digest`), so any archive that
