@@ -119,6 +119,29 @@ class Offline:
         return self.tokenizer.decode([t for t in token_ids if t != 2], skip_special_tokens=True)
 
 
+def load_served(files: dict[str, Path]):
+    """A ServedModel of the tiny model with the adapters sql, chat (multi/), solo and peft."""
+    from sharelora.serve.model import ServedModel
+
+    served = ServedModel.load(str(files["model"]), device="cpu")
+    served.add_adapter(served.read_adapter(files["multi"]))
+    served.add_adapter(served.read_adapter(files["solo"], "solo"))
+    served.add_adapter(served.read_adapter(files["peft"], "peft"))
+    return served
+
+
+def slow(served, seconds: float = 0.01):
+    """Make every forward take a while, so requests are still running when a test looks."""
+    real = served.forward
+
+    def forward(*args, **kw):
+        time.sleep(seconds)
+        return real(*args, **kw)
+
+    served.forward = forward
+    return served
+
+
 class LiveServer:
     """The app on a free loopback port in a thread of this process; stops by itself on exit."""
 

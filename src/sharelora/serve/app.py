@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import secrets
 import time
@@ -21,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from . import types as t
+from .completions import Choices, choice_seed
 from .errors import BadRequest, Overloaded, ServeError, Unauthorized, Unavailable, as_serve_error, error_body, install_handlers
 from .model import ServedModel, resolve_adapter_dir
 from .scheduler import Event, GenerationRequest, QueueFull, SamplingParams, Scheduler, SchedulerStopped
@@ -60,56 +63,96 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
 
     @app.post("/v1/completions")
     async def completions(body: t.CompletionRequest, request: Request):
+        _refuse_unsupported(body)
         adapter = served.resolve(body.model)
-        prompt = _completion_prompt(served, body.prompt)
-        params = _sampling(served, body, len(prompt), body.max_tokens, "prompt")
-        gen, queue = _submit(scheduler, GenerationRequest(prompt, adapter, params, label=body.model,
-                                                          id=f"cmpl-{uuid.uuid4().hex}"))
+        prompts = await run_in_threadpool(_completion_prompts, served, body.prompt, body.echo)
+        n = body.n or 1
+        _bound_choices(scheduler, len(prompts), n)
+        if body.max_tokens == 0 and not body.echo:
+            raise BadRequest("max_tokens 0 generates nothing: use it with echo: true to score the prompt",
+                             param="max_tokens")
+        k = body.logprobs
+        # echo with logprobs scores the prompt; max_tokens 0 needs the prefill's scores to end with
+        scored = k if body.echo and k is not None else (0 if body.max_tokens == 0 else None)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        gens = []
+        for p, (ids, _) in enumerate(prompts):
+            params = _sampling(served, body, len(ids), body.max_tokens, "prompt", logprobs=k, prompt_logprobs=scored)
+            gens += [GenerationRequest(ids, adapter, dataclasses.replace(params, seed=choice_seed(body.seed, j)),
+                                       label=body.model, id=_choice_id(rid, p * n + j, len(prompts) * n))
+                     for j in range(n)]
+        choices = Choices(len(prompts), n, served.token_text, k, [text for _, text in prompts] if body.echo else None)
+        queue = _submit(scheduler, gens)
         created = int(time.time())
+
+        def chunk(parts: list[t.CompletionChoice], usage: t.Usage | None = None) -> dict:
+            return t.Completion(id=rid, created=created, model=body.model, choices=parts,
+                                usage=usage).model_dump(exclude_none=True)
+
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            def chunk(text: str, finish: str | None) -> dict:
-                return t.Completion(id=gen.id, created=created, model=body.model, choices=[
-                    t.CompletionChoice(text=text, finish_reason=finish)]).model_dump(exclude_none=True)
-
-            return _sse(_stream(scheduler, gen, queue), chunk, lambda e: _usage_chunk(
-                t.Completion(id=gen.id, created=created, model=body.model, choices=[], usage=_usage(e))) if usage
-                else None)
-        text, last = await _collect(scheduler, gen, queue, request)
-        return t.Completion(id=gen.id, created=created, model=body.model, usage=_usage(last),
-                            choices=[t.CompletionChoice(text=text, finish_reason=last.finish_reason)])
+            return _sse(_stream(scheduler, gens, queue),
+                        lambda i, e: [chunk([c]) for c in choices.completion_chunks(i, e)],
+                        lambda: chunk([], choices.usage()) if _include_usage(body) else None)
+        await _collect(scheduler, gens, queue, request, choices)
+        return t.Completion(id=rid, created=created, model=body.model, usage=choices.usage(),
+                            choices=choices.completion_choices())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: t.ChatCompletionRequest, request: Request):
+        _refuse_unsupported(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         adapter = served.resolve(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = served.apply_chat_template(messages)
-        except BadRequest:
-            raise
-        except Exception as e:  # the template refused the conversation (a role it does not know, ...)
-            raise BadRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
-        params = _sampling(served, body, len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
-        gen, queue = _submit(scheduler, GenerationRequest(prompt, adapter, params, label=body.model,
-                                                          id=f"chatcmpl-{uuid.uuid4().hex}"))
+        prompt = await run_in_threadpool(_chat_prompt, served, messages)
+        n = body.n or 1
+        _bound_choices(scheduler, 1, n)
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = _sampling(served, body, len(prompt), body.max_completion_tokens or body.max_tokens, "messages",
+                           logprobs=k)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gens = [GenerationRequest(prompt, adapter, dataclasses.replace(params, seed=choice_seed(body.seed, j)),
+                                  label=body.model, id=_choice_id(rid, j, n)) for j in range(n)]
+        choices = Choices(1, n, served.token_text, k)
+        queue = _submit(scheduler, gens)
         created = int(time.time())
+
+        def chunk(parts: list[t.ChatChunkChoice], usage: t.Usage | None = None) -> dict:
+            return t.ChatCompletionChunk(id=rid, created=created, model=body.model, choices=parts,
+                                         usage=usage).model_dump(exclude_none=True)
+
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            first = [True]
+            return _sse(_stream(scheduler, gens, queue),
+                        lambda i, e: [chunk([c]) for c in choices.chat_chunks(i, e)],
+                        lambda: chunk([], choices.usage()) if _include_usage(body) else None,
+                        opening=chunk(choices.chat_opening()))
+        await _collect(scheduler, gens, queue, request, choices)
+        return t.ChatCompletion(id=rid, created=created, model=body.model, usage=choices.usage(),
+                                choices=choices.chat_choices())
 
-            def chunk(text: str, finish: str | None) -> dict:
-                delta = t.ChatDelta(role="assistant" if first[0] else None, content=text if text or first[0] else None)
-                first[0] = False
-                return t.ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[
-                    t.ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump(exclude_none=True)
+    @app.post("/tokenize")
+    async def tokenize(body: t.TokenizeRequest) -> t.TokenizeResponse:
+        _refuse_unsupported(body)
+        if body.model is not None:
+            served.resolve(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise BadRequest("give either a prompt or messages", param="prompt")
+        if body.prompt is not None:
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = await run_in_threadpool(served.encode, body.prompt, special)
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = await run_in_threadpool(_chat_prompt, served, messages, body.add_generation_prompt,
+                                          bool(body.add_special_tokens))
+        strs = [served.token_text(i) for i in ids] if body.return_token_strs else None
+        return t.TokenizeResponse(count=len(ids), max_model_len=served.context_length, tokens=ids, token_strs=strs)
 
-            return _sse(_stream(scheduler, gen, queue), chunk, lambda e: _usage_chunk(
-                t.ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[], usage=_usage(e)))
-                if usage else None, opening=True)
-        text, last = await _collect(scheduler, gen, queue, request)
-        return t.ChatCompletion(id=gen.id, created=created, model=body.model, usage=_usage(last), choices=[
-            t.ChatChoice(message=t.AssistantMessage(content=text), finish_reason=last.finish_reason)])
+    @app.post("/detokenize")
+    async def detokenize(body: t.DetokenizeRequest) -> t.DetokenizeResponse:
+        if body.model is not None:
+            served.resolve(body.model)
+        _check_token_ids(served, body.tokens, "tokens")
+        return t.DetokenizeResponse(prompt=await run_in_threadpool(served.decode, body.tokens))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: t.LoadLoraAdapterRequest):
@@ -159,66 +202,114 @@ def _log_adapter(info, what: str) -> None:
     log.info("adapter %s %s (%s, %d parameters, %s)", info.name, what, info.format, info.parameters, info.path)
 
 
-def _completion_prompt(served: ServedModel, prompt) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return served.encode(prompt)
-    if prompt and all(isinstance(x, int) for x in prompt):
-        bad = [x for x in prompt if not 0 <= x < served.vocab_size]
-        if bad:
-            raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{served.vocab_size - 1})",
-                             param="prompt")
-        return list(prompt)
-    if not prompt:
-        raise BadRequest("the prompt is empty", param="prompt")
-    raise BadRequest("one prompt per request: a string or a list of token ids", param="prompt")
-
-
-def _sampling(served: ServedModel, body, prompt_tokens: int, max_tokens: int | None, what: str) -> SamplingParams:
+def _refuse_unsupported(body) -> None:
     field = body.unsupported()
     if field:
-        raise BadRequest(f"{field} is not supported by this server (n = 1, no penalties, no logprobs)", param=field)
+        raise BadRequest(f"{field} is not supported by this server; leave it out (docs/SERVING.md lists what is)",
+                         param=field)
+
+
+def _check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
+    bad = [x for x in ids if not 0 <= x < served.vocab_size]
+    if bad:
+        raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary (0..{served.vocab_size - 1})", param=param)
+
+
+def _completion_prompts(served: ServedModel, prompt, echo: bool) -> list[tuple[list[int], str]]:
+    """[(token ids, text)] of a completion's prompt: a string, token ids, or a list of either (text only
+    with ``echo``: a string prompt's own text, token ids' decoded text)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        prompt = [prompt]
+    if not prompt:
+        raise BadRequest("the prompt is empty", param="prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append((served.encode(p), p))
+            continue
+        if not p:
+            raise BadRequest(f"prompt {i} has no token ids", param="prompt")
+        _check_token_ids(served, p, "prompt")
+        out.append((list(p), served.decode(p) if echo else ""))
+    return out
+
+
+def _chat_prompt(served: ServedModel, messages: list[dict], add_generation_prompt: bool = True,
+                 special: bool = False) -> list[int]:
+    try:
+        return served.apply_chat_template(messages, add_generation_prompt, special)
+    except BadRequest:
+        raise
+    except Exception as e:  # the template refused the conversation (a role it does not know, ...)
+        raise BadRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
+
+
+def _bound_choices(scheduler: Scheduler, prompts: int, n: int) -> None:
+    most = scheduler.max_batch + scheduler.max_queue
+    if prompts * n > most:
+        raise BadRequest(f"{prompts} prompts x n = {n} make {prompts * n} completions; this server takes at most "
+                         f"{most} at once (--max-batch + --max-queue): send fewer per request", param="prompt")
+
+
+def _choice_id(rid: str, index: int, count: int) -> str:
+    return rid if count == 1 else f"{rid}-{index}"
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _sampling(served: ServedModel, body, prompt_tokens: int, max_tokens: int | None, what: str,
+              logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     if prompt_tokens == 0:
         raise BadRequest(f"the {what} has no tokens", param=what)
     ctx = served.context_length
     room = ctx - prompt_tokens
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        asked = prompt_tokens + (max_tokens or 1)
+    least = 0 if max_tokens == 0 else 1
+    if room < least or (max_tokens is not None and max_tokens > room):
+        asked = prompt_tokens + (1 if max_tokens is None else max_tokens)
         raise BadRequest(f"This model's maximum context length is {ctx} tokens. However, you requested {asked} "
-                         f"tokens ({prompt_tokens} in the {what}, {max_tokens or 1} in the completion). Please "
-                         f"reduce the length of the {what} or the completion.", param=what,
+                         f"tokens ({prompt_tokens} in the {what}, {asked - prompt_tokens} in the completion). "
+                         f"Please reduce the length of the {what} or the completion.", param=what,
                          code="context_length_exceeded")
     stops = body.stop_list()
     if len(stops) > 4:
         raise BadRequest(f"stop takes up to 4 strings, got {len(stops)}", param="stop")
-    return SamplingParams(max_tokens=max_tokens or room,
+    return SamplingParams(max_tokens=room if max_tokens is None else max_tokens,
                           temperature=1.0 if body.temperature is None else body.temperature,
                           top_p=1.0 if body.top_p is None else body.top_p,
-                          stop=tuple(stops), seed=body.seed, ignore_eos=body.ignore_eos)
+                          stop=tuple(stops), seed=body.seed, ignore_eos=body.ignore_eos,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def _submit(scheduler: Scheduler, gen: GenerationRequest) -> tuple[GenerationRequest, asyncio.Queue]:
+def _submit(scheduler: Scheduler, gens: list[GenerationRequest]) -> asyncio.Queue:
+    """Queue every request (all or none); their events arrive in the queue as (index, event)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    gen.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+    for i, gen in enumerate(gens):
+        gen.sink = functools.partial(_put, loop, queue, i)
     try:
-        scheduler.submit(gen)
+        scheduler.submit_all(gens)
     except QueueFull as e:
         raise Overloaded(str(e)) from None
     except SchedulerStopped as e:
         raise Unavailable(str(e)) from None
-    return gen, queue
+    return queue
 
 
-async def _stream(scheduler: Scheduler, gen: GenerationRequest, queue: asyncio.Queue,
-                  request: Request | None = None) -> AsyncIterator[Event]:
-    """The request's events; a client that goes away (or a cancelled task) cancels the request."""
-    done = False
+def _put(loop, queue: asyncio.Queue, index: int, event: Event) -> None:
+    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+
+async def _stream(scheduler: Scheduler, gens: list[GenerationRequest], queue: asyncio.Queue,
+                  request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
+    """(index, event) of every request until each has finished; a client that goes away (or a cancelled
+    task, or closing this iterator early) cancels the requests still running."""
+    running = set(range(len(gens)))
     get = asyncio.ensure_future(queue.get())
     checked = time.monotonic()
     try:
-        while True:
+        while running:
             finished, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
             if request is not None and time.monotonic() - checked >= DISCONNECT_POLL_S:
                 checked = time.monotonic()
@@ -226,16 +317,16 @@ async def _stream(scheduler: Scheduler, gen: GenerationRequest, queue: asyncio.Q
                     return
             if not finished:
                 continue
-            event = get.result()
-            done = event.finish_reason is not None
-            yield event
-            if done:
-                return
-            get = asyncio.ensure_future(queue.get())
+            index, event = get.result()
+            if event.finish_reason is not None:
+                running.discard(index)
+            yield index, event
+            if running:
+                get = asyncio.ensure_future(queue.get())
     finally:
         get.cancel()
-        if not done:
-            scheduler.cancel(gen.id)
+        for i in running:
+            scheduler.cancel(gens[i].id)
 
 
 class _ClientGone(ServeError):
@@ -244,48 +335,36 @@ class _ClientGone(ServeError):
     status, type = 499, "client_closed_request"
 
 
-async def _collect(scheduler, gen, queue, request: Request) -> tuple[str, Event]:
-    parts, last = [], None
-    async for event in _stream(scheduler, gen, queue, request):
-        parts.append(event.text)
-        last = event
-    if last is None or last.finish_reason is None:
+async def _collect(scheduler, gens, queue, request: Request, choices: Choices) -> None:
+    """Wait for every choice; the first error ends the request (and cancels its other choices)."""
+    async with contextlib.aclosing(_stream(scheduler, gens, queue, request)) as events:
+        async for index, event in events:
+            if event.error is not None:
+                raise as_serve_error(event.error)
+            choices.add(index, event)
+    if not choices.finished:
         raise _ClientGone("the client closed the connection")  # nobody is listening any more; the request was cancelled
-    if last.error is not None:
-        raise as_serve_error(last.error)
-    return "".join(parts), last
 
 
-def _usage(event: Event) -> t.Usage:
-    return t.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                   total_tokens=event.prompt_tokens + event.completion_tokens)
-
-
-def _usage_chunk(model) -> dict:
-    return model.model_dump(exclude_none=True) | {"choices": []}
-
-
-def _sse(events: AsyncIterator[Event], chunk, final, opening: bool = False) -> StreamingResponse:
-    """Server-sent events: ``data: {chunk}`` per delta, the finish chunk, the usage chunk, ``[DONE]``."""
+def _sse(events: AsyncIterator[tuple[int, Event]], chunks, final, opening: dict | None = None) -> StreamingResponse:
+    """Server-sent events: ``opening``, then ``data: {chunk}`` for each of ``chunks(index, event)`` (the
+    deltas and each choice's finish chunk), then ``final()`` (the usage chunk) unless None, then ``[DONE]``."""
 
     async def body():
-        if opening:
-            yield _data(chunk("", None))
-        async for event in events:
-            if event.error is not None:
-                err = as_serve_error(event.error)
-                yield _data(error_body(err.message, err.type, err.param, err.code))
-                break
-            if event.finish_reason is None:
-                if event.text:
-                    yield _data(chunk(event.text, None))
-                continue
-            if event.text:
-                yield _data(chunk(event.text, None))
-            yield _data(chunk("", event.finish_reason))
-            extra = final(event)
-            if extra is not None:
-                yield _data(extra)
+        if opening is not None:
+            yield _data(opening)
+        async with contextlib.aclosing(events) as stream:
+            async for index, event in stream:
+                if event.error is not None:
+                    err = as_serve_error(event.error)
+                    yield _data(error_body(err.message, err.type, err.param, err.code))
+                    break
+                for obj in chunks(index, event):
+                    yield _data(obj)
+            else:
+                extra = final()
+                if extra is not None:
+                    yield _data(extra)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
