@@ -78,8 +78,10 @@ def slow(served: ServedModel, seconds: float = 0.01) -> ServedModel:
 
 # --- the API --------------------------------------------------------------------------------------------
 def test_models_lists_the_base_model_and_every_adapter(client, files):
-    ids = [m.id for m in client.models.list().data]
-    assert ids == [str(files["model"]), "sql", "chat", "solo", "peft"]
+    models = client.models.list().data
+    assert [m.id for m in models if m.status == "loaded"] == [str(files["model"]), "sql", "chat", "solo", "peft"]
+    # and what --adapter-root holds that a request may name (multi/ holds several adapters: not one name)
+    assert [m.id for m in models if m.status == "loadable"] == ["clash"]
 
 
 def test_health(server):
@@ -314,10 +316,14 @@ def test_load_and_unload_adapters_while_serving(files, tmp_path):
         assert srv.request("POST", "/v1/load_lora_adapter", {"lora_name": "p2", "lora_path": "peft"})[0] == 200
         assert srv.request("POST", "/v1/unload_lora_adapter", {"lora_name": "clash"}) == (
             200, {"status": "ok", "lora_name": "clash"})
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="clash", prompt="a", max_tokens=2)
-        assert "clash" not in [m.id for m in client.models.list().data]
+        assert {m.id: m.status for m in client.models.list().data}["clash"] == "loadable"  # from the root
         assert srv.request("POST", "/v1/unload_lora_adapter", {"lora_name": "clash"})[0] == 404
+        again = client.completions.create(model="clash", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        assert again.choices[0].text == got.choices[0].text  # loaded again on demand
+        assert srv.request("POST", "/v1/unload_lora_adapter", {"lora_name": "p2"})[0] == 200
+        with pytest.raises(openai.NotFoundError):  # p2 has no directory of its name under the root
+            client.completions.create(model="p2", prompt="a", max_tokens=2)
+        assert "p2" not in [m.id for m in client.models.list().data]
         busy.close()
         assert srv.request("GET", "/health")[0] == 200
 

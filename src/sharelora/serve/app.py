@@ -25,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from . import types as t
 from .completions import Choices, choice_seed
 from .errors import BadRequest, Overloaded, ServeError, Unauthorized, Unavailable, as_serve_error, error_body, install_handlers
-from .model import ServedModel, resolve_adapter_dir
+from .adapters import AdapterPool
+from .model import ServedModel
 from .scheduler import Event, GenerationRequest, QueueFull, SamplingParams, Scheduler, SchedulerStopped
 from .settings import Settings
 
@@ -33,7 +34,11 @@ DISCONNECT_POLL_S = 0.25
 
 
 def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the scheduler."""
+    """The FastAPI app; its lifespan starts and stops the scheduler. ``app.state.adapters`` is its
+    ``AdapterPool`` (raises ValueError when the adapters given at startup do not fit its bounds)."""
+    memory = None if settings.adapter_memory is None else int(settings.adapter_memory * 2**20)
+    pool = AdapterPool(served, scheduler, settings.adapter_root, settings.max_adapters, memory,
+                       settings.pin_adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -46,25 +51,36 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
     app = FastAPI(title="sharelora serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(_api_key_check(settings.api_key))])
     install_handlers(app)
+    app.state.adapters = pool
 
     @app.get("/health")
     async def health():
         if not scheduler.alive:
             raise Unavailable("the scheduler is not running")
+        stats = pool.stats()
         return {"status": "ok", "running": scheduler.running, "waiting": scheduler.waiting,
-                "adapters": len(served.served_names()) - 1}
+                "adapters": stats.resident, "adapter_bytes": stats.bytes, "adapter_loads": stats.loads,
+                "adapter_evictions": stats.evictions}
 
     @app.get("/v1/models")
     async def models() -> t.ModelList:
-        cards = [t.ModelCard(id=served.name, root=served.name)]
-        cards += [t.ModelCard(id=a.name, created=a.created, root=a.path, parent=served.name)
-                  for a in list(served.adapters.values()) if not a.retired]
+        """The base model, the resident adapters (``status`` "loaded") and the ones a request may name to
+        load them (``status`` "loadable")."""
+        cards = [t.ModelCard(id=served.name, root=served.name, status="loaded")]
+        resident = pool.resident()
+        for name in resident:
+            a = served.adapters[name]
+            cards.append(t.ModelCard(id=name, created=a.created, root=a.path, parent=served.name, status="loaded"))
+        known = pool.known_paths()
+        found = await run_in_threadpool(pool.scan_root, set(resident) | set(known))
+        cards += [t.ModelCard(id=name, root=str(path), parent=served.name, status="loadable")
+                  for name, path in list(known.items()) + found if name not in resident]
         return t.ModelList(data=cards)
 
     @app.post("/v1/completions")
     async def completions(body: t.CompletionRequest, request: Request):
         _refuse_unsupported(body)
-        adapter = served.resolve(body.model)
+        pool.check(body.model)
         prompts = await run_in_threadpool(_completion_prompts, served, body.prompt, body.echo)
         n = body.n or 1
         _bound_choices(scheduler, len(prompts), n)
@@ -75,14 +91,14 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
         # echo with logprobs scores the prompt; max_tokens 0 needs the prefill's scores to end with
         scored = k if body.echo and k is not None else (0 if body.max_tokens == 0 else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gens = []
-        for p, (ids, _) in enumerate(prompts):
-            params = _sampling(served, body, len(ids), body.max_tokens, "prompt", logprobs=k, prompt_logprobs=scored)
-            gens += [GenerationRequest(ids, adapter, dataclasses.replace(params, seed=choice_seed(body.seed, j)),
-                                       label=body.model, id=_choice_id(rid, p * n + j, len(prompts) * n))
-                     for j in range(n)]
+        params = [_sampling(served, body, len(ids), body.max_tokens, "prompt", logprobs=k, prompt_logprobs=scored)
+                  for ids, _ in prompts]
+        adapter = await pool.acquire(body.model, len(prompts) * n)
+        gens = [GenerationRequest(ids, adapter, dataclasses.replace(params[p], seed=choice_seed(body.seed, j)),
+                                  label=body.model, id=_choice_id(rid, p * n + j, len(prompts) * n))
+                for p, (ids, _) in enumerate(prompts) for j in range(n)]
         choices = Choices(len(prompts), n, served.token_text, k, [text for _, text in prompts] if body.echo else None)
-        queue = _submit(scheduler, gens)
+        queue = _submit(scheduler, gens, functools.partial(pool.release, adapter))
         created = int(time.time())
 
         def chunk(parts: list[t.CompletionChoice], usage: t.Usage | None = None) -> dict:
@@ -102,7 +118,7 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
         _refuse_unsupported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-        adapter = served.resolve(body.model)
+        pool.check(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = await run_in_threadpool(_chat_prompt, served, messages)
         n = body.n or 1
@@ -111,10 +127,11 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
         params = _sampling(served, body, len(prompt), body.max_completion_tokens or body.max_tokens, "messages",
                            logprobs=k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        adapter = await pool.acquire(body.model, n)
         gens = [GenerationRequest(prompt, adapter, dataclasses.replace(params, seed=choice_seed(body.seed, j)),
                                   label=body.model, id=_choice_id(rid, j, n)) for j in range(n)]
         choices = Choices(1, n, served.token_text, k)
-        queue = _submit(scheduler, gens)
+        queue = _submit(scheduler, gens, functools.partial(pool.release, adapter))
         created = int(time.time())
 
         def chunk(parts: list[t.ChatChunkChoice], usage: t.Usage | None = None) -> dict:
@@ -134,7 +151,7 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
     async def tokenize(body: t.TokenizeRequest) -> t.TokenizeResponse:
         _refuse_unsupported(body)
         if body.model is not None:
-            served.resolve(body.model)
+            pool.check(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise BadRequest("give either a prompt or messages", param="prompt")
         if body.prompt is not None:
@@ -150,17 +167,13 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
     @app.post("/detokenize")
     async def detokenize(body: t.DetokenizeRequest) -> t.DetokenizeResponse:
         if body.model is not None:
-            served.resolve(body.model)
+            pool.check(body.model)
         _check_token_ids(served, body.tokens, "tokens")
         return t.DetokenizeResponse(prompt=await run_in_threadpool(served.decode, body.tokens))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: t.LoadLoraAdapterRequest):
-        if body.lora_name in served.adapters or body.lora_name == served.name:
-            raise BadRequest(f"an adapter named {body.lora_name!r} is loaded already", param="lora_name")
-        path = resolve_adapter_dir(settings.adapter_root, body.lora_path)
-        source = await run_in_threadpool(served.read_adapter, path, body.lora_name)
-        infos = await asyncio.wrap_future(scheduler.call(lambda: served.add_adapter(source)))
+        infos = await pool.load(body.lora_name, body.lora_path)
         for info in infos:
             _log_adapter(info, "loaded")
         return {"status": "ok", "adapters": [{"name": i.name, "parameters": i.parameters, "bytes": i.bytes,
@@ -168,13 +181,7 @@ def create_app(served: ServedModel, scheduler: Scheduler, settings: Settings) ->
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: t.UnloadLoraAdapterRequest):
-        info = served.retire(body.lora_name)  # new requests for it get 404 from now on
-        try:
-            await asyncio.wrap_future(scheduler.call_when_unused(body.lora_name,
-                                                                 lambda: served.remove_adapter(body.lora_name)))
-        except BaseException:
-            info.retired = False
-            raise
+        info = await pool.unload(body.lora_name)  # new requests for it wait, or get 404 if it cannot come back
         _log_adapter(info, "unloaded")
         return {"status": "ok", "lora_name": body.lora_name}
 
@@ -282,23 +289,34 @@ def _sampling(served: ServedModel, body, prompt_tokens: int, max_tokens: int | N
                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def _submit(scheduler: Scheduler, gens: list[GenerationRequest]) -> asyncio.Queue:
-    """Queue every request (all or none); their events arrive in the queue as (index, event)."""
+def _submit(scheduler: Scheduler, gens: list[GenerationRequest], done) -> asyncio.Queue:
+    """Queue every request (all or none); their events arrive in the queue as (index, event), and ``done()``
+    runs on the event loop once per request that ends (or at once for each, if they cannot be queued)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     for i, gen in enumerate(gens):
-        gen.sink = functools.partial(_put, loop, queue, i)
+        gen.sink = functools.partial(_put, loop, queue, i, done)
     try:
         scheduler.submit_all(gens)
-    except QueueFull as e:
-        raise Overloaded(str(e)) from None
-    except SchedulerStopped as e:
-        raise Unavailable(str(e)) from None
+    except BaseException as e:
+        for _ in gens:
+            done()
+        if isinstance(e, QueueFull):
+            raise Overloaded(str(e)) from None
+        if isinstance(e, SchedulerStopped):
+            raise Unavailable(str(e)) from None
+        raise
     return queue
 
 
-def _put(loop, queue: asyncio.Queue, index: int, event: Event) -> None:
-    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+def _put(loop, queue: asyncio.Queue, index: int, done, event: Event) -> None:
+    loop.call_soon_threadsafe(_deliver, queue, index, done, event)
+
+
+def _deliver(queue: asyncio.Queue, index: int, done, event: Event) -> None:
+    queue.put_nowait((index, event))
+    if event.finish_reason is not None:
+        done()
 
 
 async def _stream(scheduler: Scheduler, gens: list[GenerationRequest], queue: asyncio.Queue,

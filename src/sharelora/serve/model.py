@@ -36,6 +36,7 @@ import torch
 from ..method import checkpoint
 from ..method.config import ShareLoraConfig
 from ..method.errors import ShareLoraError
+from ..method.layers import bank_name
 from ..method.model import ShareLoraModel
 from ..method.modules_to_save import ModulesToSave
 from ..method.plan import BASE_ADAPTER, check_adapter_name
@@ -293,6 +294,21 @@ class ServedModel:
             self.adapters[n] = info
             infos.append(info)
         return infos
+
+    def adapter_tensor_bytes(self, name: str) -> tuple[int, dict[str, int]]:
+        """(bytes of ``name``'s own tensors and modules_to_save copies, {task-shared tensor key: bytes})."""
+        lora = self.lora
+        plan = lora.plans[name]
+
+        def size(key: str) -> int:
+            p = lora.sharelora_bank[bank_name(key)]
+            return p.numel() * p.element_size()
+
+        own = sum(size(k) for k in plan.own_tensors())
+        for wrapper in lora.base_model.modules():
+            if isinstance(wrapper, ModulesToSave) and name in wrapper.modules_to_save:
+                own += sum(p.numel() * p.element_size() for p in wrapper.modules_to_save[name].parameters())
+        return own, {k: size(k) for k in plan.shared_tensors()}
 
     def retire(self, name: str) -> AdapterInfo:
         """Hide ``name`` from new requests (the ones already submitted finish)."""

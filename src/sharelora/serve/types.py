@@ -165,6 +165,7 @@ class ModelCard(BaseModel):
     owned_by: str = "sharelora"
     root: str | None = None
     parent: str | None = None
+    status: Literal["loaded", "loadable"] | None = None  # resident, or loaded on demand when a request names it
 
 
 class ModelList(BaseModel):
