@@ -62,6 +62,7 @@ class _Load:
     future: asyncio.Future
     waiters: int = 0  # leases handed out when the load succeeds
     estimate: int = 0
+    infos: list = field(default_factory=list)  # the AdapterInfo of what it loaded
 
 
 @dataclass
@@ -179,7 +180,7 @@ class AdapterPool:
         real = resolve_adapter_dir(self.root, path)
         load = self._start_load(name, _Source(real, name, "load_lora_adapter"))
         await asyncio.shield(load.future)
-        return [self.served.adapters[name]]
+        return load.infos
 
     async def unload(self, name: str):
         """``POST /v1/unload_lora_adapter``: new requests for ``name`` wait (or get 404 if it cannot be loaded
@@ -270,7 +271,7 @@ class AdapterPool:
                 infos = self.served.add_adapter(adapter)
                 return infos, self.served.adapter_tensor_bytes(name)
 
-            _, (own, shared) = await asyncio.wrap_future(self.scheduler.call(add))
+            load.infos, (own, shared) = await asyncio.wrap_future(self.scheduler.call(add))
         except BaseException as e:
             del self._loading[name]
             load.future.set_exception(e)
