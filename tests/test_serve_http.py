@@ -80,8 +80,8 @@ def slow(served: ServedModel, seconds: float = 0.01) -> ServedModel:
 def test_models_lists_the_base_model_and_every_adapter(client, files):
     models = client.models.list().data
     assert [m.id for m in models if m.status == "loaded"] == [str(files["model"]), "sql", "chat", "solo", "peft"]
-    # and what --adapter-root holds that a request may name (multi/ holds several adapters: not one name)
-    assert [m.id for m in models if m.status == "loadable"] == ["clash"]
+    # and what --adapter-root holds that a request may name (an adapter of multi/ as multi:NAME)
+    assert [m.id for m in models if m.status == "loadable"] == ["clash", "multi:sql", "multi:chat"]
 
 
 def test_health(server):

@@ -289,7 +289,8 @@ def test_only_adapter_directories_under_the_root_are_loaded(files, tmp_path):
     get_sharelora_model(other, ShareLoraConfig(rank=4, target_modules=["q_proj"])).save_pretrained(root / "wrong")
     with LiveServer(bare(files), Settings(model=str(files["model"]), adapter_root=str(root))) as srv:
         client = srv.client()
-        assert statuses(client) == {str(files["model"]): "loaded", "good": "loadable", "wrong": "loadable"}
+        assert statuses(client) == {str(files["model"]): "loaded", "good": "loadable", "several:sql": "loadable",
+                                    "several:chat": "loadable", "wrong": "loadable"}
         for name in ("escape", "half"):
             with pytest.raises(openai.PermissionDeniedError):
                 complete(client, name)
@@ -298,16 +299,30 @@ def test_only_adapter_directories_under_the_root_are_loaded(files, tmp_path):
         assert "safetensors" in e.value.body["message"]
         with pytest.raises(openai.BadRequestError) as e:
             complete(client, "several")
-        assert "several adapters" in e.value.body["message"]
+        assert "several adapters (sql, chat); name one as several:ADAPTER" in e.value.body["message"]
         with pytest.raises(openai.BadRequestError) as e:
             complete(client, "wrong")
         assert "does not fit" in e.value.body["message"]
-        for name in ("../tasks/t0", "nowhere", str(outside), "a.b", "x" * 5000, "__base__", "@g"):
+        for name in ("../tasks/t0", "nowhere", str(outside), "a.b", "x" * 5000, "__base__", "@g", "several:nope",
+                     "good:sql", "several:../x"):
             with pytest.raises(openai.NotFoundError) as e:
                 complete(client, name)
             assert len(e.value.body["message"]) < 400
         assert complete(client, "good")
         assert resident(srv) == ["good"] and srv.pool.stats().loads == 1
+        check_books(srv)
+
+
+def test_one_adapter_of_a_multi_adapter_directory_loads_as_dir_colon_name(files):
+    offline = Offline(files)  # sql and chat of multi/, one task-shared A
+    with LiveServer(bare(files), Settings(model=str(files["model"]), adapter_root=str(files["root"]))) as srv:
+        client = srv.client()
+        for name in ("chat", "sql"):
+            want = offline.text(offline.generate(name, offline.encode(PROMPT), 8))
+            assert complete(client, f"multi:{name}") == want
+        assert resident(srv) == ["multi:chat", "multi:sql"]
+        assert len(srv.served.adapter_tensor_bytes("multi:sql")[1]) > 0  # they read one shared A
+        assert srv.served.adapter_tensor_bytes("multi:sql")[1] == srv.served.adapter_tensor_bytes("multi:chat")[1]
         check_books(srv)
 
 

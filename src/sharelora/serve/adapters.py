@@ -6,7 +6,7 @@
   on it (one per generation of the request; ``release`` gives each back when its generation ends).
   An adapter that is not resident is loaded first when it can be found: one the pool has served
   before (``--adapter``, ``load_lora_adapter``) is read again from its directory, any other name from
-  ``<--adapter-root>/<name>`` with the checks of ``load_lora_adapter`` (inside the root, no symlink
+  ``<--adapter-root>/<name>`` (``DIR:ADAPTER``: one adapter of a multi-adapter directory) with the checks of ``load_lora_adapter`` (inside the root, no symlink
   out, safetensors only, validated against the base model). Concurrent requests for one cold adapter
   wait for one load (single flight) and all get their leases when it ends.
 * Bounds: ``--max-adapters N`` resident adapters and / or ``--adapter-memory MiB`` of adapter tensors
@@ -39,7 +39,7 @@ import torch
 
 from ..method.errors import ShareLoraError
 from ..method.plan import BASE_ADAPTER, check_adapter_name
-from ..method.checkpoint import is_multi_adapter
+from ..method.checkpoint import is_multi_adapter, read_json
 from .errors import BadRequest, NotFound, Overloaded, ServeError
 from .model import AdapterSource, ServedModel, resolve_adapter_dir
 
@@ -222,8 +222,14 @@ class AdapterPool:
                 continue
             try:
                 source = _root_source(self.root, name)
-            except ServeError:  # not an adapter directory the root allows
-                continue
+            except ServeError:  # a multi-adapter directory (listed by adapter below), or one the root refuses
+                source = None
+                try:
+                    real = resolve_adapter_dir(self.root, name)
+                except ServeError:
+                    continue
+                if is_multi_adapter(real):
+                    out += [(f"{name}:{a}", real) for a in multi_adapter_names(real) if f"{name}:{a}" not in skip]
             if source is not None:
                 out.append((name, source.path))
         return out
@@ -261,6 +267,8 @@ class AdapterPool:
         t0 = loop.time()
         try:
             adapter = await asyncio.to_thread(self.served.read_adapter, source.path, source.name)
+            if source.name != name:  # DIR:ADAPTER of a multi-adapter directory
+                adapter = adapter.renamed(name)
             load.estimate = self._estimate(adapter)
             if self.max_bytes is not None and load.estimate > self.max_bytes:
                 raise BadRequest(f"the adapter {name!r} needs {load.estimate / 2**20:.1f} MiB, more than "
@@ -419,19 +427,37 @@ class AdapterPool:
 
 
 def _root_source(root: Path, model: str) -> _Source | None:
-    """``<root>/<model>`` when it is an adapter directory the root allows; None when there is nothing by
-    that name; 403 / 400 when there is one the root refuses (a symlink out, no safetensors weights,
-    several adapters in one directory)."""
-    if not _valid_name(model):
+    """Where ``model`` is under ``root``: ``<root>/<model>`` (a directory of one adapter) or, for
+    ``DIR:ADAPTER``, the adapter ADAPTER of the multi-adapter directory ``<root>/DIR``. None when there
+    is nothing by that name; 403 / 400 when there is something the root refuses (a symlink out, no
+    safetensors weights, a multi-adapter directory named without its adapter)."""
+    dir_name, sep, inner = model.partition(":")
+    if not _valid_name(dir_name) or (sep and not _valid_name(inner)):
         return None
-    candidate = root / model
+    candidate = root / dir_name
     if not candidate.exists() and not candidate.is_symlink():
         return None
-    real = resolve_adapter_dir(root, model)
-    if is_multi_adapter(real):
-        raise BadRequest(f"{_short(model)} under --adapter-root holds several adapters; serve them with --adapter "
-                         "DIR, or give each adapter a directory of its own", param="model")
-    return _Source(real, model, "root")
+    real = resolve_adapter_dir(root, dir_name)
+    if not is_multi_adapter(real):
+        return None if sep else _Source(real, model, "root")
+    names = multi_adapter_names(real)
+    if not sep:
+        raise BadRequest(f"{_short(dir_name)} under --adapter-root holds several adapters ({', '.join(names[:20])}); "
+                         f"name one as {dir_name}:ADAPTER", param="model")
+    return _Source(real, inner, "root") if inner in names else None
+
+
+def multi_adapter_names(directory: Path) -> list[str]:
+    """The adapters a multi-adapter directory's config lists (for listing; loading reads the weights' manifest)."""
+    try:
+        config = read_json(directory / "adapter_config.json")
+    except (OSError, ShareLoraError, ValueError):
+        return []
+    adapters = config.get("adapters") if isinstance(config, dict) else None
+    if not isinstance(adapters, dict):
+        return []
+    order = [n for n in config.get("adapter_order", []) if n in adapters]
+    return order + [n for n in adapters if n not in order]
 
 
 def _valid_name(name: str) -> bool:

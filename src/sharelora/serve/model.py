@@ -61,6 +61,17 @@ class AdapterSource:
     def multi(self) -> bool:
         return self.format == "sharelora-multi"
 
+    def renamed(self, name: str) -> AdapterSource:
+        """This source's one adapter under the name ``name`` (a multi-adapter file's own keys follow; its task
+        group's keys stay)."""
+        (old,) = self.configs
+        if old == name:
+            return self
+        tensors = self.tensors
+        if self.multi:
+            tensors = {(name + k[len(old):] if k.startswith(old + "/") else k): v for k, v in tensors.items()}
+        return AdapterSource(self.path, self.format, {name: self.configs[old]}, tensors, self.file_bytes)
+
 
 @dataclass
 class AdapterInfo:
