@@ -2,7 +2,9 @@
 
 One file per concern (the layout of llama-cpp-python's server): ``settings`` (flags),
 ``types`` (request / response bodies), ``errors`` (OpenAI-style errors), ``model`` (the base
-model and the loaded adapters), ``scheduler`` (continuous batching across adapters, no HTTP),
+model and the loaded adapters), ``adapters`` (adapters on demand: which are resident, loading,
+LRU eviction), ``scheduler`` (continuous batching across adapters, no HTTP), ``logprobs``
+(token log-probabilities), ``completions`` (a request's choices from the scheduler's events),
 ``app`` (the routes), ``cli`` (the command). See docs/SERVING.md.
 
 Names are imported on first use, so ``sharelora --help`` (which imports ``sharelora.cli.serve``) stays fast.
@@ -11,7 +13,7 @@ Names are imported on first use, so ``sharelora --help`` (which imports ``sharel
 import importlib
 
 _HOMES = {
-    "AdapterInfo": "model", "ServedModel": "model", "resolve_adapter_dir": "model",
+    "AdapterPool": "adapters", "TokenLogprob": "logprobs", "AdapterInfo": "model", "ServedModel": "model", "resolve_adapter_dir": "model",
     "Completion": "scheduler", "Event": "scheduler", "GenerationRequest": "scheduler", "QueueFull": "scheduler",
     "SamplingParams": "scheduler", "Scheduler": "scheduler", "Settings": "settings", "create_app": "app",
 }
