@@ -267,14 +267,22 @@ class SharedDownProjection:
     before and after it), so gradient checkpointing recomputes it exactly like the first forward
     did, and a reused input tensor never sees a stale product from an earlier step.
 
+    A model with many adapters has one per adapter and block, and only the adapters of the current
+    batch store anything: each ``store`` notes its projection in ``stored`` (a list shared by the
+    block's projections) and the block's hooks clear only those (``clear_stored``), so a forward
+    costs nothing for the adapters it does not use.
+
     Args:
         a_keys: the bank names of the group's distinct A's, in the order of u's column blocks.
         bank: the model's ParameterDict holding them.
+        stored: the list of the block's projections holding an entry (None: not tracked).
     """
 
-    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None):
+    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None,
+                 stored: list | None = None):
         self.a_keys = tuple(a_keys)
         self._bank = [bank]
+        self.stored = stored
         self.clear()
 
     def columns(self, a_key: str, rank: int) -> slice:
@@ -298,7 +306,16 @@ class SharedDownProjection:
 
     def store(self, x: torch.Tensor, mode: tuple, u: torch.Tensor) -> None:
         """Keep u, (N, k r) with N = x.numel() // d_in, for the siblings that read the same x."""
+        if self.u is None and self.stored is not None:
+            self.stored.append(self)
         self.x, self.mode, self.u = x, mode, u
+
+
+def clear_stored(stored: list, *_args) -> None:
+    """Clear the projections of ``stored`` (those holding an entry, see ``SharedDownProjection``)."""
+    for s in stored:
+        s.clear()
+    stored.clear()
 
 
 class AdapterSlot:

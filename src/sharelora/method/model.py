@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint
 from .config import ShareLoraConfig
 from .errors import ShareLoraError
-from .layers import SharedDownProjection, ShareLoraLayer, bank_name
+from .layers import SharedDownProjection, ShareLoraLayer, bank_name, clear_stored
 from .modules_to_save import ModulesToSave
 from .quantized import keep_trainable
 from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
@@ -48,11 +48,6 @@ def _matching_modules(model: nn.Module, names: list[str]) -> list[str]:
         raise ShareLoraError(f"modules_to_save {missing} matched no module; top-level modules: {children}")
     # Keep outermost matches only: a matched module's submodules come with it.
     return sorted(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
-
-
-def _clear_all(shared: tuple[SharedDownProjection, ...], *_args) -> None:
-    for s in shared:
-        s.clear()
 
 
 class ShareLoraModel(nn.Module):
@@ -273,7 +268,7 @@ class ShareLoraModel(nn.Module):
             handle.remove()
         self._shared_down_hooks = []
         layers = list(self.sharelora_layers())
-        by_parent: dict[str, list[SharedDownProjection]] = defaultdict(list)
+        stored: dict[str, list[SharedDownProjection]] = defaultdict(list)  # per block: projections holding u
         for adapter in self.sharelora_configs:
             groups: dict[tuple[str, object], list] = {}
             for name, layer in layers:
@@ -288,13 +283,13 @@ class ShareLoraModel(nn.Module):
             for (parent_name, _), slots in groups.items():
                 if len(slots) < 2:
                     continue
-                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank)
+                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank,
+                                              stored[parent_name])
                 for slot in slots:
                     slot.shared_down = shared
-                by_parent[parent_name].append(shared)
-        for parent_name, shared in by_parent.items():
+        for parent_name, block_stored in stored.items():
             parent = self.base_model.get_submodule(parent_name)
-            clear = functools.partial(_clear_all, tuple(shared))
+            clear = functools.partial(clear_stored, block_stored)
             self._shared_down_hooks += [parent.register_forward_pre_hook(clear), parent.register_forward_hook(clear)]
 
     # --- plumbing -----------------------------------------------------------------------------
