@@ -7,7 +7,7 @@ import torch
 
 from serve_tiny import cfg, randomize, tiny_causal_lm
 
-from sharelora import get_sharelora_model
+from sharelora import ShareLoraConfig, get_sharelora_model
 from sharelora.method.layers import SharedDownProjection
 
 
@@ -48,3 +48,53 @@ def test_a_routed_forward_clears_only_the_projections_of_its_adapters(monkeypatc
         assert len(cleared) == len({id(s) for s in stored}) <= 2 * len(set(b or ["a5"]))
         assert all(s.u is None for s in cleared)
     assert len(stored) == 2  # the unrouted forward stored one product per block, and cleared it
+
+
+def grouping(model) -> dict:
+    """{(adapter, module): (the modules that share its projection, its A keys)} of every slot."""
+    out, members = {}, {}
+    for name, layer in model.sharelora_layers():
+        for adapter, slot in layer.slots.items():
+            if slot.shared_down is not None:
+                members.setdefault(id(slot.shared_down), []).append(name)
+    for name, layer in model.sharelora_layers():
+        for adapter, slot in layer.slots.items():
+            s = slot.shared_down
+            out[(adapter, name)] = None if s is None else (tuple(members[id(s)]), s.a_keys)
+    return out
+
+
+def test_adding_an_adapter_groups_only_its_own_modules_as_a_full_regrouping_would(monkeypatch):
+    import sharelora.method.model as method_model
+
+    model = get_sharelora_model(tiny_causal_lm(), cfg(task_share="A"), adapter_name="a0")
+    model.add_adapter("b", ShareLoraConfig(rank=4, share="none", target_modules=["q_proj", "k_proj", "v_proj"]))
+    model.add_adapter("c", cfg(task_share="A"))
+    model.delete_adapter("b")
+    model.add_adapter("d", cfg(share="none"))
+    calls = []
+    real = SharedDownProjection.__init__
+
+    def init(self, *args, **kw):
+        calls.append(1)
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(method_model.SharedDownProjection, "__init__", init)
+    model.add_adapter("e", cfg(task_share="A"))
+    assert len(calls) == 2  # e's projection in each of the 2 blocks, none for a0, c, d
+    hooks = len(model._shared_down_hooks)
+    incremental = grouping(model)
+    for n in model.adapter_names:
+        randomize(model, n, hash(n) % 100, shared=n == "a0")
+    model.eval()
+    x = torch.randint(7, 60, (4, 6))
+    names = ["a0", "c", "d", "e"]
+    with torch.no_grad():
+        before = model(input_ids=x, adapter_names=names).logits
+        model.set_adapter("e")
+        single = model(input_ids=x).logits
+    model._share_down_projections()  # the full regrouping
+    assert grouping(model) == incremental and len(model._shared_down_hooks) == hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x, adapter_names=names).logits, before, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=x).logits, single, rtol=0, atol=0)

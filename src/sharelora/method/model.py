@@ -92,6 +92,7 @@ class ShareLoraModel(nn.Module):
         self._train_shared = True
         self._trainable = True
         self._shared_down_hooks: list = []
+        self._down_stored: dict[str, list[SharedDownProjection]] = {}  # per hooked block: projections holding u
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -190,7 +191,7 @@ class ShareLoraModel(nn.Module):
             module.add(adapter_name)
         self.sharelora_configs[adapter_name] = config
         self.plans[adapter_name] = plan
-        self._share_down_projections()
+        self._share_down_projections(adapter_name)
         self._activate(self.active_adapters)
 
     def set_adapter(self, adapter_name: str | list[str], train_shared: bool = True) -> None:
@@ -255,7 +256,7 @@ class ShareLoraModel(nn.Module):
         remaining = [n for n in self.active_adapters if n != adapter_name] or [self.adapter_names[0]]
         self._activate(remaining)
 
-    def _share_down_projections(self) -> None:
+    def _share_down_projections(self, adapter: str | None = None) -> None:
         """Sibling modules that read one input compute their down-projections in one product.
 
         Per adapter: whole (unsliced) adapted modules under one parent that usually read the same
@@ -263,34 +264,43 @@ class ShareLoraModel(nn.Module):
         get one ``SharedDownProjection``, cleared before and after each forward of the parent (the
         block that calls them); see ``ShareLoraLayer``. ``dropout_mask`` (config) decides whether
         they also share the dropout mask while training ("input") or compute separately ("module").
+        ``adapter``: group only that adapter's modules (one just added: the others' groups do not
+        change), so adding the N-th adapter does not cost N; None regroups every adapter.
         """
-        for handle in self._shared_down_hooks:
-            handle.remove()
-        self._shared_down_hooks = []
+        if adapter is None:
+            for handle in self._shared_down_hooks:
+                handle.remove()
+            self._shared_down_hooks = []
+            self._down_stored = {}
         layers = list(self.sharelora_layers())
-        stored: dict[str, list[SharedDownProjection]] = defaultdict(list)  # per block: projections holding u
-        for adapter in self.sharelora_configs:
+        for name in [adapter] if adapter is not None else list(self.sharelora_configs):
             groups: dict[tuple[str, object], list] = {}
-            for name, layer in layers:
-                slot = layer.slots.get(adapter)
+            for module_name, layer in layers:
+                slot = layer.slots.get(name)
                 if slot is None:
                     continue
                 slot.shared_down = None
                 if slot.whole and slot.heads == 1:
-                    parent, _, leaf = name.rpartition(".")
+                    parent, _, leaf = module_name.rpartition(".")
                     kind = same_input_set(leaf)
                     groups.setdefault((parent, slot.keys[0][0] if kind is None else kind), []).append(slot)
             for (parent_name, _), slots in groups.items():
                 if len(slots) < 2:
                     continue
                 shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank,
-                                              stored[parent_name])
+                                              self._block_stored(parent_name))
                 for slot in slots:
                     slot.shared_down = shared
-        for parent_name, block_stored in stored.items():
+
+    def _block_stored(self, parent_name: str) -> list[SharedDownProjection]:
+        """The list of the block's projections holding a product; the block's clearing hooks on first use."""
+        stored = self._down_stored.get(parent_name)
+        if stored is None:
+            stored = self._down_stored[parent_name] = []
             parent = self.base_model.get_submodule(parent_name)
-            clear = functools.partial(clear_stored, block_stored)
+            clear = functools.partial(clear_stored, stored)
             self._shared_down_hooks += [parent.register_forward_pre_hook(clear), parent.register_forward_hook(clear)]
+        return stored
 
     # --- plumbing -----------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -731,6 +741,7 @@ class ShareLoraModel(nn.Module):
         for handle in self._shared_down_hooks:
             handle.remove()
         self._shared_down_hooks = []
+        self._down_stored = {}
         for name, layer in list(self.sharelora_layers()):
             _set_submodule(self.base_model, name, layer.base_layer)
         for path, wrapper in self._wrappers().items():
