@@ -224,8 +224,11 @@ class ShareLoraModel(nn.Module):
                 trainable |= {bank_name(k) for k in plan.own_tensors()}
                 if self._train_shared:
                     trainable |= {bank_name(k) for k in plan.shared_tensors()}
-        for key, p in self.sharelora_bank.items():
-            p.requires_grad_(key in trainable)
+        # the bank's own dict: items() / named_parameters() cost a lookup or a hash per tensor, and a model
+        # serving hundreds of adapters holds tens of thousands of them
+        for key, p in self.sharelora_bank._parameters.items():
+            if p.requires_grad != (key in trainable):
+                p.requires_grad_(key in trainable)
         for wrapper in self._wrappers().values():
             for n, module in wrapper.modules_to_save.items():
                 for p in module.parameters():

@@ -432,7 +432,12 @@ _GROUP_FIELDS = ("task_share", "rank", "share", "scope", "share_block_size", "la
 
 def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                      others: dict[str, tuple[ShareLoraConfig, SharingPlan]]) -> None:
-    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters."""
+    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters.
+
+    Every member passed this check when it joined, and agreeing is transitive (equal fields, equal
+    shared tensors and shapes), so the first member found stands for the whole group: adding the
+    N-th adapter of a group costs one comparison, not N.
+    """
     if config.task_share == "none":
         return
     for other, (ocfg, oplan) in others.items():
@@ -461,6 +466,7 @@ def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                     f"adapter {name!r} cannot join task group {config.task_group!r}: shared tensor {k} has shape "
                     f"{spec.shape} for {name!r} but {theirs[k].shape} for adapter {other!r}"
                 )
+        return
 
 
 def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device) -> torch.Tensor:
