@@ -98,3 +98,20 @@ def test_adding_an_adapter_groups_only_its_own_modules_as_a_full_regrouping_woul
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x, adapter_names=names).logits, before, rtol=0, atol=0)
         torch.testing.assert_close(model(input_ids=x).logits, single, rtol=0, atol=0)
+
+
+def test_an_adapter_that_disagrees_with_its_task_group_is_refused():
+    import pytest
+
+    from sharelora.method.errors import ShareLoraError
+
+    model = get_sharelora_model(tiny_causal_lm(), cfg(task_share="A", task_group="g"), adapter_name="a0")
+    for i in range(1, 5):
+        model.add_adapter(f"a{i}", cfg(task_share="A", task_group="g"))
+    with pytest.raises(ShareLoraError, match="its rank=8 differs from adapter 'a0'"):
+        model.add_adapter("bad", cfg(task_share="A", task_group="g", rank=8))
+    with pytest.raises(ShareLoraError, match="other shared tensors"):
+        model.add_adapter("bad", ShareLoraConfig(rank=4, share="A", task_share="A", task_group="g",
+                                                 target_modules=["q_proj"]))
+    assert model.adapter_names == [f"a{i}" for i in range(5)]
+    model.add_adapter("other", cfg(task_share="A", task_group="h", rank=8))  # another group: its own A
