@@ -101,6 +101,27 @@ def build_files(root: Path, arch: str = "llama") -> dict[str, Path]:
             "peft": adapters / "peft", "clash": adapters / "clash"}
 
 
+def build_root(root: Path, k: int, seed: int = 10) -> dict[str, Path]:
+    """``k`` task-shared adapters t0 .. t{k-1} (one task group, one A, each its own B), each saved alone in
+    ``root/<name>`` (every directory holds its copy of the shared A), and ``ind`` (an independent one)."""
+    from sharelora.method import checkpoint
+
+    names = [f"t{i}" for i in range(k)]
+    model = get_sharelora_model(tiny_causal_lm(), cfg(task_share="A", task_group="tasks"), adapter_name=names[0])
+    for n in names[1:]:
+        model.add_adapter(n, cfg(task_share="A", task_group="tasks"))
+    for i, n in enumerate(names):
+        randomize(model, n, seed + i, shared=i == 0)
+    dirs = {}
+    for n in names:
+        dirs[n] = root / n
+        checkpoint.save_adapter(dirs[n], model.sharelora_configs[n], model.adapter_state_dict(n))
+    ind = get_sharelora_model(tiny_causal_lm(), cfg())
+    randomize(ind, "default", seed + 99)
+    dirs["ind"] = ind.save_pretrained(root / "ind")
+    return dirs
+
+
 class Offline:
     """The same adapters loaded from disk into a model of their own; ``generate`` is plain
     ``model.generate`` with one adapter active (no server, no batching)."""
@@ -116,6 +137,21 @@ class Offline:
         self.model.add_adapter("peft", config)
         self.model.load_adapter_state_dict(tensors, "peft")
         self.model.eval()
+
+    @classmethod
+    def of(cls, model_dir: Path, adapters: dict[str, Path]) -> Offline:
+        """The single-adapter directories ``adapters`` ({name: directory}) loaded into one offline model."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self = cls.__new__(cls)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        (first, path), *rest = adapters.items()
+        self.model = ShareLoraModel.from_pretrained(base, path, adapter_name=first)
+        for name, path in rest:
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        return self
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
@@ -141,6 +177,29 @@ class Offline:
         return self.tokenizer.decode([t for t in token_ids if t != 2], skip_special_tokens=True)
 
 
+def load_served(files: dict[str, Path]):
+    """A ServedModel of the tiny model with the adapters sql, chat (multi/), solo and peft."""
+    from sharelora.serve.model import ServedModel
+
+    served = ServedModel.load(str(files["model"]), device="cpu")
+    served.add_adapter(served.read_adapter(files["multi"]))
+    served.add_adapter(served.read_adapter(files["solo"], "solo"))
+    served.add_adapter(served.read_adapter(files["peft"], "peft"))
+    return served
+
+
+def slow(served, seconds: float = 0.01):
+    """Make every forward take a while, so requests are still running when a test looks."""
+    real = served.forward
+
+    def forward(*args, **kw):
+        time.sleep(seconds)
+        return real(*args, **kw)
+
+    served.forward = forward
+    return served
+
+
 class LiveServer:
     """The app on a free loopback port in a thread of this process; stops by itself on exit."""
 
@@ -154,6 +213,8 @@ class LiveServer:
         self.served = served
         self.scheduler = Scheduler(served, max_batch=settings.max_batch, max_queue=settings.max_queue)
         app = create_app(served, self.scheduler, settings)
+        self.app = app
+        self.pool = app.state.adapters
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

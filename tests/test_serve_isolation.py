@@ -336,8 +336,7 @@ def test_a_sharelora_adapter_whose_config_is_a_json_list_is_400(server, files):
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", "auto"),
     ("response_format", {"type": "json_object"}),
-    ("top_logprobs", 2),
-    ("logprobs", True),
+    ("top_logprobs", 2),  # without logprobs: true (logprobs itself is implemented, see test_serve_completions_api)
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),

@@ -36,18 +36,24 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("sharelora.serve").setLevel(settings.log_level.upper())
     served, scheduler = load(settings)
     try:
+        app = create_app(served, scheduler, settings)
+    except ValueError as e:  # the startup adapters do not fit --max-adapters / --adapter-memory
+        raise CliError(str(e)) from None
+    try:
         sock = bind(settings.host, settings.port)
     except OSError as e:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    bounds = [f"at most {settings.max_adapters} resident"] if settings.max_adapters else []
+    bounds += [f"{settings.adapter_memory:g} MiB of adapters"] if settings.adapter_memory else []
     print(f"sharelora serve: http://{shown}:{port}/v1 serves {', '.join(served.served_names())} "
           f"(max batch {settings.max_batch}, queue {settings.max_queue}"
           f"{', API key required' if settings.api_key else ''}"
-          f"{f', adapters loadable from {settings.adapter_root}' if settings.adapter_root else ''})", flush=True)
+          f"{f', adapters loaded on demand from {settings.adapter_root}' if settings.adapter_root else ''}"
+          f"{'; ' + ', '.join(bounds) if bounds else ''})", flush=True)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print("sharelora serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
-    app = create_app(served, scheduler, settings)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

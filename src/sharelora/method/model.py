@@ -252,7 +252,8 @@ class ShareLoraModel(nn.Module):
                 if self._trains_shared(n, names):
                     trainable |= {bank_name(k) for k in plan.shared_tensors()}
         for key, p in self.sharelora_bank._parameters.items():  # its own dict: ParameterDict.items() is ~5x slower
-            p.requires_grad_(key in trainable)
+            if p.requires_grad != (key in trainable):  # flip only what changes (hundreds of adapters, many tensors)
+                p.requires_grad_(key in trainable)
         for wrapper in self._wrappers().values():
             for n, module in wrapper.modules_to_save.items():
                 for p in module.parameters():

@@ -40,6 +40,7 @@ import torch
 from ..method import checkpoint
 from ..method.config import ShareLoraConfig
 from ..method.errors import ShareLoraError
+from ..method.layers import bank_name
 from ..method.model import ShareLoraModel
 from ..method.modules_to_save import ModulesToSave
 from ..method.plan import BASE_ADAPTER, check_adapter_name
@@ -82,6 +83,17 @@ class AdapterSource:
     @property
     def multi(self) -> bool:
         return self.format == "sharelora-multi"
+
+    def renamed(self, name: str) -> AdapterSource:
+        """This source's one adapter under the name ``name`` (a multi-adapter file's own keys follow; its task
+        group's keys stay)."""
+        (old,) = self.configs
+        if old == name:
+            return self
+        tensors = self.tensors
+        if self.multi:
+            tensors = {(name + k[len(old):] if k.startswith(old + "/") else k): v for k, v in tensors.items()}
+        return AdapterSource(self.path, self.format, {name: self.configs[old]}, tensors, self.file_bytes)
 
 
 @dataclass
@@ -150,6 +162,7 @@ class ServedModel:
         self.lora: ShareLoraModel | None = None
         self.adapters: dict[str, AdapterInfo] = {}
         self._tok_lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}
         params = inspect.signature(base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
@@ -204,23 +217,36 @@ class ServedModel:
         with self._tok_lock:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            special: bool = False) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest(f"{self.name} has no chat template; use /v1/completions with a prompt")
         with self._tok_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text, special=False)  # the template writes the special tokens itself
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        return self.encode(text, special=special)  # by default the template writes the special tokens itself
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as log-probabilities show it (special tokens by their text)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            with self._tok_lock:
+                text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return text
 
     def decode(self, token_ids: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # --- the scheduler's engine ---------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, position_ids, cache, adapter_names):
+    def forward(self, input_ids, attention_mask, position_ids, cache, adapter_names, all_positions: bool = False):
+        """(B, T) -> ((B, vocab) float32 logits of the last position, the cache); ``all_positions``:
+        (B, T, vocab) logits of every position (scoring a prompt)."""
         device = self.device
         kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                   "position_ids": position_ids.to(device), "use_cache": True, self._cache_kw: cache}
-        if self._logits_to_keep:
+        if self._logits_to_keep and not all_positions:
             kwargs["logits_to_keep"] = 1  # as generate() does: the head runs on the last position only
         if self.lora is None:
             out = self.base(**kwargs)
@@ -229,7 +255,7 @@ class ServedModel:
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = out.past_key_values
-        return out.logits[:, -1, :].float(), new_cache
+        return (out.logits.float() if all_positions else out.logits[:, -1, :].float()), new_cache
 
     # --- adapters -----------------------------------------------------------------------------------
     def read_adapter(self, path: str | Path, name: str | None = None) -> AdapterSource:
@@ -324,6 +350,21 @@ class ServedModel:
             self.adapters[n] = info
             infos.append(info)
         return infos
+
+    def adapter_tensor_bytes(self, name: str) -> tuple[int, dict[str, int]]:
+        """(bytes of ``name``'s own tensors and modules_to_save copies, {task-shared tensor key: bytes})."""
+        lora = self.lora
+        plan = lora.plans[name]
+
+        def size(key: str) -> int:
+            p = lora.sharelora_bank[bank_name(key)]
+            return p.numel() * p.element_size()
+
+        own = sum(size(k) for k in plan.own_tensors())
+        for wrapper in lora.base_model.modules():
+            if isinstance(wrapper, ModulesToSave) and name in wrapper.modules_to_save:
+                own += sum(p.numel() * p.element_size() for p in wrapper.modules_to_save[name].parameters())
+        return own, {k: size(k) for k in plan.shared_tensors()}
 
     def retire(self, name: str) -> AdapterInfo:
         """Hide ``name`` from new requests (the ones already submitted finish)."""

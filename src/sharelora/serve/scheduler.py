@@ -44,6 +44,7 @@ import torch
 
 from ..method.plan import BASE_ADAPTER
 from .batch_cache import BatchCache
+from .logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 
 log = logging.getLogger("sharelora.serve")
 
@@ -62,7 +63,12 @@ class SchedulerStopped(RuntimeError):
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes: ``temperature`` 0 is greedy; ``top_p`` keeps the smallest set of
-    tokens whose probability reaches it; ``stop`` strings end the text before them."""
+    tokens whose probability reaches it; ``stop`` strings end the text before them.
+
+    ``logprobs`` k (None: none): every generated token comes with its log-probability and the k most
+    likely tokens; ``prompt_logprobs`` k: so do the prompt's tokens (the first unscored), computed in
+    the prefill (see ``logprobs.py``). With ``prompt_logprobs`` set, ``max_tokens`` may be 0 (scoring
+    only: the prefill and nothing else)."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -70,6 +76,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class Event:
 
     ``finish_reason`` is None while the request runs, then "stop" (an end-of-sequence token or a
     stop string), "length" (``max_tokens``), "cancelled" or "error" (``error`` says what).
+    ``logprobs``: one ``TokenLogprob`` per token of ``token_ids`` when the request asked for them;
+    ``prompt_logprobs``: the prompt's, in the request's first event, when it asked for them.
     """
 
     text: str
@@ -86,6 +96,8 @@ class Event:
     error: BaseException | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -98,6 +110,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -125,7 +139,8 @@ class Engine(Protocol):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 cache: Any, adapter_names: list[str]) -> tuple[torch.Tensor, Any]:
-        """(B, T) tokens -> ((B, vocab) float32 logits of the last position, the updated cache)."""
+        """(B, T) tokens -> ((B, vocab) float32 logits of the last position, the updated cache). Called
+        with ``all_positions=True`` (only then) it returns the (B, T, vocab) logits of every position."""
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens."""
@@ -197,7 +212,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     length: int = 0  # real tokens in the cache
     first_token_at: float = 0.0
-    last: tuple[str, int] | None = None  # (text, token) of the step that finished the row
+    last: tuple[str, int, tuple] | None = None  # (text, token, its logprobs) of the step that finished the row
 
 
 class Scheduler:
@@ -266,24 +281,35 @@ class Scheduler:
         return len(self._waiting)
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
-        if not request.prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        if request.params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.params.max_tokens}")
-        seed = request.params.seed
-        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (what torch.Generator takes), got {seed}")
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Queue every request or none (``QueueFull`` when they do not all fit; ``ValueError`` names a bad one)."""
+        for request in requests:
+            if not request.prompt_ids:
+                raise ValueError("the prompt has no tokens")
+            least = 0 if request.params.prompt_logprobs is not None else 1
+            if request.params.max_tokens < least:
+                raise ValueError(f"max_tokens must be >= {least}, got {request.params.max_tokens}")
+            seed = request.params.seed
+            if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+                raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (what torch.Generator takes), "
+                                 f"got {seed}")
         with self._cv:
             if not self.alive:
                 raise SchedulerStopped("the scheduler is not running")
-            if len(self._waiting) >= self.max_queue and len(self._rows) + len(self._waiting) >= self.max_batch:
+            free_slots = max(0, self.max_batch - len(self._rows) - len(self._waiting))
+            room = free_slots + max(0, self.max_queue - len(self._waiting))
+            if len(requests) > room:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (--max-queue {self.max_queue}); "
-                                "retry later")
-            request.submitted = time.perf_counter()
-            self._waiting.append(request)
-            self._live[request.id] = request
+                                f"{len(requests)} more do not fit; retry later")
+            for request in requests:
+                request.submitted = time.perf_counter()
+                self._waiting.append(request)
+                self._live[request.id] = request
             self._cv.notify_all()
-        return request
+        return requests
 
     def cancel(self, request_id: str) -> None:
         """Drop a request (its client went away); it leaves the batch before the next step."""
@@ -330,9 +356,11 @@ class Scheduler:
         last = events[-1]
         if last.error is not None:
             raise last.error
+        prompt_lps = next((list(e.prompt_logprobs) for e in events if e.prompt_logprobs is not None), None)
         return Completion("".join(e.text for e in events), [t for e in events for t in e.token_ids],
                           last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                          time.perf_counter() - request.submitted)
+                          time.perf_counter() - request.submitted, [lp for e in events for lp in e.logprobs],
+                          prompt_lps)
 
     # --- the worker ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -406,11 +434,11 @@ class Scheduler:
         request = row.request
         with self._cv:
             self._live.pop(request.id, None)
-        delta, tokens = "", ()
+        delta, tokens, lps = "", (), ()
         if row.last is not None:
-            delta, token = row.last
+            delta, token, lps = row.last
             delta, tokens = delta + row.text.add(None)[0], (token,)
-        self._emit(request, Event(delta, tokens, reason, error, len(request.prompt_ids), len(row.tokens)))
+        self._emit(request, Event(delta, tokens, reason, error, len(request.prompt_ids), len(row.tokens), lps))
         now = time.perf_counter()
         if reason == "error":
             self.failed += 1
@@ -425,6 +453,7 @@ class Scheduler:
         """Sample the row's next token and tell its client; the finish reason, or None to go on."""
         params = row.request.params
         token = sample(logits, params, row.generator)
+        lps = () if params.logprobs is None else tuple(token_logprobs(logits.view(1, -1), [token], params.logprobs))
         row.tokens.append(token)
         if not row.first_token_at:
             row.first_token_at = time.perf_counter()
@@ -438,9 +467,9 @@ class Scheduler:
             elif len(row.tokens) >= params.max_tokens:
                 reason = "length"
         if reason is None:
-            self._emit(row.request, Event(delta, (token,)))
+            self._emit(row.request, Event(delta, (token,), logprobs=lps))
         else:
-            row.last = (delta, token)  # sent with the final event
+            row.last = (delta, token, lps)  # sent with the final event
         return reason
 
     def _admit(self) -> None:
@@ -462,7 +491,17 @@ class Scheduler:
                 ids = torch.tensor([request.prompt_ids], dtype=torch.long)
                 mask = torch.ones_like(ids)
                 positions = torch.arange(ids.shape[1]).unsqueeze(0)
-                logits, cache = self.engine.forward(ids, mask, positions, None, [request.adapter])
+                if p.prompt_logprobs is None:
+                    logits, cache = self.engine.forward(ids, mask, positions, None, [request.adapter])
+                else:  # scoring: the logits of every position, each prompt token's log-probability
+                    logits, cache = self.engine.forward(ids, mask, positions, None, [request.adapter],
+                                                        all_positions=True)
+                    scored = prompt_logprobs(logits[0], request.prompt_ids, p.prompt_logprobs)
+                    self._emit(request, Event("", (), prompt_logprobs=tuple(scored)))
+                    logits = logits[:, -1]
+                    if p.max_tokens == 0:
+                        self._finish(row, "length")
+                        continue
                 row.length = ids.shape[1]
                 reason = self._accept(row, logits[0].cpu())
                 state = BatchCache.of(cache, mask) if reason is None else None

@@ -34,7 +34,16 @@ class Settings(BaseModel):
         "longest prompt (characters of a completion prompt, or of a chat's messages together) the server "
         f"tokenizes; a longer one gets 400 (default: {CHARS_PER_TOKEN} x the context length)"))
     adapter_root: str | None = Field(None, description=(
-        "directory under which POST /v1/load_lora_adapter may read adapters (unset: loading while serving is off)"))
+        "directory of adapter directories: a request whose model names <DIR>/<name> loads it on demand, and "
+        "POST /v1/load_lora_adapter may read under it (unset: loading while serving is off)"))
+    max_adapters: int | None = Field(None, ge=1, description=(
+        "most adapters resident at once; past it the least recently used one no request uses is evicted"))
+    adapter_memory: float | None = Field(None, gt=0, description=(
+        "most MiB of adapter tensors resident at once (own tensors, plus each task-shared tensor once); "
+        "past it the least recently used adapters no request uses are evicted"))
+    pin_adapters: bool = Field(True, description=(
+        "keep the --adapter adapters resident whatever the bounds (--no-pin-adapters: they may be evicted "
+        "too, and are read again from their directory when asked for)"))
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the base weights")
@@ -87,12 +96,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if default not in (None, [], ""):
                 kwargs["help"] += f" (default: {default})"
         args = [a for a in get_args(ann) if a is not type(None)]
-        if get_origin(ann) is list:
+        if ann is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        elif get_origin(ann) is list:
             kwargs.update(action="append", default=None, metavar="NAME=DIR")
         elif get_origin(ann) is Literal:
             kwargs.update(choices=list(get_args(ann)), default=None)
         elif ann is int or int in args:
             kwargs.update(type=int, default=None, metavar="N")
+        elif float in args:
+            kwargs.update(type=float, default=None, metavar="MIB" if name == "adapter_memory" else "X")
         else:
             kwargs.update(default=None, metavar={"adapter_root": "DIR", "cache_dir": "DIR"}.get(name, name.split("_")[-1].upper()))
         parser.add_argument(_flag(name), **kwargs)

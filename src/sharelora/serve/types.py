@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import NOT_UNICODE
+from .logprobs import MAX_TOP_LOGPROBS
 from .scheduler import SEED_RANGE
 
 MAX_NAME_CHARS = 128  # a model or adapter name; longer ones are refused, never echoed back
@@ -51,6 +52,9 @@ def lone_surrogate_at(value: Any) -> str | None:
     return None
 
 
+MAX_N = 64  # choices per prompt
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -62,15 +66,25 @@ class _Request(BaseModel):
         return self
 
 
-# the neutral value(s) of each field a request may send but this server does not implement
+# the neutral value(s) of each field a request may send but this server does not implement (n, logprobs,
+# top_logprobs and echo are implemented: see CompletionRequest and ChatCompletionRequest); vLLM's extensions
+# it does not implement (top_k, min_p, prompt_logprobs, use_beam_search, ...) are unknown fields, refused by name
 _NEUTRAL: dict[str, tuple] = {
-    "n": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-    "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "audio": (None,),
-    "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
-    "web_search_options": (None,),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,), "chat_template": (None,), "chat_template_kwargs": (None, {}),
+    "continue_final_message": (None, False), "mm_processor_kwargs": (None, {}),
 }
+
+
+def _first_unsupported(request: BaseModel) -> str | None:
+    """The first field of ``request`` set to something other than its neutral value (``_NEUTRAL``), or None."""
+    for name in type(request).model_fields:
+        if name in _NEUTRAL and getattr(request, name) not in _NEUTRAL[name]:
+            return name
+    return None
 
 
 class StreamOptions(_Request):
@@ -81,7 +95,7 @@ class _Sampling(_Request):
     model: str = Field(max_length=4096)  # an adapter name or the base model's (a path, up to PATH_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
@@ -89,7 +103,6 @@ class _Sampling(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
     # fields that change no output
     user: str | None = None
@@ -99,10 +112,7 @@ class _Sampling(_Request):
 
     def unsupported(self) -> str | None:
         """The first field set to something this server does not do, or None."""
-        for name in type(self).model_fields:
-            if name in _NEUTRAL and getattr(self, name) not in _NEUTRAL[name]:
-                return name
-        return None
+        return _first_unsupported(self)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -110,8 +120,13 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
+    """``prompt``: a string, token ids, or several of either (one choice per prompt and per ``n``);
+    ``logprobs`` k: each token's log-probability and the k most likely (k <= 20); ``echo``: the prompt
+    first (its text, and with ``logprobs`` its tokens); ``max_tokens`` 0 with ``echo``: scoring only."""
+
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -154,10 +169,13 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
+    """``logprobs``: each generated token's log-probability; ``top_logprobs`` k: and the k most likely."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -179,6 +197,51 @@ class ChatCompletionRequest(_Sampling):
             if field is not None:
                 return f"messages.{i}.{field}"
         return None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize``: a ``prompt`` (``add_special_tokens`` default true) or chat ``messages``
+    (rendered by the chat template; ``add_generation_prompt`` default true, ``add_special_tokens``
+    default false, as the template writes them). vLLM's template options are accepted at their neutral
+    value only."""
+
+    model: str | None = Field(None, max_length=4096)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    tools: Any = None
+    continue_final_message: Any = None
+    mm_processor_kwargs: Any = None
+
+    def unsupported(self) -> str | None:
+        field = _first_unsupported(self)
+        if field is not None:
+            return field
+        for i, m in enumerate(self.messages or []):
+            field = m.unsupported()
+            if field is not None:
+                return f"messages.{i}.{field}"
+        return None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = Field(None, max_length=4096)
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class LoadLoraAdapterRequest(_Request):
@@ -205,6 +268,7 @@ class ModelCard(BaseModel):
     owned_by: str = "sharelora"
     root: str | None = None
     parent: str | None = None
+    status: Literal["loaded", "loadable"] | None = None  # resident, or loaded on demand when a request names it
 
 
 class ModelList(BaseModel):
@@ -215,7 +279,7 @@ class ModelList(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -236,7 +300,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -257,7 +321,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
