@@ -16,7 +16,7 @@ def test_the_on_demand_benchmark_runs_and_reports(tmp_path):
         assert bench_ondemand.main([
             "--model", str(files["model"]), "--sizes", "1,3", "--bound", "2", "--requests", "4", "--reps", "2",
             "--clients", "2", "--new-tokens", "3", "--score-prompts", "2", "--score-words", "6", "--load-ranks", "2,4",
-            "--load-count", "3", "--rank", "2", "--threads", "1", "--workdir", str(tmp_path / "work"), "--no-memory",
+            "--load-count", "3", "--step-rounds", "3", "--rank", "2", "--threads", "1", "--workdir", str(tmp_path / "work"), "--no-memory",
             "--json", str(out), "--markdown", str(tmp_path / "bench.md")]) == 0
     r = json.loads(out.read_text())
     by = {s["scenario"]: s for s in r["summary"]}
@@ -28,6 +28,7 @@ def test_the_on_demand_benchmark_runs_and_reports(tmp_path):
     assert by["3 on demand, --max-adapters 2"]["evictions"] >= 4
     assert by["3 resident"]["loads"] == 0  # loaded before timing
     assert r["checks"]["scoring_max_abs_diff"] < 1e-4
+    assert list(r["forward_step"]) == ["1 resident", "3 resident"] and r["forward_step"]["3 resident"]["steps"] == 3
     assert r["memory"] == []  # --no-memory; the memory child is tested below
     assert [c["rank"] for c in r["cold_loads_by_size"]] == [2, 4]
     assert all(c["load"]["count"] == 3 for c in r["cold_loads_by_size"])

@@ -171,7 +171,7 @@ class AdapterPool:
         """``POST /v1/load_lora_adapter``: load ``path`` (under the root) as ``name``; it may be evicted and
         is then read again from ``path``."""
         if name == self.served.name or name in self._lru or name in self._loading or name in self._evicting:
-            raise BadRequest(f"an adapter named {name!r} is loaded already; unload it first or choose another name",
+            raise BadRequest(f"an adapter named {_short(name)} is loaded already; unload it first or choose another name",
                              param="lora_name")
         try:
             check_adapter_name(name)

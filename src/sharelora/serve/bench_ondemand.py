@@ -26,6 +26,10 @@ Memory, per N, each in a fresh subprocess (so RSS belongs to that N alone): RSS 
 model and after loading N adapters; the adapter tensor bytes (own tensors of each, the shared basis
 once); against PEFT's N x LoRA (the same adapters as standard LoRA: every layer its A and B).
 
+Forward steps: the models of the resident scenarios take turns, one decode step each (a batch of
+``--clients`` rows, round-robin over their adapters), ``--step-rounds`` times: the step's time
+alone, interleaved at the finest grain, where the end-to-end rows carry the machine's noise.
+
 Cold-load latency by adapter size: ``--load-ranks`` adapters of growing rank, ``--load-count`` of each,
 requested one after another on a server with ``--max-adapters 4`` (every load also evicts): the pool's
 load time (read, make room, add to the model) and the request's latency, against a warm request.
@@ -223,6 +227,41 @@ def _score_offline(served, prompts: list[list[int]], model: str) -> dict:
             "prompt_tokens_per_s": round(tokens / wall, 1), "logprobs": lps}
 
 
+def _step_times(models: dict[str, tuple], rows: int, steps: int, context: int = 40) -> dict:
+    """The forward of one decode step of ``rows`` rows, for each of ``models`` ({label: (served, adapter per
+    row)}), the models taking turns step by step (``steps`` rounds): median and quartiles in ms. Without
+    HTTP, sampling or scheduling, and interleaved at the finest grain, this isolates what the number of
+    resident adapters costs the forward itself."""
+    import torch
+
+    from .scheduler import cache_from_layers, cache_layers
+
+    g = torch.Generator().manual_seed(0)
+    vocab = min(1000, min(served.vocab_size for served, _ in models.values()))
+    prompt = torch.randint(0, vocab, (rows, context), generator=g)
+    mask = torch.ones_like(prompt)
+    positions = torch.arange(context).expand(rows, context)
+    ids = torch.randint(0, vocab, (rows, 1), generator=g)
+    step_mask = torch.ones(rows, context + 1, dtype=torch.long)
+    step_positions = torch.full((rows, 1), context)
+    kv, times = {}, {label: [] for label in models}
+    with torch.inference_mode():
+        for label, (served, adapters) in models.items():
+            kv[label] = cache_layers(served.forward(prompt, mask, positions, None, adapters)[1])
+        for _ in range(steps):
+            for label, (served, adapters) in models.items():
+                cache = cache_from_layers(kv[label])
+                t0 = time.perf_counter()
+                served.forward(ids, step_mask, step_positions, cache, adapters)
+                times[label].append(time.perf_counter() - t0)
+    out = {}
+    for label, v in times.items():
+        v = sorted(v)
+        out[label] = {"median_ms": round(statistics.median(v) * 1000, 2), "q25_ms": round(v[len(v) // 4] * 1000, 2),
+                      "q75_ms": round(v[3 * len(v) // 4] * 1000, 2), "steps": len(v)}
+    return out
+
+
 def _warm(server: _Server, names: list[str], clients: int) -> list[float]:
     """Load ``names`` (a 1-token request each); the pool's load seconds."""
     before = len(server.pool.load_seconds)
@@ -279,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-words", type=int, default=150)
     p.add_argument("--load-ranks", default="8,32,128")
     p.add_argument("--load-count", type=int, default=12)
+    p.add_argument("--step-rounds", type=int, default=100, help="rounds of the forward-step comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", type=Path, default=None, help="where the adapters are written (default: a temp dir)")
@@ -365,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows[s]:
             r.pop("logprobs")
 
+    _log(f"forward steps, {args.step_rounds} rounds, models taking turns ...")
+    step_models = {}
+    batch = min(args.clients, args.max_batch)
+    for n in sizes:
+        srv, pool_names = servers[f"{n} resident"]
+        step_models[f"{n} resident"] = (srv.served, [pool_names[i % len(pool_names)] for i in range(batch)])
+    steps = _step_times(step_models, batch, args.step_rounds)
+    _log(f"  {steps}")
     bound_pool = servers[f"{big} on demand, --max-adapters {args.bound}"][0].pool
     for srv, _ in servers.values():
         srv.close()
@@ -384,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "rank": args.rank, "targets": args.targets, "new_tokens": args.new_tokens,
         "requests": args.requests, "reps": args.reps, "clients": args.clients, "max_batch": args.max_batch,
         "adapter": sizes_one, "memory": memory, "summary": summary, "rows": rows, "checks": checks,
+        "forward_step": steps,
         "warm_loads": {k: _lat(v) for k, v in warm_loads.items()},
         "on_demand_loads": _lat(list(bound_pool.load_seconds)), "cold_loads_by_size": cold,
     }
@@ -472,6 +521,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['scenario']} | {r['tokens_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in r['per_rep'])} | "
                          f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['vs_first']:.2f}x ({', '.join(f'{x:.2f}' for x in r['ratios'])}) | "
                          f"{r['loads']} |")
+    steps = results.get("forward_step") or {}
+    if steps:
+        first = next(iter(steps.values()))["median_ms"]
+        lines += ["", "| forward step (models taking turns) | median (ms) | quartiles (ms) | vs first |",
+                  "|---|---:|---|---:|"]
+        for label, st in steps.items():
+            lines.append(f"| {label} | {st['median_ms']:.1f} | {st['q25_ms']:.1f} - {st['q75_ms']:.1f} | "
+                         f"{first / st['median_ms']:.2f}x |")
     lines += ["", "| scoring | prompt tokens/s (median) | per repetition |", "|---|---:|---|"]
     for r in results["summary"]:
         if "prompt_tokens_per_s" in r:
