@@ -24,8 +24,10 @@ def test_the_on_demand_benchmark_runs_and_reports(tmp_path):
                        "scoring: offline forward"}
     assert all(len(s["per_rep"]) == 2 for s in r["summary"])
     assert by["1 resident"]["vs_first"] == 1.0
-    assert by["3 on demand, --max-adapters 2"]["loads"] >= 6  # round-robin over 3 > 2: cold loads in every round
-    assert by["3 on demand, --max-adapters 2"]["evictions"] >= 4
+    # Round-robin over 3 adapters with room for 2: the first round loads all 3 (evicting one) and every
+    # later round must load at least one again; concurrent clients may share a load, so no more is certain.
+    assert by["3 on demand, --max-adapters 2"]["loads"] >= 3 + 1
+    assert by["3 on demand, --max-adapters 2"]["evictions"] >= 1 + 1
     assert by["3 resident"]["loads"] == 0  # loaded before timing
     assert r["checks"]["scoring_max_abs_diff"] < 1e-4
     assert list(r["forward_step"]) == ["1 resident", "3 resident"] and r["forward_step"]["3 resident"]["steps"] == 3
