@@ -234,7 +234,7 @@ def _step_times(models: dict[str, tuple], rows: int, steps: int, context: int = 
     resident adapters costs the forward itself."""
     import torch
 
-    from .scheduler import cache_from_layers, cache_layers
+    from .batch_cache import BatchCache
 
     g = torch.Generator().manual_seed(0)
     vocab = min(1000, min(served.vocab_size for served, _ in models.values()))
@@ -247,10 +247,10 @@ def _step_times(models: dict[str, tuple], rows: int, steps: int, context: int = 
     kv, times = {}, {label: [] for label in models}
     with torch.inference_mode():
         for label, (served, adapters) in models.items():
-            kv[label] = cache_layers(served.forward(prompt, mask, positions, None, adapters)[1])
+            kv[label] = BatchCache.of(served.forward(prompt, mask, positions, None, adapters)[1], mask)
         for _ in range(steps):
             for label, (served, adapters) in models.items():
-                cache = cache_from_layers(kv[label])
+                cache = kv[label].to_cache()
                 t0 = time.perf_counter()
                 served.forward(ids, step_mask, step_positions, cache, adapters)
                 times[label].append(time.perf_counter() - t0)
