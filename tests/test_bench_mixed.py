@@ -40,7 +40,7 @@ def test_every_count_of_adapters_is_checked_against_each_adapter_alone(results):
 
 def test_every_variant_is_timed_interleaved_and_paired_to_its_own_single_adapter(results):
     variants = {r["variant"] for r in results["rows"]}
-    assert variants == {f"{lib}/{v}" for lib in ("sharelora", "peft") for v in ("single", "names", "mixed-2")}
+    assert variants == {f"{lib}/{v}" for lib in ("sharelora", "core", "peft") for v in ("single", "names", "mixed-2")}
     assert set(results["samples_s"]) == variants | {"base"}
     assert all(len(s) == 2 for s in results["samples_s"].values())
     single = next(r for r in results["rows"] if r["variant"] == "sharelora/single")
@@ -57,6 +57,32 @@ def test_memory_is_base_plus_n_own_plus_shared_once(results):
     own, shared = mem["sharelora_own_bytes"], mem["sharelora_shared_bytes"]
     assert two["sharelora_total_bytes"] == mem["base_bytes"] + shared + 2 * own
     assert two["peft_total_bytes"] == mem["base_bytes"] + 2 * mem["peft_own_bytes"]
+    # task cores: one A and one B per module type for every task; a task owns an r x r core per layer and module
+    assert mem["core_shared_bytes"] == 4 * (r * d + d * r + r * d + d_kv * r)
+    assert mem["core_own_bytes"] == 4 * layers * 2 * r * r
+    assert two["core_total_bytes"] == mem["base_bytes"] + mem["core_shared_bytes"] + 2 * mem["core_own_bytes"]
+
+
+def test_task_cores_are_checked_against_each_adapter_alone_and_timed(results):
+    for c in results["checks"]:
+        assert c["core_max_rel_diff_to_alone"] < 1e-4
+    assert results["checks"][1]["core_rel_diff_between_adapters"] > 1e-2
+    mixed = next(r for r in results["rows"] if r["variant"] == "core/mixed-2")
+    assert mixed["ratio_to_peft"]["median"] > 0 and len(results["samples_s"]["core/mixed-2"]) == 2
+
+
+def test_many_adapters_are_checked_on_an_even_spread_and_against_peft_on_every_row():
+    from sharelora.bench.mixed import checked_adapters
+
+    assert checked_adapters(5, 64) == [0, 1, 2, 3, 4]
+    spread = checked_adapters(1024, 64)
+    assert len(spread) == 64 and spread[0] == 0 and spread[-1] == 1023
+    out = run_mixed(tiny_config(batch=8, adapters=(8,), libraries=("core", "core-diag", "peft"), check_limit=3),
+                    log=lambda _: None)
+    check = out["checks"][0]
+    assert check["checked_alone"] == 3 and check["core_vs_peft_max_rel_diff"] < 1e-4
+    assert check["core-diag_max_rel_diff_to_alone"] < 1e-4
+    assert "adapters run alone: 3 of 8" in markdown(out) and "core's mixed output = PEFT's" in markdown(out)
 
 
 def test_report_and_machine_are_recorded(results):
@@ -99,3 +125,13 @@ def test_command_line_section_mixed(tmp_path):
 def test_more_adapters_than_rows_is_refused():
     with pytest.raises(ValueError, match="batch of at least"):
         tiny_config(adapters=(1, 8)).validate()
+    with pytest.raises(ValueError, match="libraries must be some of"):
+        tiny_config(libraries=("lora",)).validate()
+
+
+def test_peft_is_run_only_up_to_its_cap_of_adapters():
+    out = run_mixed(tiny_config(adapters=(1, 4), libraries=("core", "peft"), peft_max_adapters=2), log=lambda _: None)
+    assert {r["variant"] for r in out["rows"] if r["library"] == "peft"} == {"peft/single", "peft/names"}
+    assert "peft_max_rel_diff_to_alone" not in out["checks"][1] and "core_max_rel_diff_to_alone" in out["checks"][1]
+    assert "holds 2 adapters" in out["peft_note"] and "holds 2 adapters" in markdown(out)
+    assert out["memory"]["peft_held_bytes"] == 2 * out["memory"]["peft_own_bytes"]

@@ -148,3 +148,22 @@ def test_multitask_inputs_name_their_task(joint, runs, tmp_path, capsys):
     assert "has no task 'nope'" in capsys.readouterr().err
     assert main(["compress", str(tmp_path / "x"), f"a={runs['sent']}:sent", "--rank", "2"]) == 2
     assert "single-task run" in capsys.readouterr().err
+
+
+def test_task_cores_compress_exactly_and_score_as_the_runs(runs, tmp_path, capsys):
+    out = tmp_path / "cores"
+    # --share A: A per module type (rows: sent 3 layers x 2 + kind 2 = 8), B per layer (columns: 2 + 2 = 4)
+    assert compress(runs, out, "--rank", "8", "--task-core", "matrix") == 0
+    printed = capsys.readouterr().out
+    assert "matrix task cores" in printed and "each task's cores" in printed
+    report = json.loads((out / "compression.json").read_text())
+    assert report["task_core"] == "matrix" and all(t["max_error"] < 1e-5 for t in report["tasks"].values())
+    info = json.loads((out / "adapter" / "run_info.json").read_text())
+    assert info["compression"]["task_core"] == "matrix"
+    assert main(["eval", str(out), "--json", str(tmp_path / "cores.json")]) == 0
+    scored = json.loads((tmp_path / "cores.json").read_text())["tasks"]
+    for task, run in runs.items():
+        own = json.loads((run / "results.json").read_text())
+        assert scored[task]["accuracy"] == own["test"]["accuracy"], task
+        assert scored[task]["loss"] == pytest.approx(own["test"]["loss"], rel=1e-5), task
+    assert main(["export-peft", str(out), str(tmp_path / "peft"), "--adapter", "kind"]) == 0

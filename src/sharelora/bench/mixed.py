@@ -1,24 +1,32 @@
 """``sharelora bench --section mixed``: one forward over a batch whose rows use N distinct adapters.
 
 A mixed batch gives every row its own adapter: ``model(**batch, adapter_names=[...])``, one name
-per row. With ``task_share="A"`` every ShareLoRA adapter reads one A per module type, so the
-routed layer computes ``u = x A^T`` once for all rows and the rows' B products are one batched
-product ``u_i (scaling B_{a(i)})^T``; PEFT LoRA's ``adapter_names`` path runs, per distinct
-adapter, ``B_a A_a x`` on that adapter's sub-batch and scatters it back. This section times, for
-N = 1, 2, 4, 8, 16 distinct adapters (rows assigned round-robin: row i uses adapter i mod N):
+per row. The libraries timed (``--libraries``):
 
-    sharelora/single      one active adapter, no adapter_names (the fused single-adapter path)
-    sharelora/names       adapter_names=[t0] * batch (every row one adapter, routed)
-    sharelora/mixed-N     adapter_names round-robin over t0..t{N-1}
-    peft/single, peft/names, peft/mixed-N: the same on a PEFT LoraModel holding the same weights
-    base                  the frozen base model
+    sharelora   ShareA adapters with ``task_share="A"``: one A per module type for every layer and
+                task, so the routed layer computes ``u = x A^T`` once for all rows; each task owns its
+                B's and the rows' B products are one batched product ``u_i (scaling B_{a(i)})^T``.
+    core        ``task_share="AB", task_core="matrix"``: every task reads the same A and B and owns an
+                r x r core per layer: ``x A^T`` and ``(.) B^T`` are one product each for the batch,
+                only ``u_i C_{a(i)}^T`` is per row (an (n, T, r) x (r, r) bmm).
+    core-diag   the same with ``task_core="diagonal"`` (``u_i * c_{a(i)}``).
+    peft        PEFT LoRA's ``adapter_names`` path: per distinct adapter, ``B_a A_a x`` on that
+                adapter's sub-batch, scattered back.
+
+For each number N of distinct adapters (rows assigned round-robin: row i uses adapter i mod N):
+
+    <lib>/single      one active adapter, no adapter_names (the fused single-adapter path)
+    <lib>/names       adapter_names=[t0] * batch (every row one adapter, routed)
+    <lib>/mixed-N     adapter_names round-robin over t0..t{N-1}
+    base              the frozen base model
 
 interleaved (every repetition runs every variant once, in an order rotated by one), and reports
 each latency as a ratio to the same library's ``single`` within the repetition (paired), median
 and p25-p75. Before timing, every N is checked: the mixed output of each row equals that row
-computed with its adapter alone (set_adapter, no routing), for both libraries, and ShareLoRA's
-mixed output equals PEFT's (the PEFT adapters are given ShareLoRA's A and B), so the bench cannot
-time a wrong computation.
+computed with its adapter alone (set_adapter, no routing), for every library (for N above
+``check_limit``, the adapters of an evenly spread ``check_limit`` of them), and the first ShareLoRA
+library's mixed output equals PEFT's on every row (the PEFT adapters hold its update as A and
+B C or B), so the bench cannot time a wrong computation.
 
 Memory: N adapters take base + N x own + shared once (ShareLoRA) or base + N x own (PEFT), in
 parameter bytes read from the models; the totals are checked against the tensors they hold.
@@ -28,6 +36,7 @@ parameter bytes read from the models; the totals are checked against the tensors
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -38,6 +47,9 @@ from .methods import frozen_copy
 from .models import build_base, fingerprint, make_inputs, resolve_spec
 
 DEFAULT_ADAPTERS = (1, 2, 4, 8, 16)
+LIBRARIES = ("sharelora", "core", "core-diag", "peft")
+DEFAULT_LIBRARIES = ("sharelora", "core", "peft")
+_TASK_CORE = {"core": "matrix", "core-diag": "diagonal"}
 
 
 @dataclass
@@ -59,10 +71,18 @@ class MixedConfig:
     threads: int = 2
     device: str | None = None         # default: cuda when present, else cpu
     malloc: str = "retain"
-    peft: bool = True                 # also time PEFT LoRA's adapter_names path
+    peft: bool = True                 # False drops "peft" from libraries
     seed: int = 0
+    libraries: tuple[str, ...] = DEFAULT_LIBRARIES
+    check_limit: int = 64             # above this N, check an evenly spread check_limit of the adapters alone
+    peft_max_adapters: int = 256      # PEFT's add_adapter costs O(N) (1,024 adapters: ~1 h to build on 2 cores)
 
     def validate(self) -> None:
+        unknown = [lib for lib in self.libraries if lib not in LIBRARIES]
+        if unknown or not self.libraries:
+            raise ValueError(f"libraries must be some of {', '.join(LIBRARIES)}, got {list(self.libraries)}")
+        if self.check_limit < 1:
+            raise ValueError(f"check_limit must be >= 1, got {self.check_limit}")
         if not self.adapters or any(n < 1 for n in self.adapters):
             raise ValueError(f"adapters must be positive counts of distinct adapters, got {list(self.adapters)}")
         if max(self.adapters) > self.batch:
@@ -82,13 +102,22 @@ def round_robin(n_adapters: int, rows: int) -> list[str]:
 
 
 # --- building -------------------------------------------------------------------------------------
-def build_sharelora(base, targets, cfg: MixedConfig, count: int):
-    """ShareLoRA on ``base`` with ``count`` task-shared adapters t0..t{count-1}, random B (so each differs)."""
+def build_sharelora(base, targets, cfg: MixedConfig, count: int, library: str = "sharelora"):
+    """ShareLoRA on ``base`` with ``count`` task-shared adapters t0..t{count-1}, random tensors (so each differs).
+
+    ``library``: "sharelora" (ShareA, task_share "A": a B per task), "core" / "core-diag" (task_share
+    "AB": one A and one B per module type for every task, an r x r / r core per task and layer).
+    """
     from ..method import ShareLoraConfig, get_sharelora_model
 
+    core = _TASK_CORE.get(library)
+
     def config():
-        return ShareLoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, share="A", task_share="A",
-                               target_modules=list(targets), init_lora_weights=False)
+        if core is None:
+            return ShareLoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, share="A", task_share="A",
+                                   target_modules=list(targets), init_lora_weights=False)
+        return ShareLoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, share="AB", task_share="AB",
+                               task_core=core, target_modules=list(targets), init_lora_weights=False)
 
     torch.manual_seed(cfg.seed + 1)
     model = get_sharelora_model(base, config(), adapter_name=adapter_name(0))
@@ -99,10 +128,9 @@ def build_sharelora(base, targets, cfg: MixedConfig, count: int):
 
 
 def build_peft(base, targets, cfg: MixedConfig, count: int, sharelora_model):
-    """PEFT LoRA on ``base`` with ``count`` adapters holding ShareLoRA's A and B (the same function)."""
+    """PEFT LoRA on ``base`` with ``count`` adapters holding a ShareLoRA model's updates: A and B (B C with task
+    cores), so the same function."""
     from peft import LoraConfig, get_peft_model
-
-    from ..method.layers import bank_name
 
     def config():
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets),
@@ -118,10 +146,11 @@ def build_peft(base, targets, cfg: MixedConfig, count: int, sharelora_model):
     with torch.no_grad():
         for i in range(count):
             name = adapter_name(i)
-            for t in sharelora_model.plans[name].targets:
-                layer = inner.get_submodule(t.module_name)
-                layer.lora_A[name].weight.copy_(bank[bank_name(t.a_key)])
-                layer.lora_B[name].weight.copy_(bank[bank_name(t.b_key)])
+            for module_name, ours in sharelora_model.sharelora_layers():
+                A, B = ours.slots[name].down_and_up(bank)
+                layer = inner.get_submodule(module_name)
+                layer.lora_A[name].weight.copy_(A)
+                layer.lora_B[name].weight.copy_(B)
     model.set_adapter(adapter_name(0))
     return model.eval()
 
@@ -144,9 +173,15 @@ def variants(base, libraries: dict, inputs: dict, adapters: tuple[int, ...]) -> 
         out[f"{lib}/single"] = _forward(model, inputs)
         out[f"{lib}/names"] = _forward(model, inputs, round_robin(1, rows))
         for n in adapters:
-            if n > 1:
+            if 1 < n <= held(model):
                 out[f"{lib}/mixed-{n}"] = _forward(model, inputs, round_robin(n, rows))
     return out
+
+
+def held(model) -> int:
+    """How many adapters a ShareLoRA or PEFT model holds (a library with fewer than N is not run at N)."""
+    configs = getattr(model, "sharelora_configs", None) or getattr(model, "peft_config", None)
+    return len(configs) if configs is not None else 1 << 62  # another wrapper: assume it holds them all
 
 
 def variant_of(lib: str, n: int) -> str:
@@ -176,23 +211,33 @@ def _alone(lib: str, model, inputs: dict, name: str, rows: torch.Tensor) -> torc
         model.set_adapter(adapter_name(0))
 
 
-def check_mixed(libraries: dict, inputs: dict, n: int) -> dict:
+def checked_adapters(n: int, limit: int) -> list[int]:
+    """Which of t0..t{n-1} are checked alone: all up to ``limit``, else ``limit`` evenly spread (first and last)."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(j * (n - 1) / (limit - 1)) for j in range(limit)}) if limit > 1 else [0]
+
+
+def check_mixed(libraries: dict, inputs: dict, n: int, limit: int = 64) -> dict:
     """For N distinct adapters: each library's mixed output per row = the row's adapter alone; ShareLoRA = PEFT.
 
-    Also checks that the rows of adapters other than t0 differ from t0's output by far more
-    than the tolerance, so the routing is exercised (the adapters compute different functions).
-    Raises AssertionError with the largest relative difference when a check fails.
+    Above ``limit`` adapters, ``limit`` of them (evenly spread) are run alone; the comparison with
+    PEFT covers every row. Also checks that the rows of adapters other than t0 differ from t0's
+    output by far more than the tolerance, so the routing is exercised (the adapters compute
+    different functions). Raises AssertionError with the largest relative difference when a check fails.
     """
     rows = inputs["input_ids"].shape[0]
     names = round_robin(n, rows)
     device = inputs["input_ids"].device
-    report: dict = {"adapters": n}
+    report: dict = {"adapters": n, "checked_alone": len(checked_adapters(n, limit))}
     mixed_out = {}
     for lib, model in libraries.items():
+        if held(model) < n:
+            continue
         mixed = _forward(model, inputs, names)()
         mixed_out[lib] = mixed
         worst = 0.0
-        for i in range(n):
+        for i in checked_adapters(n, limit):
             idx = torch.tensor([r for r in range(rows) if names[r] == adapter_name(i)], device=device)
             ok, err = _close(mixed.index_select(0, idx), _alone(lib, model, inputs, adapter_name(i), idx))
             worst = max(worst, err)
@@ -209,12 +254,13 @@ def check_mixed(libraries: dict, inputs: dict, n: int) -> dict:
                 raise AssertionError(f"{lib}: adapters t1..t{n - 1} give nearly t0's output ({spread:.3g}); "
                                      "the check would not see a row routed to the wrong adapter")
             report[f"{lib}_rel_diff_between_adapters"] = spread
-    if len(mixed_out) == 2:
-        ok, err = _close(mixed_out["peft"], mixed_out["sharelora"])
+    mirrored = next((lib for lib in libraries if lib != "peft"), None)
+    if "peft" in mixed_out and mirrored in mixed_out:
+        ok, err = _close(mixed_out["peft"], mixed_out[mirrored])
         if not ok:
-            raise AssertionError(f"ShareLoRA's and PEFT's mixed outputs for {n} adapters differ by {err:.3g} "
+            raise AssertionError(f"{mirrored}'s and PEFT's mixed outputs for {n} adapters differ by {err:.3g} "
                                  f"(tolerance {REL_TOL:g}) although they hold the same weights")
-        report["sharelora_vs_peft_max_rel_diff"] = err
+        report[f"{mirrored}_vs_peft_max_rel_diff"] = err
     return report
 
 
@@ -229,32 +275,40 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
-def memory_rows(base, sharelora_model, peft_model, counts: tuple[int, ...], loaded: int) -> dict:
-    """Parameter bytes of N adapters: base + N x own + shared once; checked against the ``loaded`` models."""
+def memory_rows(base, libraries: dict, counts: tuple[int, ...]) -> dict:
+    """Parameter bytes of N adapters: base + N x own + shared once; checked against the tensors the models hold."""
     base_bytes = _unique_bytes(base.parameters())
-    report = sharelora_model.parameter_report()
-    element = next(iter(sharelora_model.sharelora_bank.values())).element_size()
-    own = report["adapters"][adapter_name(0)]["own_parameters"] * element
-    shared = report["task_shared_parameters"] * element
-    held = _unique_bytes(sharelora_model.sharelora_bank.values())
-    if held != shared + loaded * own:
-        raise AssertionError(f"ShareLoRA holds {held} adapter bytes, not shared {shared} + {loaded} x own {own}")
-    out = {"base_bytes": base_bytes, "sharelora_own_bytes": own, "sharelora_shared_bytes": shared,
-           "sharelora_held_bytes": held}
-    peft_own = None
-    if peft_model is not None:
-        lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-        peft_held = _unique_bytes(lora)
-        peft_own = _unique_bytes(p for n, p in peft_model.named_parameters()
-                                 if "lora_" in n and n.endswith(f".{adapter_name(0)}.weight"))
-        if peft_held != loaded * peft_own:
-            raise AssertionError(f"PEFT holds {peft_held} adapter bytes, not {loaded} x own {peft_own}")
-        out.update(peft_own_bytes=peft_own, peft_held_bytes=peft_held)
-    out["rows"] = [{"adapters": n, "sharelora_adapter_bytes": shared + n * own,
-                    "sharelora_total_bytes": base_bytes + shared + n * own,
-                    "peft_adapter_bytes": None if peft_own is None else n * peft_own,
-                    "peft_total_bytes": None if peft_own is None else base_bytes + n * peft_own}
-                   for n in counts]
+    out: dict = {"base_bytes": base_bytes}
+    per_adapter: dict[str, tuple[int, int]] = {}
+    for lib, model in libraries.items():
+        if lib == "peft":
+            lora = [p for n, p in model.named_parameters() if "lora_" in n]
+            held_bytes = _unique_bytes(lora)
+            own = _unique_bytes(p for n, p in model.named_parameters()
+                                if "lora_" in n and n.endswith(f".{adapter_name(0)}.weight"))
+            if held_bytes != held(model) * own:
+                raise AssertionError(f"PEFT holds {held_bytes} adapter bytes, not {held(model)} x own {own}")
+            per_adapter[lib] = (own, 0)
+            out.update(peft_own_bytes=own, peft_held_bytes=held_bytes)
+            continue
+        report = model.parameter_report()
+        element = next(iter(model.sharelora_bank.values())).element_size()
+        own = report["adapters"][adapter_name(0)]["own_parameters"] * element
+        shared = report["task_shared_parameters"] * element
+        held_bytes = _unique_bytes(model.sharelora_bank.values())
+        if held_bytes != shared + held(model) * own:
+            raise AssertionError(f"{lib} holds {held_bytes} adapter bytes, not shared {shared} + {held(model)} x own "
+                                 f"{own}")
+        per_adapter[lib] = (own, shared)
+        out.update({f"{lib}_own_bytes": own, f"{lib}_shared_bytes": shared, f"{lib}_held_bytes": held_bytes})
+    out["libraries"] = list(libraries)
+    out["rows"] = []
+    for n in counts:
+        row = {"adapters": n}
+        for lib, (own, shared) in per_adapter.items():
+            row[f"{lib}_adapter_bytes"] = shared + n * own
+            row[f"{lib}_total_bytes"] = base_bytes + shared + n * own
+        out["rows"].append(row)
     return out
 
 
@@ -275,19 +329,34 @@ def run_mixed(cfg: MixedConfig, log=print) -> dict:
     batch = make_inputs(spec, base.get_input_embeddings().num_embeddings, seed=cfg.seed, device=device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     loaded = max(cfg.adapters)
+    wanted = [lib for lib in cfg.libraries if lib != "peft" or cfg.peft]
     log(f"[mixed] {spec.name} ({weights_used} weights), batch {spec.batch} x {spec.seq}, targets {list(spec.targets)}, "
-        f"r={cfg.rank}, {loaded} task-shared adapters, {cfg.threads} threads, {device}")
+        f"r={cfg.rank}, {loaded} adapters per library ({', '.join(wanted)}), {cfg.threads} threads, {device}")
 
-    libraries = {"sharelora": build_sharelora(frozen_copy(base), spec.targets, cfg, loaded)}
+    libraries, build_s = {}, {}
+    for lib in wanted:
+        if lib != "peft":
+            start = time.perf_counter()
+            libraries[lib] = build_sharelora(frozen_copy(base), spec.targets, cfg, loaded, lib)
+            build_s[lib] = time.perf_counter() - start
     peft_note = None
-    if cfg.peft:
+    if "peft" in wanted:
+        mirror = next(iter(libraries.values()), None) or build_sharelora(frozen_copy(base), spec.targets, cfg, loaded)
         try:
-            libraries["peft"] = build_peft(frozen_copy(base), spec.targets, cfg, loaded, libraries["sharelora"])
+            start = time.perf_counter()
+            libraries["peft"] = build_peft(frozen_copy(base), spec.targets, cfg, min(loaded, cfg.peft_max_adapters),
+                                           mirror)
+            build_s["peft"] = time.perf_counter() - start
         except ImportError as e:
             peft_note = f"PEFT not run ({e})"
             log(f"[mixed] {peft_note}")
+        if "peft" in libraries and held(libraries["peft"]) < loaded:
+            peft_note = (f"PEFT holds {held(libraries['peft'])} adapters (peft_max_adapters): its add_adapter walks "
+                         "every adapter, so building 1,024 would take ~1 h on this machine; larger N are not run")
+            log(f"[mixed] {peft_note}")
+    log(f"[mixed] built {loaded} adapters: " + ", ".join(f"{k} {v:.0f} s" for k, v in build_s.items()))
 
-    checks = [check_mixed(libraries, inputs, n) for n in cfg.adapters]
+    checks = [check_mixed(libraries, inputs, n, cfg.check_limit) for n in cfg.adapters]
     log(f"[mixed] checked: mixed rows = each adapter alone, for N in {list(cfg.adapters)}")
 
     calls = {name: measure.Call(fn) for name, fn in variants(base, libraries, inputs, cfg.adapters).items()}
@@ -301,13 +370,13 @@ def run_mixed(cfg: MixedConfig, log=print) -> dict:
     rows = []
     for lib in libraries:
         single = f"{lib}/single"
-        for n, v in [(1, single)] + [(n, variant_of(lib, n)) for n in cfg.adapters]:
+        for n, v in [(1, single)] + [(n, variant_of(lib, n)) for n in cfg.adapters if n <= held(libraries[lib])]:
             row = {"library": lib, "adapters": n, "variant": v, "latency_s": measure.summary(samples[v]),
                    "ratio_to_single": measure.paired_ratio(samples, v, single),
                    "ratio_to_single_cpu": measure.paired_ratio(cpu, v, single),
                    "ratio_to_base": measure.paired_ratio(samples, v, "base")}
-            if lib == "sharelora" and "peft" in libraries:
-                row["ratio_to_peft"] = measure.paired_ratio(samples, v, v.replace("sharelora/", "peft/", 1))
+            if lib != "peft" and "peft" in libraries and v.replace(f"{lib}/", "peft/", 1) in samples:
+                row["ratio_to_peft"] = measure.paired_ratio(samples, v, v.replace(f"{lib}/", "peft/", 1))
             rows.append(row)
 
     return {
@@ -328,7 +397,8 @@ def run_mixed(cfg: MixedConfig, log=print) -> dict:
         "rows": rows,
         "samples_s": samples,
         "cpu_samples_s": cpu,
-        "memory": memory_rows(base, libraries["sharelora"], libraries.get("peft"), cfg.adapters, loaded),
+        "memory": memory_rows(base, libraries, cfg.adapters),
+        "build_s": build_s,
     }
 
 
@@ -346,17 +416,25 @@ def _mib(n: int | None) -> str:
 
 
 _HOW = {"single": "one active adapter, no adapter_names", "names": "adapter_names = [t0] x batch"}
+_WHAT = {"sharelora": "ShareA, task_share=\"A\" (shared A, a B per task and layer)",
+         "core": "task_share=\"AB\", task_core=\"matrix\" (shared A and B, an r x r core per task and layer)",
+         "core-diag": "task_share=\"AB\", task_core=\"diagonal\" (an r-vector core per task and layer)",
+         "peft": "PEFT LoRA, adapter_names (a sub-batch per adapter)"}
 
 
 def markdown(results: dict) -> str:
     """The latency table (ratios paired within repetitions) and the memory table."""
     spec, m, cfg = results["spec"], results["machine"], results["config"]
+    libs = results["memory"]["libraries"]
     head = (f"#### mixed batch: {spec['name']} ({results['weights']} weights), batch {spec['batch']} x {spec['seq']}, "
             f"r={cfg['rank']} on {', '.join(spec['targets'])}, inference, {m['torch_threads']} threads, {m['device']}, "
             f"{cfg['reps']} interleaved repetitions")
+    legend = "; ".join(f"`{lib}`: {_WHAT[lib]}" for lib in libs)
     cols = ["library", "distinct adapters", "call", "forward ms, median (p25–p75)", "× one adapter (same library)",
             "× one adapter, CPU time", "× base", "× PEFT, same N"]
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|",
+    if results.get("peft_note"):
+        legend += f". {results['peft_note']}"
+    lines = [head, "", legend, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|",
              f"| base | 0 | frozen base model | {_ms(results['base_forward_s'])} | — | — | 1 | — |"]
     for r in results["rows"]:
         kind = r["variant"].split("/", 1)[1]
@@ -365,18 +443,23 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['library']} | {r['adapters']} | {how} | {_ms(r['latency_s'])} | "
                      + " | ".join(_ratio(x) for x in ratios) + " |")
     mem = results["memory"]
-    lines += ["", f"Parameter memory (MiB): base {_mib(mem['base_bytes'])}; ShareLoRA per adapter "
-                  f"{_mib(mem['sharelora_own_bytes'])} own + {_mib(mem['sharelora_shared_bytes'])} shared once; PEFT "
-                  f"per adapter {_mib(mem.get('peft_own_bytes'))}", "",
-              "| adapters | ShareLoRA adapters | ShareLoRA total | PEFT adapters | PEFT total |",
-              "|---|---|---|---|---|"]
+    per = "; ".join(f"{lib} per adapter {_mib(mem.get(f'{lib}_own_bytes'))} own"
+                    + (f" + {_mib(mem[f'{lib}_shared_bytes'])} shared once" if lib != "peft" else "") for lib in libs)
+    lines += ["", f"Parameter memory (MiB): base {_mib(mem['base_bytes'])}; {per}", "",
+              "| adapters | " + " | ".join(f"{lib} adapters | {lib} total" for lib in libs) + " |",
+              "|---|" + "---|---|" * len(libs)]
     for r in mem["rows"]:
-        lines.append(f"| {r['adapters']} | {_mib(r['sharelora_adapter_bytes'])} | {_mib(r['sharelora_total_bytes'])} | "
-                     f"{_mib(r['peft_adapter_bytes'])} | {_mib(r['peft_total_bytes'])} |")
+        lines.append(f"| {r['adapters']} | " + " | ".join(
+            f"{_mib(r[f'{lib}_adapter_bytes'])} | {_mib(r[f'{lib}_total_bytes'])}" for lib in libs) + " |")
     worst = max((v for c in results["checks"] for k, v in c.items() if k.endswith("max_rel_diff_to_alone")), default=0)
+    sampled = [f"{c['checked_alone']} of {c['adapters']}" for c in results["checks"]
+               if c["checked_alone"] < c["adapters"]]
+    peft = next((k.split("_vs_peft")[0] for c in results["checks"] for k in c if k.endswith("_vs_peft_max_rel_diff")),
+                None)
     lines += ["", f"Checked before timing, for every N: mixed rows = each adapter alone (largest difference "
-                  f"{worst:.1e} of max |logit|, tolerance {REL_TOL:g}); ShareLoRA's mixed output = PEFT's on the "
-                  "same weights."]
+                  f"{worst:.1e} of max |logit|, tolerance {REL_TOL:g}"
+                  + (f"; adapters run alone: {', '.join(sampled)}, evenly spread" if sampled else "") + ")"
+                  + (f"; {peft}'s mixed output = PEFT's on the same weights, every row." if peft else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -390,4 +473,5 @@ def config_from_bench_args(args) -> MixedConfig:
                        targets=args.targets, batch=args.batch or d.batch, seq=args.seq or d.seq,
                        adapters=tuple(args.adapters or d.adapters), rank=args.rank, alpha=args.alpha,
                        dropout=args.dropout, reps=args.reps or d.reps, warmup=args.warmup,
-                       threads=args.threads or d.threads, device=args.device, malloc=args.malloc)
+                       threads=args.threads or d.threads, device=args.device, malloc=args.malloc,
+                       libraries=tuple(getattr(args, "libraries", None) or d.libraries))

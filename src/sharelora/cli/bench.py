@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="methods: every method's training step, memory and inference (default); mixed: forward "
                         "latency of a batch whose rows use N distinct task-shared adapters, vs PEFT's adapter_names "
                         "(reads --models (one), --weights, --shape, --targets, --batch, --seq, --rank, --alpha, "
-                        "--dropout, --reps, --warmup, --threads, --device, --malloc, --json, --markdown, --adapters)")
+                        "--dropout, --reps, --warmup, --threads, --device, --malloc, --json, --markdown, --adapters, "
+                        "--libraries)")
     p.add_argument("--models", type=csv_list,
                    help="comma list: minilm, smollm2, or transformers model ids / directories "
                         f"(default: {','.join(DEFAULT_MODELS)}; mixed section: smollm2)")
@@ -50,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, help="tokens per example (default: minilm 64, smollm2 128; mixed section: 64)")
     p.add_argument("--adapters", type=lambda t: [int(n) for n in csv_list(t)], metavar="N,...",
                    help="mixed section: numbers of distinct adapters in the batch (default 1,2,4,8,16)")
+    p.add_argument("--libraries", type=csv_list, metavar="LIB,...",
+                   help="mixed section: sharelora (task-shared A), core (task-shared A and B, r x r cores), "
+                        "core-diag (diagonal cores), peft (default: sharelora,core,peft)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.1)

@@ -4,7 +4,7 @@ Nothing here imports the applications (sources, tasks, training, bench, cli).
 """
 
 from .compress import compress_adapters
-from .config import SCOPES, SHARE_MODES, TASK_SHARE_MODES, ShareLoraConfig
+from .config import SCOPES, SHARE_MODES, TASK_CORES, TASK_SHARE_MODES, ShareLoraConfig
 from .errors import ShareLoraError
 from .layers import ShareLoraLayer
 from .model import ShareLoraModel, get_sharelora_model
@@ -12,7 +12,7 @@ from .modules_to_save import ModulesToSave
 from .plan import BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, Target, TensorSpec, build_plan
 
 __all__ = [
-    "BASE_ADAPTER", "DEFAULT_ADAPTER", "ModulesToSave", "SCOPES", "SHARE_MODES", "TASK_SHARE_MODES",
+    "BASE_ADAPTER", "DEFAULT_ADAPTER", "ModulesToSave", "SCOPES", "SHARE_MODES", "TASK_CORES", "TASK_SHARE_MODES",
     "ShareLoraConfig", "ShareLoraError", "ShareLoraLayer", "ShareLoraModel", "SharingPlan", "Target", "TensorSpec",
     "build_plan", "compress_adapters", "get_sharelora_model", "ShareLoraTrainer",
 ]

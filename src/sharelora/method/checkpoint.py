@@ -560,6 +560,19 @@ def _manifest_configs(manifest: dict, where: Path) -> dict[str, ShareLoraConfig]
     return out
 
 
+def saved_configs(directory: str | Path) -> dict[str, ShareLoraConfig]:
+    """Every adapter's config in a multi-adapter directory, in saved order, from the weights' header alone."""
+    weights = Path(directory) / WEIGHTS_NAME
+    try:
+        with open(weights, "rb") as f:
+            meta = _read_header(f).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error) as e:
+        raise _unreadable(weights, e) from e
+    if MANIFEST_KEY not in meta:
+        raise ShareLoraError(f"{weights} has no adapter manifest; it is not a multi-adapter file")
+    return _manifest_configs(json.loads(meta[MANIFEST_KEY]), weights)
+
+
 def load_adapters(directory: str | Path, names: list[str] | None = None,
                   device: str | torch.device = "cpu") -> tuple[dict[str, ShareLoraConfig], dict[str, torch.Tensor], list[str]]:
     """(configs, tensors by file key, active adapters) of ``names`` (None: all) of a multi-adapter directory.

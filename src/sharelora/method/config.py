@@ -16,7 +16,8 @@ FORMAT_VERSION = 1
 SHARE_MODES = ("none", "A", "B", "AB")
 SCOPES = ("layers", "qkv")
 DROPOUT_MASKS = ("input", "module")
-TASK_SHARE_MODES = ("none", "A", "B")
+TASK_SHARE_MODES = ("none", "A", "B", "AB")
+TASK_CORES = ("none", "matrix", "diagonal")
 
 
 def _default_fused() -> dict[str, list[str]]:
@@ -64,7 +65,15 @@ class ShareLoraConfig:
             "none" (default: each adapter owns its tensors, as in PEFT), "A" or "B". Combined with
             ``share`` (across layers), ShareA + task_share "A" keeps one A per module type for all
             layers and all tasks, so each extra task adds only its B's (SPEC.md's counts).
+            "AB" shares both: every adapter of the group reads the same A and B and owns only a
+            core per target (``task_core``, which "AB" needs).
         task_group: adapters with the same group and ``task_share`` read the same shared tensors.
+        task_core: the adapter's own part when A and B are shared by the tasks (``task_share="AB"``):
+            "matrix", an r x r matrix C per target, so ``h = W0 x + (alpha / r) B C A dropout(x)``;
+            or "diagonal", an r-vector c per target (``B diag(c) A``). "none" (default) for every
+            other ``task_share``. The core starts at zero, so a new adapter starts exactly at the
+            base model; the basis A, B starts random (Kaiming-uniform, as VeRA's frozen A and B),
+            since B = 0 and C = 0 together would give neither a gradient.
         heads: K, the number of B heads (HydraLoRA). 1 is plain (Share)LoRA; K > 1 needs ``router``.
         router: mix the K B heads per token with a softmax router ``w(x) = softmax(R x)``, R:
             (K, d_in) per target, so ``h = W0 x + scaling * sum_k w_k(x) B_k A dropout(x)``. The
@@ -88,6 +97,7 @@ class ShareLoraConfig:
     base_model_name_or_path: str | None = None
     task_share: str = "none"
     task_group: str = "default"
+    task_core: str = "none"
     heads: int = 1
     router: bool = False
     router_top_k: int | None = None
@@ -99,8 +109,10 @@ class ShareLoraConfig:
             self.share = "AB" if self.share.upper() in ("AB", "BA") else self.share.upper()
         if isinstance(self.task_share, str) and self.task_share.lower() in ("none", ""):
             self.task_share = "none"
-        elif isinstance(self.task_share, str) and self.task_share.upper() in ("A", "B"):
-            self.task_share = self.task_share.upper()
+        elif isinstance(self.task_share, str) and self.task_share.upper() in ("A", "B", "AB", "BA"):
+            self.task_share = "AB" if self.task_share.upper() in ("AB", "BA") else self.task_share.upper()
+        if isinstance(self.task_core, str) and self.task_core.lower() in ("none", "", "matrix", "diagonal"):
+            self.task_core = self.task_core.lower() or "none"
         self.validate()
 
     def validate(self) -> None:
@@ -128,6 +140,16 @@ class ShareLoraConfig:
             )
         if self.task_share not in TASK_SHARE_MODES:
             raise ShareLoraError(f"task_share must be one of {TASK_SHARE_MODES}, got {self.task_share!r}")
+        if self.task_core not in TASK_CORES:
+            raise ShareLoraError(f"task_core must be one of {TASK_CORES}, got {self.task_core!r}")
+        if self.task_share == "AB" and self.task_core == "none":
+            raise ShareLoraError("task_share='AB' gives every task the same A and B, so the tasks need a core of "
+                                 "their own: set task_core='matrix' (r x r per target) or 'diagonal' (r per target)")
+        if self.task_core != "none" and self.task_share != "AB":
+            raise ShareLoraError(f"task_core={self.task_core!r} is the adapter's own part between a task-shared A and "
+                                 f"B; it needs task_share='AB' (got task_share={self.task_share!r})")
+        if self.task_core != "none" and self.heads > 1:
+            raise ShareLoraError("task_core and router heads (HydraLoRA) do not combine; use heads=1 with task_core")
         if not isinstance(self.task_group, str) or not self.task_group or "/" in self.task_group:
             raise ShareLoraError(f"task_group must be a non-empty name without '/', got {self.task_group!r}")
         if not isinstance(self.heads, int) or self.heads < 1:
@@ -155,6 +177,8 @@ class ShareLoraConfig:
     # --- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["task_core"] == "none":  # so an adapter without cores stays readable by an earlier sharelora
+            del d["task_core"]
         d["adapter_type"] = "SHARELORA"
         d["format_version"] = FORMAT_VERSION
         return d

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -270,11 +271,16 @@ class SharedDownProjection:
     Args:
         a_keys: the bank names of the group's distinct A's, in the order of u's column blocks.
         bank: the model's ParameterDict holding them.
+        live: a list shared by the down-projections of one parent module: each that holds a product
+            adds itself, and the parent's hooks clear just those (``clear_live``), so a forward costs
+            the same whether the model holds one adapter or a thousand.
     """
 
-    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None):
+    def __init__(self, a_keys: tuple[str, ...] = (), bank: nn.ParameterDict | None = None,
+                 live: list | None = None):
         self.a_keys = tuple(a_keys)
         self._bank = [bank]
+        self._live = live
         self.clear()
 
     def columns(self, a_key: str, rank: int) -> slice:
@@ -298,7 +304,16 @@ class SharedDownProjection:
 
     def store(self, x: torch.Tensor, mode: tuple, u: torch.Tensor) -> None:
         """Keep u, (N, k r) with N = x.numel() // d_in, for the siblings that read the same x."""
+        if self._live is not None and self.x is None:
+            self._live.append(self)
         self.x, self.mode, self.u = x, mode, u
+
+
+def clear_live(live: list, *_args) -> None:
+    """Clear the down-projections in ``live`` (those holding a product) and empty it (a parent's forward hook)."""
+    for s in live:
+        s.clear()
+    live.clear()
 
 
 class AdapterSlot:
@@ -315,6 +330,9 @@ class AdapterSlot:
                  top_k: int | None = None, d_out_total: int | None = None):
         self.targets = tuple(targets)
         self.keys = tuple((bank_name(t.a_key), bank_name(t.b_key)) for t in targets)
+        # Task cores (task_share="AB"): each target's own C (r x r) or c (r,) between the group's A and B.
+        self.c_keys = tuple(bank_name(t.c_key) if t.c_key else None for t in targets)
+        self.cored = targets[0].c_key is not None
         self.r_keys = tuple(bank_name(t.r_key) if t.r_key else None for t in targets)
         self.whole = len(targets) == 1 and targets[0].slice_name is None
         self.scaling = scaling
@@ -329,16 +347,50 @@ class AdapterSlot:
         self.a_keys = tuple(dict.fromkeys(a for a, _ in self.keys))
         self.d_out_total = d_out_total
 
-    def down_and_up(self, bank: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the whole module: A (k r, d_in) stacks the distinct A's; B (d_out, k r)."""
+    def up(self, bank: nn.ParameterDict, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The up-projection of target i, (d_out, r): B, or B C with a task core (B diag(c) for a vector c).
+
+        B C is a (d_out, r) x (r, r) product, tiny next to any product with the input, and autograd
+        carries its gradient to both B and C; in ``dtype`` if given (merging computes in float32).
+        """
+        B = bank[self.keys[i][1]]
+        B = B if dtype is None else B.to(dtype)
+        if self.c_keys[i] is None:
+            return B
+        C = bank[self.c_keys[i]]
+        C = C if dtype is None else C.to(dtype)
+        return B @ C if C.dim() == 2 else B * C
+
+    def basis(self, bank: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, ...]]:
+        """(A, B, cols) without the cores: what every adapter of a task group reads alike.
+
+        A (k r, d_in) stacks the distinct A's; B (d_out, S r) holds target s's B in its output rows
+        and column block s; ``cols[s]`` are the columns of ``u = x A^T`` that target s reads. The
+        update of one row is then ``[u_{cols[0]} C_0^T, ..., u_{cols[S-1]} C_{S-1}^T] B^T``.
+        """
+        r = bank[self.a_keys[0]].shape[0]
+        A = torch.cat([bank[a] for a in self.a_keys]) if len(self.a_keys) > 1 else bank[self.a_keys[0]]
+        cols = tuple(slice(self.a_keys.index(a) * r, (self.a_keys.index(a) + 1) * r) for a, _ in self.keys)
         if self.whole:
-            a_key, b_key = self.keys[0]
-            return bank[a_key], bank[b_key]
+            return A, bank[self.keys[0][1]], cols
+        blocks = []
+        for t, (_, b_key) in zip(self.targets, self.keys):
+            B = bank[b_key]
+            blocks.append(F.pad(B, (0, 0, t.out_start, self.d_out_total - t.out_start - B.shape[0])))
+        return A, torch.cat(blocks, dim=1), cols
+
+    def down_and_up(self, bank: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the whole module: A (k r, d_in) stacks the distinct A's; B (d_out, k r).
+
+        With task cores B is each target's B C: the adapter as the plain LoRA it computes.
+        """
+        if self.whole:
+            return bank[self.keys[0][0]], self.up(bank, 0)
         r = bank[self.a_keys[0]].shape[0]
         A = torch.cat([bank[a] for a in self.a_keys]) if len(self.a_keys) > 1 else bank[self.a_keys[0]]
         cols = []
-        for t, (a_key, b_key) in zip(self.targets, self.keys):
-            cols.append((self.a_keys.index(a_key), t.out_start, bank[b_key]))
+        for i, (t, (a_key, _)) in enumerate(zip(self.targets, self.keys)):
+            cols.append((self.a_keys.index(a_key), t.out_start, self.up(bank, i)))
         # B's block layout: slice t fills rows [out_start, out_start + d_out) of its A's r columns.
         blocks = []
         for i in range(len(self.a_keys)):
@@ -349,6 +401,21 @@ class AdapterSlot:
                     col = piece if col is None else col + piece
             blocks.append(col if col is not None else A.new_zeros(self.d_out_total, r))
         return A, torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+
+class _CoreGroup:
+    """Task-core adapters of one basis in one layer: their names, alpha / r each, and per target an
+    ``itemgetter`` that reads their cores from the bank's dict in one C call (a tuple, in names' order)."""
+
+    def __init__(self, names: tuple[str, ...], slots: list[AdapterSlot]):
+        self.names = names
+        self.first = slots[0]
+        self.scalings = tuple(s.scaling for s in slots)
+        self.cores = []
+        for i in range(len(self.first.targets)):
+            keys = [s.c_keys[i] for s in slots]
+            get = operator.itemgetter(*keys)
+            self.cores.append(get if len(keys) > 1 else (lambda d, get=get: (get(d),)))
 
 
 class ShareLoraLayer(nn.Module):
@@ -379,7 +446,9 @@ class ShareLoraLayer(nn.Module):
     Several active adapters add their updates. With ``adapter_names`` routing (see ``routing``),
     rows of adapters that read the same A (task-shared) compute ``dropout(x) A^T`` once for all of
     them, and the B products of all those rows are one batched product with each row's B
-    (``scaling B`` gathered per row); ``"__base__"`` rows get no update.
+    (``scaling B`` gathered per row); ``"__base__"`` rows get no update. Task-core adapters
+    (``task_share="AB"``) read B C A: a single adapter runs the paths above with B C as its B;
+    in a mixed batch their rows share both products and only the r x r cores are per row.
     """
 
     is_sharelora_layer = True  # lets the plan see through an injected layer without importing it
@@ -400,6 +469,7 @@ class ShareLoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.reuse_shared_input = True
+        self._route_plans: dict[tuple, tuple] = {}  # adapter_names' set -> how this layer computes it (_route_plan)
         # The fused kernel re-implements the base layer's forward: only for these exact types.
         self._plain_base = type(base_layer) is nn.Linear or type(base_layer) is _conv1d_class()
         self.add_slot(adapter_name, targets, scaling, dropout, heads, top_k)
@@ -415,10 +485,12 @@ class ShareLoraLayer(nn.Module):
             raise ShareLoraError(f"router heads (HydraLoRA) adapt whole modules; {targets[0].module_name!r} is "
                                  "targeted by slices: target the whole fused module instead")
         self.slots[adapter_name] = slot
+        self._route_plans.clear()
         return slot
 
     def remove_slot(self, adapter_name: str) -> None:
         self.slots.pop(adapter_name, None)
+        self._route_plans.clear()
         self.active = tuple(a for a in self.active if a != adapter_name)
         if adapter_name in self.merged_adapters:
             self.merged_adapters.remove(adapter_name)
@@ -601,15 +673,20 @@ class ShareLoraLayer(nn.Module):
         for all their rows; otherwise each row reads its adapter's A in one ``bmm``. The B
         products are one ``bmm`` with a per-row (d_out, r) matrix ``B_a``, and each row's
         ``scaling_a`` multiplies the small u. Adapters that do not fit that (other shapes or
-        dropout, Hydra heads) are computed per group of rows.
+        dropout, Hydra heads) are computed per group of rows. Task-core adapters of one group
+        share A and B, so only their r x r cores are per row (``_batched_cores``).
         """
         n = x.shape[0]
-        rows = routing.rows_by_adapter(n, x.device)
-        names = [a for a in routing.unique if a in self.slots and rows[a].numel()]  # "__base__" has no slot
-        if not names:
+        core_groups, names = self._route_plan(routing.unique)
+        if not names and not core_groups:
             return result
         x3 = x.reshape(n, -1, x.shape[-1])
         out = result.reshape(n, -1, result.shape[-1])
+        for group in core_groups:
+            out = self._batched_cores(x3, out, routing, group)
+        if not names:
+            return out.view(result.shape)
+        rows = routing.rows_by_adapter(n, x.device)
         plain = [a for a in names if self.slots[a].heads == 1]
         rest = [a for a in names if self.slots[a].heads > 1]
         if len(plain) > 1:
@@ -654,6 +731,61 @@ class ShareLoraLayer(nn.Module):
         u = u * (slots[0].scaling if scale is None else scale.to(u.dtype))
         B_rows = torch.stack([B for _, B in weights]).index_select(0, local)  # (n_g, d_out, k r)
         delta = torch.bmm(u, B_rows.transpose(1, 2))
+        delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
+        return out + delta if idx is None else out.index_add(0, idx, delta)
+
+    def _route_plan(self, unique: tuple[str, ...]) -> tuple[list[_CoreGroup], list[str]]:
+        """(task-core groups, other adapters) among ``unique`` (one call's adapter names) that this layer hosts.
+
+        Task-core adapters with one basis (A and B keys) and dropout form one ``_CoreGroup``. Kept per
+        set of names (the last 16 sets; cleared when a slot is added or removed), so a batch of N
+        distinct tasks does its O(N) Python work once, not in every layer of every forward.
+        """
+        key = (unique, self.training)
+        plan = self._route_plans.get(key)
+        if plan is None:
+            names = [a for a in unique if a in self.slots]  # "__base__" has no slot
+            groups: dict[tuple, list[str]] = {}
+            for a in names:
+                slot = self.slots[a]
+                if slot.cored:
+                    groups.setdefault((slot.a_keys, tuple(b for _, b in slot.keys), self._dropout_p(slot)), []).append(a)
+            cored = {a for g in groups.values() for a in g}
+            plan = ([_CoreGroup(tuple(g), [self.slots[a] for a in g]) for g in groups.values()],
+                    [a for a in names if a not in cored])
+            if len(self._route_plans) >= 16:
+                self._route_plans.pop(next(iter(self._route_plans)))
+            self._route_plans[key] = plan
+        return plan
+
+    def _batched_cores(self, x3: torch.Tensor, out: torch.Tensor, routing, group: _CoreGroup) -> torch.Tensor:
+        """``out`` (n, T, d_out) plus the update of every row whose adapter is one of ``names``.
+
+        ``names`` are task-core adapters that read the same A and B (one task group), so the batch
+        computes ``u = dropout(x) A^T`` once (one product, (n_g, T, k r)) and ``v B^T`` once; only
+        the cores are per row: ``v_i = u_i C_{a(i)}^T`` (one ``bmm`` with each row's r x r core, or
+        ``u_i * c_{a(i)}`` for diagonal cores), scaled by the row's alpha / r. With S fused slices
+        each slice's core acts on the u columns of its A, and B is one (d_out, S r) block matrix
+        with slice s's B in its output rows and column block s. The extra cost of N distinct tasks
+        is gathering N small cores and the (n_g, T, r) x (r, r) products, independent of d.
+        """
+        bank = self._bank[0]
+        first = group.first
+        idx, local, scale = routing.layout(group.names, x3.shape[0], x3.device, group.scalings)
+        xg = x3 if idx is None else x3.index_select(0, idx)
+        p = self._dropout_p(first)
+        dropped = F.dropout(xg, p, training=True) if p > 0.0 else xg
+        A, B, cols = first.basis(bank)
+        u = F.linear(dropped if dropped.dtype == A.dtype else dropped.to(A.dtype), A)  # one product for all rows
+        u = u * (first.scaling if scale is None else scale.to(u.dtype))
+        params = bank._parameters  # a plain dict, read in C by the group's itemgetters (ParameterDict's is slow)
+        parts = []
+        for i, c in enumerate(cols):
+            rows = torch.stack(group.cores[i](params)).index_select(0, local)  # (n_g, r, r) / (n_g, r)
+            ui = u[..., c]
+            parts.append(torch.bmm(ui, rows.transpose(1, 2)) if rows.dim() == 3 else ui * rows.unsqueeze(1))
+        v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (n_g, T, S r)
+        delta = F.linear(v, B)  # one up-projection for all rows
         delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
         return out + delta if idx is None else out.index_add(0, idx, delta)
 
@@ -705,11 +837,11 @@ class ShareLoraLayer(nn.Module):
 
     # --- merging ------------------------------------------------------------------------------
     def delta_weight(self, target: Target, adapter_name: str | None = None) -> torch.Tensor:
-        """scaling * B A for one target, shape (d_out, d_in)."""
+        """scaling * B A (with a task core: scaling * B C A) for one target, shape (d_out, d_in)."""
         slot = self.slots[adapter_name] if adapter_name is not None else self._view()
-        a_key, b_key = slot.keys[slot.targets.index(target)]
+        i = slot.targets.index(target)
         bank = self._bank[0]
-        return (bank[b_key].float() @ bank[a_key].float()) * slot.scaling
+        return (slot.up(bank, i, torch.float32) @ bank[slot.keys[i][0]].float()) * slot.scaling
 
     @torch.no_grad()
     def _apply_delta(self, adapter_name: str, sign: float) -> None:
@@ -751,6 +883,7 @@ class ShareLoraLayer(nn.Module):
     def extra_repr(self) -> str:
         rows = []
         for name, slot in self.slots.items():
-            parts = [f"{t.slice_name or 'all'}: A={t.a_key}, B={t.b_key}" for t in slot.targets]
+            parts = [f"{t.slice_name or 'all'}: A={t.a_key}, B={t.b_key}" + (f", C={t.c_key}" if t.c_key else "")
+                     for t in slot.targets]
             rows.append(f"{name}: scaling={slot.scaling:g}, " + "; ".join(parts))
         return " | ".join(rows)

@@ -3,8 +3,9 @@
 A model holds one or more named adapters (PEFT's multi-adapter interface: ``add_adapter``,
 ``set_adapter``, ``delete_adapter``, ``adapter_names=`` for mixed batches). Each adapter has its
 own config and sharing plan; adapters that set ``task_share`` read their task group's shared A
-(or B), created by the first of them and reused by the others, so the plan of every adapter
-names exactly the tensors it reads and each tensor exists once in ``sharelora_bank``.
+(or B, or both with ``task_core``: then each adapter owns only an r x r core per target), created
+by the first of them and reused by the others, so the plan of every adapter names exactly the
+tensors it reads and each tensor exists once in ``sharelora_bank``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from . import checkpoint
 from .config import ShareLoraConfig
 from .errors import ShareLoraError
-from .layers import SharedDownProjection, ShareLoraLayer, bank_name
+from .layers import SharedDownProjection, ShareLoraLayer, bank_name, clear_live
 from .modules_to_save import ModulesToSave
 from .quantized import keep_trainable
 from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
@@ -48,11 +49,6 @@ def _matching_modules(model: nn.Module, names: list[str]) -> list[str]:
         raise ShareLoraError(f"modules_to_save {missing} matched no module; top-level modules: {children}")
     # Keep outermost matches only: a matched module's submodules come with it.
     return sorted(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
-
-
-def _clear_all(shared: tuple[SharedDownProjection, ...], *_args) -> None:
-    for s in shared:
-        s.clear()
 
 
 class ShareLoraModel(nn.Module):
@@ -96,9 +92,11 @@ class ShareLoraModel(nn.Module):
         self.plans: dict[str, SharingPlan] = {}
         self._active_adapters: list[str] = []
         self.routing = Routing()
-        self._train_shared = True
+        self._train_shared: bool | None = None
+        self._basis_owner: dict[str, str | None] = {}  # task group -> the task-core adapter that trains its basis
         self._trainable = True
         self._shared_down_hooks: list = []
+        self._shared_downs: dict[str, list[SharedDownProjection]] = {}  # parent path -> those holding a product
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -175,10 +173,14 @@ class ShareLoraModel(nn.Module):
         ref = next(base.parameters(), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
+        creates_basis = False
         for key, spec in plan.tensors.items():
             if bank_name(key) not in self.sharelora_bank:  # a task-shared tensor its group already has is reused
+                creates_basis |= spec.task_shared
                 self.sharelora_bank[bank_name(key)] = nn.Parameter(
-                    init_tensor(spec, config.init_lora_weights, dtype, device), requires_grad=False)
+                    init_tensor(spec, config.init_lora_weights, dtype, device, config.task_core), requires_grad=False)
+        if creates_basis and config.task_core != "none":
+            self._basis_owner[config.task_group] = adapter_name
         for module_name, targets in plan.targets_by_module().items():
             module = base.get_submodule(module_name)
             if isinstance(module, ShareLoraLayer):
@@ -197,16 +199,20 @@ class ShareLoraModel(nn.Module):
             module.add(adapter_name)
         self.sharelora_configs[adapter_name] = config
         self.plans[adapter_name] = plan
-        self._share_down_projections()
+        self._share_down_projections([adapter_name])
         self._activate(self.active_adapters)
 
-    def set_adapter(self, adapter_name: str | list[str], train_shared: bool = True) -> None:
+    def set_adapter(self, adapter_name: str | list[str], train_shared: bool | None = None) -> None:
         """Make ``adapter_name`` (or a list of names, whose updates add up) the active adapter(s).
 
         The active adapters' own tensors and modules_to_save train, every other adapter is frozen.
         ``train_shared=False`` also freezes the task-shared tensors the active adapters read
         (continual learning: a new task trains only its own tensors, so every earlier adapter's
-        outputs stay bit-identical). A model loaded with ``is_trainable=False`` stays frozen.
+        outputs stay bit-identical); ``True`` trains them. The default (None) trains them too,
+        except for task-core adapters (``task_share="AB"``): their group's basis A, B trains only
+        while the adapter that created it (``basis_owner``, the group's first) is active, so a
+        later task trains its cores and head alone. A model loaded with ``is_trainable=False``
+        stays frozen.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
@@ -214,8 +220,23 @@ class ShareLoraModel(nn.Module):
         unknown = [n for n in names if n not in self.sharelora_configs]
         if unknown:
             raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
-        self._train_shared = bool(train_shared)
+        self._train_shared = None if train_shared is None else bool(train_shared)
         self._activate(list(dict.fromkeys(names)))
+
+    def basis_owner(self, task_group: str) -> str | None:
+        """The task-core adapter whose activation trains ``task_group``'s shared A and B by default.
+
+        The group's first adapter (the one whose ``add_adapter`` created the basis, or, loading a
+        directory, the group's first adapter in it when that one is loaded); None when it was
+        deleted or not loaded: then the basis trains only with ``set_adapter(..., train_shared=True)``.
+        """
+        return self._basis_owner.get(task_group)
+
+    def _trains_shared(self, name: str, active: list[str]) -> bool:
+        if self._train_shared is not None:
+            return self._train_shared
+        cfg = self.sharelora_configs[name]
+        return cfg.task_core == "none" or self._basis_owner.get(cfg.task_group) in active
 
     def _activate(self, names: list[str]) -> None:
         self.active_adapters = names
@@ -228,9 +249,9 @@ class ShareLoraModel(nn.Module):
             for n in names:
                 plan = self.plans[n]
                 trainable |= {bank_name(k) for k in plan.own_tensors()}
-                if self._train_shared:
+                if self._trains_shared(n, names):
                     trainable |= {bank_name(k) for k in plan.shared_tensors()}
-        for key, p in self.sharelora_bank.items():
+        for key, p in self.sharelora_bank._parameters.items():  # its own dict: ParameterDict.items() is ~5x slower
             p.requires_grad_(key in trainable)
         for wrapper in self._wrappers().values():
             for n, module in wrapper.modules_to_save.items():
@@ -244,7 +265,9 @@ class ShareLoraModel(nn.Module):
         if len(self.sharelora_configs) == 1:
             raise ShareLoraError(f"{adapter_name!r} is the model's only adapter; use unload() to get the base model")
         plan = self.plans.pop(adapter_name)
-        del self.sharelora_configs[adapter_name]
+        cfg = self.sharelora_configs.pop(adapter_name)
+        if self._basis_owner.get(cfg.task_group) == adapter_name:
+            self._basis_owner[cfg.task_group] = None  # the basis stays, frozen unless train_shared=True
         for name, layer in list(self.sharelora_layers()):
             layer.remove_slot(adapter_name)
             if not layer.slots:
@@ -262,7 +285,7 @@ class ShareLoraModel(nn.Module):
         remaining = [n for n in self.active_adapters if n != adapter_name] or [self.adapter_names[0]]
         self._activate(remaining)
 
-    def _share_down_projections(self) -> None:
+    def _share_down_projections(self, adapters: list[str] | None = None) -> None:
         """Sibling modules that read one input compute their down-projections in one product.
 
         Per adapter: whole (unsliced) adapted modules under one parent that usually read the same
@@ -270,13 +293,15 @@ class ShareLoraModel(nn.Module):
         get one ``SharedDownProjection``, cleared before and after each forward of the parent (the
         block that calls them); see ``ShareLoraLayer``. ``dropout_mask`` (config) decides whether
         they also share the dropout mask while training ("input") or compute separately ("module").
+        ``adapters``: only these (just added) adapters; None rebuilds every adapter's (after a delete).
         """
-        for handle in self._shared_down_hooks:
-            handle.remove()
-        self._shared_down_hooks = []
+        if adapters is None:
+            for handle in self._shared_down_hooks:
+                handle.remove()
+            self._shared_down_hooks = []
+            self._shared_downs = {}
         layers = list(self.sharelora_layers())
-        by_parent: dict[str, list[SharedDownProjection]] = defaultdict(list)
-        for adapter in self.sharelora_configs:
+        for adapter in self.sharelora_configs if adapters is None else adapters:
             groups: dict[tuple[str, object], list] = {}
             for name, layer in layers:
                 slot = layer.slots.get(adapter)
@@ -290,14 +315,16 @@ class ShareLoraModel(nn.Module):
             for (parent_name, _), slots in groups.items():
                 if len(slots) < 2:
                     continue
-                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank)
+                if parent_name not in self._shared_downs:  # one pair of hooks per parent, for every adapter
+                    self._shared_downs[parent_name] = []
+                    parent = self.base_model.get_submodule(parent_name)
+                    clear = functools.partial(clear_live, self._shared_downs[parent_name])
+                    self._shared_down_hooks += [parent.register_forward_pre_hook(clear),
+                                                parent.register_forward_hook(clear)]
+                shared = SharedDownProjection(tuple(dict.fromkeys(s.keys[0][0] for s in slots)), self.sharelora_bank,
+                                              self._shared_downs[parent_name])
                 for slot in slots:
                     slot.shared_down = shared
-                by_parent[parent_name].append(shared)
-        for parent_name, shared in by_parent.items():
-            parent = self.base_model.get_submodule(parent_name)
-            clear = functools.partial(_clear_all, tuple(shared))
-            self._shared_down_hooks += [parent.register_forward_pre_hook(clear), parent.register_forward_hook(clear)]
 
     # --- plumbing -----------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -375,7 +402,9 @@ class ShareLoraModel(nn.Module):
 
         With several adapters, ``adapter_parameters`` counts the whole model (a task-shared tensor
         once), ``adapters`` has each adapter's own and shared counts, and
-        ``separate_lora_parameters`` is what one plain LoRA per adapter would train.
+        ``separate_lora_parameters`` is what one plain LoRA per adapter would train. A task-core
+        adapter's ``own_parameters`` are its cores (L r^2 or L r per module type), what one more
+        task of its group adds (heads apart, in ``modules_to_save_parameters``).
         """
         plan = self.plan
         adapter = sum(p.numel() for p in self.sharelora_bank.values())
@@ -386,7 +415,7 @@ class ShareLoraModel(nn.Module):
             cfg = self.sharelora_configs[name]
             per_adapter[name] = {
                 "share": cfg.share, "task_share": cfg.task_share, "task_group": cfg.task_group, "rank": cfg.rank,
-                "heads": cfg.heads,
+                "heads": cfg.heads, "task_core": cfg.task_core,
                 "own_parameters": sum(s.numel for s in p.own_tensors().values()),
                 "shared_parameters": sum(s.numel for s in p.shared_tensors().values()),
                 "modules_to_save_parameters": self._saved_parameters(name),
@@ -422,7 +451,8 @@ class ShareLoraModel(nn.Module):
             print(f"{len(r['adapters'])} adapters: {r['adapter_parameters']:,} adapter params in all (task-shared "
                   f"{r['task_shared_parameters']:,}) vs {r['separate_lora_parameters']:,} for separate LoRAs")
             for name, a in r["adapters"].items():
-                print(f"  {name}: share={a['share']} task_share={a['task_share']} r={a['rank']}: own "
+                core = f" task_core={a['task_core']}" if a["task_core"] != "none" else ""
+                print(f"  {name}: share={a['share']} task_share={a['task_share']}{core} r={a['rank']}: own "
                       f"{a['own_parameters']:,} + shared {a['shared_parameters']:,}, modules_to_save "
                       f"{a['modules_to_save_parameters']:,}")
             return
@@ -567,6 +597,7 @@ class ShareLoraModel(nn.Module):
         model = cls(base_model, configs[order[0]], order[0])
         for n in order[1:]:
             model.add_adapter(n, configs[n])
+        model._owners_from(adapter_directory, set(model._basis_owner))
         model.load_multi_adapter_state_dict(tensors, order)
         model.set_adapter([n for n in active if n in configs] or order[:1])
         if not is_trainable:
@@ -596,17 +627,31 @@ class ShareLoraModel(nn.Module):
         else:
             names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
             configs, tensors, _ = checkpoint.load_adapters(adapter_directory, names)
+            had = set(self._basis_owner)
             for n, cfg in configs.items():
                 if n in self.sharelora_configs:
                     self._check_same_config(n, cfg, adapter_directory)
                 else:
                     self.add_adapter(n, cfg)
+            self._owners_from(adapter_directory, set(self._basis_owner) - had)
             self.load_multi_adapter_state_dict(tensors, list(configs))
             self._activate(self.active_adapters)
             loaded = list(configs)
         if is_trainable is False:
             self._freeze()
         return loaded
+
+    def _owners_from(self, directory, groups: set[str]) -> None:
+        """The basis owner of each task-core group in ``groups`` (whose basis this load created): the
+        group's first adapter in the directory, if it was loaded; else None (nobody trains the basis
+        by default, so training a later task loaded alone leaves the basis, and so the tasks left in
+        the file, as they are)."""
+        if not groups:
+            return
+        saved = checkpoint.saved_configs(directory)
+        for group in groups:
+            first = next((n for n, c in saved.items() if c.task_group == group and c.task_core != "none"), None)
+            self._basis_owner[group] = first if first in self.sharelora_configs else None
 
     def _check_same_config(self, name: str, saved: ShareLoraConfig, directory) -> None:
         # The fields that only name things may differ; every other one decides what the tensors compute.
@@ -738,6 +783,7 @@ class ShareLoraModel(nn.Module):
         for handle in self._shared_down_hooks:
             handle.remove()
         self._shared_down_hooks = []
+        self._shared_downs = {}
         for name, layer in list(self.sharelora_layers()):
             _set_submodule(self.base_model, name, layer.base_layer)
         for path, wrapper in self._wrappers().items():

@@ -16,10 +16,14 @@ Vocabulary:
                  own tensor (the adapter named ``default`` keeps the bare local key, as a
                  single-adapter model always has), ``@<task group>/<local key>`` for a tensor
                  that the adapters of a task group share (``task_share``).
+    core         with ``task_share="AB"`` the adapters of a group read the same A and B and each
+                 owns only a core per target (``<target>.lora_C``): an r x r matrix C or an
+                 r-vector c, so the target's update is ``scaling * B C A`` (or ``B diag(c) A``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -131,7 +135,8 @@ class Target:
     The update is ``delta = scaling * B A x`` with A: (rank, d_in), B: (d_out, rank); for a slice
     it is added to output columns ``[out_start, out_start + d_out)`` of the module. With K router
     heads (HydraLoRA) B is (d_out, K rank), the K heads side by side, and ``r_key`` names the
-    router R: (K, d_in).
+    router R: (K, d_in). With a task core (``task_core``) ``c_key`` names the core, C: (rank, rank)
+    or c: (rank,), and the update is ``scaling * B C A x`` (or ``B diag(c) A x``).
     """
 
     name: str  # module path, plus ".<slice>" for a fused slice
@@ -145,6 +150,7 @@ class Target:
     a_key: str
     b_key: str
     r_key: str | None = None
+    c_key: str | None = None
 
 
 @dataclass
@@ -152,8 +158,8 @@ class TensorSpec:
     """One trainable tensor of the adapter and the targets that read it."""
 
     key: str
-    role: str  # "A", "B" or "R" (router)
-    shape: tuple[int, int]
+    role: str  # "A", "B", "R" (router) or "C" (task core)
+    shape: tuple[int, ...]
     users: list[str] = field(default_factory=list)
     local_key: str = ""
 
@@ -166,7 +172,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return math.prod(self.shape)
 
     @property
     def shared(self) -> bool:
@@ -186,6 +192,7 @@ class SharingPlan:
     task_share: str = "none"
     task_group: str = "default"
     heads: int = 1
+    task_core: str = "none"
 
     def own_tensors(self) -> dict[str, TensorSpec]:
         """The tensors this adapter alone owns (not its task group's)."""
@@ -219,20 +226,23 @@ class SharingPlan:
             row = rows.setdefault(
                 t.module_type,
                 {"module_type": t.module_type, "targets": 0, "d_in": t.d_in, "d_out": t.d_out,
-                 "A_keys": set(), "B_keys": set(), "R_keys": set(), "lora_equivalent": 0},
+                 "A_keys": set(), "B_keys": set(), "R_keys": set(), "C_keys": set(), "lora_equivalent": 0},
             )
             row["targets"] += 1
             row["A_keys"].add(t.a_key)
             row["B_keys"].add(t.b_key)
             if t.r_key is not None:
                 row["R_keys"].add(t.r_key)
+            if t.c_key is not None:
+                row["C_keys"].add(t.c_key)
             row["lora_equivalent"] += self.rank * (t.d_in + t.d_out)
         out = []
         counted: set[str] = set()
         for row in rows.values():
-            keys = row.pop("A_keys") | row.pop("B_keys") | row.pop("R_keys")
+            keys = row.pop("A_keys") | row.pop("B_keys") | row.pop("R_keys") | row.pop("C_keys")
             row["A_tensors"] = sum(1 for k in keys if self.tensors[k].role == "A")
             row["B_tensors"] = sum(1 for k in keys if self.tensors[k].role == "B")
+            row["C_tensors"] = sum(1 for k in keys if self.tensors[k].role == "C")
             # A tensor shared across module types (scope "qkv") is counted in the first row only.
             row["parameters"] = sum(self.tensors[k].numel for k in keys if k not in counted)
             counted |= keys
@@ -412,27 +422,35 @@ def build_plan(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DE
             spec = tensors.setdefault(stored, TensorSpec(key=stored, role=role, shape=shape, local_key=key))
             spec.users.append(name)
             keys[role] = stored
-        r_key = None
+        r_key = c_key = None
         if config.router:  # HydraLoRA: one router per target, always the adapter's own
             r_key = storage_key(f"{name}.lora_router", "R", config, adapter_name)
             tensors[r_key] = TensorSpec(key=r_key, role="R", shape=(config.heads, d_in), users=[name],
                                         local_key=f"{name}.lora_router")
+        if config.task_core != "none":  # the task's own core between the group's A and B, one per target
+            c_key = storage_key(f"{name}.lora_C", "C", config, adapter_name)
+            shape = (config.rank, config.rank) if config.task_core == "matrix" else (config.rank,)
+            tensors[c_key] = TensorSpec(key=c_key, role="C", shape=shape, users=[name], local_key=f"{name}.lora_C")
         targets.append(Target(name, module_name, slice_name, mtype, layer, d_in, d_out, out_start,
-                              keys["A"], keys["B"], r_key))
+                              keys["A"], keys["B"], r_key, c_key))
     return SharingPlan(rank=config.rank, share=config.share, scope=config.scope, targets=targets, tensors=tensors,
                        adapter_name=adapter_name, task_share=config.task_share, task_group=config.task_group,
-                       heads=config.heads)
+                       heads=config.heads, task_core=config.task_core)
 
 
 # Fields whose values decide the shape and meaning of a task-shared tensor: adapters that share one
 # must agree on them (alpha, dropout and modules_to_save may differ per task).
-_GROUP_FIELDS = ("task_share", "rank", "share", "scope", "share_block_size", "layers_to_transform",
+_GROUP_FIELDS = ("task_share", "task_core", "rank", "share", "scope", "share_block_size", "layers_to_transform",
                  "fused_modules", "adapter_dtype")
 
 
 def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                      others: dict[str, tuple[ShareLoraConfig, SharingPlan]]) -> None:
-    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters."""
+    """Refuse an adapter whose task-shared tensors disagree with those of its group's adapters.
+
+    The group's adapters agree with each other (each was checked on joining), so comparing with
+    one of them is comparing with all: adding the N-th adapter costs the same as adding the second.
+    """
     if config.task_share == "none":
         return
     for other, (ocfg, oplan) in others.items():
@@ -461,17 +479,27 @@ def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                     f"adapter {name!r} cannot join task group {config.task_group!r}: shared tensor {k} has shape "
                     f"{spec.shape} for {name!r} but {theirs[k].shape} for adapter {other!r}"
                 )
+        return
 
 
-def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device) -> torch.Tensor:
+def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device,
+                task_core: str = "none") -> torch.Tensor:
     """LoRA's initialisation: A ~ Kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0, so B A = 0.
 
     A router (HydraLoRA) is Kaiming-uniform too: random routing breaks the symmetry between heads
     that all start at B_k = 0 (uniform weights would give every head the same gradient forever).
+
+    With a task core (``task_core`` "matrix" / "diagonal") the core C is 0, so B C A = 0 and every
+    new adapter starts at the base model, and B is Kaiming-uniform like A (as VeRA's frozen A and
+    B): with B = 0 and C = 0 neither would get a gradient (dL/dC = s B^T g (A x)^T, dL/dB = s g
+    (C A x)^T). A zero core with a random or trained basis gets the gradient s B^T g (A x)^T, so a
+    later task trains its core from zero with the basis frozen; the basis gets gradients once the
+    core is not zero. ``init_lora_weights=False`` (tests only) makes every tensor random.
     """
     t = torch.empty(spec.shape, dtype=torch.float32, device=device)
-    if spec.role in ("A", "R") or not init_lora_weights:
-        nn.init.kaiming_uniform_(t, a=5**0.5)
+    random = spec.role in ("A", "R") or not init_lora_weights or (spec.role == "B" and task_core != "none")
+    if random:
+        nn.init.kaiming_uniform_(t.view(1, -1) if t.dim() == 1 else t, a=5**0.5)
     else:
         nn.init.zeros_(t)
     return t.to(dtype)

@@ -6,7 +6,9 @@ Each input is a ``sharelora train`` run (its run directory or adapter/; any adap
 HydraLoRA), a PEFT LoRA directory, or one task of a multi-task directory (``sharelora multitask``
 or an earlier ``compress``) written ``DIR:TASK``: that task's adapter and its block of the head. The updates are fitted by ``method.compress`` (SPEC.md,
 "Compression"): one A per module type shared by every task and layer, a B per task (and layer,
-``share="A"``; or per module type, ``share="AB"``). Each task keeps its own classification head.
+``share="A"``; or per module type, ``share="AB"``). With ``task_core="matrix"`` (or "diagonal") B is
+shared by the tasks too and each task keeps a k x k core per module (``task_share="AB"``). Each task
+keeps its own classification head.
 
 The output directory is laid out as a ``sharelora multitask`` run: ``adapter/`` is a multi-task
 adapter directory (the multi-adapter format plus a run_info.json naming each task's data set,
@@ -157,13 +159,13 @@ def _one(values: list, what: str, notes: list[str]):
 
 def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: int, share: str = "A",
                   across_layers: bool = True, basis: str = "update", model: str | None = None,
-                  cache_dir: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                  cache_dir: str | None = None, overwrite: bool = False, task_core: str = "none") -> dict[str, Any]:
     """Compress classification adapters into one multi-task directory; return the report (also compression.json).
 
     Args:
         out_dir: the directory to write (refused if it exists, unless ``overwrite``).
         adapters: {task name: run directory, adapter/ directory or PEFT LoRA directory}.
-        rank, share, across_layers, basis: as ``sharelora.compress_adapters``.
+        rank, share, across_layers, basis, task_core: as ``sharelora.compress_adapters``.
         model: the base model (needed for a PEFT directory that names none; must match the runs').
     """
     from ..method.compress import _check_options, adapter_updates, compress_updates
@@ -174,7 +176,7 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
     for name in adapters:
         if not NAME.fullmatch(name):
             raise ValueError(f"task name {name!r}: use letters, digits, '-' or '_' (NAME=DIR)")
-    _check_options(rank, share, across_layers, basis)
+    _check_options(rank, share, across_layers, basis, task_core)
     out = Path(out_dir)
     sources = {name: _source(d, model) for name, d in adapters.items()}
     models = sorted({s["model"] for s in sources.values()})
@@ -201,7 +203,7 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
                                  report_new_weights=False).model
         read = {n: (upd, _fit_heads(heads, shared_base, n)) for n, (upd, heads) in read.items()}
         compressed, report = compress_updates(shared_base, read, rank, share=share, across_layers=across_layers,
-                                              basis=basis)
+                                              basis=basis, task_core=task_core)
         notes: list[str] = []
         info = {
             "model": base_name, "method": "compressed", "multitask": True, "layout": "per-task",
@@ -213,6 +215,7 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
                           "logits": [0, s["num_labels"]], "num_labels": s["num_labels"],
                           "label_names": s["label_names"]} for n, s in sources.items()},
             "compression": {"rank": rank, "share": share, "across_layers": across_layers, "basis": basis,
+                            "task_core": task_core,
                             "sources": {n: s["label"] for n, s in sources.items()}},
         }
         report.update(sources={n: s["label"] for n, s in sources.items()}, notes=notes)
