@@ -191,18 +191,23 @@ def test_joint_resume_after_a_stop_equals_the_uninterrupted_run(inputs, tmp_path
     assert without_times(records(tmp_path / "a")) == without_times(records(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("kill_at", [4, 9])  # joint: mid-epoch 1; continual: in stage 2 (6 + 3 steps)
-def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill_at):
-    continual = kill_at == 9
+@pytest.mark.parametrize("kill_at, extra", [
+    (4, {}),  # joint: mid-epoch 1
+    (9, {}),  # continual: in stage 2 (6 + 3 steps)
+    (9, dict(task_share="AB", task_core="matrix")),  # continual task cores: in stage 2
+    (5, dict(task_share="AB", task_core="diagonal")),  # continual task cores: in stage 1, training the basis
+])
+def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill_at, extra):
+    continual = kill_at != 4
 
     def kill(step):
         if step == kill_at:  # after the checkpoint of step kill_at - 1 (every 2 steps) or of the stage's end
             raise Killed
 
-    full = run(inputs, tmp_path / "a", continual=continual)
+    full = run(inputs, tmp_path / "a", continual=continual, **extra)
     with pytest.raises(Killed):
-        run(inputs, tmp_path / "b", continual=continual, on_step=kill)
-    resumed = run(inputs, tmp_path / "b", continual=continual, resume=True)
+        run(inputs, tmp_path / "b", continual=continual, on_step=kill, **extra)
+    resumed = run(inputs, tmp_path / "b", continual=continual, resume=True, **extra)
     assert resumed["tasks"] == full["tasks"] and resumed["stages"] == full["stages"]
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -305,7 +310,7 @@ def test_hydra_trains_one_routed_adapter_for_the_mixture(inputs, tmp_path):
     (dict(method="full"), "adapter method"),
     (dict(tasks=["a=x", "a=y"]), "appears twice"),
     (dict(tasks=[f"{ONE_ADAPTER}=x"]), "another name"),
-    (dict(task_share="C"), "none, A or B"),
+    (dict(task_share="C"), "none, A, B or AB"),
     (dict(sampling_temperature=0.0), "> 0"),
     (dict(continual_train_shared=True), "--continual"),
     (dict(tasks=[]), "tasks is empty"),
@@ -320,3 +325,53 @@ def test_unknown_task_in_evaluate_names_the_tasks(inputs, tmp_path):
     run(inputs, tmp_path / "j", epochs=1)
     with pytest.raises(ValueError, match=r"no task \['nope'\].*'sent', 'kind'"):
         evaluate_tasks(tmp_path / "j", names=["nope"])
+
+
+# --- task cores: a task-shared A and B, each task its own core --------------------------------------------------
+@pytest.mark.parametrize("core", ["matrix", "diagonal"])
+def test_continual_task_cores_forget_exactly_nothing_and_add_only_a_core(inputs, tmp_path, monkeypatch, core):
+    taken = snapshots(monkeypatch)
+    results = run(inputs, tmp_path / core, continual=True, task_share="AB", task_core=core)
+    assert results["task_core"] == core and [s["tasks"] for s in results["stages"]] == [["sent"], ["kind"]]
+    before, after = task_tensors(taken[0], "sent"), task_tensors(taken[1], "sent")
+    assert any(k.startswith("@") and "lora_B" in k for k in before)  # A and B are both the tasks' shared tensors
+    assert all(torch.equal(before[k], after[k]) for k in before)  # task 1's every tensor, bit for bit
+    first, last = results["stages"]
+    assert last["dev"]["sent"] == first["dev"]["sent"] and last["test"]["sent"] == first["test"]["sent"]
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+    kind0, kind1 = task_tensors(taken[0], "kind"), task_tensors(taken[1], "kind")
+    own = [k for k in kind0 if k.startswith("kind/") and "modules_to_save" not in k]
+    assert own and any(not torch.equal(kind0[k], kind1[k]) for k in own)  # stage 2 trained the core
+    # What one more task adds: its core alone, r x r (matrix) or r (diagonal) per adapted module.
+    p = results["parameters"]
+    r, modules = 8, len(own)
+    assert p["added_per_task"] == modules * (r * r if core == "matrix" else r)
+    assert all(kind1[k].numel() == (r * r if core == "matrix" else r) for k in own)
+
+
+def test_basis_from_the_first_k_tasks_trains_them_jointly_then_freezes_it(inputs, tmp_path, monkeypatch):
+    model_dir, tasks = inputs
+    taken = snapshots(monkeypatch)
+    three = [f"{n}={d}" for n, d in tasks.items()] + [f"again={tasks['sent']}"]
+    results = run(inputs, tmp_path / "k2", tasks=three, continual=True, task_share="AB", task_core="matrix",
+                  basis_tasks=2)
+    assert [s["tasks"] for s in results["stages"]] == [["sent", "kind"], ["again"]]
+    assert results["basis_tasks"] == 2 and "basis2" in results["name"]
+    for task in ("sent", "kind"):  # both basis tasks unchanged by stage 2, shared basis included
+        before, after = task_tensors(taken[0], task), task_tensors(taken[1], task)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    f = results["forgetting"]
+    assert f["per_task"] == {"sent": 0.0, "kind": 0.0, "again": 0.0} and f["mean_over_earlier_tasks"] == 0.0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(task_share="AB"), "--task-core matrix"),
+    (dict(task_core="matrix"), "needs --task-share AB"),
+    (dict(task_core="full"), "task_core must be"),
+    (dict(basis_tasks=2), "add --continual"),
+    (dict(basis_tasks=3, continual=True), "from 1 to the number of tasks"),
+    (dict(method="lora", one_adapter=True, task_share="AB", task_core="matrix"), "drop --one-adapter"),
+])
+def test_bad_task_core_settings_name_the_fix(inputs, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        config(inputs, tmp_path / "x", **kw).resolved()

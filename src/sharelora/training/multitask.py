@@ -68,7 +68,7 @@ from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_
 from .evaluate import eval_settings, evaluate, model_logits, read_run_info
 from .logs import plot_task_curves
 from .memory import apply_memory_options, load_options
-from .methods import head_modules, sharelora_config
+from .methods import TASK_CORES, TASK_SHARES, head_modules, sharelora_config, task_config
 from .state import atomic_save_tensors, load_tensors
 
 ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
@@ -87,7 +87,9 @@ class MultiTaskConfig(TrainConfig):
 
     tasks: list[str] = field(default_factory=lambda: ["rotten-tomatoes", "vitaminc"])
     task_share: str = "A"
+    task_core: str = "none"  # with task_share "AB": each task's own r x r ("matrix") or r ("diagonal") core
     continual: bool = False
+    basis_tasks: int = 1  # continual: the first k tasks train the shared tensors jointly (stage 1), then frozen
     continual_train_shared: bool = False
     one_adapter: bool = False
     heads: int = 1  # K > 1: HydraLoRA (K routed B heads; the one-adapter layout)
@@ -132,6 +134,10 @@ class MultiTaskConfig(TrainConfig):
     def name(self) -> str:
         tasks = "+".join(self.task_datasets())
         share = "" if self.layout == "one-adapter" else f"-ts{self.task_share}"
+        if self.task_core != "none" and self.layout == "per-task":
+            share += f"-{self.task_core}"
+        if self.basis_tasks != 1:
+            share += f"-basis{self.basis_tasks}"
         heads = f"{self.heads}" if self.hydra else ""
         mode = "-continual" if self.continual else "-joint"
         one = "-one" if self.one_adapter and not self.hydra else ""
@@ -152,8 +158,21 @@ class MultiTaskConfig(TrainConfig):
         if not self.tasks:
             raise ValueError("tasks is empty; name the tasks, e.g. --tasks rotten-tomatoes,vitaminc")
         self.task_datasets()
-        if self.task_share not in ("none", "A", "B"):
-            raise ValueError(f"task_share must be none, A or B, got {self.task_share!r}")
+        if self.task_share not in TASK_SHARES:
+            raise ValueError(f"task_share must be none, A, B or AB, got {self.task_share!r}")
+        if self.task_core not in TASK_CORES:
+            raise ValueError(f"task_core must be one of {', '.join(TASK_CORES)}, got {self.task_core!r}")
+        if self.layout == "one-adapter" and (self.task_core != "none" or self.task_share == "AB"):
+            raise ValueError("task cores (--task-share AB --task-core ...) give every task an adapter of its own; "
+                             "drop --one-adapter / --heads")
+        if self.layout == "per-task":
+            task_config(self, None)  # task_share and task_core agree
+        if not isinstance(self.basis_tasks, int) or not 1 <= self.basis_tasks <= len(self.tasks):
+            raise ValueError(f"basis_tasks must be an integer from 1 to the number of tasks ({len(self.tasks)}), "
+                             f"got {self.basis_tasks!r}")
+        if self.basis_tasks > 1 and not self.continual:
+            raise ValueError("--basis-tasks K trains the shared tensors jointly on the first K tasks and then "
+                             "freezes them for the rest, one task after another: add --continual")
         if not isinstance(self.heads, int) or self.heads < 1:
             raise ValueError(f"heads must be a positive integer, got {self.heads!r} (HydraLoRA: 2 or more)")
         if self.router_top_k is not None and not (self.hydra and 1 <= self.router_top_k <= self.heads):
@@ -300,7 +319,7 @@ def build_model(base: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> nn.M
     if cfg.layout == "one-adapter":
         config = dataclasses.replace(config, heads=cfg.heads, router=cfg.hydra, router_top_k=cfg.router_top_k)
         return get_sharelora_model(base, config, adapter_name=ONE_ADAPTER)
-    config = dataclasses.replace(config, task_share=cfg.task_share)
+    config = task_config(cfg, base)
     model = get_sharelora_model(base, config, adapter_name=tasks[0])
     for name in tasks[1:]:
         model.add_adapter(name, dataclasses.replace(config))
@@ -383,7 +402,8 @@ class MultiTaskRun(Run):
             self.core.set_adapter(self.adapters(self.names), train_shared=True)
             apply_memory_options(self.core, cfg)
         self.model = self.core  # the model a step calls: wrapped per stage (begin_stage)
-        stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
+        k = cfg.basis_tasks  # continual: the first k tasks in one joint stage, which trains the shared tensors
+        stages = [self.names[:k]] + [[n] for n in self.names[k:]] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in names]) for names in stages]
         self.stages = [Stage(k, len(self.mixed[k].split), self._order_of(k), tasks=names)
                        for k, names in enumerate(stages)]
@@ -526,7 +546,7 @@ class MultiTaskRun(Run):
         results: dict[str, Any] = {
             **self.common_results(), "method": cfg.method_label, "layout": cfg.layout,
             "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
-            "continual": cfg.continual, "metric": metric, "tasks": tasks,
+            "task_core": cfg.task_core, "basis_tasks": cfg.basis_tasks, "continual": cfg.continual, "metric": metric, "tasks": tasks,
             "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
                      for split in ("dev", "test")},
             "stages": state["stages"], "data_info": {n: jsonable(d.info) for n, d in self.data.items()},
