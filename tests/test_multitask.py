@@ -5,8 +5,13 @@ train/dev/test CSVs per task), so reloading a run's adapter directory (evaluate_
 export_tasks_peft) goes through the same path. Every run is a few dozen steps: seconds.
 """
 
+import dataclasses
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -214,6 +219,26 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill
     assert without_times(records(tmp_path / "a")) == without_times(records(tmp_path / "b"))  # nothing twice
     if continual:
         assert resumed["forgetting"] == full["forgetting"]
+
+
+def test_continual_task_cores_resume_after_sigkill_is_bit_identical(inputs, tmp_path):
+    """A process killed with SIGKILL in stage 2 (a core stage): the resumed run equals the uninterrupted one."""
+    extra = dict(continual=True, task_share="AB", task_core="matrix")
+    full = run(inputs, tmp_path / "a", **extra)
+    values = dataclasses.asdict(config(inputs, tmp_path / "b", **extra))
+    script = ("import json, os, signal, sys\n"
+              "from sharelora.training.multitask import MultiTaskConfig, train_multitask\n"
+              "cfg = MultiTaskConfig(**json.loads(sys.argv[1]))\n"
+              "train_multitask(cfg, progress=False, on_step=lambda s: s == 9 and os.kill(os.getpid(), signal.SIGKILL))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(values)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = run(inputs, tmp_path / "b", resume=True, **extra)
+    assert resumed["resumed"] == 1 and resumed["stages"] == full["stages"]
+    assert resumed["forgetting"] == full["forgetting"]
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_other_tasks_is_refused(inputs, tmp_path):
