@@ -6,7 +6,10 @@
 What the model holds (its layout):
     per task (default): one adapter per task, named after it. ``task_share`` says what the adapters
         share (SPEC.md, "Sharing across tasks"): with ShareA and ``task_share="A"`` one A per module
-        type serves every layer and every task, and each task owns only its B's. Every task trains
+        type serves every layer and every task, and each task owns only its B's. With
+        ``task_share="AB"`` every task reads the same A and B and owns only a core per adapted module
+        (``task_core``: an r x r matrix C, "matrix", or an r-vector c, "diagonal"):
+        h = W0 x + (alpha / r) B C_t A x; the core starts at zero, so a new task starts at the base. Every task trains
         its own copy of the classification head (``modules_to_save``). A batch routes each row to
         its task's adapter and head (``adapter_names``).
     one adapter (``one_adapter=True``, and always for HydraLoRA, ``heads > 1``): one adapter for all
@@ -30,7 +33,9 @@ later stages train only their task's own tensors and head (``set_adapter(train_s
 ``continual_train_shared=True`` keeps training the shared ones), so every earlier task computes bit
 for bit what it did: its forgetting is exactly zero. After each stage, with that stage's best
 weights (the best epoch on its own task's dev), every task seen so far is scored on dev and test:
-the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). Baselines:
+the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). ``basis_tasks`` = K > 1:
+stage 1 trains the first K tasks jointly (mixed rows, as a joint run) and with them the shared
+tensors; each later stage trains one task alone with the shared tensors frozen. Baselines:
 ``one_adapter=True`` with ``continual`` is plain sequential fine-tuning of one adapter through the
 tasks (it forgets); ``task_share="none"`` gives every task an adapter of its own.
 
