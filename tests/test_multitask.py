@@ -400,3 +400,25 @@ def test_basis_from_the_first_k_tasks_trains_them_jointly_then_freezes_it(inputs
 def test_bad_task_core_settings_name_the_fix(inputs, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         config(inputs, tmp_path / "x", **kw).resolved()
+
+
+def test_basis_from_another_run_is_read_frozen_and_every_task_trains_only_its_core(inputs, tmp_path, monkeypatch):
+    cores = dict(task_share="AB", task_core="matrix")
+    run(inputs, tmp_path / "first", continual=True, **cores)
+    given = {k: v for k, v in tensors(tmp_path / "first").items() if k.startswith("@")}
+    taken = snapshots(monkeypatch)
+    results = run(inputs, tmp_path / "given", continual=True, basis_from=str(tmp_path / "first"), seed=4, **cores)
+    assert results["basis_from"] == str(tmp_path / "first") and "given" in results["name"]
+    for state in taken:  # the basis is the given one after every stage, task 1's stage included
+        assert all(torch.equal(state[k], given[k]) for k in given)
+    after = tensors(tmp_path / "given")
+    assert all(torch.equal(after[k], given[k]) for k in given)
+    own = [k for k in after if k.startswith("sent/") and "lora_C" in k]
+    assert own and any(after[k].abs().sum() > 0 for k in own)  # task 1 trained its core on the given basis
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+    # A basis of other settings is refused with what to do.
+    run(inputs, tmp_path / "sharea", epochs=1)  # task_share A: a shared A, no shared B
+    with pytest.raises(ValueError, match="does not fit this run's shared tensors.*same --method"):
+        run(inputs, tmp_path / "bad", continual=True, basis_from=str(tmp_path / "sharea"), **cores)
+    with pytest.raises(ValueError, match="drop --basis-tasks"):
+        config(inputs, tmp_path / "x", continual=True, basis_tasks=2, basis_from="d", **cores).resolved()

@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --continual: the first K tasks train the shared tensors (the basis) jointly in "
                         "stage 1, then they are frozen and the other tasks follow one by one, each training only "
                         "its own tensors and head (default: 1, the basis from the first task alone)")
+    p.add_argument("--basis-from", default=argparse.SUPPRESS, metavar="DIR",
+                   help="the task-shared tensors (A, B) from DIR (a `sharelora compress --task-core` output or an "
+                        "earlier multitask run, with the same --method, --rank, --targets and --task-share), frozen "
+                        "in every stage: each task trains only its own tensors (cores) and head")
     p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
@@ -57,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_control_arguments(p)
 
 
-MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "continual", "continual_train_shared", "one_adapter", "heads",
+MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "continual", "continual_train_shared", "one_adapter", "heads",
                     "router_top_k", "sampling_temperature", "task_dataset_options")
 
 
