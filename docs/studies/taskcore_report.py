@@ -9,20 +9,22 @@ the basis exists: a separate LoRA's adapter, the last task's own tensors in a mu
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 TASKS = ["rotten-tomatoes", "commonsense-relations", "hedge-sentences", "adjective-order", "rt-snippets",
          "movie-reviews"]
 ROWS = [  # (directory, what the table calls it, number of basis tasks)
-    ("separate-lora", "separate LoRA per task", 0),
-    ("continual-sharea", "continual ShareA (task-shared A frozen after task 1)", 1),
-    ("core-matrix-basis1", "continual task cores, matrix (A, B from task 1)", 1),
-    ("core-diagonal-basis1", "continual task cores, diagonal (A, B from task 1)", 1),
-    ("core-matrix-basis3", "continual task cores, matrix (A, B from tasks 1-3 jointly)", 3),
-    ("core-diagonal-basis3", "continual task cores, diagonal (A, B from tasks 1-3 jointly)", 3),
-    ("compressed-matrix", "separate LoRAs compressed into matrix cores (rank 8, no training)", 0),
-    ("compressed-diagonal", "separate LoRAs compressed into diagonal cores (rank 8, no training)", 0),
+    ("separate-lora", "separate LoRA per task (lr 6e-3)", 0),
+    ("continual-sharea", "continual ShareA, task-shared A frozen after task 1 (lr 6e-3)", 1),
+    ("core-matrix-basis1", "continual task cores, matrix, A and B from task 1 (lr 6e-3)", 1),
+    ("core-matrix-basis1-lr2e-2", "continual task cores, matrix, A and B from task 1 (lr 2e-2)", 1),
+    ("core-diagonal-basis1-lr2e-2", "continual task cores, diagonal, A and B from task 1 (lr 2e-2)", 1),
+    ("core-matrix-basis3-lr2e-2", "continual task cores, matrix, A and B from tasks 1-3 jointly (lr 2e-2)", 3),
+    ("core-diagonal-basis3-lr2e-2", "continual task cores, diagonal, A and B from tasks 1-3 jointly (lr 2e-2)", 3),
+    ("compressed-matrix", "the separate LoRAs compressed into matrix cores (rank 8, no training)", 0),
+    ("compressed-diagonal", "the separate LoRAs compressed into diagonal cores (rank 8, no training)", 0),
 ]
 
 
@@ -38,6 +40,7 @@ def row(root: Path, key: str, seed: int = 0) -> dict | None:
         res = {t: load(p) for t, p in paths.items()}
         added = res[TASKS[-1]]["parameters"]["adapter"]
         return {"tasks": {t: r["test"][r["metric"]] for t, r in res.items()}, "added": added,
+                "dev_mean": sum(r["dev"][r["metric"]] for r in res.values()) / len(res),
                 "total": sum(r["parameters"]["adapter"] for r in res.values()), "forgetting": None,
                 "majority": {t: majority(r) for t, r in res.items()}}
     if key.startswith("compressed-"):
@@ -46,10 +49,14 @@ def row(root: Path, key: str, seed: int = 0) -> dict | None:
             return None
         ev = load(path)
         tasks = ev.get("tasks", ev)
-        info = load(root / key / f"s{seed}" / "adapter" / "run_info.json")
-        counts = info.get("parameters") or {}
-        return {"tasks": {t: tasks[t]["accuracy"] for t in TASKS}, "added": counts.get("added_per_task"),
-                "total": counts.get("adapter"), "forgetting": None}
+        from safetensors import safe_open
+
+        with safe_open(str(root / key / f"s{seed}" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            sizes = {k: f.get_slice(k).get_shape() for k in f.keys() if "modules_to_save" not in k}
+        numel = {k: math.prod(shape) for k, shape in sizes.items()}
+        added = sum(n for k, n in numel.items() if k.startswith(f"{TASKS[-1]}/"))
+        return {"tasks": {t: tasks[t]["accuracy"] for t in TASKS}, "added": added, "total": sum(numel.values()),
+                "forgetting": None}
     path = root / key / f"s{seed}" / "results.json"
     if not path.is_file():
         return None
@@ -58,6 +65,7 @@ def row(root: Path, key: str, seed: int = 0) -> dict | None:
     f = r["forgetting"]
     earlier = [v for n, v in f["per_task"].items() if n != TASKS[-1]]
     return {"tasks": {t: r["tasks"][t]["test"][r["metric"]] for t in TASKS}, "added": p["added_per_task"],
+            "dev_mean": r["mean"]["dev"],
             "total": p["adapter"], "forgetting": {"mean": f["mean_over_earlier_tasks"],
                                                    "max_abs": max(abs(v) for v in earlier)}}
 
@@ -73,16 +81,16 @@ def main(root: str, out: str) -> None:
     lora = rows["separate-lora"]
     lora_added = lora["added"] if lora else 73_728
     lines = ["| method | added per extra task (% of a LoRA) | adapter total, 6 tasks | "
-             + " | ".join(TASKS) + " | mean (6) | mean after the basis (vs separate LoRA, same tasks) | forgetting (mean / max abs) |",
-             "|---" * (len(TASKS) + 6) + "|"]
+             + " | ".join(TASKS) + " | mean (6) | mean after the basis (vs separate LoRA, same tasks) | forgetting (mean / max abs) | mean dev |",
+             "|---" * (len(TASKS) + 7) + "|"]
     if lora and lora.get("majority"):
         lines.append("| majority class (test) | | | " + " | ".join(f"{100 * lora['majority'][t]:.1f}" for t in TASKS)
-                     + " | | | |")
+                     + " | | | | |")
     table = {}
     for key, label, k in ROWS:
         r = rows[key]
         if r is None:
-            lines.append(f"| {label} | not run (budget) |" + " |" * (len(TASKS) + 4))
+            lines.append(f"| {label} | not finished in the budget |" + " |" * (len(TASKS) + 5))
             continue
         accs = [r["tasks"][t] for t in TASKS]
         after = accs[max(k, 1):]  # tasks that come after the basis (separate: tasks 2..6, as the others)
@@ -95,7 +103,8 @@ def main(root: str, out: str) -> None:
         fg = r["forgetting"]
         forget = "n/a (separate)" if fg is None else f"{100 * fg['mean']:.2f} / {100 * fg['max_abs']:.2f}"
         lines.append(f"| {label} | {pct} | {total} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
-                     + f" | {100 * mean:.1f} | {100 * mean_after:.1f}{delta} | {forget} |")
+                     + f" | {100 * mean:.1f} | {100 * mean_after:.1f}{delta} | {forget} | "
+                     + (f"{100 * r['dev_mean']:.1f} |" if r.get("dev_mean") is not None else "|"))
         table[key] = {**r, "label": label, "basis_tasks": k, "mean": mean, "mean_after_basis": mean_after}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(table, indent=1) + "\n")
