@@ -5,8 +5,13 @@ train/dev/test CSVs per task), so reloading a run's adapter directory (evaluate_
 export_tasks_peft) goes through the same path. Every run is a few dozen steps: seconds.
 """
 
+import dataclasses
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,24 +196,49 @@ def test_joint_resume_after_a_stop_equals_the_uninterrupted_run(inputs, tmp_path
     assert without_times(records(tmp_path / "a")) == without_times(records(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("kill_at", [4, 9])  # joint: mid-epoch 1; continual: in stage 2 (6 + 3 steps)
-def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill_at):
-    continual = kill_at == 9
+@pytest.mark.parametrize("kill_at, extra", [
+    (4, {}),  # joint: mid-epoch 1
+    (9, {}),  # continual: in stage 2 (6 + 3 steps)
+    (9, dict(task_share="AB", task_core="matrix")),  # continual task cores: in stage 2
+    (5, dict(task_share="AB", task_core="diagonal")),  # continual task cores: in stage 1, training the basis
+])
+def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill_at, extra):
+    continual = kill_at != 4
 
     def kill(step):
         if step == kill_at:  # after the checkpoint of step kill_at - 1 (every 2 steps) or of the stage's end
             raise Killed
 
-    full = run(inputs, tmp_path / "a", continual=continual)
+    full = run(inputs, tmp_path / "a", continual=continual, **extra)
     with pytest.raises(Killed):
-        run(inputs, tmp_path / "b", continual=continual, on_step=kill)
-    resumed = run(inputs, tmp_path / "b", continual=continual, resume=True)
+        run(inputs, tmp_path / "b", continual=continual, on_step=kill, **extra)
+    resumed = run(inputs, tmp_path / "b", continual=continual, resume=True, **extra)
     assert resumed["tasks"] == full["tasks"] and resumed["stages"] == full["stages"]
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_times(records(tmp_path / "a")) == without_times(records(tmp_path / "b"))  # nothing twice
     if continual:
         assert resumed["forgetting"] == full["forgetting"]
+
+
+def test_continual_task_cores_resume_after_sigkill_is_bit_identical(inputs, tmp_path):
+    """A process killed with SIGKILL in stage 2 (a core stage): the resumed run equals the uninterrupted one."""
+    extra = dict(continual=True, task_share="AB", task_core="matrix")
+    full = run(inputs, tmp_path / "a", **extra)
+    values = dataclasses.asdict(config(inputs, tmp_path / "b", **extra))
+    script = ("import json, os, signal, sys\n"
+              "from sharelora.training.multitask import MultiTaskConfig, train_multitask\n"
+              "cfg = MultiTaskConfig(**json.loads(sys.argv[1]))\n"
+              "train_multitask(cfg, progress=False, on_step=lambda s: s == 9 and os.kill(os.getpid(), signal.SIGKILL))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(values)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = run(inputs, tmp_path / "b", resume=True, **extra)
+    assert resumed["resumed"] == 1 and resumed["stages"] == full["stages"]
+    assert resumed["forgetting"] == full["forgetting"]
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_other_tasks_is_refused(inputs, tmp_path):
@@ -305,7 +335,7 @@ def test_hydra_trains_one_routed_adapter_for_the_mixture(inputs, tmp_path):
     (dict(method="full"), "adapter method"),
     (dict(tasks=["a=x", "a=y"]), "appears twice"),
     (dict(tasks=[f"{ONE_ADAPTER}=x"]), "another name"),
-    (dict(task_share="C"), "none, A or B"),
+    (dict(task_share="C"), "none, A, B or AB"),
     (dict(sampling_temperature=0.0), "> 0"),
     (dict(continual_train_shared=True), "--continual"),
     (dict(tasks=[]), "tasks is empty"),
@@ -320,3 +350,75 @@ def test_unknown_task_in_evaluate_names_the_tasks(inputs, tmp_path):
     run(inputs, tmp_path / "j", epochs=1)
     with pytest.raises(ValueError, match=r"no task \['nope'\].*'sent', 'kind'"):
         evaluate_tasks(tmp_path / "j", names=["nope"])
+
+
+# --- task cores: a task-shared A and B, each task its own core --------------------------------------------------
+@pytest.mark.parametrize("core", ["matrix", "diagonal"])
+def test_continual_task_cores_forget_exactly_nothing_and_add_only_a_core(inputs, tmp_path, monkeypatch, core):
+    taken = snapshots(monkeypatch)
+    results = run(inputs, tmp_path / core, continual=True, task_share="AB", task_core=core)
+    assert results["task_core"] == core and [s["tasks"] for s in results["stages"]] == [["sent"], ["kind"]]
+    before, after = task_tensors(taken[0], "sent"), task_tensors(taken[1], "sent")
+    assert any(k.startswith("@") and "lora_B" in k for k in before)  # A and B are both the tasks' shared tensors
+    assert all(torch.equal(before[k], after[k]) for k in before)  # task 1's every tensor, bit for bit
+    first, last = results["stages"]
+    assert last["dev"]["sent"] == first["dev"]["sent"] and last["test"]["sent"] == first["test"]["sent"]
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+    kind0, kind1 = task_tensors(taken[0], "kind"), task_tensors(taken[1], "kind")
+    own = [k for k in kind0 if k.startswith("kind/") and "modules_to_save" not in k]
+    assert own and any(not torch.equal(kind0[k], kind1[k]) for k in own)  # stage 2 trained the core
+    # What one more task adds: its core alone, r x r (matrix) or r (diagonal) per adapted module.
+    p = results["parameters"]
+    r, modules = 8, len(own)
+    assert p["added_per_task"] == modules * (r * r if core == "matrix" else r)
+    assert all(kind1[k].numel() == (r * r if core == "matrix" else r) for k in own)
+
+
+def test_basis_from_the_first_k_tasks_trains_them_jointly_then_freezes_it(inputs, tmp_path, monkeypatch):
+    model_dir, tasks = inputs
+    taken = snapshots(monkeypatch)
+    three = [f"{n}={d}" for n, d in tasks.items()] + [f"again={tasks['sent']}"]
+    results = run(inputs, tmp_path / "k2", tasks=three, continual=True, task_share="AB", task_core="matrix",
+                  basis_tasks=2)
+    assert [s["tasks"] for s in results["stages"]] == [["sent", "kind"], ["again"]]
+    assert results["basis_tasks"] == 2 and "basis2" in results["name"]
+    for task in ("sent", "kind"):  # both basis tasks unchanged by stage 2, shared basis included
+        before, after = task_tensors(taken[0], task), task_tensors(taken[1], task)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    f = results["forgetting"]
+    assert f["per_task"] == {"sent": 0.0, "kind": 0.0, "again": 0.0} and f["mean_over_earlier_tasks"] == 0.0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(task_share="AB"), "--task-core matrix"),
+    (dict(task_core="matrix"), "needs --task-share AB"),
+    (dict(task_core="full"), "task_core must be"),
+    (dict(basis_tasks=2), "add --continual"),
+    (dict(basis_tasks=3, continual=True), "from 1 to the number of tasks"),
+    (dict(method="lora", one_adapter=True, task_share="AB", task_core="matrix"), "drop --one-adapter"),
+])
+def test_bad_task_core_settings_name_the_fix(inputs, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        config(inputs, tmp_path / "x", **kw).resolved()
+
+
+def test_basis_from_another_run_is_read_frozen_and_every_task_trains_only_its_core(inputs, tmp_path, monkeypatch):
+    cores = dict(task_share="AB", task_core="matrix")
+    run(inputs, tmp_path / "first", continual=True, **cores)
+    given = {k: v for k, v in tensors(tmp_path / "first").items() if k.startswith("@")}
+    taken = snapshots(monkeypatch)
+    results = run(inputs, tmp_path / "given", continual=True, basis_from=str(tmp_path / "first"), seed=4, **cores)
+    assert results["basis_from"] == str(tmp_path / "first") and "given" in results["name"]
+    for state in taken:  # the basis is the given one after every stage, task 1's stage included
+        assert all(torch.equal(state[k], given[k]) for k in given)
+    after = tensors(tmp_path / "given")
+    assert all(torch.equal(after[k], given[k]) for k in given)
+    own = [k for k in after if k.startswith("sent/") and "lora_C" in k]
+    assert own and any(after[k].abs().sum() > 0 for k in own)  # task 1 trained its core on the given basis
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+    # A basis of other settings is refused with what to do.
+    run(inputs, tmp_path / "sharea", epochs=1)  # task_share A: a shared A, no shared B
+    with pytest.raises(ValueError, match="does not fit this run's shared tensors.*same --method"):
+        run(inputs, tmp_path / "bad", continual=True, basis_from=str(tmp_path / "sharea"), **cores)
+    with pytest.raises(ValueError, match="drop --basis-tasks"):
+        config(inputs, tmp_path / "x", continual=True, basis_tasks=2, basis_from="d", **cores).resolved()

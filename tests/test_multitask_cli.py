@@ -34,6 +34,19 @@ def test_continual_run_prints_zero_forgetting_for_frozen_shared_tensors(inputs, 
     assert results["forgetting"]["per_task"]["sent"] == 0.0
 
 
+def test_task_cores_from_the_command_line_add_a_core_per_task_and_forget_nothing(inputs, tmp_path):  # noqa: F811
+    out = tmp_path / "cores"
+    assert main(args(inputs, out, "--method", "sharea", "--task-share", "AB", "--task-core", "diagonal",
+                     "--continual")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task_share"] == "AB" and results["task_core"] == "diagonal" and results["basis_tasks"] == 1
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+    config = (out / "config.yaml").read_text()
+    assert "task_core: diagonal" in config and "basis_tasks: 1" in config
+    report = results["parameters"]["report"]["adapters"]["kind"]
+    assert results["parameters"]["added_per_task"] == report["own_parameters"] > 0
+
+
 def test_method_hydra_trains_routed_heads(inputs, tmp_path):  # noqa: F811
     out = tmp_path / "hydra"
     assert main(args(inputs, out, "--method", "hydra", "--heads", "2")) == 0
@@ -45,6 +58,9 @@ def test_method_hydra_trains_routed_heads(inputs, tmp_path):  # noqa: F811
     (["--method", "hydra"], "--heads K"),
     (["--method", "full"], "adapter method"),
     (["--continual-train-shared"], "--continual"),
+    (["--task-share", "AB"], "--task-core matrix"),
+    (["--task-core", "matrix"], "needs --task-share AB"),
+    (["--basis-tasks", "2"], "add --continual"),
 ])
 def test_bad_options_name_the_fix(inputs, tmp_path, capsys, extra, message):  # noqa: F811
     assert main(args(inputs, tmp_path / "bad", *extra)) == 2

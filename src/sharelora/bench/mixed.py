@@ -108,16 +108,17 @@ def build_sharelora(base, targets, cfg: MixedConfig, count: int, library: str = 
     ``library``: "sharelora" (ShareA, task_share "A": a B per task), "core" / "core-diag" (task_share
     "AB": one A and one B per module type for every task, an r x r / r core per task and layer).
     """
-    from ..method import ShareLoraConfig, get_sharelora_model
+    from ..method import get_sharelora_model
+    from ..training.methods import preset_config
 
     core = _TASK_CORE.get(library)
 
-    def config():
+    def config():  # the method vocabulary's presets (ShareA; ShareAB with task cores), as train and multitask
+        common = dict(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=list(targets),
+                      init_lora_weights=False)
         if core is None:
-            return ShareLoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, share="A", task_share="A",
-                                   target_modules=list(targets), init_lora_weights=False)
-        return ShareLoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, share="AB", task_share="AB",
-                               task_core=core, target_modules=list(targets), init_lora_weights=False)
+            return preset_config("sharea", task_share="A", **common)
+        return preset_config("shareab", task_share="AB", task_core=core, **common)
 
     torch.manual_seed(cfg.seed + 1)
     model = get_sharelora_model(base, config(), adapter_name=adapter_name(0))

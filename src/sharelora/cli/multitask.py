@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..training.methods import TASK_CORES, TASK_SHARES
 from .common import (
     CliError, add_run_arguments, config_from_args, csv_list, not_pretrained_note, positive_float, positive_int,
     read_config_arg,
@@ -24,9 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=csv_list, default=argparse.SUPPRESS, metavar="A,B",
                    help="the tasks: registered dataset names or NAME=PATH items (a local file or folder); required "
                         "unless --config names them")
-    p.add_argument("--task-share", choices=["none", "A", "B"], default=argparse.SUPPRESS,
+    p.add_argument("--task-share", choices=list(TASK_SHARES), default=argparse.SUPPRESS,
                    help="what the tasks' adapters share: A (one A per module type for every task and layer; "
-                        "each task owns its B's), B, or none (an adapter each) (default: A)")
+                        "each task owns its B's), B, AB (every task reads the same A and B and owns only a core: "
+                        "--task-core), or none (an adapter each) (default: A)")
+    p.add_argument("--task-core", choices=list(TASK_CORES), default=argparse.SUPPRESS,
+                   help="with --task-share AB: each task's own part per adapted module, an r x r matrix C "
+                        "(matrix: B C A) or an r-vector c (diagonal: B diag(c) A); it starts at zero, so a new "
+                        "task starts exactly at the base model (default: none)")
+    p.add_argument("--basis-tasks", type=positive_int, default=argparse.SUPPRESS, metavar="K",
+                   help="with --continual: the first K tasks train the shared tensors (the basis) jointly in "
+                        "stage 1, then they are frozen and the other tasks follow one by one, each training only "
+                        "its own tensors and head (default: 1, the basis from the first task alone)")
+    p.add_argument("--basis-from", default=argparse.SUPPRESS, metavar="DIR",
+                   help="the task-shared tensors (A, B) from DIR (a `sharelora compress --task-core` output or an "
+                        "earlier multitask run, with the same --method, --rank, --targets and --task-share), frozen "
+                        "in every stage: each task trains only its own tensors (cores) and head")
     p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
@@ -47,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_control_arguments(p)
 
 
-MULTITASK_FIELDS = ("tasks", "task_share", "continual", "continual_train_shared", "one_adapter", "heads",
+MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "continual", "continual_train_shared", "one_adapter", "heads",
                     "router_top_k", "sampling_temperature", "task_dataset_options")
 
 

@@ -64,7 +64,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 # ShareLoraConfig fields a run sets through its own TrainConfig fields, or that belong to multi-task runs.
 _OWN_FIELDS = {"rank", "alpha", "dropout", "target_modules", "modules_to_save", "base_model_name_or_path",
-               "task_share", "task_group", "heads", "router", "router_top_k"}
+               "task_share", "task_group", "task_core", "heads", "router", "router_top_k"}
+
+# What the adapters of several tasks in one model share (multi-task runs; SPEC.md, "Sharing across tasks"):
+# none, A, B, or AB (one A and one B for every task, each task owning only a core of kind TASK_CORES).
+TASK_SHARES = ("none", "A", "B", "AB")
+TASK_CORES = ("none", "matrix", "diagonal")
 
 
 def method(name: str) -> Method:
@@ -117,6 +122,23 @@ def sharelora_config(cfg: Any, model: nn.Module | None) -> Any:
     return preset_config(cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets(cfg),
                          modules_to_save=saved_modules(cfg, model) if model is not None else [],
                          base_model_name_or_path=cfg.model, **cfg.method_options)
+
+
+def task_config(cfg: Any, model: nn.Module | None) -> Any:
+    """The ``ShareLoraConfig`` of every task adapter of multi-task run ``cfg`` (per-task layout): its method's
+    (``sharelora_config``) with the run's ``task_share`` and ``task_core`` on top.
+
+    ``task_share="AB"`` with ``task_core="matrix"`` (or ``"diagonal"``): every task reads the same A and B
+    and owns an r x r core C (or an r-vector c) per adapted module, h = W0 x + (alpha / r) B C A x.
+    """
+    core = getattr(cfg, "task_core", "none")
+    if cfg.task_share == "AB" and core == "none":
+        raise ValueError("task_share AB gives every task the same A and B, so each task needs a core of its own: "
+                         "add --task-core matrix (r x r per module) or --task-core diagonal (r per module)")
+    if core != "none" and cfg.task_share != "AB":
+        raise ValueError(f"--task-core {core} is a task's own part between a task-shared A and B; it needs "
+                         f"--task-share AB (got {cfg.task_share})")
+    return dataclasses.replace(sharelora_config(cfg, model), task_share=cfg.task_share, task_core=core)
 
 
 def method_config(cfg: Any, model: nn.Module) -> Any:

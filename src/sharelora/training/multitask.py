@@ -6,7 +6,10 @@
 What the model holds (its layout):
     per task (default): one adapter per task, named after it. ``task_share`` says what the adapters
         share (SPEC.md, "Sharing across tasks"): with ShareA and ``task_share="A"`` one A per module
-        type serves every layer and every task, and each task owns only its B's. Every task trains
+        type serves every layer and every task, and each task owns only its B's. With
+        ``task_share="AB"`` every task reads the same A and B and owns only a core per adapted module
+        (``task_core``: an r x r matrix C, "matrix", or an r-vector c, "diagonal"):
+        h = W0 x + (alpha / r) B C_t A x; the core starts at zero, so a new task starts at the base. Every task trains
         its own copy of the classification head (``modules_to_save``). A batch routes each row to
         its task's adapter and head (``adapter_names``).
     one adapter (``one_adapter=True``, and always for HydraLoRA, ``heads > 1``): one adapter for all
@@ -30,7 +33,11 @@ later stages train only their task's own tensors and head (``set_adapter(train_s
 ``continual_train_shared=True`` keeps training the shared ones), so every earlier task computes bit
 for bit what it did: its forgetting is exactly zero. After each stage, with that stage's best
 weights (the best epoch on its own task's dev), every task seen so far is scored on dev and test:
-the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). Baselines:
+the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). ``basis_tasks`` = K > 1:
+stage 1 trains the first K tasks jointly (mixed rows, as a joint run) and with them the shared
+tensors; each later stage trains one task alone with the shared tensors frozen. ``basis_from``: the
+shared tensors come from another adapter directory (a ``sharelora compress --task-core`` fit of
+existing adapters, or an earlier run) and stay frozen in every stage. Baselines:
 ``one_adapter=True`` with ``continual`` is plain sequential fine-tuning of one adapter through the
 tasks (it forgets); ``task_share="none"`` gives every task an adapter of its own.
 
@@ -68,7 +75,7 @@ from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_
 from .evaluate import eval_settings, evaluate, model_logits, read_run_info
 from .logs import plot_task_curves
 from .memory import apply_memory_options, load_options
-from .methods import head_modules, sharelora_config
+from .methods import TASK_CORES, TASK_SHARES, head_modules, sharelora_config, task_config
 from .state import atomic_save_tensors, load_tensors
 
 ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
@@ -87,7 +94,10 @@ class MultiTaskConfig(TrainConfig):
 
     tasks: list[str] = field(default_factory=lambda: ["rotten-tomatoes", "vitaminc"])
     task_share: str = "A"
+    task_core: str = "none"  # with task_share "AB": each task's own r x r ("matrix") or r ("diagonal") core
     continual: bool = False
+    basis_tasks: int = 1  # continual: the first k tasks train the shared tensors jointly (stage 1), then frozen
+    basis_from: str | None = None  # an adapter directory whose task-shared tensors every stage reads, frozen
     continual_train_shared: bool = False
     one_adapter: bool = False
     heads: int = 1  # K > 1: HydraLoRA (K routed B heads; the one-adapter layout)
@@ -132,6 +142,12 @@ class MultiTaskConfig(TrainConfig):
     def name(self) -> str:
         tasks = "+".join(self.task_datasets())
         share = "" if self.layout == "one-adapter" else f"-ts{self.task_share}"
+        if self.task_core != "none" and self.layout == "per-task":
+            share += f"-{self.task_core}"
+        if self.basis_tasks != 1:
+            share += f"-basis{self.basis_tasks}"
+        if self.basis_from is not None:
+            share += "-given"
         heads = f"{self.heads}" if self.hydra else ""
         mode = "-continual" if self.continual else "-joint"
         one = "-one" if self.one_adapter and not self.hydra else ""
@@ -152,8 +168,28 @@ class MultiTaskConfig(TrainConfig):
         if not self.tasks:
             raise ValueError("tasks is empty; name the tasks, e.g. --tasks rotten-tomatoes,vitaminc")
         self.task_datasets()
-        if self.task_share not in ("none", "A", "B"):
-            raise ValueError(f"task_share must be none, A or B, got {self.task_share!r}")
+        if self.task_share not in TASK_SHARES:
+            raise ValueError(f"task_share must be none, A, B or AB, got {self.task_share!r}")
+        if self.task_core not in TASK_CORES:
+            raise ValueError(f"task_core must be one of {', '.join(TASK_CORES)}, got {self.task_core!r}")
+        if self.layout == "one-adapter" and (self.task_core != "none" or self.task_share == "AB"):
+            raise ValueError("task cores (--task-share AB --task-core ...) give every task an adapter of its own; "
+                             "drop --one-adapter / --heads")
+        if self.layout == "per-task":
+            task_config(self, None)  # task_share and task_core agree
+        if not isinstance(self.basis_tasks, int) or not 1 <= self.basis_tasks <= len(self.tasks):
+            raise ValueError(f"basis_tasks must be an integer from 1 to the number of tasks ({len(self.tasks)}), "
+                             f"got {self.basis_tasks!r}")
+        if self.basis_from is not None:
+            if self.layout != "per-task" or self.task_share == "none":
+                raise ValueError("--basis-from reads the task-shared tensors of another run; give the tasks "
+                                 "shared tensors to read (--task-share A, B or AB) and no --one-adapter / --heads")
+            if self.basis_tasks != 1 or self.continual_train_shared:
+                raise ValueError("--basis-from freezes a given basis for every task; drop --basis-tasks and "
+                                 "--continual-train-shared")
+        if self.basis_tasks > 1 and not self.continual:
+            raise ValueError("--basis-tasks K trains the shared tensors jointly on the first K tasks and then "
+                             "freezes them for the rest, one task after another: add --continual")
         if not isinstance(self.heads, int) or self.heads < 1:
             raise ValueError(f"heads must be a positive integer, got {self.heads!r} (HydraLoRA: 2 or more)")
         if self.router_top_k is not None and not (self.hydra and 1 <= self.router_top_k <= self.heads):
@@ -300,11 +336,43 @@ def build_model(base: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> nn.M
     if cfg.layout == "one-adapter":
         config = dataclasses.replace(config, heads=cfg.heads, router=cfg.hydra, router_top_k=cfg.router_top_k)
         return get_sharelora_model(base, config, adapter_name=ONE_ADAPTER)
-    config = dataclasses.replace(config, task_share=cfg.task_share)
+    config = task_config(cfg, base)
     model = get_sharelora_model(base, config, adapter_name=tasks[0])
     for name in tasks[1:]:
         model.add_adapter(name, dataclasses.replace(config))
     return model
+
+
+def load_basis(model: nn.Module, source: str | Path) -> list[str]:
+    """Copy the task-shared tensors (``@<group>/...``: the shared A and B) of adapter directory ``source`` (a
+    run or ``sharelora compress`` directory, or its adapter/) into ``model``; returns their keys.
+
+    The keys and shapes must be the model's: the same method (share), rank, targets and task_share.
+    """
+    from ..method.checkpoint import WEIGHTS_NAME, read_safetensors
+
+    root = Path(source)
+    folder = root / "adapter" if (root / "adapter" / WEIGHTS_NAME).is_file() else root
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise ValueError(f"--basis-from {source}: no {WEIGHTS_NAME} there or in its adapter/; give a multitask run "
+                         "or a `sharelora compress` output directory")
+    theirs, _ = read_safetensors(folder / WEIGHTS_NAME)
+    mine = {k: p for k, p in model.multi_adapter_state_dict().items() if k.startswith("@")}
+    given = {k: v for k, v in theirs.items() if k.startswith("@")}
+    fix = ("build the basis with the same --method (share), --rank, --targets and --task-share as this run "
+           "(e.g. sharelora compress OUT a=DIR b=DIR --rank 8 --share A --task-core matrix for --method sharea "
+           "--task-share AB)")
+    if not given:
+        raise ValueError(f"--basis-from {source} holds no task-shared tensors (@group/...); {fix}")
+    missing, extra = sorted(set(mine) - set(given)), sorted(set(given) - set(mine))
+    shapes = [k for k in set(mine) & set(given) if mine[k].shape != given[k].shape]
+    if missing or extra or shapes:
+        raise ValueError(f"--basis-from {source} does not fit this run's shared tensors (missing {missing[:2]}, "
+                         f"extra {extra[:2]}, other shapes {sorted(shapes)[:2]}); {fix}")
+    with torch.no_grad():
+        for k, p in mine.items():
+            p.copy_(given[k].to(device=p.device, dtype=p.dtype))
+    return sorted(mine)
 
 
 def parameter_summary(model: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> dict[str, Any]:
@@ -382,8 +450,11 @@ class MultiTaskRun(Run):
             # fp32 master weights (start_stage then picks what a stage trains).
             self.core.set_adapter(self.adapters(self.names), train_shared=True)
             apply_memory_options(self.core, cfg)
+        if cfg.basis_from is not None:  # before any checkpoint is restored: a resume reads the same basis
+            load_basis(self.core, cfg.basis_from)
         self.model = self.core  # the model a step calls: wrapped per stage (begin_stage)
-        stages = [[n] for n in self.names] if cfg.continual else [list(self.names)]
+        k = cfg.basis_tasks  # continual: the first k tasks in one joint stage, which trains the shared tensors
+        stages = [self.names[:k]] + [[n] for n in self.names[k:]] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in names]) for names in stages]
         self.stages = [Stage(k, len(self.mixed[k].split), self._order_of(k), tasks=names)
                        for k, names in enumerate(stages)]
@@ -407,7 +478,8 @@ class MultiTaskRun(Run):
     def start_stage(self, stage: Stage) -> None:
         """Stage k's tensors trainable (and no others): its tasks' own ones; the shared ones in stage 1 only
         (unless ``continual_train_shared``)."""
-        shared = stage.index == 0 or self.cfg.continual_train_shared or self.cfg.layout == "one-adapter"
+        shared = ((stage.index == 0 and self.cfg.basis_from is None) or self.cfg.continual_train_shared
+                  or self.cfg.layout == "one-adapter")
         self.core.set_adapter(self.adapters(stage.tasks), train_shared=shared)
         self._own: dict[str, list[torch.nn.Parameter]] | None = None
 
@@ -526,6 +598,7 @@ class MultiTaskRun(Run):
         results: dict[str, Any] = {
             **self.common_results(), "method": cfg.method_label, "layout": cfg.layout,
             "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
+            "task_core": cfg.task_core, "basis_tasks": cfg.basis_tasks, "basis_from": cfg.basis_from,
             "continual": cfg.continual, "metric": metric, "tasks": tasks,
             "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
                      for split in ("dev", "test")},
