@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..training.methods import TASK_CORES, TASK_SHARES
 from .common import (
     CliError, add_run_arguments, config_from_args, csv_list, not_pretrained_note, positive_float, positive_int,
     read_config_arg,
@@ -15,6 +14,8 @@ from .train import add_run_control_arguments, start_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..training.methods import TASK_CORES, TASK_SHARES  # [train]: imported here, so a missing extra is one line
+
     p.description = (
         "Train one model on several classification tasks: jointly on mixed-task batches (default) or one task "
         "after another (--continual), a head per task, per-task dev metrics every epoch, the best checkpoint on "
