@@ -1039,25 +1039,7 @@ def _wordnet_instructions(source: Source, path: Path, paths: list[Path], seed: i
             if not all("/" in t for t in tagged):
                 raise SourceError(f"{wsj}, line {n}: a token without its /TAG")
             add("pos-tagging", " ".join(t.rsplit("/", 1)[0] for t in tagged), [" ".join(tagged)])
-    names = list(_WN_INSTRUCTIONS)
-    if subtasks is not None:
-        wanted = [subtasks] if isinstance(subtasks, str) else list(subtasks)
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise SourceError(f"wordnet-instructions has no subtask(s) {unknown}; subtasks: {names}")
-        names = [n for n in names if n in wanted]
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    per_task = {}
-    for name in names:
-        task_rows = [r for r in rows[name] if max_input_chars is None or len(r["input"]) <= max_input_chars]
-        task_rows = seeded_order(task_rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
-        if max_per_task is not None:
-            task_rows = task_rows[:max_per_task]
-        per_task[name] = _add_task_rows(splits, task_rows, dev_fraction, test_fraction)
-    splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
-    return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
-                    {"subtasks": names, "per_task": per_task,
-                     "available_per_task": {k: len(v) for k, v in rows.items()}})
+    return _instruction_task(source, "wordnet-instructions", rows, subtasks, seed, max_per_task, dev_fraction, test_fraction, max_input_chars)
 
 
 _WN_NOUN_INSTRUCTIONS = {
@@ -1101,25 +1083,7 @@ def _wordnet_noun_instructions(source: Source, path: Path, paths: list[Path], se
     rows = {task: [{"instruction": _WN_NOUN_INSTRUCTIONS[task], "input": w, "output": outs[0], "references": outs,
                     "task": task} for w, outs in sorted(answers[task].items()) if outs]
             for task in _WN_NOUN_INSTRUCTIONS}
-    names = list(_WN_NOUN_INSTRUCTIONS)
-    if subtasks is not None:
-        wanted = [subtasks] if isinstance(subtasks, str) else list(subtasks)
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise SourceError(f"{source.name} has no subtask(s) {unknown}; subtasks: {names}")
-        names = [n for n in names if n in wanted]
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    per_task = {}
-    for name in names:
-        task_rows = [r for r in rows[name] if max_input_chars is None or len(r["input"]) <= max_input_chars]
-        task_rows = seeded_order(task_rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
-        if max_per_task is not None:
-            task_rows = task_rows[:max_per_task]
-        per_task[name] = _add_task_rows(splits, task_rows, dev_fraction, test_fraction)
-    splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
-    return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
-                    {"subtasks": names, "per_task": per_task, "synsets": len(picked),
-                     "available_per_task": {k: len(v) for k, v in rows.items()}})
+    return _instruction_task(source, source.name, rows, subtasks, seed, max_per_task, dev_fraction, test_fraction, max_input_chars, {"synsets": len(picked)})
 
 
 _BUILDERS: dict[str, Callable[..., TaskData]] = {
@@ -1819,3 +1783,28 @@ def _load_hub(spec: str, *, config: str | None = None, split_map: dict[str, str]
     return TaskData(f"hub:{spec}", task_type, splits, label_names, text_fields,
                     {"source": f"hub:{spec}", "config": config, "notes": notes,
                      "sizes": {k: len(v) for k, v in splits.items()}, "fingerprint": fingerprint(splits)})
+
+
+def _instruction_task(source: Source, what: str, rows: dict[str, list[dict]], subtasks, seed: int,
+                      max_per_task: int | None, dev_fraction: float, test_fraction: float,
+                      max_input_chars: int | None, extra_info: dict | None = None) -> TaskData:
+    """Instruction rows grouped by subtask -> seeded per-subtask dev/test/train cuts (``_add_task_rows``)."""
+    names = list(rows)
+    if subtasks is not None:
+        wanted = [subtasks] if isinstance(subtasks, str) else list(subtasks)
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise SourceError(f"{what} has no subtask(s) {unknown}; subtasks: {names}")
+        names = [n for n in names if n in wanted]
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    per_task = {}
+    for name in names:
+        task_rows = [r for r in rows[name] if max_input_chars is None or len(r["input"]) <= max_input_chars]
+        task_rows = seeded_order(task_rows, seed, key=lambda r: r["task"] + "\n" + r["input"])
+        if max_per_task is not None:
+            task_rows = task_rows[:max_per_task]
+        per_task[name] = _add_task_rows(splits, task_rows, dev_fraction, test_fraction)
+    splits = {s: seeded_order(rs, seed + 1, key=lambda r: r["task"] + "\n" + r["input"]) for s, rs in splits.items()}
+    return TaskData(source.name, "instruction", splits, None, ("instruction", "input"),
+                    {"subtasks": names, "per_task": per_task, **(extra_info or {}),
+                     "available_per_task": {k: len(v) for k, v in rows.items()}})
