@@ -76,8 +76,9 @@ def build_adapters(base, out: Path, n: int, rank: int, targets: list[str], seed:
     return dirs
 
 
-def run_clients(call, jobs: list, clients: int) -> dict:
-    """Run ``call(job) -> (token ids, latency s)`` for every job from ``clients`` threads."""
+def threaded_calls(call, jobs: list, clients: int) -> tuple[list, float]:
+    """``call(job)`` for every job from ``clients`` threads: (the results in job order, wall seconds).
+    The first error a client meets stops that client and is raised once all threads have finished."""
     results: list = [None] * len(jobs)
     lock = threading.Lock()
     todo = iter(range(len(jobs)))
@@ -104,12 +105,24 @@ def run_clients(call, jobs: list, clients: int) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
+    return results, wall
+
+
+def p50_p95(values: list[float]) -> tuple[float, float]:
+    """Median and 95th percentile (inclusive method; one value is both)."""
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0], v[0]
+    return statistics.median(v), statistics.quantiles(v, n=20, method="inclusive")[18]
+
+
+def run_clients(call, jobs: list, clients: int) -> dict:
+    """Run ``call(job) -> (token ids, latency s)`` for every job from ``clients`` threads."""
+    results, wall = threaded_calls(call, jobs, clients)
     tokens = sum(len(r[0]) for r in results)
-    lat = sorted(r[1] for r in results)
-    q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) > 1 else [lat[0]] * 19
+    p50, p95 = p50_p95([r[1] for r in results])
     return {"requests": len(jobs), "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-            "p50_s": round(statistics.median(lat), 3), "p95_s": round(q[18], 3),
-            "outputs": [r[0] for r in results]}
+            "p50_s": round(p50, 3), "p95_s": round(p95, 3), "outputs": [r[0] for r in results]}
 
 
 def main(argv: list[str] | None = None) -> int:

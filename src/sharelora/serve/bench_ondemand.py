@@ -51,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-from .bench import _cpus, make_prompts
+from .bench import _cpus, make_prompts, p50_p95, threaded_calls
 
 GROUP = "bench"
 
@@ -66,13 +66,6 @@ def _rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _quantiles(values: list[float]) -> tuple[float, float]:
-    v = sorted(values)
-    if len(v) == 1:
-        return v[0], v[0]
-    return statistics.median(v), statistics.quantiles(v, n=20, method="inclusive")[18]
 
 
 # --- adapters on disk ------------------------------------------------------------------------------------
@@ -149,36 +142,6 @@ class _Server:
         self.sock.close()
 
 
-def _run_clients(call, jobs: list, clients: int) -> dict:
-    results: list = [None] * len(jobs)
-    errors: list = []
-    lock = threading.Lock()
-    todo = iter(range(len(jobs)))
-
-    def client() -> None:
-        while True:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
-            try:
-                results[i] = call(jobs[i])
-            except Exception as e:  # noqa: BLE001 - reported
-                errors.append(e)
-                return
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return {"wall_s": wall, "results": results}
-
-
 def _generate(server: _Server, prompts: list[str], names: list[str], new_tokens: int, clients: int) -> dict:
     def call(job):
         prompt, model = job
@@ -188,12 +151,12 @@ def _generate(server: _Server, prompts: list[str], names: list[str], new_tokens:
         return r.usage.completion_tokens, time.perf_counter() - t0
 
     before = server.pool.stats()
-    out = _run_clients(call, list(zip(prompts, names)), clients)
+    results, wall = threaded_calls(call, list(zip(prompts, names)), clients)
     after = server.pool.stats()
-    tokens = sum(r[0] for r in out["results"])
-    p50, p95 = _quantiles([r[1] for r in out["results"]])
-    return {"requests": len(prompts), "tokens": tokens, "wall_s": round(out["wall_s"], 2),
-            "tokens_per_s": round(tokens / out["wall_s"], 2), "p50_s": round(p50, 3), "p95_s": round(p95, 3),
+    tokens = sum(r[0] for r in results)
+    p50, p95 = p50_p95([r[1] for r in results])
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 2), "p50_s": round(p50, 3), "p95_s": round(p95, 3),
             "loads": after.loads - before.loads, "evictions": after.evictions - before.evictions,
             "resident_after": after.resident}
 
@@ -203,10 +166,10 @@ def _score_http(server: _Server, prompts: list[list[int]], model: str, clients: 
         r = server.client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=1)
         return r.usage.prompt_tokens, r.choices[0].logprobs.token_logprobs
 
-    out = _run_clients(call, prompts, clients)
-    tokens = sum(r[0] for r in out["results"])
-    return {"prompts": len(prompts), "prompt_tokens": tokens, "wall_s": round(out["wall_s"], 2),
-            "prompt_tokens_per_s": round(tokens / out["wall_s"], 1), "logprobs": [r[1] for r in out["results"]]}
+    results, wall = threaded_calls(call, prompts, clients)
+    tokens = sum(r[0] for r in results)
+    return {"prompts": len(prompts), "prompt_tokens": tokens, "wall_s": round(wall, 2),
+            "prompt_tokens_per_s": round(tokens / wall, 1), "logprobs": [r[1] for r in results]}
 
 
 def _score_offline(served, prompts: list[list[int]], model: str) -> dict:
@@ -265,8 +228,8 @@ def _step_times(models: dict[str, tuple], rows: int, steps: int, context: int = 
 def _warm(server: _Server, names: list[str], clients: int) -> list[float]:
     """Load ``names`` (a 1-token request each); the pool's load seconds."""
     before = len(server.pool.load_seconds)
-    _run_clients(lambda n: server.client.completions.create(model=n, prompt="Hello", max_tokens=1, temperature=0),
-                 names, clients)
+    threaded_calls(lambda n: server.client.completions.create(model=n, prompt="Hello", max_tokens=1, temperature=0),
+                   names, clients)
     return list(server.pool.load_seconds)[before:]
 
 
@@ -447,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 def _lat(values: list[float]) -> dict:
     if not values:
         return {"count": 0}
-    p50, p95 = _quantiles(values)
+    p50, p95 = p50_p95(values)
     return {"count": len(values), "p50_s": round(p50, 4), "p95_s": round(p95, 4)}
 
 
