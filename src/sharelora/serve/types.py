@@ -65,6 +65,18 @@ class _Request(BaseModel):
             raise PydanticCustomError("lone_surrogate", "{field} " + NOT_UNICODE, {"field": where})
         return self
 
+    def unsupported(self) -> str | None:
+        """The first field set to something other than its neutral value (``_NEUTRAL``), then the first
+        such field of its ``messages`` (as ``messages.<i>.<field>``), or None."""
+        for name in type(self).model_fields:
+            if name in _NEUTRAL and getattr(self, name) not in _NEUTRAL[name]:
+                return name
+        for i, m in enumerate(getattr(self, "messages", None) or []):
+            field = m.unsupported()
+            if field is not None:
+                return f"messages.{i}.{field}"
+        return None
+
 
 # the neutral value(s) of each field a request may send but this server does not implement (n, logprobs,
 # top_logprobs and echo are implemented: see CompletionRequest and ChatCompletionRequest); vLLM's extensions
@@ -75,16 +87,8 @@ _NEUTRAL: dict[str, tuple] = {
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,), "chat_template": (None,), "chat_template_kwargs": (None, {}),
-    "continue_final_message": (None, False), "mm_processor_kwargs": (None, {}),
+    "continue_final_message": (None, False), "mm_processor_kwargs": (None, {}), "tool_calls": (None, []),
 }
-
-
-def _first_unsupported(request: BaseModel) -> str | None:
-    """The first field of ``request`` set to something other than its neutral value (``_NEUTRAL``), or None."""
-    for name in type(request).model_fields:
-        if name in _NEUTRAL and getattr(request, name) not in _NEUTRAL[name]:
-            return name
-    return None
 
 
 class StreamOptions(_Request):
@@ -109,10 +113,6 @@ class _Sampling(_Request):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-
-    def unsupported(self) -> str | None:
-        """The first field set to something this server does not do, or None."""
-        return _first_unsupported(self)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -146,12 +146,6 @@ class ChatMessage(_Request):
     function_call: Any = None
     refusal: str | None = None
     audio: Any = None
-
-    def unsupported(self) -> str | None:
-        for name in ("tool_calls", "function_call", "audio"):
-            if getattr(self, name) not in _NEUTRAL.get(name, (None, [])):
-                return name
-        return None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -188,16 +182,6 @@ class ChatCompletionRequest(_Sampling):
     web_search_options: Any = None
     parallel_tool_calls: bool | None = None  # no tools are called, so it changes nothing
 
-    def unsupported(self) -> str | None:
-        field = super().unsupported()
-        if field is not None:
-            return field
-        for i, m in enumerate(self.messages):
-            field = m.unsupported()
-            if field is not None:
-                return f"messages.{i}.{field}"
-        return None
-
 
 class TokenizeRequest(_Request):
     """vLLM's ``POST /tokenize``: a ``prompt`` (``add_special_tokens`` default true) or chat ``messages``
@@ -216,16 +200,6 @@ class TokenizeRequest(_Request):
     tools: Any = None
     continue_final_message: Any = None
     mm_processor_kwargs: Any = None
-
-    def unsupported(self) -> str | None:
-        field = _first_unsupported(self)
-        if field is not None:
-            return field
-        for i, m in enumerate(self.messages or []):
-            field = m.unsupported()
-            if field is not None:
-                return f"messages.{i}.{field}"
-        return None
 
 
 class TokenizeResponse(BaseModel):
@@ -276,18 +250,24 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int = 0
-    text: str
     logprobs: dict | None = None
     finish_reason: str | None = None
 
 
-class Completion(BaseModel):
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -297,18 +277,12 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: dict | None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -318,17 +292,11 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
-    logprobs: dict | None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
