@@ -28,7 +28,7 @@ from .layers import SharedDownProjection, ShareLoraLayer, bank_name, clear_live
 from .modules_to_save import ModulesToSave
 from .quantized import keep_trainable
 from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
-                   init_tensor, plain_modules, same_input_set)
+                   identity_core, init_tensor, plain_modules, same_input_set)
 from .routing import Routing
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -173,12 +173,14 @@ class ShareLoraModel(nn.Module):
         ref = next(base.parameters(), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
-        creates_basis = False
+        # a task-shared tensor its group already has is reused; the adapter that creates the basis trains it
+        creates_basis = any(spec.task_shared and bank_name(key) not in self.sharelora_bank
+                            for key, spec in plan.tensors.items())
         for key, spec in plan.tensors.items():
-            if bank_name(key) not in self.sharelora_bank:  # a task-shared tensor its group already has is reused
-                creates_basis |= spec.task_shared
+            if bank_name(key) not in self.sharelora_bank:
                 self.sharelora_bank[bank_name(key)] = nn.Parameter(
-                    init_tensor(spec, config.init_lora_weights, dtype, device, config.task_core), requires_grad=False)
+                    init_tensor(spec, config.init_lora_weights, dtype, device, config.task_core, config.basis_init,
+                                trains_basis=creates_basis), requires_grad=False)
         if creates_basis and config.task_core != "none":
             self._basis_owner[config.task_group] = adapter_name
         for module_name, targets in plan.targets_by_module().items():
@@ -211,8 +213,10 @@ class ShareLoraModel(nn.Module):
         outputs stay bit-identical); ``True`` trains them. The default (None) trains them too,
         except for task-core adapters (``task_share="AB"``): their group's basis A, B trains only
         while the adapter that created it (``basis_owner``, the group's first) is active, so a
-        later task trains its cores and head alone. A model loaded with ``is_trainable=False``
-        stays frozen.
+        later task trains its cores and head alone. With ``basis_init="lora"`` an untrained basis
+        has B = 0, so an adapter with a zero core that should train it needs an identity core first
+        (``init_cores(names, trains_basis=True)``; the owner has one). A model loaded with
+        ``is_trainable=False`` stays frozen.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
@@ -222,6 +226,41 @@ class ShareLoraModel(nn.Module):
             raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
         self._train_shared = None if train_shared is None else bool(train_shared)
         self._activate(list(dict.fromkeys(names)))
+
+    @torch.no_grad()
+    def init_cores(self, adapter_names: list[str], trains_basis: bool) -> None:
+        """Set the cores of task-core adapters ``adapter_names`` to where training starts.
+
+        ``trains_basis=True``: the adapters train their group's basis (jointly, e.g. the first k
+        tasks of a continual run), which must be untrained, B = 0 (``basis_init="lora"``): each
+        core becomes the identity (ones for diagonal cores), so each adapter is the ShareLoRA
+        adapter B A, still exactly the base model. Without it the basis would get no gradient
+        (B = 0 and C = 0). ``False``: the cores become zero, so the adapters compute the base model
+        on any basis (e.g. after a given basis was loaded). Refused for a trained basis (B != 0)
+        with ``True``: the adapters would start at B A, not at the base model.
+        """
+        unknown = [n for n in adapter_names if n not in self.sharelora_configs]
+        if unknown:
+            raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
+        plain = [n for n in adapter_names if self.sharelora_configs[n].task_core == "none"]
+        if plain:
+            raise ShareLoraError(f"adapters {plain} have no task cores (task_core='none'); init_cores sets the cores "
+                                 "of task_share='AB' adapters")
+        for name in adapter_names:
+            plan = self.plans[name]
+            if trains_basis:
+                trained = [k for k, spec in plan.shared_tensors().items()
+                           if spec.role == "B" and self.sharelora_bank[bank_name(k)].count_nonzero() > 0]
+                if trained:
+                    raise ShareLoraError(
+                        f"adapter {name!r}: its group's basis is not untrained (B != 0, e.g. {trained[0]}; "
+                        f"basis_init={self.sharelora_configs[name].basis_init!r}), so an identity core would start it at "
+                        "B A instead of the base model; train its core from zero (init_cores(names, trains_basis=False)) "
+                        "or give the joint tasks a new task_group")
+            for key, spec in plan.own_tensors().items():
+                if spec.role == "C":
+                    core = self.sharelora_bank[bank_name(key)]
+                    identity_core(core) if trains_basis else core.zero_()
 
     def basis_owner(self, task_group: str) -> str | None:
         """The task-core adapter whose activation trains ``task_group``'s shared A and B by default.
@@ -657,7 +696,7 @@ class ShareLoraModel(nn.Module):
 
     def _check_same_config(self, name: str, saved: ShareLoraConfig, directory) -> None:
         # The fields that only name things may differ; every other one decides what the tensors compute.
-        ignore = {"base_model_name_or_path", "format_version"}
+        ignore = {"base_model_name_or_path", "format_version", "basis_init"}  # basis_init: only how tensors start
         mine, theirs = self.sharelora_configs[name].to_dict(), saved.to_dict()
         differ = sorted(k for k in set(mine) | set(theirs) if k not in ignore and mine.get(k) != theirs.get(k))
         if differ:

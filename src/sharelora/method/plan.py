@@ -483,23 +483,41 @@ def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
 
 
 def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device,
-                task_core: str = "none") -> torch.Tensor:
+                task_core: str = "none", basis_init: str = "lora", trains_basis: bool = False) -> torch.Tensor:
     """LoRA's initialisation: A ~ Kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0, so B A = 0.
 
     A router (HydraLoRA) is Kaiming-uniform too: random routing breaks the symmetry between heads
     that all start at B_k = 0 (uniform weights would give every head the same gradient forever).
 
-    With a task core (``task_core`` "matrix" / "diagonal") the core C is 0, so B C A = 0 and every
-    new adapter starts at the base model, and B is Kaiming-uniform like A (as VeRA's frozen A and
-    B): with B = 0 and C = 0 neither would get a gradient (dL/dC = s B^T g (A x)^T, dL/dB = s g
-    (C A x)^T). A zero core with a random or trained basis gets the gradient s B^T g (A x)^T, so a
-    later task trains its core from zero with the basis frozen; the basis gets gradients once the
-    core is not zero. ``init_lora_weights=False`` (tests only) makes every tensor random.
+    With a task core (``task_core`` "matrix" / "diagonal"; the update is s B C A x) and
+    ``basis_init="lora"`` (default) the basis is LoRA's (A random, B = 0) and the core C is the
+    identity I_r (diagonal: ones) for an adapter that trains the untrained basis
+    (``trains_basis``: the one whose add_adapter creates it), else 0. B = 0 makes every adapter
+    the base model at start; with C = I the basis-training adapter is exactly the ShareLoRA
+    adapter B A (dL/dB = s g (A x)^T, dL/dA = s B^T g x^T: LoRA's gradients), and a zero core on
+    the trained basis gets dL/dC = s B^T g (A x)^T. ``basis_init="random"``: B Kaiming-uniform
+    like A (as VeRA's frozen A and B) and every core 0 (B = 0 and C = 0 together would give no
+    gradient to anything). ``init_lora_weights=False`` (tests only) makes every tensor random.
     """
     t = torch.empty(spec.shape, dtype=torch.float32, device=device)
-    random = spec.role in ("A", "R") or not init_lora_weights or (spec.role == "B" and task_core != "none")
-    if random:
+    random_basis = task_core != "none" and basis_init == "random"
+    if spec.role == "C" and init_lora_weights:
+        if trains_basis and basis_init == "lora":
+            identity_core(t)
+        else:
+            nn.init.zeros_(t)
+    elif spec.role in ("A", "R") or not init_lora_weights or (spec.role == "B" and random_basis):
         nn.init.kaiming_uniform_(t.view(1, -1) if t.dim() == 1 else t, a=5**0.5)
     else:
         nn.init.zeros_(t)
     return t.to(dtype)
+
+
+@torch.no_grad()
+def identity_core(core: torch.Tensor) -> torch.Tensor:
+    """Set a task core to the identity in place: I_r for an (r, r) matrix core, ones for an (r,) diagonal one."""
+    if core.dim() == 1:
+        return core.fill_(1.0)
+    core.zero_()
+    core.diagonal().fill_(1.0)
+    return core
