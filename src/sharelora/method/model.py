@@ -11,6 +11,7 @@ tensors it reads and each tensor exists once in ``sharelora_bank``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
@@ -159,6 +160,8 @@ class ShareLoraModel(nn.Module):
         if not isinstance(config, ShareLoraConfig):
             raise ShareLoraError(f"config must be a ShareLoraConfig, got {type(config).__name__}")
         config.validate()
+        if config.task_core != "none" and config.basis_growth is None:  # read every growth block the group has
+            config = dataclasses.replace(config, basis_growth=self._group_growth(config.task_group))
         base = self.base_model
         plan = build_plan(base, config, adapter_name)
         check_task_group(adapter_name, config, plan,
@@ -174,7 +177,7 @@ class ShareLoraModel(nn.Module):
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
         # a task-shared tensor its group already has is reused; the adapter that creates the basis trains it
-        creates_basis = any(spec.task_shared and bank_name(key) not in self.sharelora_bank
+        creates_basis = any(spec.task_shared and spec.grown_by is None and bank_name(key) not in self.sharelora_bank
                             for key, spec in plan.tensors.items())
         for key, spec in plan.tensors.items():
             if bank_name(key) not in self.sharelora_bank:
@@ -183,6 +186,8 @@ class ShareLoraModel(nn.Module):
                                 trains_basis=creates_basis), requires_grad=False)
         if creates_basis and config.task_core != "none":
             self._basis_owner[config.task_group] = adapter_name
+        if config.grow_basis and config.basis_init == "lora":
+            self._start_growth(adapter_name, plan, config)
         for module_name, targets in plan.targets_by_module().items():
             module = base.get_submodule(module_name)
             if isinstance(module, ShareLoraLayer):
@@ -261,6 +266,35 @@ class ShareLoraModel(nn.Module):
                 if spec.role == "C":
                     core = self.sharelora_bank[bank_name(key)]
                     identity_core(core) if trains_basis else core.zero_()
+            cfg = self.sharelora_configs[name]
+            if not trains_basis and cfg.grow_basis and cfg.basis_init == "lora":
+                self._start_growth(name, plan, cfg)
+
+    def _group_growth(self, task_group: str) -> list[list]:
+        """[[adapter, g], ...]: the basis growth blocks of ``task_group``, in the order they were added."""
+        blocks: dict[str, int] = {}
+        for name, cfg in self.sharelora_configs.items():
+            if cfg.task_group == task_group and cfg.task_core != "none":
+                for owner, g in (cfg.basis_growth or []) + ([[name, cfg.grow_basis]] if cfg.grow_basis else []):
+                    blocks.setdefault(owner, g)
+        return [[owner, g] for owner, g in blocks.items()]
+
+    @torch.no_grad()
+    def _start_growth(self, name: str, plan: SharingPlan, cfg: ShareLoraConfig) -> None:
+        """A growing adapter's start: its own block of every core the identity, if its new B's are still 0
+        (then B_g I A_g = 0: the adapter computes the base model and its new directions train as a LoRA)."""
+        grown_B = [k for k, s in plan.grown_tensors().items() if s.role == "B"]
+        if any(self.sharelora_bank[bank_name(k)].count_nonzero() > 0 for k in grown_B):
+            return
+        start = cfg.rank + sum(g for _, g in cfg.basis_growth or [])
+        block = slice(start, start + cfg.grow_basis)
+        for key, spec in plan.own_tensors().items():
+            if spec.role == "C":
+                core = self.sharelora_bank[bank_name(key)]
+                if core.dim() == 1:
+                    core[block] = 1.0
+                else:
+                    core[block, block] = torch.eye(cfg.grow_basis, dtype=core.dtype, device=core.device)
 
     def basis_owner(self, task_group: str) -> str | None:
         """The task-core adapter whose activation trains ``task_group``'s shared A and B by default.
@@ -287,7 +321,7 @@ class ShareLoraModel(nn.Module):
         if self._trainable:
             for n in names:
                 plan = self.plans[n]
-                trainable |= {bank_name(k) for k in plan.own_tensors()}
+                trainable |= {bank_name(k) for k in plan.added_tensors()}  # its own and the basis blocks it grew
                 if self._trains_shared(n, names):
                     trainable |= {bank_name(k) for k in plan.shared_tensors()}
         for key, p in self.sharelora_bank._parameters.items():  # its own dict: ParameterDict.items() is ~5x slower
@@ -348,7 +382,7 @@ class ShareLoraModel(nn.Module):
                 if slot is None:
                     continue
                 slot.shared_down = None
-                if slot.whole and slot.heads == 1:
+                if slot.whole and slot.heads == 1 and not slot.grown:  # a grown basis: its own x [A; A_g]^T
                     parent, _, leaf = name.rpartition(".")
                     kind = same_input_set(leaf)
                     groups.setdefault((parent, slot.keys[0][0] if kind is None else kind), []).append(slot)
@@ -444,7 +478,9 @@ class ShareLoraModel(nn.Module):
         once), ``adapters`` has each adapter's own and shared counts, and
         ``separate_lora_parameters`` is what one plain LoRA per adapter would train. A task-core
         adapter's ``own_parameters`` are its cores (L r^2 or L r per module type), what one more
-        task of its group adds (heads apart, in ``modules_to_save_parameters``).
+        task of its group adds (heads apart, in ``modules_to_save_parameters``); an adapter that
+        grew the basis (``grow_basis``) adds its new directions too (``grown_parameters``, also in
+        ``task_shared_parameters``: they are stored with the group, which later tasks read).
         """
         plan = self.plan
         adapter = sum(p.numel() for p in self.sharelora_bank.values())
@@ -456,8 +492,9 @@ class ShareLoraModel(nn.Module):
             per_adapter[name] = {
                 "share": cfg.share, "task_share": cfg.task_share, "task_group": cfg.task_group, "rank": cfg.rank,
                 "heads": cfg.heads, "task_core": cfg.task_core,
-                "own_parameters": sum(s.numel for s in p.own_tensors().values()),
-                "shared_parameters": sum(s.numel for s in p.shared_tensors().values()),
+                "own_parameters": sum(s.numel for s in p.added_tensors().values()),
+                "shared_parameters": sum(s.numel for k, s in p.shared_tensors().items() if k not in p.grown_tensors()),
+                "grown_parameters": sum(s.numel for s in p.grown_tensors().values()),
                 "modules_to_save_parameters": self._saved_parameters(name),
                 "lora_equivalent_parameters": p.lora_equivalent(),
             }
