@@ -32,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--task-core), or none (an adapter each) (default: A)")
     p.add_argument("--task-core", choices=list(TASK_CORES), default=argparse.SUPPRESS,
                    help="with --task-share AB: each task's own part per adapted module, an r x r matrix C "
-                        "(matrix: B C A) or an r-vector c (diagonal: B diag(c) A); it starts at zero, so a new "
-                        "task starts exactly at the base model (default: none)")
+                        "(matrix: B C A) or an r-vector c (diagonal: B diag(c) A). The tasks that train the basis "
+                        "start as a ShareLoRA adapter (B = 0, core = identity), the others at core 0 on the trained "
+                        "basis, so every task starts exactly at the base model (--method-option basis_init=random: "
+                        "the earlier random B and zero cores) (default: none)")
     p.add_argument("--basis-tasks", type=positive_int, default=argparse.SUPPRESS, metavar="K",
                    help="with --continual: the first K tasks train the shared tensors (the basis) jointly in "
                         "stage 1, then they are frozen and the other tasks follow one by one, each training only "
@@ -42,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the task-shared tensors (A, B) from DIR (a `sharelora compress --task-core` output or an "
                         "earlier multitask run, with the same --method, --rank, --targets and --task-share), frozen "
                         "in every stage: each task trains only its own tensors (cores) and head")
+    p.add_argument("--grow-basis", type=int, default=argparse.SUPPRESS, metavar="G",
+                   help="with task cores and --continual: every task after the basis stage adds G new directions "
+                        "to the shared A and B (trained by it alone, read by the later tasks; the earlier tasks "
+                        "stay bit-identical); results.json records each task's basis fit (default: 0)")
     p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
@@ -62,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_control_arguments(p)
 
 
-MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "continual", "continual_train_shared", "one_adapter", "heads",
+MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "grow_basis", "continual", "continual_train_shared", "one_adapter", "heads",
                     "router_top_k", "sampling_temperature", "task_dataset_options")
 
 
