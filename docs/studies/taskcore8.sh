@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The many-task study of issue 25 on eight real tasks, three seeds (docs/RESULTS_MULTITASK.md, "The N-th task
+# nearly free on eight tasks"). MiniLM, r = 8, query/value; a very small CPU budget per task.
+#
+#   bash docs/studies/taskcore8.sh OUT probe    # seed-0 separate LoRA on every candidate task (dev decides)
+#   python docs/studies/taskcore8_select.py OUT # -> OUT/tasks.txt: the tasks of the study, chosen on dev only
+#   bash docs/studies/taskcore8.sh OUT main     # separate LoRA / ShareA, continual ShareA, VeRA, compression
+#   bash docs/studies/taskcore8.sh OUT cores    # the continual task-core rows (task-shared A and B)
+#
+# Every phase is a list of jobs; start the same phase twice (two workers, one core each) and they share the
+# list: a job is claimed with mkdir (atomic), done jobs are skipped, a job waits for the jobs it needs.
+# Rerunning resumes (`--resume`). Seed 0 first, so a cut-short run still has whole seed-0 rows.
+set -uo pipefail
+OUT=${1:?usage: taskcore8.sh OUT probe|main|cores}
+PHASE=${2:?usage: taskcore8.sh OUT probe|main|cores}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+SL=(python -m sharelora.cli)
+# The candidates, in the study's order, fixed before any run (docs/RESULTS_MULTITASK.md says why): the
+# basis task first, then the first three (the joint basis of --basis-tasks 3) with 2, 3 and 8 labels.
+CANDIDATES=(rotten-tomatoes commonsense-relations wordnet-noun-supersenses hedge-sentences debate-speakers
+            wordnet-verb-supersenses rt-snippets rt-subjectivity convention-party adjective-order movie-reviews)
+# Per task: 320 training rows, 2 epochs, batch 16 (40 steps), max length 64, dev / test 200 rows.
+BUDGET=(--model minilm --epochs 2 --batch-size 16 --max-train-examples 320 --max-length 64
+        --max-eval-examples 200 --threads 1 --no-progress --resume)
+LORA_LR=6e-3      # the budget study's dev choice for LoRA and ShareA (docs/RESULTS_BUDGET.md)
+CORE_LR=${CORE_LR:-2e-2}  # the task-core rows: chosen on dev in the six-task study (2e-2 over 6e-3)
+VERA_RANK=256     # VeRA's shared random A (256 x 384) and B: 640 trained scales per module
+VERA_LRS=(2e-2 6e-2 2e-1)  # the VeRA LR grid, seed 0, chosen on the mean dev accuracy of the eight tasks
+SEEDS=(0 1 2)
+JOBS=()  # "name|needs (space-separated names)|command"
+
+job() { local name=$1 needs=$2; shift 2; JOBS+=("$name|$needs|$(printf '%q ' "$@")"); }
+
+tasks() { grep -v '^#' "$OUT/tasks.txt"; }
+
+if [[ $PHASE == probe ]]; then
+  for t in "${CANDIDATES[@]}"; do
+    job "lora-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr $LORA_LR --seed 0 "${BUDGET[@]}" \
+      --output-dir "$OUT/separate-lora/$t-s0"
+  done
+else
+  [ -f "$OUT/tasks.txt" ] || { echo "no $OUT/tasks.txt: run the probe phase and taskcore8_select.py first" >&2; exit 2; }
+  mapfile -t TASKS < <(tasks)
+  joined=$(IFS=,; echo "${TASKS[*]}")
+fi
+
+if [[ $PHASE == main ]]; then
+  vera_lr() { cat "$OUT/vera-lr.txt"; }
+  for seed in "${SEEDS[@]}"; do
+    loras=""
+    for t in "${TASKS[@]}"; do
+      job "lora-$t-s$seed" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr $LORA_LR --seed "$seed" \
+        "${BUDGET[@]}" --output-dir "$OUT/separate-lora/$t-s$seed"
+      loras+=" lora-$t-s$seed"
+    done
+    for core in matrix diagonal; do  # the separate LoRAs fitted into one shared A, B and a core per task
+      c="$OUT/compressed-$core/s$seed"
+      job "compress-$core-s$seed" "$loras" bash -c "${SL[*]} compress $c $(for t in "${TASKS[@]}"; do
+          printf '%s ' "$t=$OUT/separate-lora/$t-s$seed"; done) --rank 8 --share A --task-core $core --overwrite \
+        && ${SL[*]} eval $c --json $c/eval.json.tmp && mv $c/eval.json.tmp $c/eval.json"
+    done
+    for t in "${TASKS[@]}"; do
+      job "sharea-$t-s$seed" "" "${SL[@]}" train --dataset "$t" --method sharea --rank 8 --lr $LORA_LR --seed "$seed" \
+        "${BUDGET[@]}" --output-dir "$OUT/separate-sharea/$t-s$seed"
+    done
+    job "continual-sharea-s$seed" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share A \
+      --continual --rank 8 --lr $LORA_LR --seed "$seed" "${BUDGET[@]}" --output-dir "$OUT/continual-sharea/s$seed"
+    if [[ $seed == 0 ]]; then  # the VeRA LR grid: seed 0, every task; the choice reads dev only
+      grid=""
+      for lr in "${VERA_LRS[@]}"; do
+        for t in "${TASKS[@]}"; do
+          job "vera-lr$lr-$t-s0" "" "${SL[@]}" train --dataset "$t" --method peft-vera --rank $VERA_RANK --lr "$lr" \
+            --seed 0 "${BUDGET[@]}" --output-dir "$OUT/vera-grid/lr$lr/$t-s0"
+          grid+=" vera-lr$lr-$t-s0"
+        done
+      done
+      job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
+    else
+      for t in "${TASKS[@]}"; do
+        job "vera-$t-s$seed" "vera-choose" bash -c "${SL[*]} train --dataset $t --method peft-vera --rank $VERA_RANK \
+          --lr \$(cat $OUT/vera-lr.txt) --seed $seed ${BUDGET[*]} --output-dir $OUT/vera/$t-s$seed"
+      done
+    fi
+  done
+fi
+
+if [[ $PHASE == cores ]]; then
+  # GROW: extra flags of a basis-growth row (empty: no growth row); BASIS_OPTS: extra flags for every core row.
+  for seed in "${SEEDS[@]}"; do
+    for k in 1 3; do
+      for core in matrix diagonal; do
+        job "core-$core-basis$k-s$seed" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
+          --task-core "$core" --continual --basis-tasks "$k" --rank 8 --lr "$CORE_LR" --seed "$seed" ${BASIS_OPTS:-} \
+          "${BUDGET[@]}" --output-dir "$OUT/core-$core-basis$k/s$seed"
+      done
+    done
+    if [[ -n ${GROW:-} ]]; then
+      job "core-matrix-grow-s$seed" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
+        --task-core matrix --continual --basis-tasks 1 --rank 8 --lr "$CORE_LR" --seed "$seed" ${BASIS_OPTS:-} $GROW \
+        "${BUDGET[@]}" --output-dir "$OUT/core-matrix-grow/s$seed"
+    fi
+  done
+fi
+
+# The worker: passes over the list until every job is done or none can start (failed or waiting on a failure).
+STATE="$OUT/.jobs"
+mkdir -p "$STATE"
+while :; do
+  ran=0 pending=0
+  for j in "${JOBS[@]}"; do
+    IFS='|' read -r name needs cmd <<<"$j"
+    [ -f "$STATE/$name.done" ] && continue
+    [ -f "$STATE/$name.failed" ] && continue
+    pending=1
+    ready=1
+    for n in $needs; do [ -f "$STATE/$n.done" ] || ready=0; done
+    [ $ready = 1 ] || continue
+    mkdir "$STATE/$name.lock" 2>/dev/null || continue
+    echo "$(date -u +%H:%M:%S) start $name" >>"$STATE/log"
+    if eval "nice -n 2 $cmd" >"$STATE/$name.out" 2>&1; then
+      touch "$STATE/$name.done"; echo "$(date -u +%H:%M:%S) done $name" >>"$STATE/log"
+    else
+      touch "$STATE/$name.failed"; echo "$(date -u +%H:%M:%S) FAILED $name" >>"$STATE/log"
+    fi
+    rmdir "$STATE/$name.lock"
+    ran=1
+  done
+  [ $pending = 0 ] && break
+  if [ $ran = 0 ]; then
+    # nothing could start: jobs held by the other worker or waiting for them; stop when nothing is in flight
+    ls "$STATE"/*.lock >/dev/null 2>&1 || break
+    sleep 20
+  fi
+done
+echo "$(date -u +%H:%M:%S) worker of $PHASE finished" >>"$STATE/log"
