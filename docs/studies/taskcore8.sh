@@ -9,7 +9,7 @@
 #
 # Every phase is a list of jobs; start the same phase twice (two workers, one core each) and they share the
 # list: a job is claimed with mkdir (atomic), done jobs are skipped, a job waits for the jobs it needs.
-# Rerunning resumes (`--resume`). Seed 0 first, so a cut-short run still has whole seed-0 rows.
+# Rerunning resumes (`--resume`). Jobs are listed in order of priority, so a cut-short run has the reference rows.
 set -uo pipefail
 OUT=${1:?usage: taskcore8.sh OUT probe|main|cores}
 PHASE=${2:?usage: taskcore8.sh OUT probe|main|cores}
@@ -45,7 +45,8 @@ else
 fi
 
 if [[ $PHASE == main ]]; then
-  vera_lr() { cat "$OUT/vera-lr.txt"; }
+  # In order of priority (a worker takes the first job it can): the separate LoRAs (the reference), their
+  # compression and continual ShareA for every seed; then the VeRA grid and VeRA; separate ShareA last.
   for seed in "${SEEDS[@]}"; do
     loras=""
     for t in "${TASKS[@]}"; do
@@ -59,28 +60,29 @@ if [[ $PHASE == main ]]; then
           printf '%s ' "$t=$OUT/separate-lora/$t-s$seed"; done) --rank 8 --share A --task-core $core --overwrite \
         && ${SL[*]} eval $c --json $c/eval.json.tmp && mv $c/eval.json.tmp $c/eval.json"
     done
+    job "continual-sharea-s$seed" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share A \
+      --continual --rank 8 --lr $LORA_LR --seed "$seed" "${BUDGET[@]}" --output-dir "$OUT/continual-sharea/s$seed"
+  done
+  grid=""  # the VeRA LR grid: seed 0, every task; the choice reads dev only; its seed-0 runs are the row's seed 0
+  for lr in "${VERA_LRS[@]}"; do
+    for t in "${TASKS[@]}"; do
+      job "vera-lr$lr-$t-s0" "" "${SL[@]}" train --dataset "$t" --method peft-vera --rank $VERA_RANK --lr "$lr" \
+        --seed 0 "${BUDGET[@]}" --output-dir "$OUT/vera-grid/lr$lr/$t-s0"
+      grid+=" vera-lr$lr-$t-s0"
+    done
+  done
+  job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
+  for seed in 1 2; do
+    for t in "${TASKS[@]}"; do
+      job "vera-$t-s$seed" "vera-choose" bash -c "${SL[*]} train --dataset $t --method peft-vera --rank $VERA_RANK \
+        --lr \$(cat $OUT/vera-lr.txt) --seed $seed ${BUDGET[*]} --output-dir $OUT/vera/$t-s$seed"
+    done
+  done
+  for seed in "${SEEDS[@]}"; do
     for t in "${TASKS[@]}"; do
       job "sharea-$t-s$seed" "" "${SL[@]}" train --dataset "$t" --method sharea --rank 8 --lr $LORA_LR --seed "$seed" \
         "${BUDGET[@]}" --output-dir "$OUT/separate-sharea/$t-s$seed"
     done
-    job "continual-sharea-s$seed" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share A \
-      --continual --rank 8 --lr $LORA_LR --seed "$seed" "${BUDGET[@]}" --output-dir "$OUT/continual-sharea/s$seed"
-    if [[ $seed == 0 ]]; then  # the VeRA LR grid: seed 0, every task; the choice reads dev only
-      grid=""
-      for lr in "${VERA_LRS[@]}"; do
-        for t in "${TASKS[@]}"; do
-          job "vera-lr$lr-$t-s0" "" "${SL[@]}" train --dataset "$t" --method peft-vera --rank $VERA_RANK --lr "$lr" \
-            --seed 0 "${BUDGET[@]}" --output-dir "$OUT/vera-grid/lr$lr/$t-s0"
-          grid+=" vera-lr$lr-$t-s0"
-        done
-      done
-      job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
-    else
-      for t in "${TASKS[@]}"; do
-        job "vera-$t-s$seed" "vera-choose" bash -c "${SL[*]} train --dataset $t --method peft-vera --rank $VERA_RANK \
-          --lr \$(cat $OUT/vera-lr.txt) --seed $seed ${BUDGET[*]} --output-dir $OUT/vera/$t-s$seed"
-      done
-    fi
   done
 fi
 
@@ -101,6 +103,8 @@ if [[ $PHASE == cores ]]; then
     fi
   done
 fi
+
+if [[ -n ${DRY:-} ]]; then printf '%s\n' "${JOBS[@]}"; exit 0; fi  # DRY=1: list the jobs, run nothing
 
 # The worker: passes over the list until every job is done or none can start (failed or waiting on a failure).
 STATE="$OUT/.jobs"
