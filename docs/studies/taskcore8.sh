@@ -9,6 +9,7 @@
 #
 # Every phase is a list of jobs; start the same phase twice (two workers, one core each) and they share the
 # list: a job is claimed with mkdir (atomic), done jobs are skipped, a job waits for the jobs it needs.
+# `touch OUT/.jobs/pause-PHASE` makes that phase's workers take no new job (they wait); remove it to go on.
 # Rerunning resumes (`--resume`). Jobs are listed in order of priority, so a cut-short run has the reference rows.
 set -uo pipefail
 OUT=${1:?usage: taskcore8.sh OUT probe|main|cores}
@@ -110,6 +111,7 @@ if [[ -n ${DRY:-} ]]; then printf '%s\n' "${JOBS[@]}"; exit 0; fi  # DRY=1: list
 STATE="$OUT/.jobs"
 mkdir -p "$STATE"
 while :; do
+  if [ -f "$STATE/pause-$PHASE" ]; then sleep 20; continue; fi
   ran=0 pending=0
   for j in "${JOBS[@]}"; do
     IFS='|' read -r name needs cmd <<<"$j"
@@ -119,6 +121,7 @@ while :; do
     ready=1
     for n in $needs; do [ -f "$STATE/$n.done" ] || ready=0; done
     [ $ready = 1 ] || continue
+    [ -f "$STATE/pause-$PHASE" ] && break  # touch OUT/.jobs/pause-PHASE: the worker takes no new job
     mkdir "$STATE/$name.lock" 2>/dev/null || continue
     echo "$(date -u +%H:%M:%S) start $name" >>"$STATE/log"
     if eval "nice -n 2 $cmd" >"$STATE/$name.out" 2>&1; then
