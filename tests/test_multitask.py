@@ -374,14 +374,39 @@ def test_continual_task_cores_forget_exactly_nothing_and_add_only_a_core(inputs,
     assert all(kind1[k].numel() == (r * r if core == "matrix" else r) for k in own)
 
 
+def stage_starts(monkeypatch):
+    """Every adapter tensor when each stage starts (after start_stage: what its first step sees)."""
+    taken = []
+    original = MultiTaskRun.start_stage
+
+    def start_stage(self, stage):
+        original(self, stage)
+        taken.append({key: t.detach().clone() for key, t in self.core.multi_adapter_state_dict().items()})
+
+    monkeypatch.setattr(MultiTaskRun, "start_stage", start_stage)
+    return taken
+
+
 def test_basis_from_the_first_k_tasks_trains_them_jointly_then_freezes_it(inputs, tmp_path, monkeypatch):
     model_dir, tasks = inputs
-    taken = snapshots(monkeypatch)
+    taken, starts = snapshots(monkeypatch), stage_starts(monkeypatch)
     three = [f"{n}={d}" for n, d in tasks.items()] + [f"again={tasks['sent']}"]
     results = run(inputs, tmp_path / "k2", tasks=three, continual=True, task_share="AB", task_core="matrix",
                   basis_tasks=2)
     assert [s["tasks"] for s in results["stages"]] == [["sent", "kind"], ["again"]]
     assert results["basis_tasks"] == 2 and "basis2" in results["name"]
+    # The joint stage starts as a task-shared ShareLoRA: B = 0 and every basis task's core the identity (the
+    # earlier start, every core 0 on a random B, left the joint stage at chance); the later task's core at 0.
+    start, r = starts[0], 8
+    cores = {n: [k for k in start if k.startswith(f"{n}/") and "lora_C" in k] for n in ("sent", "kind", "again")}
+    assert all(torch.equal(start[k], torch.eye(r)) for n in ("sent", "kind") for k in cores[n])
+    assert all(start[k].abs().sum() == 0 for k in cores["again"])
+    basis_B = [k for k in start if k.startswith("@") and "lora_B" in k]
+    assert basis_B and all(start[k].abs().sum() == 0 for k in basis_B)
+    # ... and trains all of it: each basis task's cores, A and B moved in stage 1
+    moved = [k for k in taken[0] if not torch.equal(taken[0][k], start[k])]
+    assert all(k in moved for n in ("sent", "kind") for k in cores[n])
+    assert all(k in moved for k in start if k.startswith("@"))
     for task in ("sent", "kind"):  # both basis tasks unchanged by stage 2, shared basis included
         before, after = task_tensors(taken[0], task), task_tensors(taken[1], task)
         assert all(torch.equal(before[k], after[k]) for k in before)
@@ -406,8 +431,10 @@ def test_basis_from_another_run_is_read_frozen_and_every_task_trains_only_its_co
     cores = dict(task_share="AB", task_core="matrix")
     run(inputs, tmp_path / "first", continual=True, **cores)
     given = {k: v for k, v in tensors(tmp_path / "first").items() if k.startswith("@")}
-    taken = snapshots(monkeypatch)
+    taken, starts = snapshots(monkeypatch), stage_starts(monkeypatch)
     results = run(inputs, tmp_path / "given", continual=True, basis_from=str(tmp_path / "first"), seed=4, **cores)
+    # on a given (trained) basis every task starts exactly at the base model: all cores 0, the first's too
+    assert all(t.abs().sum() == 0 for k, t in starts[0].items() if "lora_C" in k)
     assert results["basis_from"] == str(tmp_path / "first") and "given" in results["name"]
     for state in taken:  # the basis is the given one after every stage, task 1's stage included
         assert all(torch.equal(state[k], given[k]) for k in given)

@@ -146,8 +146,60 @@ def test_every_new_adapter_starts_exactly_at_the_base_model(arch, core):
         torch.testing.assert_close(run(model, arch, x), want, rtol=0, atol=0)
 
 
-def test_the_basis_starts_random_so_the_first_core_has_a_gradient():
+def test_the_basis_starts_as_loras_and_its_creator_with_an_identity_core():
+    """basis_init "lora" (default): A random, B = 0; the creating adapter's core I, every later one's 0."""
     model = get_sharelora_model(tiny_llama(), cfg("llama"), adapter_name="t0")
+    model.add_adapter("t1", cfg("llama"))
+    eye = torch.eye(R)
+    for name in ("t0", "t1"):
+        for key, spec in model.plans[name].tensors.items():
+            t = model.sharelora_bank[bank_name(key)]
+            want = {"A": None, "B": torch.zeros_like(t), "C": eye if name == "t0" else torch.zeros_like(t)}[spec.role]
+            assert t.abs().sum() > 0 if want is None else torch.equal(t, want), key
+    diag = get_sharelora_model(tiny_llama(), cfg("llama", "diagonal"), adapter_name="t0")
+    assert all(torch.equal(diag.sharelora_bank[bank_name(k)], torch.ones(R)) for k in diag.plans["t0"].own_tensors())
+    # B = 0: the first gradient is B's (LoRA's); A's and the core's are zero until B moves
+    model.set_adapter("t0")
+    model(**example_input("llama")).logits.square().mean().backward()
+    for key, spec in model.plans["t0"].tensors.items():
+        g = model.sharelora_bank[bank_name(key)].grad
+        assert (g.abs().sum() > 0) == (spec.role == "B"), key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("core", CORES)
+def test_the_adapter_that_creates_the_basis_is_exactly_a_sharelora_adapter(arch, core):
+    """B I A = B A: with the same A and B it computes a task_share="none" ShareAB adapter's outputs and its
+    gradients of A and B (so it trains as that LoRA does), at the start and on a trained B."""
+    base = BUILD[arch]()
+    model = get_sharelora_model(copy.deepcopy(base), cfg(arch, core, modules_to_save=[]), adapter_name="t0")
+    plain = get_sharelora_model(copy.deepcopy(base), ShareLoraConfig(rank=R, share="AB", target_modules=TARGETS[arch]))
+    by_local = {spec.local_key: model.sharelora_bank[bank_name(k)] for k, spec in model.plans["t0"].tensors.items()}
+    pairs = [(by_local[spec.local_key], plain.sharelora_bank[bank_name(k)]) for k, spec in plain.plan.tensors.items()]
+    x = example_input(arch, batch=3)
+    with torch.no_grad():
+        want = run(base, arch, x)
+        for ours, theirs in pairs:
+            theirs.copy_(ours)
+        torch.testing.assert_close(run(model, arch, x), want, rtol=0, atol=0)  # B = 0: exactly the base model
+        g = torch.Generator().manual_seed(3)
+        for ours, theirs in pairs:  # a trained B (A as it is)
+            if torch.count_nonzero(ours) == 0:
+                ours.copy_(torch.randn(ours.shape, generator=g))
+                theirs.copy_(ours)
+    model.train(), plain.train()
+    out, ref = run(model, arch, x), run(plain, arch, x)
+    assert_close_fp32(out, ref)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for ours, theirs in pairs:
+        assert theirs.grad.abs().sum() > 0
+        assert_close_fp32(ours.grad, theirs.grad)
+
+
+def test_random_basis_init_starts_the_basis_random_and_every_core_at_zero():
+    """basis_init "random" (VeRA-like, the earlier default): A and B random, all cores 0; the cores get gradients."""
+    model = get_sharelora_model(tiny_llama(), cfg("llama", basis_init="random"), adapter_name="t0")
     for key, spec in model.plans["t0"].tensors.items():
         t = model.sharelora_bank[bank_name(key)]
         assert (t.abs().sum() == 0) == (spec.role == "C"), key  # A, B random; the core zero
@@ -155,6 +207,53 @@ def test_the_basis_starts_random_so_the_first_core_has_a_gradient():
     model(**x).logits.square().mean().backward()
     cores = [model.sharelora_bank[bank_name(k)] for k in model.plans["t0"].own_tensors()]
     assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in cores)
+    assert cfg("llama", basis_init="random").to_dict()["basis_init"] == "random"
+    assert "basis_init" not in cfg("llama").to_dict()  # the default is not written (older readers)
+    with pytest.raises(ShareLoraError, match="basis_init must be one of"):
+        cfg("llama", basis_init="svd")
+
+
+def test_init_cores_lets_the_first_k_tasks_train_an_untrained_basis_jointly():
+    """A joint stage: every basis task starts as the ShareLoRA adapter B A (core I, B = 0), still the base model,
+    and its core, A and B all get gradients from a mixed batch; refused once the basis is trained."""
+    names = ["t0", "t1", "t2", "later"]
+    model = get_sharelora_model(tiny_bert(), cfg("bert"), adapter_name=names[0])
+    for n in names[1:]:
+        model.add_adapter(n, cfg("bert"))
+    x = example_input("bert", batch=4)
+    with torch.no_grad():
+        model.set_adapter("t0")
+        with model.disable_adapter():
+            base = run(model, "bert", x)
+    model.init_cores(["t0", "t1", "t2"], trains_basis=True)
+    cores = {n: [model.sharelora_bank[bank_name(k)] for k in model.plans[n].own_tensors()] for n in names}
+    assert all(torch.equal(c, torch.eye(R)) for n in ("t1", "t2") for c in cores[n])
+    assert all(c.abs().sum() == 0 for c in cores["later"])
+    for n in names:  # every task exactly at the base model (the heads are still the base's copies)
+        torch.testing.assert_close(alone(model, "bert", n, x), base, rtol=0, atol=0)
+    model.set_adapter(["t0", "t1", "t2"], train_shared=True)
+    model.train()
+    basis = {k: model.sharelora_bank[bank_name(k)] for k in model.plans["t0"].shared_tensors()}
+    rows = ["t0", "t1", "t2", "t1"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**x, adapter_names=rows).logits.square().mean().backward()
+        opt.step()
+    for n in ("t0", "t1", "t2"):
+        assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in cores[n]), n
+    assert all(b.grad.abs().sum() > 0 for b in basis.values())
+    assert all(c.grad is None for c in cores["later"])
+    with pytest.raises(ShareLoraError, match="not untrained"):
+        model.init_cores(["later"], trains_basis=True)  # it would start at B A, not at the base model
+    model.init_cores(["t1"], trains_basis=False)
+    assert all(c.abs().sum() == 0 for c in cores["t1"])
+    with pytest.raises(ShareLoraError, match="no task cores"):
+        plain = get_sharelora_model(tiny_bert(), ShareLoraConfig(rank=R, target_modules=TARGETS["bert"]))
+        plain.init_cores(["default"], trains_basis=True)
+    vera = get_sharelora_model(tiny_bert(), cfg("bert", basis_init="random"), adapter_name="t0")
+    with pytest.raises(ShareLoraError, match="not untrained"):
+        vera.init_cores(["t0"], trains_basis=True)
 
 
 @pytest.mark.numerics

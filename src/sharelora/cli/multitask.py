@@ -32,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--task-core), or none (an adapter each) (default: A)")
     p.add_argument("--task-core", choices=list(TASK_CORES), default=argparse.SUPPRESS,
                    help="with --task-share AB: each task's own part per adapted module, an r x r matrix C "
-                        "(matrix: B C A) or an r-vector c (diagonal: B diag(c) A); it starts at zero, so a new "
-                        "task starts exactly at the base model (default: none)")
+                        "(matrix: B C A) or an r-vector c (diagonal: B diag(c) A). The tasks that train the basis "
+                        "start as a ShareLoRA adapter (B = 0, core = identity), the others at core 0 on the trained "
+                        "basis, so every task starts exactly at the base model (--method-option basis_init=random: "
+                        "the earlier random B and zero cores) (default: none)")
     p.add_argument("--basis-tasks", type=positive_int, default=argparse.SUPPRESS, metavar="K",
                    help="with --continual: the first K tasks train the shared tensors (the basis) jointly in "
                         "stage 1, then they are frozen and the other tasks follow one by one, each training only "

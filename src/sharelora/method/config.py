@@ -18,6 +18,7 @@ SCOPES = ("layers", "qkv")
 DROPOUT_MASKS = ("input", "module")
 TASK_SHARE_MODES = ("none", "A", "B", "AB")
 TASK_CORES = ("none", "matrix", "diagonal")
+BASIS_INITS = ("lora", "random")
 
 
 def _default_fused() -> dict[str, list[str]]:
@@ -71,9 +72,29 @@ class ShareLoraConfig:
         task_core: the adapter's own part when A and B are shared by the tasks (``task_share="AB"``):
             "matrix", an r x r matrix C per target, so ``h = W0 x + (alpha / r) B C A dropout(x)``;
             or "diagonal", an r-vector c per target (``B diag(c) A``). "none" (default) for every
-            other ``task_share``. The core starts at zero, so a new adapter starts exactly at the
-            base model; the basis A, B starts random (Kaiming-uniform, as VeRA's frozen A and B),
-            since B = 0 and C = 0 together would give neither a gradient.
+            other ``task_share``. Every adapter starts exactly at the base model (``basis_init``).
+        basis_init: how a task group's basis and cores start (task cores only). "lora" (default):
+            the basis as LoRA's, A Kaiming-uniform and B = 0, and the core of each adapter that
+            trains the untrained basis the identity (ones for diagonal cores): the adapter whose
+            ``add_adapter`` creates the basis, and those ``ShareLoraModel.init_cores(names,
+            trains_basis=True)`` names (the first k tasks of a joint stage). Such an adapter is then
+            exactly a ShareLoRA adapter B A (B C A with C = I) and trains like one; B = 0 makes it
+            the base model at start. Every other adapter's core starts at zero, so on a trained
+            basis it starts at the base model too and gets the gradient s B^T g (A x)^T. "random":
+            B Kaiming-uniform like A (as VeRA's frozen A and B) and every core zero: the update
+            B C A grows as a product of three trained factors (slow at a LoRA's learning rate,
+            unstable at higher ones; docs/RESULTS_MULTITASK.md).
+        grow_basis: g >= 0, task cores only: the adapter adds g new directions to its group's basis
+            for each of the group's A's (g more rows, g x d_in) and B's (g more columns, d_out x g),
+            stored with the group (later adapters read them) but trained only by this adapter
+            (LoRA's start: A random, B = 0). Its core covers them: (r + G) x (r + G), G the
+            directions it reads. Earlier adapters do not read them, so their outputs stay bit for
+            bit what they were. Its own block of the core starts at the identity (with B = 0, so
+            the adapter still computes the base model), the rest of it at zero.
+        basis_growth: the earlier adapters' added directions this adapter reads, in order, as
+            [[adapter name, g], ...]. None (default): ``add_adapter`` fills in every block its group
+            has then (saved when not empty; loading adds adapters in their saved order, so an
+            adapter saved without blocks again finds none).
         heads: K, the number of B heads (HydraLoRA). 1 is plain (Share)LoRA; K > 1 needs ``router``.
         router: mix the K B heads per token with a softmax router ``w(x) = softmax(R x)``, R:
             (K, d_in) per target, so ``h = W0 x + scaling * sum_k w_k(x) B_k A dropout(x)``. The
@@ -102,6 +123,9 @@ class ShareLoraConfig:
     task_share: str = "none"
     task_group: str = "default"
     task_core: str = "none"
+    basis_init: str = "lora"
+    grow_basis: int = 0
+    basis_growth: list | None = None
     heads: int = 1
     router: bool = False
     router_top_k: int | None = None
@@ -152,6 +176,20 @@ class ShareLoraConfig:
         if self.task_core != "none" and self.task_share != "AB":
             raise ShareLoraError(f"task_core={self.task_core!r} is the adapter's own part between a task-shared A and "
                                  f"B; it needs task_share='AB' (got task_share={self.task_share!r})")
+        if self.basis_init not in BASIS_INITS:
+            raise ShareLoraError(f"basis_init must be one of {BASIS_INITS}, got {self.basis_init!r}")
+        if not isinstance(self.grow_basis, int) or isinstance(self.grow_basis, bool) or self.grow_basis < 0:
+            raise ShareLoraError(f"grow_basis must be an integer >= 0 (new basis directions), got {self.grow_basis!r}")
+        if (self.grow_basis or self.basis_growth) and self.task_core == "none":
+            raise ShareLoraError("grow_basis / basis_growth add directions to a task group's shared A and B, which "
+                                 "only task cores read: set task_share='AB' and task_core='matrix' or 'diagonal'")
+        if self.basis_growth is not None:
+            if not isinstance(self.basis_growth, list) or not all(
+                    isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int)
+                    and b[1] > 0 for b in self.basis_growth):
+                raise ShareLoraError(f"basis_growth must be a list of [adapter name, directions > 0] pairs, got "
+                                     f"{self.basis_growth!r}")
+            self.basis_growth = [[str(n), int(g)] for n, g in self.basis_growth]
         if self.task_core != "none" and self.heads > 1:
             raise ShareLoraError("task_core and router heads (HydraLoRA) do not combine; use heads=1 with task_core")
         if not isinstance(self.task_group, str) or not self.task_group or "/" in self.task_group:
@@ -234,6 +272,11 @@ class ShareLoraConfig:
         d = dataclasses.asdict(self)
         if d["task_core"] == "none":  # so an adapter without cores stays readable by an earlier sharelora
             del d["task_core"]
+        if "task_core" not in d or d["basis_init"] == "lora":  # only task cores read it; the default not written
+            del d["basis_init"]
+        for key in ("grow_basis", "basis_growth"):  # written only when used (older readers stay able to read)
+            if not d[key]:
+                del d[key]
         d["adapter_type"] = "SHARELORA"
         d["format_version"] = FORMAT_VERSION
         return d

@@ -346,6 +346,23 @@ class AdapterSlot:
         # Distinct A keys in order; each slice reads the u columns of its A.
         self.a_keys = tuple(dict.fromkeys(a for a, _ in self.keys))
         self.d_out_total = d_out_total
+        # Basis growth (task cores): the blocks each A and B is extended by, [A; A_1; ...] and [B, B_1, ...].
+        self.grow_a = {a: tuple(bank_name(ga) for ga, _ in t.grow_keys) for (a, _), t in zip(self.keys, targets)}
+        self.grow_b = {b: tuple(bank_name(gb) for _, gb in t.grow_keys) for (_, b), t in zip(self.keys, targets)}
+        self.grown = any(t.grow_keys for t in targets)
+        # What identifies the basis this adapter reads: adapters with equal ids compute x A^T alike.
+        self.basis_id = (self.a_keys, tuple(v for a in self.a_keys for v in self.grow_a[a]))
+
+    def A(self, bank: nn.ParameterDict, a_key: str) -> torch.Tensor:
+        """The A named ``a_key`` with its growth blocks stacked below it: (r + G, d_in)."""
+        grow = self.grow_a[a_key]
+        return torch.cat([bank[a_key]] + [bank[g] for g in grow]) if grow else bank[a_key]
+
+    def B(self, bank: nn.ParameterDict, i: int) -> torch.Tensor:
+        """Target i's B with its growth blocks beside it: (d_out, r + G)."""
+        b_key = self.keys[i][1]
+        grow = self.grow_b[b_key]
+        return torch.cat([bank[b_key]] + [bank[g] for g in grow], dim=1) if grow else bank[b_key]
 
     def up(self, bank: nn.ParameterDict, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The up-projection of target i, (d_out, r): B, or B C with a task core (B diag(c) for a vector c).
@@ -353,7 +370,7 @@ class AdapterSlot:
         B C is a (d_out, r) x (r, r) product, tiny next to any product with the input, and autograd
         carries its gradient to both B and C; in ``dtype`` if given (merging computes in float32).
         """
-        B = bank[self.keys[i][1]]
+        B = self.B(bank, i)
         B = B if dtype is None else B.to(dtype)
         if self.c_keys[i] is None:
             return B
@@ -368,14 +385,15 @@ class AdapterSlot:
         and column block s; ``cols[s]`` are the columns of ``u = x A^T`` that target s reads. The
         update of one row is then ``[u_{cols[0]} C_0^T, ..., u_{cols[S-1]} C_{S-1}^T] B^T``.
         """
-        r = bank[self.a_keys[0]].shape[0]
-        A = torch.cat([bank[a] for a in self.a_keys]) if len(self.a_keys) > 1 else bank[self.a_keys[0]]
+        As = [self.A(bank, a) for a in self.a_keys]
+        r = As[0].shape[0]
+        A = torch.cat(As) if len(As) > 1 else As[0]
         cols = tuple(slice(self.a_keys.index(a) * r, (self.a_keys.index(a) + 1) * r) for a, _ in self.keys)
         if self.whole:
-            return A, bank[self.keys[0][1]], cols
+            return A, self.B(bank, 0), cols
         blocks = []
-        for t, (_, b_key) in zip(self.targets, self.keys):
-            B = bank[b_key]
+        for i, t in enumerate(self.targets):
+            B = self.B(bank, i)
             blocks.append(F.pad(B, (0, 0, t.out_start, self.d_out_total - t.out_start - B.shape[0])))
         return A, torch.cat(blocks, dim=1), cols
 
@@ -385,9 +403,10 @@ class AdapterSlot:
         With task cores B is each target's B C: the adapter as the plain LoRA it computes.
         """
         if self.whole:
-            return bank[self.keys[0][0]], self.up(bank, 0)
-        r = bank[self.a_keys[0]].shape[0]
-        A = torch.cat([bank[a] for a in self.a_keys]) if len(self.a_keys) > 1 else bank[self.a_keys[0]]
+            return self.A(bank, self.keys[0][0]), self.up(bank, 0)
+        As = [self.A(bank, a) for a in self.a_keys]
+        r = As[0].shape[0]
+        A = torch.cat(As) if len(As) > 1 else As[0]
         cols = []
         for i, (t, (a_key, _)) in enumerate(zip(self.targets, self.keys)):
             cols.append((self.a_keys.index(a_key), t.out_start, self.up(bank, i)))
@@ -657,7 +676,7 @@ class ShareLoraLayer(nn.Module):
         A, B = self._down_and_up(slot)
         if cache is None:
             return F.linear(self._down(slot, x, A), B)
-        key = (slot.a_keys, self._dropout_p(slot))
+        key = (slot.basis_id, self._dropout_p(slot))
         if key not in cache:  # adapters that read the same A (task-shared) compute dropout(x) A^T once
             p = key[1]
             dropped = F.dropout(x, p, training=True) if p > 0.0 else x
@@ -723,7 +742,7 @@ class ShareLoraLayer(nn.Module):
         dropped = F.dropout(xg, p, training=True) if p > 0.0 else xg
         A0 = weights[0][0]
         dropped = dropped if dropped.dtype == A0.dtype else dropped.to(A0.dtype)
-        if len({s.a_keys for s in slots}) == 1:  # task-shared A: one down-projection for every row
+        if len({s.basis_id for s in slots}) == 1:  # task-shared A: one down-projection for every row
             u = F.linear(dropped, A0)  # (n_g, T, k r)
         else:
             A_rows = torch.stack([A for A, _ in weights]).index_select(0, local)  # (n_g, k r, d_in)
@@ -749,7 +768,7 @@ class ShareLoraLayer(nn.Module):
             for a in names:
                 slot = self.slots[a]
                 if slot.cored:
-                    groups.setdefault((slot.a_keys, tuple(b for _, b in slot.keys), self._dropout_p(slot)), []).append(a)
+                    groups.setdefault((slot.basis_id, tuple(b for _, b in slot.keys), self._dropout_p(slot)), []).append(a)
             cored = {a for g in groups.values() for a in g}
             plan = ([_CoreGroup(tuple(g), [self.slots[a] for a in g]) for g in groups.values()],
                     [a for a in names if a not in cored])
@@ -841,7 +860,7 @@ class ShareLoraLayer(nn.Module):
         slot = self.slots[adapter_name] if adapter_name is not None else self._view()
         i = slot.targets.index(target)
         bank = self._bank[0]
-        return (slot.up(bank, i, torch.float32) @ bank[slot.keys[i][0]].float()) * slot.scaling
+        return (slot.up(bank, i, torch.float32) @ slot.A(bank, slot.keys[i][0]).float()) * slot.scaling
 
     @torch.no_grad()
     def _apply_delta(self, adapter_name: str, sign: float) -> None:

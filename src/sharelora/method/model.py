@@ -11,6 +11,7 @@ tensors it reads and each tensor exists once in ``sharelora_bank``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
@@ -28,7 +29,7 @@ from .layers import SharedDownProjection, ShareLoraLayer, bank_name, clear_live
 from .modules_to_save import ModulesToSave
 from .quantized import keep_trainable
 from .plan import (BASE_ADAPTER, DEFAULT_ADAPTER, SharingPlan, build_plan, check_adapter_name, check_task_group,
-                   init_tensor, plain_modules, same_input_set)
+                   identity_core, init_tensor, plain_modules, same_input_set)
 from .routing import Routing
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -159,6 +160,8 @@ class ShareLoraModel(nn.Module):
         if not isinstance(config, ShareLoraConfig):
             raise ShareLoraError(f"config must be a ShareLoraConfig, got {type(config).__name__}")
         config.validate()
+        if config.task_core != "none" and config.basis_growth is None:  # read every growth block the group has
+            config = dataclasses.replace(config, basis_growth=self._group_growth(config.task_group))
         base = self.base_model
         plan = build_plan(base, config, adapter_name)
         check_task_group(adapter_name, config, plan,
@@ -173,14 +176,18 @@ class ShareLoraModel(nn.Module):
         ref = next(base.parameters(), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
-        creates_basis = False
+        # a task-shared tensor its group already has is reused; the adapter that creates the basis trains it
+        creates_basis = any(spec.task_shared and spec.grown_by is None and bank_name(key) not in self.sharelora_bank
+                            for key, spec in plan.tensors.items())
         for key, spec in plan.tensors.items():
-            if bank_name(key) not in self.sharelora_bank:  # a task-shared tensor its group already has is reused
-                creates_basis |= spec.task_shared
+            if bank_name(key) not in self.sharelora_bank:
                 self.sharelora_bank[bank_name(key)] = nn.Parameter(
-                    init_tensor(spec, config.init_lora_weights, dtype, device, config.task_core), requires_grad=False)
+                    init_tensor(spec, config.init_lora_weights, dtype, device, config.task_core, config.basis_init,
+                                trains_basis=creates_basis), requires_grad=False)
         if creates_basis and config.task_core != "none":
             self._basis_owner[config.task_group] = adapter_name
+        if config.grow_basis and config.basis_init == "lora":
+            self._start_growth(adapter_name, plan, config)
         for module_name, targets in plan.targets_by_module().items():
             module = base.get_submodule(module_name)
             if isinstance(module, ShareLoraLayer):
@@ -211,8 +218,10 @@ class ShareLoraModel(nn.Module):
         outputs stay bit-identical); ``True`` trains them. The default (None) trains them too,
         except for task-core adapters (``task_share="AB"``): their group's basis A, B trains only
         while the adapter that created it (``basis_owner``, the group's first) is active, so a
-        later task trains its cores and head alone. A model loaded with ``is_trainable=False``
-        stays frozen.
+        later task trains its cores and head alone. With ``basis_init="lora"`` an untrained basis
+        has B = 0, so an adapter with a zero core that should train it needs an identity core first
+        (``init_cores(names, trains_basis=True)``; the owner has one). A model loaded with
+        ``is_trainable=False`` stays frozen.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
@@ -222,6 +231,70 @@ class ShareLoraModel(nn.Module):
             raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
         self._train_shared = None if train_shared is None else bool(train_shared)
         self._activate(list(dict.fromkeys(names)))
+
+    @torch.no_grad()
+    def init_cores(self, adapter_names: list[str], trains_basis: bool) -> None:
+        """Set the cores of task-core adapters ``adapter_names`` to where training starts.
+
+        ``trains_basis=True``: the adapters train their group's basis (jointly, e.g. the first k
+        tasks of a continual run), which must be untrained, B = 0 (``basis_init="lora"``): each
+        core becomes the identity (ones for diagonal cores), so each adapter is the ShareLoRA
+        adapter B A, still exactly the base model. Without it the basis would get no gradient
+        (B = 0 and C = 0). ``False``: the cores become zero, so the adapters compute the base model
+        on any basis (e.g. after a given basis was loaded). Refused for a trained basis (B != 0)
+        with ``True``: the adapters would start at B A, not at the base model.
+        """
+        unknown = [n for n in adapter_names if n not in self.sharelora_configs]
+        if unknown:
+            raise ShareLoraError(f"no adapter named {unknown}; loaded adapters: {self.adapter_names}")
+        plain = [n for n in adapter_names if self.sharelora_configs[n].task_core == "none"]
+        if plain:
+            raise ShareLoraError(f"adapters {plain} have no task cores (task_core='none'); init_cores sets the cores "
+                                 "of task_share='AB' adapters")
+        for name in adapter_names:
+            plan = self.plans[name]
+            if trains_basis:
+                trained = [k for k, spec in plan.shared_tensors().items()
+                           if spec.role == "B" and self.sharelora_bank[bank_name(k)].count_nonzero() > 0]
+                if trained:
+                    raise ShareLoraError(
+                        f"adapter {name!r}: its group's basis is not untrained (B != 0, e.g. {trained[0]}; "
+                        f"basis_init={self.sharelora_configs[name].basis_init!r}), so an identity core would start it at "
+                        "B A instead of the base model; train its core from zero (init_cores(names, trains_basis=False)) "
+                        "or give the joint tasks a new task_group")
+            for key, spec in plan.own_tensors().items():
+                if spec.role == "C":
+                    core = self.sharelora_bank[bank_name(key)]
+                    identity_core(core) if trains_basis else core.zero_()
+            cfg = self.sharelora_configs[name]
+            if not trains_basis and cfg.grow_basis and cfg.basis_init == "lora":
+                self._start_growth(name, plan, cfg)
+
+    def _group_growth(self, task_group: str) -> list[list]:
+        """[[adapter, g], ...]: the basis growth blocks of ``task_group``, in the order they were added."""
+        blocks: dict[str, int] = {}
+        for name, cfg in self.sharelora_configs.items():
+            if cfg.task_group == task_group and cfg.task_core != "none":
+                for owner, g in (cfg.basis_growth or []) + ([[name, cfg.grow_basis]] if cfg.grow_basis else []):
+                    blocks.setdefault(owner, g)
+        return [[owner, g] for owner, g in blocks.items()]
+
+    @torch.no_grad()
+    def _start_growth(self, name: str, plan: SharingPlan, cfg: ShareLoraConfig) -> None:
+        """A growing adapter's start: its own block of every core the identity, if its new B's are still 0
+        (then B_g I A_g = 0: the adapter computes the base model and its new directions train as a LoRA)."""
+        grown_B = [k for k, s in plan.grown_tensors().items() if s.role == "B"]
+        if any(self.sharelora_bank[bank_name(k)].count_nonzero() > 0 for k in grown_B):
+            return
+        start = cfg.rank + sum(g for _, g in cfg.basis_growth or [])
+        block = slice(start, start + cfg.grow_basis)
+        for key, spec in plan.own_tensors().items():
+            if spec.role == "C":
+                core = self.sharelora_bank[bank_name(key)]
+                if core.dim() == 1:
+                    core[block] = 1.0
+                else:
+                    core[block, block] = torch.eye(cfg.grow_basis, dtype=core.dtype, device=core.device)
 
     def basis_owner(self, task_group: str) -> str | None:
         """The task-core adapter whose activation trains ``task_group``'s shared A and B by default.
@@ -248,7 +321,7 @@ class ShareLoraModel(nn.Module):
         if self._trainable:
             for n in names:
                 plan = self.plans[n]
-                trainable |= {bank_name(k) for k in plan.own_tensors()}
+                trainable |= {bank_name(k) for k in plan.added_tensors()}  # its own and the basis blocks it grew
                 if self._trains_shared(n, names):
                     trainable |= {bank_name(k) for k in plan.shared_tensors()}
         for key, p in self.sharelora_bank._parameters.items():  # its own dict: ParameterDict.items() is ~5x slower
@@ -309,7 +382,7 @@ class ShareLoraModel(nn.Module):
                 if slot is None:
                     continue
                 slot.shared_down = None
-                if slot.whole and slot.heads == 1:
+                if slot.whole and slot.heads == 1 and not slot.grown:  # a grown basis: its own x [A; A_g]^T
                     parent, _, leaf = name.rpartition(".")
                     kind = same_input_set(leaf)
                     groups.setdefault((parent, slot.keys[0][0] if kind is None else kind), []).append(slot)
@@ -405,7 +478,9 @@ class ShareLoraModel(nn.Module):
         once), ``adapters`` has each adapter's own and shared counts, and
         ``separate_lora_parameters`` is what one plain LoRA per adapter would train. A task-core
         adapter's ``own_parameters`` are its cores (L r^2 or L r per module type), what one more
-        task of its group adds (heads apart, in ``modules_to_save_parameters``).
+        task of its group adds (heads apart, in ``modules_to_save_parameters``); an adapter that
+        grew the basis (``grow_basis``) adds its new directions too (``grown_parameters``, also in
+        ``task_shared_parameters``: they are stored with the group, which later tasks read).
         """
         plan = self.plan
         adapter = sum(p.numel() for p in self.sharelora_bank.values())
@@ -417,8 +492,9 @@ class ShareLoraModel(nn.Module):
             per_adapter[name] = {
                 "share": cfg.share, "task_share": cfg.task_share, "task_group": cfg.task_group, "rank": cfg.rank,
                 "heads": cfg.heads, "task_core": cfg.task_core,
-                "own_parameters": sum(s.numel for s in p.own_tensors().values()),
-                "shared_parameters": sum(s.numel for s in p.shared_tensors().values()),
+                "own_parameters": sum(s.numel for s in p.added_tensors().values()),
+                "shared_parameters": sum(s.numel for k, s in p.shared_tensors().items() if k not in p.grown_tensors()),
+                "grown_parameters": sum(s.numel for s in p.grown_tensors().values()),
                 "modules_to_save_parameters": self._saved_parameters(name),
                 "lora_equivalent_parameters": p.lora_equivalent(),
             }
@@ -657,7 +733,7 @@ class ShareLoraModel(nn.Module):
 
     def _check_same_config(self, name: str, saved: ShareLoraConfig, directory) -> None:
         # The fields that only name things may differ; every other one decides what the tensors compute.
-        ignore = {"base_model_name_or_path", "format_version"}
+        ignore = {"base_model_name_or_path", "format_version", "basis_init"}  # basis_init: only how tensors start
         mine, theirs = self.sharelora_configs[name].to_dict(), saved.to_dict()
         differ = sorted(k for k in set(mine) | set(theirs) if k not in ignore and mine.get(k) != theirs.get(k))
         if differ:

@@ -136,7 +136,9 @@ class Target:
     it is added to output columns ``[out_start, out_start + d_out)`` of the module. With K router
     heads (HydraLoRA) B is (d_out, K rank), the K heads side by side, and ``r_key`` names the
     router R: (K, d_in). With a task core (``task_core``) ``c_key`` names the core, C: (rank, rank)
-    or c: (rank,), and the update is ``scaling * B C A x`` (or ``B diag(c) A x``).
+    or c: (rank,), and the update is ``scaling * B C A x`` (or ``B diag(c) A x``). With basis growth
+    (``grow_keys``: blocks A_j (g_j, d_in), B_j (d_out, g_j)) A and B are read as [A; A_1; ...] and
+    [B, B_1, ...], and C is (r + G) x (r + G), G = sum_j g_j.
     """
 
     name: str  # module path, plus ".<slice>" for a fused slice
@@ -151,6 +153,7 @@ class Target:
     b_key: str
     r_key: str | None = None
     c_key: str | None = None
+    grow_keys: tuple[tuple[str, str], ...] = ()  # (A_g, B_g) of each basis growth block it reads, in order
 
 
 @dataclass
@@ -162,6 +165,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     users: list[str] = field(default_factory=list)
     local_key: str = ""
+    grown_by: str | None = None  # basis growth: the adapter that added this task-shared block and alone trains it
 
     def __post_init__(self) -> None:
         self.local_key = self.local_key or self.key
@@ -202,6 +206,18 @@ class SharingPlan:
         """The tensors read from the task group (shared with the other adapters of the group)."""
         return {k: s for k, s in self.tensors.items() if s.task_shared}
 
+    def grown_tensors(self) -> dict[str, TensorSpec]:
+        """The basis growth blocks this adapter added to its group (stored with the group, trained by it alone)."""
+        return {k: s for k, s in self.tensors.items() if s.grown_by == self.adapter_name}
+
+    def added_tensors(self) -> dict[str, TensorSpec]:
+        """What this adapter adds to the model: its own tensors and the basis directions it grew."""
+        return {**self.own_tensors(), **self.grown_tensors()}
+
+    def basis_tensors(self) -> dict[str, TensorSpec]:
+        """The group's basis as it was before any growth: the task-shared tensors every adapter of it reads."""
+        return {k: s for k, s in self.tensors.items() if s.task_shared and s.grown_by is None}
+
     def targets_by_module(self) -> dict[str, list[Target]]:
         """Targets grouped by the module that hosts them, slices in output order."""
         out: dict[str, list[Target]] = defaultdict(list)
@@ -231,6 +247,9 @@ class SharingPlan:
             row["targets"] += 1
             row["A_keys"].add(t.a_key)
             row["B_keys"].add(t.b_key)
+            for ga, gb in t.grow_keys:  # basis growth blocks count with the A's and B's they extend
+                row["A_keys"].add(ga)
+                row["B_keys"].add(gb)
             if t.r_key is not None:
                 row["R_keys"].add(t.r_key)
             if t.c_key is not None:
@@ -385,6 +404,9 @@ def build_plan(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DE
 
     k = config.share_block_size
     shared_roles = set() if config.share == "none" else set(config.share)
+    # basis growth (task cores): the earlier adapters' blocks it reads, then its own
+    growth = [(n, g) for n, g in (config.basis_growth or [])] + (
+        [(adapter_name, config.grow_basis)] if config.grow_basis else [])
     tensors: dict[str, TensorSpec] = {}
     targets: list[Target] = []
     shared_shapes: dict[tuple[str, str], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -422,6 +444,18 @@ def build_plan(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DE
             spec = tensors.setdefault(stored, TensorSpec(key=stored, role=role, shape=shape, local_key=key))
             spec.users.append(name)
             keys[role] = stored
+        grow: list[tuple[str, str]] = []
+        for owner, g in growth:  # each block: g more rows of every A, g more columns of every B, keyed by its owner
+            pair = []
+            for role, base_key, shape in (("A", keys["A"], (g, d_in)), ("B", keys["B"], (d_out, g))):
+                local = tensors[base_key].local_key
+                local = f"{local[: -len('.lora_' + role)]}.grow_{owner}.lora_{role}"
+                stored = storage_key(local, role, config, adapter_name)
+                spec = tensors.setdefault(stored, TensorSpec(key=stored, role=role, shape=shape, local_key=local,
+                                                             grown_by=owner))
+                spec.users.append(name)
+                pair.append(stored)
+            grow.append((pair[0], pair[1]))
         r_key = c_key = None
         if config.router:  # HydraLoRA: one router per target, always the adapter's own
             r_key = storage_key(f"{name}.lora_router", "R", config, adapter_name)
@@ -429,10 +463,11 @@ def build_plan(model: nn.Module, config: ShareLoraConfig, adapter_name: str = DE
                                         local_key=f"{name}.lora_router")
         if config.task_core != "none":  # the task's own core between the group's A and B, one per target
             c_key = storage_key(f"{name}.lora_C", "C", config, adapter_name)
-            shape = (config.rank, config.rank) if config.task_core == "matrix" else (config.rank,)
+            width = config.rank + sum(g for _, g in growth)
+            shape = (width, width) if config.task_core == "matrix" else (width,)
             tensors[c_key] = TensorSpec(key=c_key, role="C", shape=shape, users=[name], local_key=f"{name}.lora_C")
         targets.append(Target(name, module_name, slice_name, mtype, layer, d_in, d_out, out_start,
-                              keys["A"], keys["B"], r_key, c_key))
+                              keys["A"], keys["B"], r_key, c_key, tuple(grow)))
     return SharingPlan(rank=config.rank, share=config.share, scope=config.scope, targets=targets, tensors=tensors,
                        adapter_name=adapter_name, task_share=config.task_share, task_group=config.task_group,
                        heads=config.heads, task_core=config.task_core)
@@ -464,7 +499,7 @@ def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
                     f"{getattr(config, f)!r} differs from adapter {other!r}'s {f}={getattr(ocfg, f)!r}; "
                     f"adapters that share tensors across tasks need the same {f} (or use another task_group)"
                 )
-        mine, theirs = plan.shared_tensors(), oplan.shared_tensors()
+        mine, theirs = plan.basis_tensors(), oplan.basis_tensors()  # growth blocks differ by design
         if set(mine) != set(theirs):
             extra = sorted(set(mine) - set(theirs))[:2]
             lacking = sorted(set(theirs) - set(mine))[:2]
@@ -483,23 +518,41 @@ def check_task_group(name: str, config: ShareLoraConfig, plan: SharingPlan,
 
 
 def init_tensor(spec: TensorSpec, init_lora_weights: bool, dtype: torch.dtype, device,
-                task_core: str = "none") -> torch.Tensor:
+                task_core: str = "none", basis_init: str = "lora", trains_basis: bool = False) -> torch.Tensor:
     """LoRA's initialisation: A ~ Kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0, so B A = 0.
 
     A router (HydraLoRA) is Kaiming-uniform too: random routing breaks the symmetry between heads
     that all start at B_k = 0 (uniform weights would give every head the same gradient forever).
 
-    With a task core (``task_core`` "matrix" / "diagonal") the core C is 0, so B C A = 0 and every
-    new adapter starts at the base model, and B is Kaiming-uniform like A (as VeRA's frozen A and
-    B): with B = 0 and C = 0 neither would get a gradient (dL/dC = s B^T g (A x)^T, dL/dB = s g
-    (C A x)^T). A zero core with a random or trained basis gets the gradient s B^T g (A x)^T, so a
-    later task trains its core from zero with the basis frozen; the basis gets gradients once the
-    core is not zero. ``init_lora_weights=False`` (tests only) makes every tensor random.
+    With a task core (``task_core`` "matrix" / "diagonal"; the update is s B C A x) and
+    ``basis_init="lora"`` (default) the basis is LoRA's (A random, B = 0) and the core C is the
+    identity I_r (diagonal: ones) for an adapter that trains the untrained basis
+    (``trains_basis``: the one whose add_adapter creates it), else 0. B = 0 makes every adapter
+    the base model at start; with C = I the basis-training adapter is exactly the ShareLoRA
+    adapter B A (dL/dB = s g (A x)^T, dL/dA = s B^T g x^T: LoRA's gradients), and a zero core on
+    the trained basis gets dL/dC = s B^T g (A x)^T. ``basis_init="random"``: B Kaiming-uniform
+    like A (as VeRA's frozen A and B) and every core 0 (B = 0 and C = 0 together would give no
+    gradient to anything). ``init_lora_weights=False`` (tests only) makes every tensor random.
     """
     t = torch.empty(spec.shape, dtype=torch.float32, device=device)
-    random = spec.role in ("A", "R") or not init_lora_weights or (spec.role == "B" and task_core != "none")
-    if random:
+    random_basis = task_core != "none" and basis_init == "random"
+    if spec.role == "C" and init_lora_weights:
+        if trains_basis and basis_init == "lora":
+            identity_core(t)
+        else:
+            nn.init.zeros_(t)
+    elif spec.role in ("A", "R") or not init_lora_weights or (spec.role == "B" and random_basis):
         nn.init.kaiming_uniform_(t.view(1, -1) if t.dim() == 1 else t, a=5**0.5)
     else:
         nn.init.zeros_(t)
     return t.to(dtype)
+
+
+@torch.no_grad()
+def identity_core(core: torch.Tensor) -> torch.Tensor:
+    """Set a task core to the identity in place: I_r for an (r, r) matrix core, ones for an (r,) diagonal one."""
+    if core.dim() == 1:
+        return core.fill_(1.0)
+    core.zero_()
+    core.diagonal().fill_(1.0)
+    return core

@@ -9,7 +9,9 @@ What the model holds (its layout):
         type serves every layer and every task, and each task owns only its B's. With
         ``task_share="AB"`` every task reads the same A and B and owns only a core per adapted module
         (``task_core``: an r x r matrix C, "matrix", or an r-vector c, "diagonal"):
-        h = W0 x + (alpha / r) B C_t A x; the core starts at zero, so a new task starts at the base. Every task trains
+        h = W0 x + (alpha / r) B C_t A x. The tasks that train the basis (the first, the first K, or every task of
+        a joint run) start with C_t = I on B = 0, i.e. as a task-shared ShareLoRA adapter; the others with C_t = 0
+        (``ShareLoraModel.init_cores``; ``basis_init``), so every task starts at the base. Every task trains
         its own copy of the classification head (``modules_to_save``). A batch routes each row to
         its task's adapter and head (``adapter_names``).
     one adapter (``one_adapter=True``, and always for HydraLoRA, ``heads > 1``): one adapter for all
@@ -340,6 +342,11 @@ def build_model(base: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> nn.M
     model = get_sharelora_model(base, config, adapter_name=tasks[0])
     for name in tasks[1:]:
         model.add_adapter(name, dataclasses.replace(config))
+    if config.task_core != "none":  # the tasks that train the basis start as ShareLoRA (core I, B = 0), the others at 0
+        basis = [] if cfg.basis_from is not None else tasks[: cfg.basis_tasks] if cfg.continual else list(tasks)
+        if basis and config.basis_init == "lora":
+            model.init_cores(basis, trains_basis=True)
+        model.init_cores([n for n in tasks if n not in basis], trains_basis=False)
     return model
 
 
