@@ -174,6 +174,12 @@ def plot(table: dict, path: str) -> None:
         ax.errorbar(row["added_per_task"], statistics.fmean(means), yerr=std, fmt=marker, capsize=3)
         ax.annotate(key, (row["added_per_task"], statistics.fmean(means)), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
+    lora = table["rows"].get("separate-lora")
+    if lora:  # the goal: at most 2% of a LoRA per task, within 1 point of separate LoRAs
+        ax.axhline(lora["mean"] * 100, color="grey", ls="--", lw=0.8, label="separate LoRA mean")
+        ax.axhline(lora["mean"] * 100 - 1, color="grey", ls=":", lw=0.8, label="1 point below it")
+        ax.axvline(0.02 * lora["added_per_task"], color="tab:red", ls=":", lw=0.8, label="2% of a LoRA")
+        ax.legend(loc="lower right", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("parameters added per extra task (heads apart, log scale)")
     ax.set_ylabel(f"mean test accuracy over {len(table['tasks'])} tasks (%)")
