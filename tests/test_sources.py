@@ -321,7 +321,9 @@ def test_builtin_registry_lists_the_offline_models_and_datasets():
                                                      "humaneval", "rt-snippets", "commonsense-relations",
                                                      "hedge-sentences", "movie-reviews", "adjective-order",
                                                      "wordnet-definitions", "wordnet-instructions",
-                                                     "rt-subjectivity", "wordnet-noun-instructions"]
+                                                     "rt-subjectivity", "wordnet-noun-instructions",
+                                                     "wordnet-noun-supersenses", "wordnet-verb-supersenses",
+                                                     "debate-speakers", "convention-party"]
 
 
 def test_builtin_datasets_pin_a_seeded_recipe_and_a_fingerprint():

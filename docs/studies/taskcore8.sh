@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The many-task study of issue 25 on eight real tasks, three seeds (docs/RESULTS_MULTITASK.md, "The N-th task
+# nearly free on eight tasks"). MiniLM, r = 8, query/value; a very small CPU budget per task.
+#
+#   bash docs/studies/taskcore8.sh OUT probe    # seed-0 separate LoRA on every candidate task (dev decides)
+#   python docs/studies/taskcore8_select.py OUT # -> OUT/tasks.txt: the tasks of the study, chosen on dev only
+#   bash docs/studies/taskcore8.sh OUT study    # every row of the table, in order of priority (below)
+#
+# A phase is a list of jobs; start the same phase twice (two workers, one core each) and they share the
+# list: a job is claimed with mkdir (atomic), done jobs are skipped, a job waits for the jobs it needs.
+# `touch OUT/.jobs/pause-PHASE` makes that phase's workers take no new job (they wait); remove it to go on.
+# Rerunning resumes (`--resume`). Jobs are listed in order of priority, so a cut-short run has the reference rows.
+set -uo pipefail
+OUT=${1:?usage: taskcore8.sh OUT probe|study}
+PHASE=${2:?usage: taskcore8.sh OUT probe|study}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+SL=(python -m sharelora.cli)
+# The candidates, in the study's order, fixed before any run (docs/RESULTS_MULTITASK.md says why): the
+# basis task first, then the first three (the joint basis of --basis-tasks 3) with 2, 3 and 8 labels.
+CANDIDATES=(rotten-tomatoes commonsense-relations wordnet-noun-supersenses hedge-sentences debate-speakers
+            wordnet-verb-supersenses rt-snippets rt-subjectivity convention-party adjective-order movie-reviews)
+# Per task: 320 training rows, 2 epochs, batch 16 (40 steps), max length 64, dev / test 200 rows.
+BUDGET=(--model minilm --epochs 2 --batch-size 16 --max-train-examples 320 --max-length 64
+        --max-eval-examples 200 --threads 1 --no-progress --resume)
+LORA_LR=6e-3      # the budget study's dev choice for LoRA and ShareA (docs/RESULTS_BUDGET.md)
+# The task-core rows: LoRA's lr. Their basis tasks start as a task-shared ShareLoRA adapter (B = 0, core I) and
+# train like one; on dev (seed 0) 6e-3 beat 2e-2 for the basis task (72.0 vs 53.0) and the core-only stage
+# (61.5 vs 60.5) (docs/RESULTS_MULTITASK.md, "Diagnosed and fixed since"). One lr for every stage.
+CORE_LR=${CORE_LR:-6e-3}
+VERA_RANK=256     # VeRA's shared random A (256 x 384) and B: 640 trained scales per module
+VERA_LRS=(6e-2 2e-1)  # the VeRA LR grid, seed 0, chosen on the mean dev accuracy of the eight tasks (6e-2: the
+                      # budget study's dev choice for VeRA r = 256 at 80 steps; 2e-1 for the shorter 40 steps here)
+SEEDS=(0 1 2)
+JOBS=()  # "name|needs (space-separated names)|command"
+
+job() { local name=$1 needs=$2; shift 2; JOBS+=("$name|$needs|$(printf '%q ' "$@")"); }
+
+tasks() { grep -v '^#' "$OUT/tasks.txt"; }
+
+if [[ $PHASE == probe ]]; then
+  for t in "${CANDIDATES[@]}"; do
+    job "lora-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr $LORA_LR --seed 0 "${BUDGET[@]}" \
+      --output-dir "$OUT/separate-lora/$t-s0"
+  done
+else
+  [ -f "$OUT/tasks.txt" ] || { echo "no $OUT/tasks.txt: run the probe phase and taskcore8_select.py first" >&2; exit 2; }
+  mapfile -t TASKS < <(tasks)
+  joined=$(IFS=,; echo "${TASKS[*]}")
+fi
+
+# The jobs of the study, in order of priority (a worker takes the first job it can start), so that a run cut
+# short by the deadline loses the least important rows: the separate LoRAs (the reference) and their
+# compression for every seed; seed 0 of every task-core row; seeds 1-2 of the matrix task cores; the VeRA
+# grid (seed 0); continual ShareA seeds 1-2; separate ShareA seed 0; then seeds 1-2 of the diagonal task
+# cores, VeRA and separate ShareA.
+lora_jobs() {
+  local seed=$1 loras="" t core c
+  for t in "${TASKS[@]}"; do
+    job "lora-$t-s$seed" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr $LORA_LR --seed "$seed" \
+      "${BUDGET[@]}" --output-dir "$OUT/separate-lora/$t-s$seed"
+    loras+=" lora-$t-s$seed"
+  done
+  for core in matrix diagonal; do  # the separate LoRAs fitted into one shared A, B and a core per task
+    c="$OUT/compressed-$core/s$seed"
+    job "compress-$core-s$seed" "$loras" bash -c "${SL[*]} compress $c $(for t in "${TASKS[@]}"; do
+        printf '%s ' "$t=$OUT/separate-lora/$t-s$seed"; done) --rank 8 --share A --task-core $core --overwrite \
+      && ${SL[*]} eval $c --json $c/eval.json.tmp && mv $c/eval.json.tmp $c/eval.json"
+  done
+  [[ $seed == 0 || ${2:-} == all ]] || return 0  # continual ShareA: seed 0 here, seeds 1-2 later
+  job "continual-sharea-s$seed" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share A \
+    --continual --rank 8 --lr $LORA_LR --seed "$seed" "${BUDGET[@]}" --output-dir "$OUT/continual-sharea/s$seed"
+}
+core_job() {  # core_job matrix|diagonal K SEED: continual task cores, the basis from the first K tasks
+  job "core-$1-basis$2-s$3" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
+    --task-core "$1" --continual --basis-tasks "$2" --rank 8 --lr "$CORE_LR" --seed "$3" "${BUDGET[@]}" \
+    --output-dir "$OUT/core-$1-basis$2/s$3"
+}
+vera_jobs() {  # vera_jobs SEED (seeds 1, 2 at the LR the grid chose)
+  local t
+  for t in "${TASKS[@]}"; do
+    job "vera-$t-s$1" "vera-choose" bash -c "${SL[*]} train --dataset $t --method peft-vera --rank $VERA_RANK \
+      --lr \$(cat $OUT/vera-lr.txt) --seed $1 ${BUDGET[*]} --output-dir $OUT/vera/$t-s$1"
+  done
+}
+sharea_jobs() {  # separate ShareA per task, SEED
+  local t
+  for t in "${TASKS[@]}"; do
+    job "sharea-$t-s$1" "" "${SL[@]}" train --dataset "$t" --method sharea --rank 8 --lr $LORA_LR --seed "$1" \
+      "${BUDGET[@]}" --output-dir "$OUT/separate-sharea/$t-s$1"
+  done
+}
+if [[ $PHASE == study ]]; then
+  for seed in "${SEEDS[@]}"; do lora_jobs "$seed"; done
+  for k in 1 3; do for core in matrix diagonal; do core_job $core $k 0; done; done
+  for seed in 1 2; do for k in 1 3; do core_job matrix $k $seed; done; done
+  grid=""  # the VeRA LR grid: seed 0, every task; the choice reads dev only; its seed-0 runs are the row's seed 0
+  for lr in "${VERA_LRS[@]}"; do
+    for t in "${TASKS[@]}"; do
+      job "vera-lr$lr-$t-s0" "" "${SL[@]}" train --dataset "$t" --method peft-vera --rank $VERA_RANK --lr "$lr" \
+        --seed 0 "${BUDGET[@]}" --output-dir "$OUT/vera-grid/lr$lr/$t-s0"
+      grid+=" vera-lr$lr-$t-s0"
+    done
+  done
+  job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
+  for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)
+  sharea_jobs 0
+  for seed in 1 2; do for k in 1 3; do core_job diagonal $k $seed; done; done
+  for seed in 1 2; do vera_jobs $seed; done
+  for seed in 1 2; do sharea_jobs $seed; done
+fi
+
+if [[ -n ${DRY:-} ]]; then printf '%s\n' "${JOBS[@]}"; exit 0; fi  # DRY=1: list the jobs, run nothing
+
+# The worker: passes over the list until every job is done or none can start (failed or waiting on a failure).
+STATE="$OUT/.jobs"
+mkdir -p "$STATE"
+while :; do
+  if [ -f "$STATE/pause-$PHASE" ]; then sleep 20; continue; fi
+  ran=0 pending=0
+  for j in "${JOBS[@]}"; do
+    IFS='|' read -r name needs cmd <<<"$j"
+    [ -f "$STATE/$name.done" ] && continue
+    [ -f "$STATE/$name.failed" ] && continue
+    pending=1
+    ready=1
+    for n in $needs; do [ -f "$STATE/$n.done" ] || ready=0; done
+    [ $ready = 1 ] || continue
+    [ -f "$STATE/pause-$PHASE" ] && break  # touch OUT/.jobs/pause-PHASE: the worker takes no new job
+    mkdir "$STATE/$name.lock" 2>/dev/null || continue
+    echo "$(date -u +%H:%M:%S) start $name" >>"$STATE/log"
+    if eval "nice -n 2 $cmd" >"$STATE/$name.out" 2>&1; then
+      touch "$STATE/$name.done"; echo "$(date -u +%H:%M:%S) done $name" >>"$STATE/log"
+    else
+      touch "$STATE/$name.failed"; echo "$(date -u +%H:%M:%S) FAILED $name" >>"$STATE/log"
+    fi
+    rmdir "$STATE/$name.lock"
+    ran=1
+  done
+  [ $pending = 0 ] && break
+  if [ $ran = 0 ]; then
+    # nothing could start: jobs held by the other worker or waiting for them; stop when nothing is in flight
+    ls "$STATE"/*.lock >/dev/null 2>&1 || break
+    sleep 20
+  fi
+done
+echo "$(date -u +%H:%M:%S) worker of $PHASE finished" >>"$STATE/log"

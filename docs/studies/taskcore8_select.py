@@ -1,0 +1,77 @@
+"""Choices of the eight-task study (docs/studies/taskcore8.sh) made on the dev split only, never on test.
+
+    python docs/studies/taskcore8_select.py OUT                    # -> OUT/tasks.txt, OUT/selection.json
+    python docs/studies/taskcore8_select.py OUT --vera-lr 2e-2 ... # -> OUT/vera-lr.txt, OUT/vera-lr.json
+
+Tasks: the candidates of taskcore8.sh in its fixed order; a candidate is "learned" when its seed-0
+separate LoRA reaches a dev accuracy at least ``MARGIN`` (5 points) above the majority-class share of
+the dev rows it is scored on (the first 200); the study takes the first ``N_TASKS`` (8) learned ones.
+VeRA: the LR of the grid with the highest mean dev accuracy over the study's tasks (seed 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+CANDIDATES = ["rotten-tomatoes", "commonsense-relations", "wordnet-noun-supersenses", "hedge-sentences",
+              "debate-speakers", "wordnet-verb-supersenses", "rt-snippets", "rt-subjectivity", "convention-party",
+              "adjective-order", "movie-reviews"]
+MARGIN = 0.05
+N_TASKS = 8
+EVAL_ROWS = 200  # --max-eval-examples of taskcore8.sh: the first 200 dev rows are scored
+
+
+def dev_majority(task: str) -> float:
+    from sharelora.sources import load_dataset
+
+    dev = load_dataset(task).splits["dev"][:EVAL_ROWS]
+    return max(Counter(r["label"] for r in dev).values()) / len(dev)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def select_tasks(out: Path) -> None:
+    rows, chosen = [], []
+    for t in CANDIDATES:
+        res = json.loads((out / "separate-lora" / f"{t}-s0" / "results.json").read_text())
+        acc, maj = res["dev"]["accuracy"], dev_majority(t)
+        learned = acc >= maj + MARGIN
+        if learned and len(chosen) < N_TASKS:
+            chosen.append(t)
+        rows.append({"task": t, "dev_accuracy": acc, "dev_majority": maj, "learned": learned,
+                     "chosen": t in chosen})
+        print(f"{t:26s} dev {100 * acc:5.1f}  majority {100 * maj:5.1f}  {'learned' if learned else 'not learned'}"
+              f"{'  -> chosen' if t in chosen else ''}")
+    atomic_write(out / "selection.json", json.dumps({"rule": f"seed-0 separate LoRA dev accuracy >= dev majority + "
+                                                             f"{MARGIN:.2f}; first {N_TASKS} in the fixed order",
+                                                     "candidates": rows}, indent=1) + "\n")
+    atomic_write(out / "tasks.txt", "\n".join(chosen) + "\n")
+
+
+def select_vera_lr(out: Path, lrs: list[str]) -> None:
+    tasks = (out / "tasks.txt").read_text().split()
+    means = {}
+    for lr in lrs:
+        accs = [json.loads((out / "vera-grid" / f"lr{lr}" / f"{t}-s0" / "results.json").read_text())["dev"]["accuracy"]
+                for t in tasks]
+        means[lr] = sum(accs) / len(accs)
+        print(f"VeRA lr {lr}: mean dev {100 * means[lr]:.1f}")
+    best = max(lrs, key=lambda lr: means[lr])
+    atomic_write(out / "vera-lr.json", json.dumps({"mean_dev": means, "chosen": best}, indent=1) + "\n")
+    atomic_write(out / "vera-lr.txt", best + "\n")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "--vera-lr":
+        select_vera_lr(root, sys.argv[3:])
+    else:
+        select_tasks(root)
