@@ -339,7 +339,6 @@ def test_hydra_trains_one_routed_adapter_for_the_mixture(inputs, tmp_path):
     (dict(sampling_temperature=0.0), "> 0"),
     (dict(continual_train_shared=True), "--continual"),
     (dict(tasks=[]), "tasks is empty"),
-    (dict(fsdp=True, continual=True), "drop --fsdp"),
 ])
 def test_bad_configurations_name_the_problem(inputs, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):

@@ -397,10 +397,10 @@ class Run:
         """``start_stage``, then the model wrapped anew (DDP syncs what is trainable when it is built) and a
         fresh optimizer over what the stage trains."""
         self.start_stage(stage)
-        self.params = list(trainable_parameters(self.core).values())
         self.model, self.optimizer = wrap(self.acc, self.core, lambda m: make_optimizer(m, self.cfg.lr,
                                                                                           self.cfg.weight_decay),
                                           fsdp=self.cfg.fsdp, unused=self.find_unused_parameters)
+        self.params = list(trainable_parameters(self.core).values())  # after wrapping: FSDP's shards
 
     def load_checkpoint(self) -> None:
         """Continue from ``state/checkpoint.safetensors``: its stage, weights, optimizer, generators and log."""

@@ -47,9 +47,11 @@ stage; gradient accumulation; clipping; Ctrl-C and resume; log.jsonl; the output
 the per-stage scores. Under a launcher it runs as ``sharelora train`` does (distributed.py): a
 step's global batch of mixed rows is split over the processes, DDP averages the gradients (looking
 for the tensors a process's rows did not use: a task absent from its share), evaluation is split
-and gathered, and rank 0 alone writes. Each stage wraps the model anew, since a stage changes what
-is trainable. ``--fsdp`` shards a joint run (FSDP reduces a zero gradient for a tensor a process's
-rows did not use, and a task absent from the whole step keeps no gradient, as with one process).
+and gathered, and rank 0 alone writes. Each stage wraps the model anew (DDP) and makes a new
+optimizer, since a stage changes what is trainable. ``--fsdp`` shards joint and continual runs: FSDP
+reduces a zero gradient for a tensor a process's rows did not use, a task absent from the whole step
+keeps no gradient (as with one process), and a continual stage keeps the units of the first (FSDP2
+follows ``requires_grad`` whenever it gathers a unit) with a new optimizer.
 
 Output directory: as ``sharelora train`` (results.json, log.jsonl, curves.png with a curve per task,
 adapter/ in the multi-adapter format with a run_info.json that names every task's data set, adapter
@@ -70,7 +72,7 @@ from torch import nn
 
 from ..tasks import ClassificationTask, EncodedSplit, label_space
 from .config import TrainConfig, resolve_targets, short_name
-from .distributed import is_sharded
+from .distributed import full_tensor, is_sharded
 from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_everything
 from .evaluate import eval_settings, evaluate, model_logits, read_run_info
 from .logs import plot_task_curves
@@ -204,9 +206,6 @@ class MultiTaskConfig(TrainConfig):
         unknown = sorted(set(self.task_dataset_options) - set(self.task_datasets()))
         if unknown:
             raise ValueError(f"task_dataset_options names unknown task(s) {unknown}; tasks: {list(self.task_datasets())}")
-        if self.fsdp and self.continual:
-            raise ValueError("--fsdp shards joint multitask runs; a --continual run changes what is trainable per "
-                             "stage, which FSDP's units do not follow: run it under DDP (drop --fsdp)")
 
     def resolved(self) -> MultiTaskConfig:
         if self.method == "hydra":
@@ -561,8 +560,8 @@ class MultiTaskRun(Run):
 
     def snapshot(self, k: int) -> None:
         """Every adapter tensor after stage k (later stages do not save the ones they keep frozen)."""
-        if self.main:
-            tensors = {key: t.detach().clone() for key, t in self.core.multi_adapter_state_dict().items()}
+        tensors = {key: full_tensor(t).detach().clone() for key, t in self.core.multi_adapter_state_dict().items()}
+        if self.main:  # FSDP: every process helped gather the shards
             atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
         self.acc.wait_for_everyone()
 

@@ -171,6 +171,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             if is_dtensor(p) and value.shape == p.shape:  # a moment (exp_avg, ...) of a sharded parameter
                 value = like(value, p)
             state.setdefault(int(index), {})[name] = value
+    # In index order: the file's tensors come back in an order of their own in each process, and the next
+    # save_checkpoint gathers each FSDP moment in the optimizer's state order, the same on every process.
+    state = {i: dict(sorted(state[i].items())) for i in sorted(state)}
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
     ranks = meta.get("rng_ranks", [])
     meta["rng_restored"] = rank <= len(ranks)
