@@ -320,8 +320,10 @@ class Run:
     def improves(self, score: float, best: float) -> bool:
         return score > best
 
-    def score_stage(self, stage: Stage) -> None:
-        """After a stage, with its best weights loaded (and before the next stage starts)."""
+    def score_stage(self, stage: Stage) -> dict[str, Any]:
+        """After a stage, with its best weights loaded (and before the next stage starts): what its record in
+        state["stages"] holds besides its step and best epoch."""
+        return {}
 
     def record_fields(self, stage: Stage) -> dict[str, Any]:
         """Fields every "train" record of ``stage`` carries besides step, epoch, loss, lr, grad_norm, rate."""
@@ -425,7 +427,17 @@ class Run:
             print(f"resuming {paths.root} at step {state['step']}/{self.total_steps}{where}")
 
     def restore_stages(self, stage: Stage) -> None:
-        """Before resuming inside ``stage``: bring back what the finished stages left (continual runs)."""
+        """Before resuming inside ``stage``: what each finished stage trained, in order (``end_stage`` saved it)."""
+        for done in self.stages[: stage.index]:
+            path = self.stage_file(done)
+            if not path.is_file():
+                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage.index + 1} but "
+                                 f"{path} (what stage {done.index + 1} trained) is missing; use --overwrite")
+            self.start_stage(done)
+            load_weights(path, self.core)
+
+    def stage_file(self, stage: Stage) -> Path:
+        return self.paths.state / f"stage{stage.index}.safetensors"
 
     @property
     def total_steps(self) -> int:
@@ -551,13 +563,17 @@ class Run:
             return task.evaluate(scored, split, self.cfg.eval_batch_size, self.device, self.processes)
 
     def end_stage(self, stage: Stage) -> None:
-        """The stage's best weights -> ``score_stage``; then the next stage starts (and is checkpointed)."""
+        """The stage's best weights -> ``score_stage``, recorded in state["stages"]; then the next stage
+        starts (and is checkpointed), its predecessors' trained tensors kept for a resume inside it."""
         self.acc.wait_for_everyone()  # rank 0's best weights are on disk before anyone reads them
         load_weights(self.paths.best, self.core)
-        self.score_stage(stage)
         state = self.state
+        state["stages"].append({"stage": stage.index, "tasks": list(stage.tasks), "step": state["step"],
+                                **{k: state[k] for k in ("best_step", "best_epoch", "best_metric", "best_dev")},
+                                **self.score_stage(stage)})
         state["stage"] += 1
         if state["stage"] < len(self.stages):
+            save_weights(self.stage_file(stage), self.core, write=self.main)
             state.update(stage_step=0, best_metric=None, best_step=None, best_epoch=None, best_dev=None)
             self.begin_stage(self.stages[state["stage"]])
             self.save_checkpoint()  # a resume from here starts the next stage, the finished ones as they were

@@ -134,11 +134,12 @@ class SingleTaskRun(Run):
     def metric(self) -> str:
         return self.task.primary_metric
 
-    def score_stage(self, stage: Stage) -> None:
+    def score_stage(self, stage: Stage) -> dict[str, Any]:
         """The test split, once, with the best weights."""
         self.test = None if self.test_split is None else self.evaluate(self.task, self.test_split)
         if self.main and self.test is not None:
             self.log.append({"kind": "test", "split": "test", "step": self.state["best_step"], **self.test})
+        return {}
 
     def save_outputs(self, model: nn.Module) -> None:
         """adapter/: ``save_pretrained`` (adapter methods: the ShareLoRA adapter, each shared tensor once; full

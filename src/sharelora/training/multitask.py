@@ -72,16 +72,14 @@ from torch import nn
 
 from ..tasks import ClassificationTask, EncodedSplit, label_space
 from .config import TrainConfig, resolve_targets, short_name
-from .distributed import full_tensor, is_sharded
-from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_everything
-from .evaluate import eval_settings, evaluate, model_logits, read_run_info
-from .logs import plot_task_curves
+from .distributed import is_sharded
+from .engine import Run, Stage, jsonable, save_with_run_info, seed_everything
+from .evaluate import model_logits
+from .logs import plot_curves
 from .memory import apply_memory_options, load_options
 from .methods import TASK_CORES, TASK_SHARES, head_modules, sharelora_config, task_config
-from .state import atomic_save_tensors, load_tensors
 
 ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
-STAGES_FILE = "stages.safetensors"  # in state/: every adapter tensor after the last finished stage
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -542,41 +540,16 @@ class MultiTaskRun(Run):
                            + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
         return mean, chosen
 
-    def score_stage(self, stage: Stage) -> None:
-        """Every seen task on dev and test with the stage's best weights; continual: the adapters kept (``snapshot``)."""
-        k, state = stage.index, self.state
-        seen = self.seen(k)
+    def score_stage(self, stage: Stage) -> dict[str, Any]:
+        """Every seen task on dev and test with the stage's best weights (the stage's record and log)."""
+        seen = self.seen(stage.index)
         scores = {"dev": self.evaluate_tasks(seen, "dev"), "test": self.evaluate_tasks(seen, "test")}
         for split, per_task in scores.items():
             for name, metrics in per_task.items():
                 if self.main:
-                    self.log.append({"kind": "stage", "stage": k, "task": name, "split": split,
-                                     "step": state["step"], **metrics})
-        state["stages"].append({"stage": k, "tasks": list(stage.tasks), "step": state["step"],
-                                "best_step": state["best_step"], "best_epoch": state["best_epoch"],
-                                "best_metric": state["best_metric"], "best_dev": state["best_dev"], **scores})
-        if self.cfg.continual:  # what the later stages keep frozen, for a resume inside one of them
-            self.snapshot(k)
-
-    def snapshot(self, k: int) -> None:
-        """Every adapter tensor after stage k (later stages do not save the ones they keep frozen)."""
-        tensors = {key: full_tensor(t).detach().clone() for key, t in self.core.multi_adapter_state_dict().items()}
-        if self.main:  # FSDP: every process helped gather the shards
-            atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
-        self.acc.wait_for_everyone()
-
-    def restore_stages(self, stage: Stage) -> None:
-        path = self.paths.state / STAGES_FILE
-        if stage.index == 0 or not path.is_file():
-            if stage.index > 0:
-                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage.index + 1} but "
-                                 f"{path} (the tensors of the finished stages) is missing; use --overwrite")
-            return
-        tensors, meta = load_tensors(path)
-        if int(meta.get("stage", -1)) < stage.index - 1:
-            raise ValueError(f"cannot resume {self.paths.root}: {path} is from stage {int(meta['stage']) + 1}, "
-                             f"the checkpoint from stage {stage.index + 1}; use --overwrite")
-        self.core.load_multi_adapter_state_dict(tensors)
+                    self.log.append({"kind": "stage", "stage": stage.index, "task": name, "split": split,
+                                     "step": self.state["step"], **metrics})
+        return scores
 
     # --- results ------------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:
@@ -618,8 +591,8 @@ class MultiTaskRun(Run):
                           "label_names": h.label_names} for n, h in self.heads.items()},
         }
         save_with_run_info(model, self.paths.adapter, info)
-        plot_task_curves(self.log.records(), self.paths.plot, metric,
-                         title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
+        plot_curves(self.log.records(), self.paths.plot, metric,
+                    title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
 
 
 def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, split: str = "test") -> dict[str, Any]:
@@ -636,115 +609,3 @@ def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, spli
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-# --- multi-task adapter directories: scoring and export -------------------------------------------------------
-def is_multitask_dir(adapter_dir: str | Path | None) -> bool:
-    """Whether ``adapter_dir`` (a run directory or its adapter/) holds several tasks (multitask, compress)."""
-    if not adapter_dir:
-        return False
-    try:
-        return bool(read_run_info(adapter_dir).get("tasks"))
-    except FileNotFoundError:
-        return False
-
-
-def _chosen_tasks(info: dict[str, Any], names: list[str] | None) -> list[str]:
-    tasks = list(info["tasks"])
-    unknown = [n for n in names or [] if n not in tasks]
-    if unknown:
-        raise ValueError(f"{info['adapter_dir']} has no task {unknown}; its tasks: {tasks}")
-    return list(names) if names else tasks
-
-
-def task_heads(info: dict[str, Any], tokenizer: Any, data: dict[str, Any]) -> dict[str, TaskHead]:
-    routed = info.get("layout") != "one-adapter"
-    out = {}
-    for n, d in data.items():
-        t = info["tasks"][n]
-        labels = label_space(d)[1]
-        if labels != t["num_labels"]:
-            raise ValueError(f"{getattr(d, 'name', n)} has {labels} label(s) but task {n!r} was trained "
-                             f"with {t['num_labels']}; evaluate it on a data set with the same labels")
-        out[n] = TaskHead(n, d, tokenizer, info["max_length"], t["adapter"], tuple(t["logits"]), routed)
-    return out
-
-
-def evaluate_tasks(adapter_dir: str | Path, names: list[str] | None = None, split: str = "test",
-                   dataset: str | None = None, data_options: dict[str, Any] | None = None,
-                   batch_size: int | None = None, max_examples: int | None = None, cache_dir: str | None = None,
-                   device: str = "auto") -> dict[str, Any]:
-    """Metrics of the tasks of a multi-task adapter directory on ``split``: {task: metrics}.
-
-    Each task is scored on its own data set (run_info.json) unless ``dataset`` is given (one task
-    only), with the run's eval batch size and example cap on its own dev / test, as it logged them.
-    """
-    from ..sources import load_dataset
-    from .evaluate import load_trained_model
-
-    info = read_run_info(adapter_dir)
-    chosen = _chosen_tasks(info, names)
-    if dataset is not None and len(chosen) != 1:
-        raise ValueError(f"--dataset scores one task; name it with --adapter (tasks: {chosen})")
-    where = pick_device(device)
-    model, tokenizer, info = load_trained_model(adapter_dir, cache_dir=cache_dir, device=str(where))
-    data = {}
-    for n in chosen:
-        t = info["tasks"][n]
-        if dataset is None and not t.get("dataset"):
-            raise ValueError(f"task {n!r} of {info['adapter_dir']} names no data set (its adapter came from a PEFT "
-                             "directory); pass --dataset")
-        options = {**(t.get("dataset_options") or {}), **(data_options or {})} if dataset is None else dict(
-            data_options or {})
-        data[n] = load_dataset(dataset or t["dataset"], cache_dir=cache_dir, **options)
-    heads = task_heads(info, tokenizer, data)
-    results = {}
-    for n, head in heads.items():
-        bs, cap = eval_settings(info, split, batch_size, max_examples, own_data=dataset is None)
-        encoded = head.encode(split, cap)
-        metrics = evaluate(model, head, encoded, bs, where)
-        results[n] = {"dataset": getattr(data[n], "name", None), "adapter": head.adapter, "split": split,
-                      "examples": len(encoded), **metrics}
-    return {"adapter_dir": info["adapter_dir"], "tasks": results}
-
-
-def task_rows(tensors: dict[str, torch.Tensor], outputs: int, logits: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Head tensors cut to one task's rows ``logits`` of a multi-task classifier with ``outputs`` outputs.
-
-    Every tensor whose first dimension is the classifier's width (its output layer's weight and
-    bias) keeps rows start..end; the others are the task's as they are.
-    """
-    start, end = logits
-    return {k: v[start:end].clone() if v.ndim >= 1 and v.shape[0] == outputs else v for k, v in tensors.items()}
-
-
-def export_tasks_peft(adapter_dir: str | Path, out_dir: str | Path, names: list[str] | None = None,
-                      cache_dir: str | None = None) -> dict[str, Path]:
-    """Write tasks of a multi-task adapter directory as standard PEFT LoRA directories: {task: directory}.
-
-    One task is written at ``out_dir``; several (``names`` None = all) in ``out_dir/<task>/``. Each
-    head keeps only the task's own outputs, so the PEFT adapter loads into the base model built with
-    the task's number of labels. HydraLoRA adapters cannot be exported (their update depends on x).
-    """
-    from ..method.checkpoint import read_safetensors, save_tensors
-    from ..method.peft_io import PEFT_PREFIX, PEFT_WEIGHTS
-    from .evaluate import load_trained_model
-
-    info = read_run_info(adapter_dir)
-    chosen = _chosen_tasks(info, names)
-    model, _, info = load_trained_model(adapter_dir, cache_dir=cache_dir)
-    out = Path(out_dir)
-    written = {}
-    for n in chosen:
-        t = info["tasks"][n]
-        target = out if len(chosen) == 1 else out / n
-        model.export_peft(target, adapter_name=t["adapter"])
-        start, end = t["logits"]
-        if (start, end) != (0, info["num_labels"]):  # the head's rows of this task alone
-            heads = [f"{PEFT_PREFIX}{p}." for p in model.saved_module_names(t["adapter"])]
-            tensors, meta = read_safetensors(target / PEFT_WEIGHTS)
-            head = task_rows({k: v for k, v in tensors.items() if any(k.startswith(h) for h in heads)},
-                             info["num_labels"], (start, end))
-            save_tensors(target / PEFT_WEIGHTS, {**tensors, **head}, meta)
-        written[n] = target
-    return written
