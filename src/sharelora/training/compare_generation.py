@@ -45,32 +45,24 @@ def _get(record: dict[str, Any], dotted: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def mmlu_for_run(run_dir: Path, options: dict[str, Any], cache_dir: str | None, device: str) -> dict[str, Any]:
-    """MMLU scores of the adapter in ``run_dir`` (cached in ``mmlu-<k>shot.json``)."""
-    path = run_dir / f"mmlu-{options.get('shots', 0)}shot.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    from ..sources import load_dataset
-    from ..tasks.mmlu import evaluate_mmlu
-    from .evaluate import load_trained_model
-
-    model, tokenizer, _ = load_trained_model(run_dir / "adapter", cache_dir=cache_dir, device=device)
-    data = load_dataset("mmlu", cache_dir=cache_dir)
-    result = evaluate_mmlu(model, tokenizer, data, device=device, **options)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def mmlu_for_base(model_name: str, out: Path, options: dict[str, Any], cache_dir: str | None, device: str) -> dict[str, Any]:
-    path = out / f"base-mmlu-{options.get('shots', 0)}shot.json"
+def mmlu_for(run_dir: Path | None, model_name: str, out: Path, options: dict[str, Any], cache_dir: str | None,
+             device: str) -> dict[str, Any]:
+    """MMLU scores of the adapter in ``run_dir`` (cached in its ``mmlu-<k>shot.json``), or with ``run_dir`` None
+    of the base model ``model_name`` (cached in ``<out>/base-mmlu-<k>shot.json``)."""
+    name = f"mmlu-{options.get('shots', 0)}shot.json"
+    path = run_dir / name if run_dir else out / f"base-{name}"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     from ..sources import load_dataset, load_model
     from ..tasks.mmlu import evaluate_mmlu
+    from .evaluate import load_trained_model
 
-    bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
-    result = evaluate_mmlu(bundle.model.to(device), bundle.tokenizer, load_dataset("mmlu", cache_dir=cache_dir),
-                           device=device, **options)
+    if run_dir:
+        model, tokenizer, _ = load_trained_model(run_dir / "adapter", cache_dir=cache_dir, device=device)
+    else:
+        bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
+        model, tokenizer = bundle.model.to(device), bundle.tokenizer
+    result = evaluate_mmlu(model, tokenizer, load_dataset("mmlu", cache_dir=cache_dir), device=device, **options)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -157,8 +149,8 @@ def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], 
                                           targets=list(base.targets), dataset_options=dict(base.dataset_options),
                                           task_options=dict(base.task_options))
                 results.append(train_and_report(method, cfg, isolate, progress, scores=None if mmlu is None else (
-                    lambda c: {"mmlu": mmlu_for_run(Path(c.output_dir), mmlu, base.cache_dir, device)})))
-        base_mmlu = mmlu_for_base(base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
+                    lambda c: {"mmlu": mmlu_for(Path(c.output_dir), base.model, out, mmlu, base.cache_dir, device)})))
+        base_mmlu = mmlu_for(None, base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
         rows = aggregate(base.task, results, mmlu is not None)
         first = results[0]
         extra = {"model": first["model"] + (" (NOT PRETRAINED: random weights)" if first.get("pretrained") is False

@@ -47,7 +47,8 @@ Output directory (``runs/<name>`` by default):
     log.jsonl         one record per log interval and evaluation (logs.py)
     curves.png        training loss and dev metric
     adapter/          the best weights: ``save_pretrained`` output + run_info.json
-    state/            resume checkpoint and best-so-far weights (removed when the run finishes)
+    state/            resume checkpoint, best-so-far weights and what each finished stage trained
+                      (stage<k>.safetensors); removed when the run finishes
     .lock             while the run is active: its pid, host and start time (lock.py)
 """
 
@@ -78,7 +79,7 @@ from .distributed import (
 from .lock import output_dir_lock
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, reset_peak_rss
 from .trackers import run_trackers
-from .memory import run_info as memory_run_info
+from .memory import load_options, run_info as memory_run_info
 from .optim import adamw
 from .state import (
     atomic_write_text, capture_rng, load_checkpoint, load_weights, read_state, save_checkpoint, save_weights,
@@ -301,6 +302,17 @@ class Run:
     def load(self) -> None:
         """Data, model bundle, tasks, encoded splits; ``self.core`` and ``self.stages``."""
         raise NotImplementedError
+
+    def load_model(self, task: str, num_labels: int | None = None) -> None:
+        """``self.bundle``: the one given, else ``cfg.model`` fetched (rank 0 first, into the cache) with --bf16 /
+        --quantize's dtype and layers, after seeding: a new head starts from the same weights for the same seed."""
+        if self.bundle is None:
+            from ..sources import load_model
+
+            seed_everything(self.cfg.seed)
+            with self.acc.main_process_first():
+                self.bundle = load_model(self.cfg.model, task=task, num_labels=num_labels, cache_dir=self.cfg.cache_dir,
+                                         report_new_weights=self.main, **load_options(self.cfg))
 
     def start_stage(self, stage: Stage) -> None:
         """Make what stage ``stage`` trains trainable (and nothing else); by default what is trainable stays."""

@@ -73,10 +73,10 @@ from torch import nn
 from ..tasks import ClassificationTask, EncodedSplit, label_space
 from .config import TrainConfig, resolve_targets, short_name
 from .distributed import is_sharded
-from .engine import Run, Stage, jsonable, save_with_run_info, seed_everything
+from .engine import Run, Stage, jsonable, save_with_run_info
 from .evaluate import model_logits
 from .logs import plot_curves
-from .memory import apply_memory_options, load_options
+from .memory import apply_memory_options
 from .methods import TASK_CORES, TASK_SHARES, head_modules, sharelora_config, task_config
 
 ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
@@ -421,13 +421,7 @@ class MultiTaskRun(Run):
         self.names = list(self.data)
         counts = {n: label_space(d)[1] for n, d in self.data.items()}
         self.outputs, slices = head_layout(counts, cfg.layout == "one-adapter")
-        if self.bundle is None:
-            from ..sources import load_model
-
-            seed_everything(cfg.seed)  # the new head starts from the same weights for the same seed
-            with self.acc.main_process_first():  # --bf16 / --quantize: the base's dtype and bitsandbytes layers
-                self.bundle = load_model(cfg.model, task="classification", num_labels=self.outputs,
-                                         cache_dir=cfg.cache_dir, report_new_weights=self.main, **load_options(cfg))
+        self.load_model("classification", num_labels=self.outputs)
         bundle = self.bundle
         self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
         routed = cfg.layout == "per-task"
@@ -449,7 +443,6 @@ class MultiTaskRun(Run):
             apply_memory_options(self.core, cfg)
         if cfg.basis_from is not None:  # before any checkpoint is restored: a resume reads the same basis
             load_basis(self.core, cfg.basis_from)
-        self.model = self.core  # the model a step calls: wrapped per stage (begin_stage)
         k = cfg.basis_tasks  # continual: the first k tasks in one joint stage, which trains the shared tensors
         stages = [self.names[:k]] + [[n] for n in self.names[k:]] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in names]) for names in stages]
