@@ -445,8 +445,7 @@ class Run:
             if not path.is_file():
                 raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage.index + 1} but "
                                  f"{path} (what stage {done.index + 1} trained) is missing; use --overwrite")
-            self.start_stage(done)
-            load_weights(path, self.core)
+            load_weights(path, self.core, frozen=True)
 
     def stage_file(self, stage: Stage) -> Path:
         return self.paths.state / f"stage{stage.index}.safetensors"

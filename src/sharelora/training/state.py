@@ -177,12 +177,13 @@ def save_weights(path: Path, model: nn.Module, *, write: bool = True) -> None:
         save_tensors(path, tensors)
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Copy trainable parameters saved by ``save_weights`` back into ``model``."""
+def load_weights(path: Path, model: nn.Module, *, frozen: bool = False) -> None:
+    """Copy trainable parameters saved by ``save_weights`` back into ``model``; ``frozen``: parameters
+    trainable when they were saved, whatever they are now (an earlier stage's)."""
     tensors, _ = read_safetensors(path)
-    params = trainable_parameters(model)
-    if set(tensors) != set(params):
+    params = dict(model.named_parameters()) if frozen else trainable_parameters(model)
+    if not set(tensors) <= set(params) or not (frozen or set(tensors) == set(params)):
         raise ValueError(f"{path} holds other parameters than the model trains; it belongs to another run")
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(like(tensors[name], p))
+        for name, t in tensors.items():
+            params[name].copy_(like(t, params[name]))
