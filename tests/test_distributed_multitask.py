@@ -117,11 +117,47 @@ def test_evaluation_is_gathered_once_per_task_and_rank_0_alone_writes(joint):
     assert not (two / ".lock").exists() and (two / "curves.png").is_file()
 
 
-def test_continual_on_two_processes_forgets_exactly_nothing(inputs, tmp_path):
-    run(two_processes(*mt_args(inputs, tmp_path / "c", "--continual")))
-    results = json.loads((tmp_path / "c" / "results.json").read_text())
+@pytest.fixture(scope="module")
+def continual(inputs, tmp_path_factory):
+    """A continual run (stage 1: sent, 4 steps; stage 2: kind, 3 steps) on two processes, DDP and FSDP."""
+    root = tmp_path_factory.mktemp("continual")
+    run(two_processes(*mt_args(inputs, root / "ddp", "--continual")))
+    run(two_processes(*mt_args(inputs, root / "fsdp", "--continual", "--fsdp")))
+    return root / "ddp", root / "fsdp"
+
+
+def test_continual_on_two_processes_forgets_exactly_nothing(continual):
+    results = json.loads((continual[0] / "results.json").read_text())
     assert results["forgetting"]["per_task"]["sent"] == 0.0
     assert results["processes"] == 2 and len(results["stages"]) == 2
+
+
+def test_fsdp_continual_two_processes_end_with_the_adapter_of_ddp(continual):
+    ddp, fsdp = continual
+    assert max_relative_difference(fsdp, ddp) <= 1e-4
+    results, reference = (json.loads((d / "results.json").read_text()) for d in (fsdp, ddp))
+    assert results["fsdp"] is True and results["processes"] == 2 and len(results["stages"]) == 2
+    assert results["forgetting"]["per_task"]["sent"] == 0.0  # stage 2 left the first task's tensors alone
+    assert results["forgetting"]["matrix"] == reference["forgetting"]["matrix"]
+    grad_norms = [(r["grad_norm"], q["grad_norm"]) for r, q in zip(records(fsdp, "train"), records(ddp, "train"))]
+    assert len(grad_norms) == 7 and all(a == pytest.approx(b, rel=1e-4) and a > 0 for a, b in grad_norms)
+
+
+def test_a_killed_fsdp_continual_run_resumes_to_the_uninterrupted_run(inputs, continual, tmp_path):
+    _, uninterrupted = continual
+    killed = tmp_path / "killed"
+    script = tmp_path / "self_killing_multitask.py"
+    script.write_text(SELF_KILLING_MULTITASK)
+    kill_at = 2 * 6 + 1  # rank 0: 2 micro-batches a step; killed in step 7 (stage 2's third), the checkpoint is step 6's
+    proc = run(two_processes(str(kill_at), *mt_args(inputs, killed, "--continual", "--fsdp"), script=str(script)),
+               expect_ok=False)
+    assert proc.returncode != 0 and not (killed / "results.json").exists()
+    checkpoint = json.loads(load_file_metadata(killed / "state" / "checkpoint.safetensors")["state"])
+    assert checkpoint["step"] == 6 and checkpoint["stage"] == 1
+    run(two_processes(*mt_args(inputs, killed, "--continual", "--fsdp", "--resume")))
+    assert json.loads((killed / "results.json").read_text())["resumed"] == 1
+    x, y = load_file(uninterrupted / ADAPTER), load_file(killed / ADAPTER)
+    assert x.keys() == y.keys() and [k for k in x if not torch.equal(x[k], y[k])] == []
 
 
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_run(inputs, tmp_path):

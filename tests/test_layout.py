@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sharelora"
-APPLICATIONS = ("sources", "tasks", "training", "bench", "serve", "cli")
+APPLICATIONS = ("sources", "tasks", "training", "runs", "bench", "serve", "cli")
 
 
 def _module_name(path: Path) -> str:
@@ -76,7 +76,14 @@ def test_the_method_imports_no_application(module):
 
 @pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _floor(m) in ("tasks", "sources")))
 def test_data_and_tasks_import_neither_training_nor_the_command_line(module):
-    bad = sorted(t for t in IMPORTS[module] if _floor(t) in ("training", "cli", "bench", "serve"))
+    bad = sorted(t for t in IMPORTS[module] if _floor(t) in ("training", "runs", "cli", "bench", "serve"))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _floor(m) == "training"))
+def test_training_does_not_import_what_reads_its_finished_runs(module):
+    """runs/ (eval, export-peft, compress of run directories) sits above training/, which writes them."""
+    bad = sorted(t for t in IMPORTS[module] if _floor(t) == "runs")
     assert not bad, f"{module} imports {bad}"
 
 

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 from training_tiny import FILLER, NEGATIVE, POSITIVE, tiny_bert, tiny_data, tiny_tokenizer, write_csv
 
+from sharelora.runs.evaluate import evaluate_tasks, is_multitask_dir
+from sharelora.runs.export import export_tasks_peft
 from sharelora.training.multitask import (
-    ONE_ADAPTER, MultiTaskConfig, MultiTaskRun, evaluate_tasks, export_tasks_peft, head_layout, is_multitask_dir,
-    mixed_order, train_multitask,
+    ONE_ADAPTER, MultiTaskConfig, MultiTaskRun, head_layout, mixed_order, train_multitask,
 )
 
 
@@ -249,15 +250,15 @@ def test_resume_with_other_tasks_is_refused(inputs, tmp_path):
 
 # --- continual --------------------------------------------------------------------------------------------
 def snapshots(monkeypatch):
-    """Every adapter tensor after each stage, as the run saves it (state/stages.safetensors)."""
+    """Every adapter tensor after each stage, with the stage's best weights (as a resume in a later stage finds them)."""
     taken = []
-    original = MultiTaskRun.snapshot
+    original = MultiTaskRun.score_stage
 
-    def snapshot(self, k):
+    def score_stage(self, stage):
         taken.append({key: t.detach().clone() for key, t in self.model.multi_adapter_state_dict().items()})
-        original(self, k)
+        return original(self, stage)
 
-    monkeypatch.setattr(MultiTaskRun, "snapshot", snapshot)
+    monkeypatch.setattr(MultiTaskRun, "score_stage", score_stage)
     return taken
 
 
@@ -339,7 +340,6 @@ def test_hydra_trains_one_routed_adapter_for_the_mixture(inputs, tmp_path):
     (dict(sampling_temperature=0.0), "> 0"),
     (dict(continual_train_shared=True), "--continual"),
     (dict(tasks=[]), "tasks is empty"),
-    (dict(fsdp=True, continual=True), "drop --fsdp"),
 ])
 def test_bad_configurations_name_the_problem(inputs, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):

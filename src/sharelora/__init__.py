@@ -42,8 +42,8 @@ def __getattr__(name):
         from .method.hf import ShareLoraTrainer
 
         return ShareLoraTrainer
-    if name == "evaluate_run":  # what `sharelora eval RUN` does (training/run_eval.py)
-        from .training.run_eval import evaluate_run
+    if name == "evaluate_run":  # what `sharelora eval RUN` does (runs/evaluate.py)
+        from .runs.evaluate import evaluate_run
 
         return evaluate_run
     raise AttributeError(name)

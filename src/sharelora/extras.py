@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    # the CLI's training, evaluation, studies and plots (sharelora.training, .tasks, .bench)
+    # the CLI's training, evaluation, studies and plots (sharelora.training, .runs, .tasks, .bench)
     "train": ("accelerate", "matplotlib", "numpy", "scipy", "sklearn", "sacrebleu", "rouge_score", "tqdm"),
     "serve": ("fastapi", "uvicorn", "pydantic"),  # sharelora serve
     "gguf": ("gguf",),  # models published as GGUF files (transformers reads them with gguf)

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.compress import REPORT, compress_runs
+    from ..runs.compress import REPORT, compress_runs
 
     adapters = dict(args.adapters)
     if len(adapters) != len(args.adapters):

@@ -1,6 +1,6 @@
 """``sharelora eval``: score a trained adapter (or fully fine-tuned model) on a split, or a model on MMLU.
 
-The command parses its flags and calls ``sharelora.evaluate_run`` (training/run_eval.py), which a Python
+The command parses its flags and calls ``sharelora.evaluate_run`` (runs/evaluate.py), which a Python
 user calls the same way."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.run_eval import evaluate_run
+    from ..runs.evaluate import evaluate_run
 
     out = Path(args.json) if args.json else None
     result = evaluate_run(

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.multitask import export_tasks_peft, is_multitask_dir
+    from ..runs.evaluate import is_multitask_dir
+    from ..runs.export import export_tasks_peft
 
     if is_multitask_dir(args.adapter_dir):
         names = [n.strip() for n in args.adapter.split(",") if n.strip()] if args.adapter else None

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -152,39 +153,73 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n" + note
 
 
-def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels: test metric per method (seeds as dots, mean ± std as bars) and adapter size."""
+def plot_comparison(rows: list[dict[str, Any]], path: Path, values: list[list[float]], ylabel: str,
+                    zoom: bool = False, size_label: str = "trained parameters (excl. head, log)") -> None:
+    """Two panels: a metric per method (``values``: each row's seeds, as dots; mean ± std as bars; ``zoom``:
+    the axis fitted to them) and each method's adapter size (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in rows]
-    x = list(range(len(rows)))
+    x, names = list(range(len(rows))), [r["method"] for r in rows]
     fig, (ax_m, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
-    metric = rows[0]["metric"] if rows else "accuracy"
-    ax_m.bar(x, [100 * r["test_mean"] for r in rows], yerr=[100 * r["test_std"] for r in rows],
-             color="tab:blue", alpha=0.55, capsize=4)
-    for i, r in enumerate(rows):
-        ax_m.plot([i] * len(r["test_values"]), [100 * v for v in r["test_values"]], "k.", ms=6)
-    values = [100 * v for r in rows for v in r["test_values"]]
-    if values:
-        span = max(values) - min(values)
-        ax_m.set_ylim(min(values) - max(2.0, span), max(values) + max(1.0, span / 2))
-    ax_m.set_xticks(x, names)
-    ax_m.set_ylabel(f"test {metric} (%)")
-    ax_m.set_title("test metric: mean ± std, dots = seeds")
+    stats = [mean_std(v) for v in values]
+    ax_m.bar(x, [m for m, _ in stats], yerr=[s for _, s in stats], color="tab:blue", alpha=0.55, capsize=4)
+    for i, v in enumerate(values):
+        ax_m.plot([i] * len(v), v, "k.", ms=6)
+    flat = [v for vs in values for v in vs]
+    if zoom and flat:
+        span = max(flat) - min(flat)
+        ax_m.set_ylim(min(flat) - max(2.0, span), max(flat) + max(1.0, span / 2))
+    ax_m.set_title(f"{ylabel}: mean ± std, dots = seeds")
+    ax_m.set_ylabel(ylabel)
     ax_m.grid(axis="y", alpha=0.3)
     ax_p.bar(x, [r["adapter_params"] for r in rows], color="tab:green", alpha=0.7)
     ax_p.set_yscale("log")
-    ax_p.set_xticks(x, names)
-    ax_p.set_ylabel("trained parameters (excl. head, log)")
+    ax_p.set_ylabel(size_label)
     ax_p.set_title("adapter size")
     for i, r in enumerate(rows):
         ax_p.text(i, r["adapter_params"], f"{r['adapter_params']:,}", ha="center", va="bottom", fontsize=8)
+    for ax in (ax_m, ax_p):
+        ax.set_xticks(x, names)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def train_and_report(label: str, cfg: TrainConfig, isolate: bool, progress: bool, threads: int | None = None,
+                     scores: Callable[[TrainConfig], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One run of a comparison (``run_one``) with its label and ``scores(cfg)``' extra results, announced."""
+    print(f"== compare: {label} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
+    result = {**run_one(cfg, isolate=isolate, progress=progress, threads=threads), "label": label,
+              **(scores(cfg) if scores else {})}
+    metric = result["metric"]
+    test = (result.get("test") or {}).get(metric, float("nan"))
+    print(f"== {label} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {metric} {test:.4f} "
+          f"({result['train_time_s']:.0f} s)", flush=True)
+    return result
+
+
+def write_comparison(out: Path, first: dict[str, Any], command: str | None, machine: str, title: str,
+                     extra: dict[str, Any], lines: list[str], table: str, summary: dict[str, Any],
+                     plot: Callable[[Path], None]) -> dict[str, Any]:
+    """compare.json (``summary`` under a header of the first run's model, data and machine), compare.md
+    (``title``, the header's facts, ``lines``, ``table``) and compare.png (``plot``); returns the summary."""
+    header = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
+        "model": first["model"], "dataset": first["dataset"], "examples": first["examples"],
+        "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, {machine}, "
+                   f"device {first['device']}",
+        "environment": first["environment"], **extra,
+    }
+    summary = {"header": header, **summary}
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
+    md = "\n".join([f"# {header['model']} on {header['dataset']}{title}", "", f"- command: `{command}`",
+                    f"- date: {header['date']}", f"- machine: {header['machine']}", *lines, "", table])
+    atomic_write_text(out / "compare.md", md)
+    plot(out / "compare.png")
+    return summary
 
 
 def compare(
@@ -233,15 +268,7 @@ def compare(
             threads = max(1, (os.cpu_count() or 1) // jobs)
 
         def one(item: tuple[str, TrainConfig]) -> dict[str, Any]:
-            label, cfg = item
-            print(f"== compare: {label} seed {cfg.seed} -> {cfg.output_dir}", flush=True)
-            result = dict(run_one(cfg, isolate=isolate, progress=progress and jobs == 1, threads=threads))
-            result["label"] = label
-            metric = result["metric"]
-            test = result["test"][metric] if result.get("test") else float("nan")
-            print(f"== {label} seed {cfg.seed}: dev {metric} {result['dev'][metric]:.4f} test {test:.4f} "
-                  f"({result['train_time_s']:.0f} s)", flush=True)
-            return result
+            return train_and_report(*item, isolate=isolate, progress=progress and jobs == 1, threads=threads)
 
         if jobs > 1:
             with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -252,27 +279,11 @@ def compare(
         results.sort(key=lambda r: (labels.index(r["label"]), r["config"]["seed"]))
         rows = aggregate(results)
         first = results[0]
-        header = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": command,
-            "model": first["model"],
-            "dataset": first["dataset"],
-            "examples": first["examples"],
-            "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, {jobs} run(s) at a time "
-                       f"with {first['environment'].get('torch_threads')} torch thread(s) each, device {first['device']}",
-            "environment": first["environment"],
-        }
-        summary = {"header": header, "rows": rows, "runs": [
-            {k: r[k] for k in ("name", "label", "method", "config", "parameters", "adapter_bytes", "dev", "test",
-                               "train_time_s", "peak_rss_mb", "optimizer_state_mb", "best_epoch")}
-            for r in results
-        ]}
-        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
-        md = (
-            f"# {header['model']} on {header['dataset']}\n\n"
-            f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
-            f"- examples: {header['examples']}\n\n" + markdown_table(rows)
-        )
-        atomic_write_text(out / "compare.md", md)
-        plot_comparison(rows, out / "compare.png")
-        return summary
+        runs = [{k: r[k] for k in ("name", "label", "method", "config", "parameters", "adapter_bytes", "dev", "test",
+                                   "train_time_s", "peak_rss_mb", "optimizer_state_mb", "best_epoch")} for r in results]
+        values = [[100 * v for v in r["test_values"]] for r in rows]
+        return write_comparison(
+            out, first, command, f"{jobs} run(s) at a time with {first['environment'].get('torch_threads')} torch "
+            "thread(s) each", "", {}, [f"- examples: {first['examples']}"], markdown_table(rows),
+            {"rows": rows, "runs": runs},
+            lambda path: plot_comparison(rows, path, values, f"test {rows[0]['metric']} (%)", zoom=True))

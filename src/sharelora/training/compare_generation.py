@@ -13,14 +13,12 @@ token, MMLU accuracy in percent.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
-from .compare import _human_bytes, mean_std, run_one
+from .compare import _human_bytes, mean_std, plot_comparison, train_and_report, write_comparison
 from .config import TrainConfig
 from .methods import METHODS
 from .lock import output_dir_lock
@@ -47,32 +45,24 @@ def _get(record: dict[str, Any], dotted: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def mmlu_for_run(run_dir: Path, options: dict[str, Any], cache_dir: str | None, device: str) -> dict[str, Any]:
-    """MMLU scores of the adapter in ``run_dir`` (cached in ``mmlu-<k>shot.json``)."""
-    path = run_dir / f"mmlu-{options.get('shots', 0)}shot.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    from ..sources import load_dataset
-    from ..tasks.mmlu import evaluate_mmlu
-    from .evaluate import load_trained_model
-
-    model, tokenizer, _ = load_trained_model(run_dir / "adapter", cache_dir=cache_dir, device=device)
-    data = load_dataset("mmlu", cache_dir=cache_dir)
-    result = evaluate_mmlu(model, tokenizer, data, device=device, **options)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def mmlu_for_base(model_name: str, out: Path, options: dict[str, Any], cache_dir: str | None, device: str) -> dict[str, Any]:
-    path = out / f"base-mmlu-{options.get('shots', 0)}shot.json"
+def mmlu_for(run_dir: Path | None, model_name: str, out: Path, options: dict[str, Any], cache_dir: str | None,
+             device: str) -> dict[str, Any]:
+    """MMLU scores of the adapter in ``run_dir`` (cached in its ``mmlu-<k>shot.json``), or with ``run_dir`` None
+    of the base model ``model_name`` (cached in ``<out>/base-mmlu-<k>shot.json``)."""
+    name = f"mmlu-{options.get('shots', 0)}shot.json"
+    path = run_dir / name if run_dir else out / f"base-{name}"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     from ..sources import load_dataset, load_model
     from ..tasks.mmlu import evaluate_mmlu
+    from .evaluate import load_trained_model
 
-    bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
-    result = evaluate_mmlu(bundle.model.to(device), bundle.tokenizer, load_dataset("mmlu", cache_dir=cache_dir),
-                           device=device, **options)
+    if run_dir:
+        model, tokenizer, _ = load_trained_model(run_dir / "adapter", cache_dir=cache_dir, device=device)
+    else:
+        bundle = load_model(model_name, task="causal-lm", cache_dir=cache_dir)
+        model, tokenizer = bundle.model.to(device), bundle.tokenizer
+    result = evaluate_mmlu(model, tokenizer, load_dataset("mmlu", cache_dir=cache_dir), device=device, **options)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -129,35 +119,6 @@ def markdown_table(task: str, rows: list[dict[str, Any]], with_mmlu: bool, base_
                                "Adapter params count the method's own weights; train time includes the dev evaluations.\n")
 
 
-def plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key, title, _ = COLUMNS[task][0]
-    names = [r["method"] for r in rows]
-    x = list(range(len(rows)))
-    fig, (ax_m, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_m.bar(x, [r["values"][key]["mean"] for r in rows], yerr=[r["values"][key]["std"] for r in rows],
-             color="tab:blue", alpha=0.55, capsize=4)
-    for i, r in enumerate(rows):
-        ax_m.plot([i] * len(r["values"][key]["all"]), r["values"][key]["all"], "k.", ms=6)
-    ax_m.set_xticks(x, names)
-    ax_m.set_ylabel(title)
-    ax_m.set_title(f"{title}: mean ± std, dots = seeds")
-    ax_m.grid(axis="y", alpha=0.3)
-    ax_p.bar(x, [r["adapter_params"] for r in rows], color="tab:green", alpha=0.7)
-    ax_p.set_yscale("log")
-    ax_p.set_xticks(x, names)
-    ax_p.set_ylabel("trained parameters (log)")
-    for i, r in enumerate(rows):
-        ax_p.text(i, r["adapter_params"], f"{r['adapter_params']:,}", ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], output_dir: str | Path, *,
                        mmlu: dict[str, Any] | None = None, isolate: bool = True, progress: bool = False,
                        command: str | None = None) -> dict[str, Any]:
@@ -187,43 +148,20 @@ def compare_generation(base: TrainConfig, methods: list[str], seeds: list[int], 
                 cfg = dataclasses.replace(base, method=method, seed=seed, output_dir=str(out / f"{method}-s{seed}"),
                                           targets=list(base.targets), dataset_options=dict(base.dataset_options),
                                           task_options=dict(base.task_options))
-                print(f"== compare: {method} seed {seed} -> {cfg.output_dir}", flush=True)
-                result = run_one(cfg, isolate=isolate, progress=progress)
-                if mmlu is not None:
-                    result["mmlu"] = mmlu_for_run(Path(cfg.output_dir), mmlu, base.cache_dir, device)
-                metric = result["metric"]
-                print(f"== {method} seed {seed}: dev {metric} {result['dev'][metric]:.4f} "
-                      f"test {metric} {(result.get('test') or {}).get(metric, float('nan')):.4f} "
-                      f"({result['train_time_s']:.0f} s)", flush=True)
-                results.append(result)
-        base_mmlu = mmlu_for_base(base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
+                results.append(train_and_report(method, cfg, isolate, progress, scores=None if mmlu is None else (
+                    lambda c: {"mmlu": mmlu_for(Path(c.output_dir), base.model, out, mmlu, base.cache_dir, device)})))
+        base_mmlu = mmlu_for(None, base.model, out, mmlu, base.cache_dir, device) if mmlu is not None else None
         rows = aggregate(base.task, results, mmlu is not None)
         first = results[0]
-        pretrained = first.get("pretrained")
-        header = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": command,
-            "model": first["model"] + (" (NOT PRETRAINED: random weights)" if pretrained is False else ""),
-            "dataset": first["dataset"],
-            "task": base.task,
-            "examples": first["examples"],
-            "steps": first["steps"],
-            "machine": f"{platform.machine()}, {first['environment'].get('cpu_count')} CPUs, torch threads "
-                       f"{first['environment'].get('torch_threads')}, device {first['device']}",
-            "environment": first["environment"],
-            "mmlu": {k: v for k, v in (mmlu or {}).items()} or None,
-        }
-        summary = {"header": header, "rows": rows, "base_mmlu": base_mmlu, "runs": [
-            {k: r.get(k) for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb", "best_epoch",
-                                   "mmlu", "parameters")}
-            for r in results
-        ]}
-        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, default=str) + "\n")
-        md = (f"# {header['model']} on {header['dataset']} ({base.task})\n\n"
-              f"- command: `{command}`\n- date: {header['date']}\n- machine: {header['machine']}\n"
-              f"- examples: {header['examples']}, optimizer steps per run: {header['steps']}\n"
-              + (f"- MMLU: {header['mmlu']}\n" if mmlu else "") + "\n"
-              + markdown_table(base.task, rows, mmlu is not None, base_mmlu))
-        atomic_write_text(out / "compare.md", md)
-        plot(base.task, rows, out / "compare.png")
-        return summary
+        extra = {"model": first["model"] + (" (NOT PRETRAINED: random weights)" if first.get("pretrained") is False
+                                            else ""), "task": base.task, "steps": first["steps"], "mmlu": mmlu or None}
+        lines = [f"- examples: {first['examples']}, optimizer steps per run: {first['steps']}"]
+        runs = [{k: r.get(k) for k in ("name", "method", "config", "dev", "test", "train_time_s", "peak_rss_mb",
+                                       "best_epoch", "mmlu", "parameters")} for r in results]
+        key, title, _ = COLUMNS[base.task][0]
+        return write_comparison(
+            out, first, command, f"torch threads {first['environment'].get('torch_threads')}", f" ({base.task})", extra,
+            lines + ([f"- MMLU: {mmlu}"] if mmlu else []), markdown_table(base.task, rows, mmlu is not None, base_mmlu),
+            {"rows": rows, "base_mmlu": base_mmlu, "runs": runs},
+            lambda path: plot_comparison(rows, path, [r["values"][key]["all"] for r in rows], title,
+                                         size_label="trained parameters (log)"))

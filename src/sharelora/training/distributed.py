@@ -103,11 +103,15 @@ def wrap(accelerator: Any, model: nn.Module, make_optimizer: Callable[[nn.Module
     backward marks every parameter once; the graph is rebuilt each step, so no ``static_graph``.
     ``unused``: a process's forward may leave trainable tensors out (multi-task rows): DDP looks for
     them (``make_accelerator(find_unused_parameters=True)``), FSDP reduces a zero gradient for them.
+    A stage that changes what is trainable (continual multitask) calls this again: DDP wraps the model
+    anew (it syncs what is trainable when built); FSDP keeps its units, since FSDP2 reads each
+    parameter's ``requires_grad`` whenever it gathers it. Either way the optimizer is new.
     """
     model = model.to(accelerator.device)
     if not fsdp:
         return accelerator.prepare(model, make_optimizer(model))
-    model = shard(model, accelerator)
+    if not is_sharded(model):  # a later stage keeps the units: FSDP2 follows requires_grad at every unshard
+        model = shard(model, accelerator)
     if unused:
         model.set_reduce_scatter_unused_params(True)
     return model, accelerator.prepare(make_optimizer(model))
@@ -205,7 +209,8 @@ def for_evaluation(accelerator: Any, model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def whole_trainable(model: nn.Module) -> Iterator[nn.Module]:
-    """The model with every sharded trainable parameter replaced by a plain whole copy, for saving.
+    """The model with every sharded trainable or adapter parameter (the bank, modules_to_save: frozen ones
+    too, as a continual run's earlier tasks) replaced by a plain whole copy, for saving.
 
     ``save_pretrained`` then writes what a single process writes. Every process enters it together
     (each copy is gathered from all shards, in the same order everywhere); on exit the shards are
@@ -213,9 +218,10 @@ def whole_trainable(model: nn.Module) -> Iterator[nn.Module]:
     safetensors refuses to read, hence copies. Without FSDP: the model as it is.
     """
     swapped, copies = [], {}
-    for module in model.modules():
+    for path, module in model.named_modules():
+        saved = "sharelora_bank" in path or "modules_to_save" in path
         for name, p in list(module._parameters.items()):
-            if p is not None and p.requires_grad and is_dtensor(p):
+            if p is not None and (p.requires_grad or saved) and is_dtensor(p):
                 if id(p) not in copies:  # one copy of a parameter two modules share
                     copies[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=True)
                 swapped.append((module, name, p))

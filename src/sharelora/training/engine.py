@@ -47,7 +47,8 @@ Output directory (``runs/<name>`` by default):
     log.jsonl         one record per log interval and evaluation (logs.py)
     curves.png        training loss and dev metric
     adapter/          the best weights: ``save_pretrained`` output + run_info.json
-    state/            resume checkpoint and best-so-far weights (removed when the run finishes)
+    state/            resume checkpoint, best-so-far weights and what each finished stage trained
+                      (stage<k>.safetensors); removed when the run finishes
     .lock             while the run is active: its pid, host and start time (lock.py)
 """
 
@@ -78,7 +79,7 @@ from .distributed import (
 from .lock import output_dir_lock
 from .logs import JsonlLog, directory_bytes, environment, peak_rss_mb, reset_peak_rss
 from .trackers import run_trackers
-from .memory import run_info as memory_run_info
+from .memory import load_options, run_info as memory_run_info
 from .optim import adamw
 from .state import (
     atomic_write_text, capture_rng, load_checkpoint, load_weights, read_state, save_checkpoint, save_weights,
@@ -302,6 +303,17 @@ class Run:
         """Data, model bundle, tasks, encoded splits; ``self.core`` and ``self.stages``."""
         raise NotImplementedError
 
+    def load_model(self, task: str, num_labels: int | None = None) -> None:
+        """``self.bundle``: the one given, else ``cfg.model`` fetched (rank 0 first, into the cache) with --bf16 /
+        --quantize's dtype and layers, after seeding: a new head starts from the same weights for the same seed."""
+        if self.bundle is None:
+            from ..sources import load_model
+
+            seed_everything(self.cfg.seed)
+            with self.acc.main_process_first():
+                self.bundle = load_model(self.cfg.model, task=task, num_labels=num_labels, cache_dir=self.cfg.cache_dir,
+                                         report_new_weights=self.main, **load_options(self.cfg))
+
     def start_stage(self, stage: Stage) -> None:
         """Make what stage ``stage`` trains trainable (and nothing else); by default what is trainable stays."""
 
@@ -320,8 +332,10 @@ class Run:
     def improves(self, score: float, best: float) -> bool:
         return score > best
 
-    def score_stage(self, stage: Stage) -> None:
-        """After a stage, with its best weights loaded (and before the next stage starts)."""
+    def score_stage(self, stage: Stage) -> dict[str, Any]:
+        """After a stage, with its best weights loaded (and before the next stage starts): what its record in
+        state["stages"] holds besides its step and best epoch."""
+        return {}
 
     def record_fields(self, stage: Stage) -> dict[str, Any]:
         """Fields every "train" record of ``stage`` carries besides step, epoch, loss, lr, grad_norm, rate."""
@@ -397,10 +411,10 @@ class Run:
         """``start_stage``, then the model wrapped anew (DDP syncs what is trainable when it is built) and a
         fresh optimizer over what the stage trains."""
         self.start_stage(stage)
-        self.params = list(trainable_parameters(self.core).values())
         self.model, self.optimizer = wrap(self.acc, self.core, lambda m: make_optimizer(m, self.cfg.lr,
                                                                                           self.cfg.weight_decay),
                                           fsdp=self.cfg.fsdp, unused=self.find_unused_parameters)
+        self.params = list(trainable_parameters(self.core).values())  # after wrapping: FSDP's shards
 
     def load_checkpoint(self) -> None:
         """Continue from ``state/checkpoint.safetensors``: its stage, weights, optimizer, generators and log."""
@@ -425,7 +439,16 @@ class Run:
             print(f"resuming {paths.root} at step {state['step']}/{self.total_steps}{where}")
 
     def restore_stages(self, stage: Stage) -> None:
-        """Before resuming inside ``stage``: bring back what the finished stages left (continual runs)."""
+        """Before resuming inside ``stage``: what each finished stage trained, in order (``end_stage`` saved it)."""
+        for done in self.stages[: stage.index]:
+            path = self.stage_file(done)
+            if not path.is_file():
+                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage.index + 1} but "
+                                 f"{path} (what stage {done.index + 1} trained) is missing; use --overwrite")
+            load_weights(path, self.core, frozen=True)
+
+    def stage_file(self, stage: Stage) -> Path:
+        return self.paths.state / f"stage{stage.index}.safetensors"
 
     @property
     def total_steps(self) -> int:
@@ -551,13 +574,17 @@ class Run:
             return task.evaluate(scored, split, self.cfg.eval_batch_size, self.device, self.processes)
 
     def end_stage(self, stage: Stage) -> None:
-        """The stage's best weights -> ``score_stage``; then the next stage starts (and is checkpointed)."""
+        """The stage's best weights -> ``score_stage``, recorded in state["stages"]; then the next stage
+        starts (and is checkpointed), its predecessors' trained tensors kept for a resume inside it."""
         self.acc.wait_for_everyone()  # rank 0's best weights are on disk before anyone reads them
         load_weights(self.paths.best, self.core)
-        self.score_stage(stage)
         state = self.state
+        state["stages"].append({"stage": stage.index, "tasks": list(stage.tasks), "step": state["step"],
+                                **{k: state[k] for k in ("best_step", "best_epoch", "best_metric", "best_dev")},
+                                **self.score_stage(stage)})
         state["stage"] += 1
         if state["stage"] < len(self.stages):
+            save_weights(self.stage_file(stage), self.core, write=self.main)
             state.update(stage_step=0, best_metric=None, best_step=None, best_epoch=None, best_dev=None)
             self.begin_stage(self.stages[state["stage"]])
             self.save_checkpoint()  # a resume from here starts the next stage, the finished ones as they were

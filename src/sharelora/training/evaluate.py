@@ -14,7 +14,6 @@ from ..tasks.base import ONE_PROCESS, Processes, Task
 from ..tasks.base import logits_of as model_logits  # noqa: F401 (the logits of a forward, for the training loop)
 
 RUN_INFO = "run_info.json"  # written beside the adapter: what base model and data it was trained on
-EVAL_BATCH_SIZE = 64  # eval's batch size when neither the command nor run_info.json gives one
 
 
 def evaluate(model: nn.Module, task: Task, split: Any, batch_size: int = 64, device: str | torch.device = "cpu",
@@ -38,22 +37,6 @@ def read_run_info(adapter_dir: str | Path) -> dict[str, Any]:
     info = json.loads(info_path.read_text(encoding="utf-8"))
     info["adapter_dir"] = str(path)
     return info
-
-
-def eval_settings(info: dict[str, Any], split: str, batch_size: int | None = None, max_examples: int | None = None,
-                  own_data: bool = True) -> tuple[int, int | None]:
-    """Batch size and example cap for re-scoring a run on ``split``: (batch_size, max_examples).
-
-    Values given (not None) win; otherwise the run's own, from run_info.json: its
-    ``eval_batch_size``, and on its own data set's (``own_data``) dev / test its
-    ``max_eval_examples``, so the scores equal those the run logged. A run_info.json written
-    before these were recorded gives 64 and all examples.
-    """
-    if batch_size is None:
-        batch_size = info.get("eval_batch_size") or EVAL_BATCH_SIZE
-    if max_examples is None and own_data and split in ("dev", "test"):
-        max_examples = info.get("max_eval_examples")
-    return batch_size, max_examples
 
 
 def load_trained_model(adapter_dir: str | Path, cache_dir: str | None = None, device: str = "cpu") -> tuple[nn.Module, Any, dict]:

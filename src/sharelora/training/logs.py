@@ -66,7 +66,11 @@ class JsonlLog:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, metric: str, title: str = "") -> None:
-    """PNG with two panels: training loss per logged step, and the dev metric per epoch."""
+    """PNG with two panels: training loss per logged step, and the dev metric per evaluation.
+
+    A multi-task run's ``"eval"`` records carry a ``"task"``: one dev curve per task, and a dashed
+    line where each stage of a continual run ended (``"stage"`` records).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,18 +78,24 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str, title: s
 
     train = [r for r in records if r.get("kind") == "train"]
     dev = [r for r in records if r.get("kind") == "eval" and r.get("split") == "dev"]
+    tasks = list(dict.fromkeys(r.get("task") for r in dev))
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
-    if dev and all("loss" in r for r in dev):
+    if dev and tasks == [None] and all("loss" in r for r in dev):
         ax_loss.plot([r["step"] for r in dev], [r["loss"] for r in dev], "o-", color="tab:orange", label="dev loss")
-    ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss")
+    for task in tasks:
+        rows = [r for r in dev if r.get("task") == task]
+        ax_dev.plot([r["step"] for r in rows], [r.get(metric, float("nan")) for r in rows], "o-", label=task)
+    for step in sorted({r["step"] for r in records if r.get("kind") == "stage"})[:-1]:
+        for ax in (ax_loss, ax_dev):
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+    for ax, label in ((ax_loss, "loss"), (ax_dev, f"dev {metric}")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
     ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_dev.plot([r["step"] for r in dev], [r.get(metric, float("nan")) for r in dev], "o-", color="tab:green")
-    ax_dev.set_xlabel("optimizer step")
-    ax_dev.set_ylabel(f"dev {metric}")
-    ax_dev.grid(alpha=0.3)
+    if tasks and tasks != [None]:
+        ax_dev.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -149,42 +159,3 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
-
-
-def plot_task_curves(records: list[dict[str, Any]], path: Path, metric: str, title: str = "") -> None:
-    """PNG for a multi-task run: training loss per logged step, and one dev-metric curve per task.
-
-    Reads the ``"eval"`` records that carry a ``"task"`` (one per task and evaluation); a dashed
-    line marks where each stage of a continual run ended (``"stage"`` records).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train"]
-    dev = [r for r in records if r.get("kind") == "eval" and r.get("split") == "dev" and "task" in r]
-    tasks = list(dict.fromkeys(r["task"] for r in dev))
-    stage_ends = sorted({r["step"] for r in records if r.get("kind") == "stage"})
-    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
-    ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss (mixed batches)")
-    ax_loss.grid(alpha=0.3)
-    for task in tasks:
-        rows = [r for r in dev if r["task"] == task]
-        ax_dev.plot([r["step"] for r in rows], [r.get(metric, float("nan")) for r in rows], "o-", label=task)
-    for ax in (ax_loss, ax_dev):
-        for step in stage_ends[:-1]:
-            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
-    ax_dev.set_xlabel("optimizer step")
-    ax_dev.set_ylabel(f"dev {metric}")
-    ax_dev.grid(alpha=0.3)
-    if tasks:
-        ax_dev.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

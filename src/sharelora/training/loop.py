@@ -21,39 +21,11 @@ from ..tasks import Task
 from ..tasks.build import build_task
 from .config import TrainConfig, resolve_targets
 from .engine import (  # noqa: F401 (RunExistsError, RunPaths, lr_at, pick_device: the loop's public names)
-    Run, RunExistsError, RunPaths, Stage, epoch_order, jsonable, lr_at, pick_device, save_with_run_info, seed_everything,
+    Run, RunExistsError, RunPaths, Stage, epoch_order, jsonable, lr_at, pick_device, save_with_run_info,
 )
 from .evaluate import model_logits
 from .logs import plot_curves
 from .methods import parameter_summary, prepare_model
-
-
-def load_inputs(cfg: TrainConfig, bundle: Any = None, data: Any = None) -> tuple[Any, Any]:
-    """The dataset and model bundle of a run: given ones (tests), or fetched through sources.
-
-    The global generators are seeded before the model is built, so the new classification head
-    starts from the same weights for the same seed.
-    """
-    from ..tasks import label_space
-    from ..tasks.build import model_task, task_name
-
-    if data is None:
-        from ..sources import load_dataset
-
-        data = load_dataset(cfg.dataset, cache_dir=cfg.cache_dir, **cfg.dataset_options)
-    if bundle is None:
-        from ..sources import load_model
-        from .memory import load_options
-
-        seed_everything(cfg.seed)
-        memory = load_options(cfg)  # --bf16 / --quantize: the dtype and bitsandbytes settings ({} without them)
-        if model_task(task_name(cfg.task, data)) == "causal-lm":
-            bundle = load_model(cfg.model, task="causal-lm", cache_dir=cfg.cache_dir, **memory)
-        else:
-            _, num_labels = label_space(data)
-            bundle = load_model(cfg.model, task="classification", num_labels=num_labels, cache_dir=cfg.cache_dir,
-                                **memory)
-    return bundle, data
 
 
 def train(
@@ -94,9 +66,19 @@ class SingleTaskRun(Run):
     """The engine's recipe for one task: its hooks (engine.Run) filled in for ``sharelora train``."""
 
     def load(self) -> None:
+        from ..tasks import label_space
+        from ..tasks.build import model_task, task_name
+
         cfg = self.cfg
-        with self.acc.main_process_first():  # rank 0 fetches into the cache, the others then read it
-            self.bundle, self.data = load_inputs(cfg, self.bundle, self.data)
+        if self.data is None:
+            from ..sources import load_dataset
+
+            with self.acc.main_process_first():  # rank 0 fetches into the cache, the others then read it
+                self.data = load_dataset(cfg.dataset, cache_dir=cfg.cache_dir, **cfg.dataset_options)
+        if model_task(task_name(cfg.task, self.data)) == "causal-lm":
+            self.load_model("causal-lm")
+        else:
+            self.load_model("classification", num_labels=label_space(self.data)[1])
         self.cfg = cfg = resolve_targets(cfg, self.bundle.model)  # "auto": the architecture's query/value maps
         # Generation tasks write their decoded samples into the output directory: rank 0's task only.
         self.task: Task = build_task(cfg.task, self.data, self.bundle.tokenizer, max_length=cfg.max_length,
@@ -134,11 +116,12 @@ class SingleTaskRun(Run):
     def metric(self) -> str:
         return self.task.primary_metric
 
-    def score_stage(self, stage: Stage) -> None:
+    def score_stage(self, stage: Stage) -> dict[str, Any]:
         """The test split, once, with the best weights."""
         self.test = None if self.test_split is None else self.evaluate(self.task, self.test_split)
         if self.main and self.test is not None:
             self.log.append({"kind": "test", "split": "test", "step": self.state["best_step"], **self.test})
+        return {}
 
     def save_outputs(self, model: nn.Module) -> None:
         """adapter/: ``save_pretrained`` (adapter methods: the ShareLoRA adapter, each shared tensor once; full

@@ -53,9 +53,11 @@ stage; gradient accumulation; clipping; Ctrl-C and resume; log.jsonl; the output
 the per-stage scores. Under a launcher it runs as ``sharelora train`` does (distributed.py): a
 step's global batch of mixed rows is split over the processes, DDP averages the gradients (looking
 for the tensors a process's rows did not use: a task absent from its share), evaluation is split
-and gathered, and rank 0 alone writes. Each stage wraps the model anew, since a stage changes what
-is trainable. ``--fsdp`` shards a joint run (FSDP reduces a zero gradient for a tensor a process's
-rows did not use, and a task absent from the whole step keeps no gradient, as with one process).
+and gathered, and rank 0 alone writes. Each stage wraps the model anew (DDP) and makes a new
+optimizer, since a stage changes what is trainable. ``--fsdp`` shards joint and continual runs: FSDP
+reduces a zero gradient for a tensor a process's rows did not use, a task absent from the whole step
+keeps no gradient (as with one process), and a continual stage keeps the units of the first (FSDP2
+follows ``requires_grad`` whenever it gathers a unit) with a new optimizer.
 
 Output directory: as ``sharelora train`` (results.json, log.jsonl, curves.png with a curve per task,
 adapter/ in the multi-adapter format with a run_info.json that names every task's data set, adapter
@@ -77,15 +79,13 @@ from torch import nn
 from ..tasks import ClassificationTask, EncodedSplit, label_space
 from .config import TrainConfig, resolve_targets, short_name
 from .distributed import is_sharded
-from .engine import Run, Stage, jsonable, pick_device, save_with_run_info, seed_everything
-from .evaluate import eval_settings, evaluate, model_logits, read_run_info
-from .logs import plot_task_curves
-from .memory import apply_memory_options, load_options
+from .engine import Run, Stage, jsonable, save_with_run_info
+from .evaluate import model_logits
+from .logs import plot_curves
+from .memory import apply_memory_options
 from .methods import TASK_CORES, TASK_SHARES, head_modules, sharelora_config, task_config
-from .state import atomic_save_tensors, load_tensors
 
 ONE_ADAPTER = "multitask"  # the adapter's name in the one-adapter layout
-STAGES_FILE = "stages.safetensors"  # in state/: every adapter tensor after the last finished stage
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -218,9 +218,6 @@ class MultiTaskConfig(TrainConfig):
         unknown = sorted(set(self.task_dataset_options) - set(self.task_datasets()))
         if unknown:
             raise ValueError(f"task_dataset_options names unknown task(s) {unknown}; tasks: {list(self.task_datasets())}")
-        if self.fsdp and self.continual:
-            raise ValueError("--fsdp shards joint multitask runs; a --continual run changes what is trainable per "
-                             "stage, which FSDP's units do not follow: run it under DDP (drop --fsdp)")
 
     def resolved(self) -> MultiTaskConfig:
         if self.method == "hydra":
@@ -445,13 +442,7 @@ class MultiTaskRun(Run):
         self.names = list(self.data)
         counts = {n: label_space(d)[1] for n, d in self.data.items()}
         self.outputs, slices = head_layout(counts, cfg.layout == "one-adapter")
-        if self.bundle is None:
-            from ..sources import load_model
-
-            seed_everything(cfg.seed)  # the new head starts from the same weights for the same seed
-            with self.acc.main_process_first():  # --bf16 / --quantize: the base's dtype and bitsandbytes layers
-                self.bundle = load_model(cfg.model, task="classification", num_labels=self.outputs,
-                                         cache_dir=cfg.cache_dir, report_new_weights=self.main, **load_options(cfg))
+        self.load_model("classification", num_labels=self.outputs)
         bundle = self.bundle
         self.cfg = cfg = resolve_targets(cfg, bundle.model)  # targets "auto": the architecture's query/value maps
         routed = cfg.layout == "per-task"
@@ -473,7 +464,6 @@ class MultiTaskRun(Run):
             apply_memory_options(self.core, cfg)
         if cfg.basis_from is not None:  # before any checkpoint is restored: a resume reads the same basis
             load_basis(self.core, cfg.basis_from)
-        self.model = self.core  # the model a step calls: wrapped per stage (begin_stage)
         k = cfg.basis_tasks  # continual: the first k tasks in one joint stage, which trains the shared tensors
         stages = [self.names[:k]] + [[n] for n in self.names[k:]] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in names]) for names in stages]
@@ -578,41 +568,16 @@ class MultiTaskRun(Run):
                            + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
         return mean, chosen
 
-    def score_stage(self, stage: Stage) -> None:
-        """Every seen task on dev and test with the stage's best weights; continual: the adapters kept (``snapshot``)."""
-        k, state = stage.index, self.state
-        seen = self.seen(k)
+    def score_stage(self, stage: Stage) -> dict[str, Any]:
+        """Every seen task on dev and test with the stage's best weights (the stage's record and log)."""
+        seen = self.seen(stage.index)
         scores = {"dev": self.evaluate_tasks(seen, "dev"), "test": self.evaluate_tasks(seen, "test")}
         for split, per_task in scores.items():
             for name, metrics in per_task.items():
                 if self.main:
-                    self.log.append({"kind": "stage", "stage": k, "task": name, "split": split,
-                                     "step": state["step"], **metrics})
-        state["stages"].append({"stage": k, "tasks": list(stage.tasks), "step": state["step"],
-                                "best_step": state["best_step"], "best_epoch": state["best_epoch"],
-                                "best_metric": state["best_metric"], "best_dev": state["best_dev"], **scores})
-        if self.cfg.continual:  # what the later stages keep frozen, for a resume inside one of them
-            self.snapshot(k)
-
-    def snapshot(self, k: int) -> None:
-        """Every adapter tensor after stage k (later stages do not save the ones they keep frozen)."""
-        if self.main:
-            tensors = {key: t.detach().clone() for key, t in self.core.multi_adapter_state_dict().items()}
-            atomic_save_tensors(tensors, self.paths.state / STAGES_FILE, metadata={"stage": str(k)})
-        self.acc.wait_for_everyone()
-
-    def restore_stages(self, stage: Stage) -> None:
-        path = self.paths.state / STAGES_FILE
-        if stage.index == 0 or not path.is_file():
-            if stage.index > 0:
-                raise ValueError(f"cannot resume {self.paths.root}: its checkpoint is in stage {stage.index + 1} but "
-                                 f"{path} (the tensors of the finished stages) is missing; use --overwrite")
-            return
-        tensors, meta = load_tensors(path)
-        if int(meta.get("stage", -1)) < stage.index - 1:
-            raise ValueError(f"cannot resume {self.paths.root}: {path} is from stage {int(meta['stage']) + 1}, "
-                             f"the checkpoint from stage {stage.index + 1}; use --overwrite")
-        self.core.load_multi_adapter_state_dict(tensors)
+                    self.log.append({"kind": "stage", "stage": stage.index, "task": name, "split": split,
+                                     "step": self.state["step"], **metrics})
+        return scores
 
     # --- results ------------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:
@@ -655,8 +620,8 @@ class MultiTaskRun(Run):
                           "label_names": h.label_names} for n, h in self.heads.items()},
         }
         save_with_run_info(model, self.paths.adapter, info)
-        plot_task_curves(self.log.records(), self.paths.plot, metric,
-                         title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
+        plot_curves(self.log.records(), self.paths.plot, metric,
+                    title=f"{cfg.name} ({cfg.method_label}, {'continual' if cfg.continual else 'joint'})")
 
 
 def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, split: str = "test") -> dict[str, Any]:
@@ -673,115 +638,3 @@ def forgetting(stages: list[dict[str, Any]], names: list[str], metric: str, spli
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-# --- multi-task adapter directories: scoring and export -------------------------------------------------------
-def is_multitask_dir(adapter_dir: str | Path | None) -> bool:
-    """Whether ``adapter_dir`` (a run directory or its adapter/) holds several tasks (multitask, compress)."""
-    if not adapter_dir:
-        return False
-    try:
-        return bool(read_run_info(adapter_dir).get("tasks"))
-    except FileNotFoundError:
-        return False
-
-
-def _chosen_tasks(info: dict[str, Any], names: list[str] | None) -> list[str]:
-    tasks = list(info["tasks"])
-    unknown = [n for n in names or [] if n not in tasks]
-    if unknown:
-        raise ValueError(f"{info['adapter_dir']} has no task {unknown}; its tasks: {tasks}")
-    return list(names) if names else tasks
-
-
-def task_heads(info: dict[str, Any], tokenizer: Any, data: dict[str, Any]) -> dict[str, TaskHead]:
-    routed = info.get("layout") != "one-adapter"
-    out = {}
-    for n, d in data.items():
-        t = info["tasks"][n]
-        labels = label_space(d)[1]
-        if labels != t["num_labels"]:
-            raise ValueError(f"{getattr(d, 'name', n)} has {labels} label(s) but task {n!r} was trained "
-                             f"with {t['num_labels']}; evaluate it on a data set with the same labels")
-        out[n] = TaskHead(n, d, tokenizer, info["max_length"], t["adapter"], tuple(t["logits"]), routed)
-    return out
-
-
-def evaluate_tasks(adapter_dir: str | Path, names: list[str] | None = None, split: str = "test",
-                   dataset: str | None = None, data_options: dict[str, Any] | None = None,
-                   batch_size: int | None = None, max_examples: int | None = None, cache_dir: str | None = None,
-                   device: str = "auto") -> dict[str, Any]:
-    """Metrics of the tasks of a multi-task adapter directory on ``split``: {task: metrics}.
-
-    Each task is scored on its own data set (run_info.json) unless ``dataset`` is given (one task
-    only), with the run's eval batch size and example cap on its own dev / test, as it logged them.
-    """
-    from ..sources import load_dataset
-    from .evaluate import load_trained_model
-
-    info = read_run_info(adapter_dir)
-    chosen = _chosen_tasks(info, names)
-    if dataset is not None and len(chosen) != 1:
-        raise ValueError(f"--dataset scores one task; name it with --adapter (tasks: {chosen})")
-    where = pick_device(device)
-    model, tokenizer, info = load_trained_model(adapter_dir, cache_dir=cache_dir, device=str(where))
-    data = {}
-    for n in chosen:
-        t = info["tasks"][n]
-        if dataset is None and not t.get("dataset"):
-            raise ValueError(f"task {n!r} of {info['adapter_dir']} names no data set (its adapter came from a PEFT "
-                             "directory); pass --dataset")
-        options = {**(t.get("dataset_options") or {}), **(data_options or {})} if dataset is None else dict(
-            data_options or {})
-        data[n] = load_dataset(dataset or t["dataset"], cache_dir=cache_dir, **options)
-    heads = task_heads(info, tokenizer, data)
-    results = {}
-    for n, head in heads.items():
-        bs, cap = eval_settings(info, split, batch_size, max_examples, own_data=dataset is None)
-        encoded = head.encode(split, cap)
-        metrics = evaluate(model, head, encoded, bs, where)
-        results[n] = {"dataset": getattr(data[n], "name", None), "adapter": head.adapter, "split": split,
-                      "examples": len(encoded), **metrics}
-    return {"adapter_dir": info["adapter_dir"], "tasks": results}
-
-
-def task_rows(tensors: dict[str, torch.Tensor], outputs: int, logits: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Head tensors cut to one task's rows ``logits`` of a multi-task classifier with ``outputs`` outputs.
-
-    Every tensor whose first dimension is the classifier's width (its output layer's weight and
-    bias) keeps rows start..end; the others are the task's as they are.
-    """
-    start, end = logits
-    return {k: v[start:end].clone() if v.ndim >= 1 and v.shape[0] == outputs else v for k, v in tensors.items()}
-
-
-def export_tasks_peft(adapter_dir: str | Path, out_dir: str | Path, names: list[str] | None = None,
-                      cache_dir: str | None = None) -> dict[str, Path]:
-    """Write tasks of a multi-task adapter directory as standard PEFT LoRA directories: {task: directory}.
-
-    One task is written at ``out_dir``; several (``names`` None = all) in ``out_dir/<task>/``. Each
-    head keeps only the task's own outputs, so the PEFT adapter loads into the base model built with
-    the task's number of labels. HydraLoRA adapters cannot be exported (their update depends on x).
-    """
-    from ..method.checkpoint import read_safetensors, save_tensors
-    from ..method.peft_io import PEFT_PREFIX, PEFT_WEIGHTS
-    from .evaluate import load_trained_model
-
-    info = read_run_info(adapter_dir)
-    chosen = _chosen_tasks(info, names)
-    model, _, info = load_trained_model(adapter_dir, cache_dir=cache_dir)
-    out = Path(out_dir)
-    written = {}
-    for n in chosen:
-        t = info["tasks"][n]
-        target = out if len(chosen) == 1 else out / n
-        model.export_peft(target, adapter_name=t["adapter"])
-        start, end = t["logits"]
-        if (start, end) != (0, info["num_labels"]):  # the head's rows of this task alone
-            heads = [f"{PEFT_PREFIX}{p}." for p in model.saved_module_names(t["adapter"])]
-            tensors, meta = read_safetensors(target / PEFT_WEIGHTS)
-            head = task_rows({k: v for k, v in tensors.items() if any(k.startswith(h) for h in heads)},
-                             info["num_labels"], (start, end))
-            save_tensors(target / PEFT_WEIGHTS, {**tensors, **head}, meta)
-        written[n] = target
-    return written

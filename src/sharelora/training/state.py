@@ -49,20 +49,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file so that ``path`` is either the old file or the complete new one.
-
-    The file records the sha256 of its data; a full disk raises a ShareLoraError (an OSError too)
-    naming ``path``, and the previous file stays as it was.
-    """
-    save_tensors(path, tensors, metadata)
-
-
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; a corrupted or truncated file is a ShareLoraError."""
-    return read_safetensors(path)
-
-
 # --- random number generators ----------------------------------------------------------------
 def capture_rng(cuda_devices: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The states of every generator a training step may draw from: tensors and JSON parts.
@@ -124,7 +110,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     meta["rng"] = rngs[0][1]
     if len(rngs) > 1:
         meta["rng_ranks"] = [json_part for _, json_part in rngs[1:]]
-    atomic_save_tensors(tensors, path, metadata={STATE_KEY: json.dumps(meta)})
+    save_tensors(path, tensors, {STATE_KEY: json.dumps(meta)})
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -136,7 +122,7 @@ def read_state(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception:  # noqa: BLE001 - a damaged file: read it in full for the error that names it
-        _, metadata = load_tensors(path)
+        _, metadata = read_safetensors(path)
     if STATE_KEY not in metadata:
         raise ValueError(f"{path} is not a sharelora training checkpoint (no {STATE_KEY!r} metadata)")
     return json.loads(metadata[STATE_KEY])
@@ -148,7 +134,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     ``rank``: whose generator states to restore. The returned dict's ``"rng_restored"`` is False
     when the checkpoint holds none for this rank (it was written by fewer processes).
     """
-    tensors, metadata = load_tensors(path)
+    tensors, metadata = read_safetensors(path)
     if STATE_KEY not in metadata:
         raise ValueError(f"{path} is not a sharelora training checkpoint (no {STATE_KEY!r} metadata)")
     meta = json.loads(metadata[STATE_KEY])
@@ -171,6 +157,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             if is_dtensor(p) and value.shape == p.shape:  # a moment (exp_avg, ...) of a sharded parameter
                 value = like(value, p)
             state.setdefault(int(index), {})[name] = value
+    # In index order: the file's tensors come back in an order of their own in each process, and the next
+    # save_checkpoint gathers each FSDP moment in the optimizer's state order, the same on every process.
+    state = {i: dict(sorted(state[i].items())) for i in sorted(state)}
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
     ranks = meta.get("rng_ranks", [])
     meta["rng_restored"] = rank <= len(ranks)
@@ -185,15 +174,16 @@ def save_weights(path: Path, model: nn.Module, *, write: bool = True) -> None:
     """Save the trainable parameters (the best checkpoint so far) atomically; ``write`` as in save_checkpoint."""
     tensors = {name: full_tensor(p) for name, p in trainable_parameters(model).items()}
     if write:
-        atomic_save_tensors(tensors, path)
+        save_tensors(path, tensors)
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Copy trainable parameters saved by ``save_weights`` back into ``model``."""
-    tensors, _ = load_tensors(path)
-    params = trainable_parameters(model)
-    if set(tensors) != set(params):
+def load_weights(path: Path, model: nn.Module, *, frozen: bool = False) -> None:
+    """Copy trainable parameters saved by ``save_weights`` back into ``model``; ``frozen``: parameters
+    trainable when they were saved, whatever they are now (an earlier stage's)."""
+    tensors, _ = read_safetensors(path)
+    params = dict(model.named_parameters()) if frozen else trainable_parameters(model)
+    if not set(tensors) <= set(params) or not (frozen or set(tensors) == set(params)):
         raise ValueError(f"{path} holds other parameters than the model trains; it belongs to another run")
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(like(tensors[name], p))
+        for name, t in tensors.items():
+            params[name].copy_(like(t, params[name]))

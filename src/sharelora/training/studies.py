@@ -26,6 +26,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,38 @@ def _pm(values: list[float], fmt: str) -> str:
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(values) > 1 else "")
 
 
+def _each_run(out: Path, methods: list[str], seeds: list[int], model: str, rank: int, cache_dir: str | None,
+              one: Callable[[str, int, Any, Any], dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+    """(every (method, seed) run, the model bundle): read back from ``<out>/<method>-s<seed>.json``, or
+    ``one(method, seed, bundle, adapted model)``'s numbers for a freshly adapted model, written there."""
+    runs, bundle = [], None
+    for method in methods:
+        for seed in seeds:
+            path = out / f"{method}-s{seed}.json"
+            if path.is_file():
+                runs.append(json.loads(path.read_text(encoding="utf-8")))
+                continue
+            t0 = time.perf_counter()
+            bundle, net, cfg = _adapted_model(model, method, rank, seed, cache_dir)
+            run = {"method": method, "seed": seed, "parameters": parameter_summary(net, cfg)["adapter"],
+                   **one(method, seed, bundle, net), "time_s": time.perf_counter() - t0}
+            atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+            runs.append(run)
+    if bundle is None:
+        from ..sources import load_model
+
+        bundle = load_model(model, task="causal-lm", cache_dir=cache_dir)
+    return runs, bundle
+
+
+def _write(out: Path, study: str, lines: list[str], header: dict[str, Any], runs: list[dict[str, Any]]) -> dict:
+    """``<study>.md`` (the table) and ``<study>.json`` (the header and every run); returns the latter's dict."""
+    atomic_write_text(out / f"{study}.md", "\n".join(lines) + "\n")
+    summary = {"header": header, "runs": runs}
+    atomic_write_text(out / f"{study}.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
 def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", second: str = "instructions",
                    first_steps: int = 60, second_steps: int = 60, eval_examples: int = 40, model: str = "smollm2",
                    rank: int = 8, lr: float = 5e-4, batch_size: int = 8, output_dir: str | Path,
@@ -121,55 +154,39 @@ def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", 
                                        **TASK_PRESETS[t].get("dataset_options", {}))
     if "e2e" in datasets:
         datasets["e2e"] = _e2e_dev_all_references(datasets["e2e"])
-    runs = []
-    bundle = None
-    for method in methods:
-        for seed in seeds:
-            path = out / f"{method}-s{seed}.json"
-            if path.is_file():
-                runs.append(json.loads(path.read_text(encoding="utf-8")))
-                continue
-            t0 = time.perf_counter()
-            bundle, net, cfg = _adapted_model(model, method, rank, seed, cache_dir)
-            tasks = {t: _task(t, datasets[t], bundle.tokenizer, TASK_PRESETS[t]["max_length"]) for t in (first, second)}
-            train_split = {t: tasks[t].encode("train") for t in tasks}
-            dev_split = {t: tasks[t].encode("dev", eval_examples) for t in tasks}
 
-            def measure(tag: str) -> dict[str, float]:
-                row = {f"{t}_loss": tasks[t].loss_metrics(net, dev_split[t], 16)["loss"] for t in tasks}
-                if "e2e" in tasks:
-                    e2e = tasks["e2e"]
-                    from ..tasks.generation import generation_metrics, group_by_mr
+    def one(method: str, seed: int, bundle: Any, net: Any) -> dict[str, Any]:
+        tasks = {t: _task(t, datasets[t], bundle.tokenizer, TASK_PRESETS[t]["max_length"]) for t in (first, second)}
+        train_split = {t: tasks[t].encode("train") for t in tasks}
+        dev_split = {t: tasks[t].encode("dev", eval_examples) for t in tasks}
 
-                    groups = group_by_mr(datasets["e2e"].splits["dev"])  # every dev MR, not just eval_examples rows
-                    preds = e2e.decode(net, [g["mr"] for g in groups], num_beams=1)
-                    row["e2e_bleu"] = generation_metrics(preds, [g["references"] for g in groups])["bleu"]
-                print(f"   {method} s{seed} {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-                return row
+        def measure(tag: str) -> dict[str, float]:
+            row = {f"{t}_loss": tasks[t].loss_metrics(net, dev_split[t], 16)["loss"] for t in tasks}
+            if "e2e" in tasks:
+                from ..tasks.generation import generation_metrics, group_by_mr
 
-            with net.disable_adapter():
-                before = measure("base model")
-            train_steps(net, tasks[first], train_split[first], steps=first_steps, lr=lr, batch_size=batch_size, seed=seed)
-            after_first = measure(f"after {first}")
-            train_steps(net, tasks[second], train_split[second], steps=second_steps, lr=lr, batch_size=batch_size,
-                        seed=seed)
-            after_second = measure(f"after {second}")
-            key = f"{first}_loss"
-            gain = before[key] - after_first[key]
-            run = {
-                "method": method, "seed": seed, "parameters": parameter_summary(net, cfg)["adapter"],
-                "before": before, "after_first": after_first, "after_second": after_second,
+                groups = group_by_mr(datasets["e2e"].splits["dev"])  # every dev MR, not just eval_examples rows
+                preds = tasks["e2e"].decode(net, [g["mr"] for g in groups], num_beams=1)
+                row["e2e_bleu"] = generation_metrics(preds, [g["references"] for g in groups])["bleu"]
+            print(f"   {method} s{seed} {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+            return row
+
+        with net.disable_adapter():
+            before = measure("base model")
+        train_steps(net, tasks[first], train_split[first], steps=first_steps, lr=lr, batch_size=batch_size, seed=seed)
+        after_first = measure(f"after {first}")
+        train_steps(net, tasks[second], train_split[second], steps=second_steps, lr=lr, batch_size=batch_size,
+                    seed=seed)
+        after_second = measure(f"after {second}")
+        key = f"{first}_loss"
+        gain = before[key] - after_first[key]
+        return {"before": before, "after_first": after_first, "after_second": after_second,
                 "forgetting": after_second[key] - after_first[key],
                 "kept": (before[key] - after_second[key]) / gain if gain > 0 else float("nan"),
                 "second_gain": after_first[f"{second}_loss"] - after_second[f"{second}_loss"],
-                "time_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-            }
-            atomic_write_text(path, json.dumps(run, indent=2) + "\n")
-            runs.append(run)
-    if bundle is None:
-        from ..sources import load_model
+                "peak_rss_mb": peak_rss_mb()}
 
-        bundle = load_model(model, task="causal-lm", cache_dir=cache_dir)
+    runs, bundle = _each_run(out, methods, seeds, model, rank, cache_dir, one)
     header = _header(command, bundle, first=first, second=second, first_steps=first_steps, second_steps=second_steps,
                      eval_examples=eval_examples, rank=rank, lr=lr, batch_size=batch_size)
     lines = [f"# Transfer: {first} ({first_steps} steps) then {second} ({second_steps} steps) on {header['model']}", "",
@@ -192,10 +209,7 @@ def transfer_study(*, methods: list[str], seeds: list[int], first: str = "e2e", 
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Seeds: {seeds} (mean ± sample std where more than one). Losses: nats per target token, "
               "teacher-forced, dropout off. kept = (base - after both) / (base - after task 1)."]
-    atomic_write_text(out / "transfer.md", "\n".join(lines) + "\n")
-    summary = {"header": header, "runs": runs}
-    atomic_write_text(out / "transfer.json", json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+    return _write(out, "transfer", lines, header, runs)
 
 
 def overfit_study(*, methods: list[str], seeds: list[int], task: str = "e2e", train_examples: int = 48,
@@ -216,42 +230,29 @@ def overfit_study(*, methods: list[str], seeds: list[int], task: str = "e2e", tr
                             **TASK_PRESETS[task].get("dataset_options", {}))
     if task == "e2e":
         data = _e2e_dev_all_references(data)
-    runs = []
-    bundle = None
-    for method in methods:
-        for seed in seeds:
-            path = out / f"{method}-s{seed}.json"
-            if path.is_file():
-                runs.append(json.loads(path.read_text(encoding="utf-8")))
-                continue
-            t0 = time.perf_counter()
-            bundle, net, cfg = _adapted_model(model, method, rank, seed, cache_dir)
-            t = _task(task, data, bundle.tokenizer, TASK_PRESETS[task]["max_length"])
-            train_split = t.encode("train", train_examples)
-            dev_split = t.encode("dev", eval_examples)
-            curve = []
 
-            def record(epoch: int) -> None:
-                row = {"epoch": epoch, "train_loss": t.loss_metrics(net, train_split, 16)["loss"],
-                       "dev_loss": t.loss_metrics(net, dev_split, 16)["loss"]}
-                curve.append(row)
-                print(f"   {method} s{seed} epoch {epoch}: train {row['train_loss']:.4f} dev {row['dev_loss']:.4f}",
-                      flush=True)
+    def one(method: str, seed: int, bundle: Any, net: Any) -> dict[str, Any]:
+        t = _task(task, data, bundle.tokenizer, TASK_PRESETS[task]["max_length"])
+        train_split = t.encode("train", train_examples)
+        dev_split = t.encode("dev", eval_examples)
+        curve = []
 
-            record(0)
-            steps = epochs * math.ceil(len(train_split) / batch_size)
-            train_steps(net, t, train_split, steps=steps, lr=lr, batch_size=batch_size, seed=seed, on_epoch_end=record)
-            best = min(curve, key=lambda r: r["dev_loss"])
-            run = {"method": method, "seed": seed, "parameters": parameter_summary(net, cfg)["adapter"], "curve": curve,
-                   "best_epoch": best["epoch"], "best_dev_loss": best["dev_loss"], "final_gap":
-                   curve[-1]["dev_loss"] - curve[-1]["train_loss"], "final_dev_minus_best": curve[-1]["dev_loss"] - best["dev_loss"],
-                   "time_s": time.perf_counter() - t0}
-            atomic_write_text(path, json.dumps(run, indent=2) + "\n")
-            runs.append(run)
-    if bundle is None:
-        from ..sources import load_model
+        def record(epoch: int) -> None:
+            row = {"epoch": epoch, "train_loss": t.loss_metrics(net, train_split, 16)["loss"],
+                   "dev_loss": t.loss_metrics(net, dev_split, 16)["loss"]}
+            curve.append(row)
+            print(f"   {method} s{seed} epoch {epoch}: train {row['train_loss']:.4f} dev {row['dev_loss']:.4f}",
+                  flush=True)
 
-        bundle = load_model(model, task="causal-lm", cache_dir=cache_dir)
+        record(0)
+        steps = epochs * math.ceil(len(train_split) / batch_size)
+        train_steps(net, t, train_split, steps=steps, lr=lr, batch_size=batch_size, seed=seed, on_epoch_end=record)
+        best = min(curve, key=lambda r: r["dev_loss"])
+        return {"curve": curve, "best_epoch": best["epoch"], "best_dev_loss": best["dev_loss"],
+                "final_gap": curve[-1]["dev_loss"] - curve[-1]["train_loss"],
+                "final_dev_minus_best": curve[-1]["dev_loss"] - best["dev_loss"]}
+
+    runs, bundle = _each_run(out, methods, seeds, model, rank, cache_dir, one)
     header = _header(command, bundle, task=task, train_examples=train_examples, epochs=epochs,
                      eval_examples=eval_examples, rank=rank, lr=lr, batch_size=batch_size)
     lines = [f"# Overfitting: {task}, {train_examples} training examples, {epochs} epochs, on {header['model']}", "",
@@ -268,11 +269,8 @@ def overfit_study(*, methods: list[str], seeds: list[int], task: str = "e2e", tr
             _pm([r["final_dev_minus_best"] for r in rs], "{:+.4f}")]) + " |")
     lines += ["", f"Seeds: {seeds}. Losses: nats per target token, teacher-forced, dropout off, after each epoch "
               "(epoch 0 = the base model). Curves: overfit.png."]
-    atomic_write_text(out / "overfit.md", "\n".join(lines) + "\n")
     _plot_overfit(runs, methods, out / "overfit.png", f"{task}: {train_examples} examples")
-    summary = {"header": header, "runs": runs}
-    atomic_write_text(out / "overfit.json", json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+    return _write(out, "overfit", lines, header, runs)
 
 
 def _plot_overfit(runs: list[dict], methods: list[str], path: Path, title: str) -> None:

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .evaluate import RUN_INFO, read_run_info
-from .lock import output_dir_lock
-from .multitask import task_rows
-from .engine import RunExistsError
-from .state import atomic_write_text
+from ..training.engine import RunExistsError, save_with_run_info
+from ..training.evaluate import RUN_INFO, read_run_info
+from ..training.lock import output_dir_lock
+from ..training.state import atomic_write_text
+from .export import task_rows
 
 REPORT = "compression.json"
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -219,12 +218,6 @@ def compress_runs(out_dir: str | Path, adapters: dict[str, str | Path], rank: in
                             "sources": {n: s["label"] for n, s in sources.items()}},
         }
         report.update(sources={n: s["label"] for n, s in sources.items()}, notes=notes)
-        adapter = out / "adapter"
-        tmp = out / "adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        compressed.save_pretrained(tmp)
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(adapter, ignore_errors=True)
-        tmp.rename(adapter)
+        save_with_run_info(compressed, out / "adapter", info)
         atomic_write_text(out / REPORT, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

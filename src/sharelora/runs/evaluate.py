@@ -17,7 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..training.evaluate import read_run_info
+
 EVAL_TASKS = ("auto", "classification", "e2e", "instructions", "mmlu", "humaneval", "gsm8k")
+EVAL_BATCH_SIZE = 64  # eval's batch size when neither the command nor run_info.json gives one
 
 
 def evaluate_run(run_dir: str | Path | None = None, *, split: str = "test", task: str = "auto",
@@ -47,18 +50,15 @@ def evaluate_run(run_dir: str | Path | None = None, *, split: str = "test", task
             a machine refuses before a model is loaded.
 
     Returns the metrics with what was scored (``adapter_dir``, ``dataset``, ``split``, ``examples``);
-    the benchmarks also return their per-subject rows or samples.
+    a multi-task directory's are {"adapter_dir", "tasks": {task: metrics}}; the benchmarks also return
+    their per-subject rows or samples.
     """
-    from .multitask import is_multitask_dir
-
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; choose one of {', '.join(EVAL_TASKS)}")
     if adapters is not None and not is_multitask_dir(run_dir):
         raise ValueError(f"adapters pick tasks of a multi-task directory; {run_dir} holds one adapter, drop --adapter")
     options = dict(data_options or {})
     if task in ("auto", "classification") and is_multitask_dir(run_dir):
-        from .multitask import evaluate_tasks
-
         return evaluate_tasks(run_dir, adapters, split=split, dataset=dataset, data_options=options,
                               batch_size=batch_size, max_examples=max_examples, cache_dir=cache_dir, device=device)
     if task == "humaneval":
@@ -74,10 +74,8 @@ def evaluate_run(run_dir: str | Path | None = None, *, split: str = "test", task
     if run_dir is None:
         raise ValueError("evaluation needs a run directory (runs/<name> or its adapter/); only the benchmarks "
                          "(task mmlu, humaneval, gsm8k) score a base model")
-    from .evaluate import eval_settings, load_trained_model, read_run_info
     from ..sources import load_dataset
     from ..tasks.build import build_task, dataset_options
-    from .engine import pick_device
 
     info = read_run_info(run_dir)
     name = info.get("task") if info.get("model_task") == "causal-lm" else "classification"
@@ -94,23 +92,108 @@ def evaluate_run(run_dir: str | Path | None = None, *, split: str = "test", task
     elif name != "classification":
         options = dataset_options(name, dataset, options)
     data = load_dataset(dataset or info["dataset"], cache_dir=cache_dir, **options)
-    where = pick_device(device)
-    net, tokenizer, _ = load_trained_model(run_dir, cache_dir=cache_dir, device=str(where))
+    net, tokenizer, _, where = _trained_model(run_dir, cache_dir, device)
     samples = Path(samples_path) if samples_path is not None else None
     scorer = build_task(name, data, tokenizer, max_length=info["max_length"], options=task_options,
                         output_dir=samples.parent if samples else None, samples_name=samples.name if samples else None)
     if scorer.num_labels != info.get("num_labels", scorer.num_labels):
         raise ValueError(f"{data.name} has {scorer.num_labels} label(s) but the model was trained with "
                          f"{info['num_labels']}; evaluate on a data set with the same labels")
-    batch, cap = eval_settings(info, split, batch_size, max_examples, own_data=dataset is None)
-    encoded = scorer.encode(split, cap)
-    metrics = scorer.evaluate(net, encoded, batch, where)
     result = {"adapter_dir": info["adapter_dir"], **({"task": name} if name != "classification" else {}),
-              "dataset": data.name, "split": split, "examples": len(encoded), **metrics}
+              "dataset": data.name, **_score(scorer, net, info, split, batch_size, max_examples, dataset, where)}
     written = scorer.samples_path(split) if name == "e2e" else None
     if written is not None:
         result["samples"] = str(written)
     return result
+
+
+def evaluate_tasks(adapter_dir: str | Path, names: list[str] | None = None, split: str = "test",
+                   dataset: str | None = None, data_options: dict[str, Any] | None = None,
+                   batch_size: int | None = None, max_examples: int | None = None, cache_dir: str | None = None,
+                   device: str = "auto") -> dict[str, Any]:
+    """Metrics of the tasks of a multi-task adapter directory on ``split``: {task: metrics}.
+
+    Each task is scored on its own data set (run_info.json) unless ``dataset`` is given (one task
+    only), with the run's eval batch size and example cap on its own dev / test, as it logged them.
+    """
+    from ..sources import load_dataset
+    from ..tasks import label_space
+    from ..training.multitask import TaskHead
+
+    info = read_run_info(adapter_dir)
+    chosen = chosen_tasks(info, names)
+    if dataset is not None and len(chosen) != 1:
+        raise ValueError(f"--dataset scores one task; name it with --adapter (tasks: {chosen})")
+    net, tokenizer, _, where = _trained_model(adapter_dir, cache_dir, device)
+    results = {}
+    for n in chosen:
+        t = info["tasks"][n]
+        if dataset is None and not t.get("dataset"):
+            raise ValueError(f"task {n!r} of {info['adapter_dir']} names no data set (its adapter came from a PEFT "
+                             "directory); pass --dataset")
+        options = {**(t.get("dataset_options") or {}), **(data_options or {})} if dataset is None else dict(
+            data_options or {})
+        data = load_dataset(dataset or t["dataset"], cache_dir=cache_dir, **options)
+        if label_space(data)[1] != t["num_labels"]:
+            raise ValueError(f"{getattr(data, 'name', n)} has {label_space(data)[1]} label(s) but task {n!r} was "
+                             f"trained with {t['num_labels']}; evaluate it on a data set with the same labels")
+        head = TaskHead(n, data, tokenizer, info["max_length"], t["adapter"], tuple(t["logits"]),
+                        routed=info.get("layout") != "one-adapter")
+        results[n] = {"dataset": getattr(data, "name", None), "adapter": head.adapter,
+                      **_score(head, net, info, split, batch_size, max_examples, dataset, where)}
+    return {"adapter_dir": info["adapter_dir"], "tasks": results}
+
+
+def is_multitask_dir(adapter_dir: str | Path | None) -> bool:
+    """Whether ``adapter_dir`` (a run directory or its adapter/) holds several tasks (multitask, compress)."""
+    if not adapter_dir:
+        return False
+    try:
+        return bool(read_run_info(adapter_dir).get("tasks"))
+    except FileNotFoundError:
+        return False
+
+
+def chosen_tasks(info: dict[str, Any], names: list[str] | None) -> list[str]:
+    """``names`` (all when None) checked against the tasks of a multi-task directory's run_info.json."""
+    tasks = list(info["tasks"])
+    unknown = [n for n in names or [] if n not in tasks]
+    if unknown:
+        raise ValueError(f"{info['adapter_dir']} has no task {unknown}; its tasks: {tasks}")
+    return list(names) if names else tasks
+
+
+def eval_settings(info: dict[str, Any], split: str, batch_size: int | None = None, max_examples: int | None = None,
+                  own_data: bool = True) -> tuple[int, int | None]:
+    """Batch size and example cap for re-scoring a run on ``split``: (batch_size, max_examples).
+
+    Values given (not None) win; otherwise the run's own, from run_info.json: its
+    ``eval_batch_size``, and on its own data set's (``own_data``) dev / test its
+    ``max_eval_examples``, so the scores equal those the run logged. A run_info.json written
+    before these were recorded gives 64 and all examples.
+    """
+    if batch_size is None:
+        batch_size = info.get("eval_batch_size") or EVAL_BATCH_SIZE
+    if max_examples is None and own_data and split in ("dev", "test"):
+        max_examples = info.get("max_eval_examples")
+    return batch_size, max_examples
+
+
+def _score(scorer: Any, model: Any, info: dict[str, Any], split: str, batch_size: int | None,
+           max_examples: int | None, dataset: str | None, device: Any) -> dict[str, Any]:
+    """``scorer``'s metrics of ``model`` on ``split``, with the run's own settings where none are given."""
+    batch, cap = eval_settings(info, split, batch_size, max_examples, own_data=dataset is None)
+    encoded = scorer.encode(split, cap)
+    return {"split": split, "examples": len(encoded), **scorer.evaluate(model, encoded, batch, device)}
+
+
+def _trained_model(run_dir: str | Path, cache_dir: str | None, device: str) -> tuple[Any, Any, dict, Any]:
+    """(model, tokenizer, run info, device) of the run in ``run_dir``, on ``device`` ("auto": CUDA if any)."""
+    from ..training.engine import pick_device
+    from ..training.evaluate import load_trained_model
+
+    where = pick_device(device)
+    return (*load_trained_model(run_dir, cache_dir=cache_dir, device=str(where)), where)
 
 
 def _benchmark(run_dir: str | Path | None, task: str, *, model: str | None, dataset: str | None, cache_dir: str | None,
@@ -119,14 +202,13 @@ def _benchmark(run_dir: str | Path | None, task: str, *, model: str | None, data
                progress: bool, allow_unisolated_sandbox: bool = False) -> dict[str, Any]:
     """MMLU, HumanEval or GSM8K of the run's model or of a base ``model``."""
     from ..sources import load_dataset, load_model
-    from .engine import pick_device
-    from .evaluate import EVAL_BATCH_SIZE, load_trained_model
+    from ..training.engine import pick_device
 
-    where = pick_device(device)
     if run_dir:
-        net, tokenizer, info = load_trained_model(run_dir, cache_dir=cache_dir, device=str(where))
+        net, tokenizer, info, where = _trained_model(run_dir, cache_dir, device)
         what: dict[str, Any] = {"adapter_dir": info["adapter_dir"], "model": info["model"]}
     elif model:
+        where = pick_device(device)
         bundle = load_model(model, task="causal-lm", cache_dir=cache_dir)
         net, tokenizer = bundle.model.to(where).eval(), bundle.tokenizer
         what = {"model": bundle.name, "pretrained": bundle.pretrained}
