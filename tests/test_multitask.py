@@ -414,10 +414,46 @@ def test_basis_from_the_first_k_tasks_trains_them_jointly_then_freezes_it(inputs
     assert f["per_task"] == {"sent": 0.0, "kind": 0.0, "again": 0.0} and f["mean_over_earlier_tasks"] == 0.0
 
 
+def test_continual_task_cores_grow_the_basis_and_record_each_tasks_fit(inputs, tmp_path, monkeypatch):
+    model_dir, tasks = inputs
+    taken = snapshots(monkeypatch)
+    three = [f"{n}={d}" for n, d in tasks.items()] + [f"again={tasks['sent']}"]
+    results = run(inputs, tmp_path / "g", tasks=three, continual=True, task_share="AB", task_core="matrix",
+                  grow_basis=2)
+    assert results["grow_basis"] == 2 and "grow2" in results["name"]
+    r = 8
+    # each later task grew 2 directions (keys "...grow_<task>.lora_A/B" of the group), which it alone trained
+    grown = {n: [k for k in taken[-1] if k.startswith("@") and f".grow_{n}." in k] for n in ("sent", "kind", "again")}
+    assert not grown["sent"] and grown["kind"] and grown["again"]
+    assert all(not torch.equal(taken[0][k], taken[1][k]) for k in grown["kind"] if "lora_B" in k)  # stage 2 trained
+    assert all(torch.equal(taken[1][k], taken[2][k]) for k in grown["kind"])  # ... and stage 3 did not
+    cores = {n: [k for k in taken[-1] if k.startswith(f"{n}/") and "lora_C" in k] for n in ("sent", "kind", "again")}
+    assert {tuple(taken[-1][k].shape) for k in cores["sent"]} == {(r, r)}
+    assert {tuple(taken[-1][k].shape) for k in cores["kind"]} == {(r + 2, r + 2)}
+    assert {tuple(taken[-1][k].shape) for k in cores["again"]} == {(r + 4, r + 4)}  # kind's block and its own
+    # the earlier tasks' tensors (the basis, their cores and heads) bit-identical after every later stage
+    reads_sent = [k for k in taken[0] if k.startswith("sent/") or (k.startswith("@") and ".grow_" not in k)]
+    assert all(torch.equal(taken[0][k], taken[2][k]) for k in reads_sent)
+    reads_kind = [k for k in taken[1] if k.startswith("kind/")] + grown["kind"]
+    assert all(torch.equal(taken[1][k], taken[2][k]) for k in reads_kind)
+    f = results["forgetting"]
+    assert f["per_task"] == {"sent": 0.0, "kind": 0.0, "again": 0.0}
+    # the fit of each task to the basis it found (before its own growth), in results.json
+    fit = results["basis_fit"]
+    assert set(fit) == {"kind", "again"} and fit["kind"]["directions"] == r and fit["again"]["directions"] == r + 2
+    assert all(0.0 < v["fit"] <= 1.0 and 0.0 < v["chance"] < 1.0 for v in fit.values())
+    # what one more task adds: its cores and its new directions (A: 2 x d_in per module type, B: d_out x 2 per layer)
+    p = results["parameters"]
+    assert p["per_task"]["again"]["own"] == sum(taken[-1][k].numel() for k in cores["again"] + grown["again"])
+    assert p["added_per_task"] == p["per_task"]["again"]["own"]
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(task_share="AB"), "--task-core matrix"),
     (dict(task_core="matrix"), "needs --task-share AB"),
     (dict(task_core="full"), "task_core must be"),
+    (dict(task_share="AB", task_core="matrix", grow_basis=2), "--grow-basis G"),
+    (dict(grow_basis=2, continual=True), "--grow-basis G"),
     (dict(basis_tasks=2), "add --continual"),
     (dict(basis_tasks=3, continual=True), "from 1 to the number of tasks"),
     (dict(method="lora", one_adapter=True, task_share="AB", task_core="matrix"), "drop --one-adapter"),

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the task-shared tensors (A, B) from DIR (a `sharelora compress --task-core` output or an "
                         "earlier multitask run, with the same --method, --rank, --targets and --task-share), frozen "
                         "in every stage: each task trains only its own tensors (cores) and head")
+    p.add_argument("--grow-basis", type=int, default=argparse.SUPPRESS, metavar="G",
+                   help="with task cores and --continual: every task after the basis stage adds G new directions "
+                        "to the shared A and B (trained by it alone, read by the later tasks; the earlier tasks "
+                        "stay bit-identical); results.json records each task's basis fit (default: 0)")
     p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
@@ -64,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_control_arguments(p)
 
 
-MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "continual", "continual_train_shared", "one_adapter", "heads",
+MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "grow_basis", "continual", "continual_train_shared", "one_adapter", "heads",
                     "router_top_k", "sampling_temperature", "task_dataset_options")
 
 

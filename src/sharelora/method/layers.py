@@ -365,7 +365,8 @@ class AdapterSlot:
         return torch.cat([bank[b_key]] + [bank[g] for g in grow], dim=1) if grow else bank[b_key]
 
     def up(self, bank: nn.ParameterDict, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The up-projection of target i, (d_out, r): B, or B C with a task core (B diag(c) for a vector c).
+        """The up-projection of target i, (d_out, r): B, or B C with a task core (B diag(c) for a vector c);
+        with basis growth [B, B_1, ...] C, (d_out, r + G).
 
         B C is a (d_out, r) x (r, r) product, tiny next to any product with the input, and autograd
         carries its gradient to both B and C; in ``dtype`` if given (merging computes in float32).

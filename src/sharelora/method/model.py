@@ -489,12 +489,13 @@ class ShareLoraModel(nn.Module):
         per_adapter = {}
         for name, p in self.plans.items():
             cfg = self.sharelora_configs[name]
+            grown = p.grown_tensors()
             per_adapter[name] = {
                 "share": cfg.share, "task_share": cfg.task_share, "task_group": cfg.task_group, "rank": cfg.rank,
                 "heads": cfg.heads, "task_core": cfg.task_core,
                 "own_parameters": sum(s.numel for s in p.added_tensors().values()),
-                "shared_parameters": sum(s.numel for k, s in p.shared_tensors().items() if k not in p.grown_tensors()),
-                "grown_parameters": sum(s.numel for s in p.grown_tensors().values()),
+                "shared_parameters": sum(s.numel for k, s in p.shared_tensors().items() if k not in grown),
+                "grown_parameters": sum(s.numel for s in grown.values()),
                 "modules_to_save_parameters": self._saved_parameters(name),
                 "lora_equivalent_parameters": p.lora_equivalent(),
             }

@@ -39,7 +39,11 @@ the matrix R[k][t], and forgetting_t = R[t][t] - R[last][t] (test metric). ``bas
 stage 1 trains the first K tasks jointly (mixed rows, as a joint run) and with them the shared
 tensors; each later stage trains one task alone with the shared tensors frozen. ``basis_from``: the
 shared tensors come from another adapter directory (a ``sharelora compress --task-core`` fit of
-existing adapters, or an earlier run) and stay frozen in every stage. Baselines:
+existing adapters, or an earlier run) and stay frozen in every stage. ``grow_basis`` = G (task
+cores): each task after the basis stage adds G directions to the shared A and B, which it alone
+trains and the later tasks read (``ShareLoraConfig.grow_basis``). Before each such stage trains,
+``basis_fit`` records how much of its task's gradient the basis it finds spans (results.json
+"basis_fit": fit, chance, per module type). Baselines:
 ``one_adapter=True`` with ``continual`` is plain sequential fine-tuning of one adapter through the
 tasks (it forgets); ``task_share="none"`` gives every task an adapter of its own.
 
@@ -101,6 +105,7 @@ class MultiTaskConfig(TrainConfig):
     basis_tasks: int = 1  # continual: the first k tasks train the shared tensors jointly (stage 1), then frozen
     basis_from: str | None = None  # an adapter directory whose task-shared tensors every stage reads, frozen
     continual_train_shared: bool = False
+    grow_basis: int = 0  # task cores, continual: every task after the basis stage adds G directions to the basis
     one_adapter: bool = False
     heads: int = 1  # K > 1: HydraLoRA (K routed B heads; the one-adapter layout)
     router_top_k: int | None = None
@@ -150,6 +155,8 @@ class MultiTaskConfig(TrainConfig):
             share += f"-basis{self.basis_tasks}"
         if self.basis_from is not None:
             share += "-given"
+        if self.grow_basis:
+            share += f"-grow{self.grow_basis}"
         heads = f"{self.heads}" if self.hydra else ""
         mode = "-continual" if self.continual else "-joint"
         one = "-one" if self.one_adapter and not self.hydra else ""
@@ -189,6 +196,11 @@ class MultiTaskConfig(TrainConfig):
             if self.basis_tasks != 1 or self.continual_train_shared:
                 raise ValueError("--basis-from freezes a given basis for every task; drop --basis-tasks and "
                                  "--continual-train-shared")
+        if not isinstance(self.grow_basis, int) or isinstance(self.grow_basis, bool) or self.grow_basis < 0:
+            raise ValueError(f"grow_basis must be an integer >= 0 (new basis directions per task), got {self.grow_basis!r}")
+        if self.grow_basis and (self.task_core == "none" or not self.continual):
+            raise ValueError("--grow-basis G lets each task after the basis stage add G directions to the shared A and "
+                             "B: it needs task cores (--task-share AB --task-core matrix|diagonal) and --continual")
         if self.basis_tasks > 1 and not self.continual:
             raise ValueError("--basis-tasks K trains the shared tensors jointly on the first K tasks and then "
                              "freezes them for the rest, one task after another: add --continual")
@@ -339,11 +351,13 @@ def build_model(base: nn.Module, cfg: MultiTaskConfig, tasks: list[str]) -> nn.M
         config = dataclasses.replace(config, heads=cfg.heads, router=cfg.hydra, router_top_k=cfg.router_top_k)
         return get_sharelora_model(base, config, adapter_name=ONE_ADAPTER)
     config = task_config(cfg, base)
-    model = get_sharelora_model(base, config, adapter_name=tasks[0])
+    basis = [] if cfg.basis_from is not None else tasks[: cfg.basis_tasks] if cfg.continual else list(tasks)
+    grow = {"grow_basis": cfg.grow_basis} if cfg.grow_basis else {}  # each later task grows the basis
+    model = get_sharelora_model(base, dataclasses.replace(config, **({} if tasks[0] in basis else grow)),
+                                adapter_name=tasks[0])
     for name in tasks[1:]:
-        model.add_adapter(name, dataclasses.replace(config))
+        model.add_adapter(name, dataclasses.replace(config, **({} if name in basis else grow)))
     if config.task_core != "none":  # the tasks that train the basis start as ShareLoRA (core I, B = 0), the others at 0
-        basis = [] if cfg.basis_from is not None else tasks[: cfg.basis_tasks] if cfg.continual else list(tasks)
         if basis and config.basis_init == "lora":
             model.init_cores(basis, trains_basis=True)
         model.init_cores([n for n in tasks if n not in basis], trains_basis=False)
@@ -489,6 +503,20 @@ class MultiTaskRun(Run):
                   or self.cfg.layout == "one-adapter")
         self.core.set_adapter(self.adapters(stage.tasks), train_shared=shared)
         self._own: dict[str, list[torch.nn.Parameter]] | None = None
+        if self.cfg.task_core != "none" and self.cfg.continual and not shared:
+            self.measure_fit(stage)
+
+    def measure_fit(self, stage: Stage, batches: int = 4) -> None:
+        """How well the stage's task fits the basis it finds (before it trains; before its own growth):
+        ``basis_fit`` on up to ``batches`` batches of its first epoch, into ``state["basis_fit"]``."""
+        from ..method.basis import basis_fit
+
+        fits = self.state.setdefault("basis_fit", {})
+        rows = stage.order(0)[: batches * self.cfg.batch_size]
+        self.model = self.core  # not yet wrapped for this stage (begin_stage wraps it next)
+        for name in stage.tasks:
+            if name not in fits:
+                fits[name] = basis_fit(self.core, name, lambda: self.batch_loss(stage, rows), include_own_growth=False)
 
     def batch_loss(self, stage: Stage, rows: list[int]) -> torch.Tensor:
         """Each row through its task's adapter (per-task layout: ``adapter_names``), scored on its task's outputs."""
@@ -606,6 +634,7 @@ class MultiTaskRun(Run):
             **self.common_results(), "method": cfg.method_label, "layout": cfg.layout,
             "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
             "task_core": cfg.task_core, "basis_tasks": cfg.basis_tasks, "basis_from": cfg.basis_from,
+            "grow_basis": cfg.grow_basis, "basis_fit": state.get("basis_fit"),
             "continual": cfg.continual, "metric": metric, "tasks": tasks,
             "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
                      for split in ("dev", "test")},
