@@ -30,6 +30,7 @@ CORE_LR=${CORE_LR:-6e-3}
 VERA_RANK=256     # VeRA's shared random A (256 x 384) and B: 640 trained scales per module
 VERA_LRS=(6e-2 2e-1)  # the VeRA LR grid, seed 0, chosen on the mean dev accuracy of the eight tasks (6e-2: the
                       # budget study's dev choice for VeRA r = 256 at 80 steps; 2e-1 for the shorter 40 steps here)
+GROW=2            # --grow-basis: the basis branch's dev check used 2 (docs/RESULTS_MULTITASK.md, "Growing the basis")
 SEEDS=(0 1 2)
 JOBS=()  # "name|needs (space-separated names)|command"
 
@@ -50,9 +51,10 @@ fi
 
 # The jobs of the study, in order of priority (a worker takes the first job it can start), so that a run cut
 # short by the deadline loses the least important rows: the separate LoRAs (the reference) and their
-# compression for every seed; seed 0 of every task-core row; seeds 1-2 of the matrix task cores; the VeRA
-# grid (seed 0); continual ShareA seeds 1-2; separate ShareA seed 0; then seeds 1-2 of the diagonal task
-# cores, VeRA and separate ShareA.
+# compression for every seed; seed 0 of every task-core row; seeds 1-2 of the matrix cores on task 1's basis;
+# VeRA at the first grid point (seed 0); seeds 1-2 of the matrix cores on the joint basis; basis growth
+# (seed 0); the second VeRA grid point; continual ShareA seeds 1-2; separate ShareA seed 0; then seeds 1-2 of
+# the diagonal task cores, VeRA, growth and separate ShareA.
 lora_jobs() {
   local seed=$1 loras="" t core c
   for t in "${TASKS[@]}"; do
@@ -75,6 +77,11 @@ core_job() {  # core_job matrix|diagonal K SEED: continual task cores, the basis
     --task-core "$1" --continual --basis-tasks "$2" --rank 8 --lr "$CORE_LR" --seed "$3" "${BUDGET[@]}" \
     --output-dir "$OUT/core-$1-basis$2/s$3"
 }
+grow_job() {  # grow_job SEED: matrix cores on the basis of task 1, every later task adds GROW directions to it
+  job "core-matrix-grow-s$1" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
+    --task-core matrix --continual --basis-tasks 1 --grow-basis $GROW --rank 8 --lr "$CORE_LR" --seed "$1" \
+    "${BUDGET[@]}" --output-dir "$OUT/core-matrix-grow/s$1"
+}
 vera_jobs() {  # vera_jobs SEED (seeds 1, 2 at the LR the grid chose)
   local t
   for t in "${TASKS[@]}"; do
@@ -92,7 +99,7 @@ sharea_jobs() {  # separate ShareA per task, SEED
 if [[ $PHASE == study ]]; then
   for seed in "${SEEDS[@]}"; do lora_jobs "$seed"; done
   for k in 1 3; do for core in matrix diagonal; do core_job $core $k 0; done; done
-  for seed in 1 2; do for k in 1 3; do core_job matrix $k $seed; done; done
+  for seed in 1 2; do core_job matrix 1 $seed; done
   grid=""  # the VeRA LR grid: seed 0, every task; the choice reads dev only; its seed-0 runs are the row's seed 0
   for lr in "${VERA_LRS[@]}"; do
     for t in "${TASKS[@]}"; do
@@ -100,12 +107,16 @@ if [[ $PHASE == study ]]; then
         --seed 0 "${BUDGET[@]}" --output-dir "$OUT/vera-grid/lr$lr/$t-s0"
       grid+=" vera-lr$lr-$t-s0"
     done
+    [[ $lr == "${VERA_LRS[0]}" ]] || continue
+    for seed in 1 2; do core_job matrix 3 $seed; done  # between the two grid points
+    grow_job 0
   done
   job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
   for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)
   sharea_jobs 0
   for seed in 1 2; do for k in 1 3; do core_job diagonal $k $seed; done; done
   for seed in 1 2; do vera_jobs $seed; done
+  for seed in 1 2; do grow_job $seed; done
   for seed in 1 2; do sharea_jobs $seed; done
 fi
 

@@ -85,7 +85,7 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
             "added": r["parameters"]["added_per_task"], "total": r["parameters"]["adapter"],
             "forgetting": {"mean": f["mean_over_earlier_tasks"], "max_abs": max(abs(v) for v in earlier),
                            "matrix": f["matrix"]},
-            "stages": r.get("stages")}
+            "stages": r.get("stages"), "basis_fit": r.get("basis_fit"), "grow_basis": r.get("grow_basis")}
 
 
 def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
