@@ -27,6 +27,7 @@ LORA_LR=6e-3      # the budget study's dev choice for LoRA and ShareA (docs/RESU
 # train like one; on dev (seed 0) 6e-3 beat 2e-2 for the basis task (72.0 vs 53.0) and the core-only stage
 # (61.5 vs 60.5) (docs/RESULTS_MULTITASK.md, "Diagnosed and fixed since"). One lr for every stage.
 CORE_LR=${CORE_LR:-6e-3}
+CORE_LRS=(2e-2 6e-2)  # the grid for the core-only stages (seed 0, dev), beside CORE_LR
 VERA_RANK=256     # VeRA's shared random A (256 x 384) and B: 640 trained scales per module
 VERA_LRS=(6e-2 2e-1)  # the VeRA LR grid, seed 0, chosen on the mean dev accuracy of the eight tasks (6e-2: the
                       # budget study's dev choice for VeRA r = 256 at 80 steps; 2e-1 for the shorter 40 steps here)
@@ -77,6 +78,12 @@ core_job() {  # core_job matrix|diagonal K SEED: continual task cores, the basis
     --task-core "$1" --continual --basis-tasks "$2" --rank 8 --lr "$CORE_LR" --seed "$3" "${BUDGET[@]}" \
     --output-dir "$OUT/core-$1-basis$2/s$3"
 }
+corelr_job() {  # corelr_job SEED LR|"" OUT_DIR: tasks 2-8's cores on the basis of core-matrix-basis1/sSEED
+  local lr=${2:-'$(cat '$OUT'/core-lr.txt)'} name=corelr-lr$2-s$1 needs="core-matrix-basis1-s$1"
+  [[ -n $2 ]] || { name=corelr-s$1; needs+=" corelr-choose"; }
+  job "$name" "$needs" bash -c "${SL[*]} multitask --tasks ${joined#*,} --method sharea --task-share AB --task-core matrix \
+    --continual --basis-from $OUT/core-matrix-basis1/s$1 --rank 8 --lr $lr --seed $1 ${BUDGET[*]} --output-dir $3"
+}
 grow_job() {  # grow_job SEED: matrix cores on the basis of task 1, every later task adds GROW directions to it
   job "core-matrix-grow-s$1" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
     --task-core matrix --continual --basis-tasks 1 --grow-basis $GROW --rank 8 --lr "$CORE_LR" --seed "$1" \
@@ -99,7 +106,16 @@ sharea_jobs() {  # separate ShareA per task, SEED
 if [[ $PHASE == study ]]; then
   for seed in "${SEEDS[@]}"; do lora_jobs "$seed"; done
   for k in 1 3; do for core in matrix diagonal; do core_job $core $k 0; done; done
+  # The core-only stages at a higher lr (one --lr serves every stage of a run, and the basis task needs LoRA's):
+  # tasks 2-8 again on the frozen basis of the matrix row's run (--basis-from), lr chosen on dev (seed 0).
+  lrjobs=""
+  for lr in "${CORE_LRS[@]}"; do
+    corelr_job 0 "$lr" "$OUT/core-matrix-basis1-corelr/lr$lr/s0"
+    lrjobs+=" corelr-lr$lr-s0"
+  done
+  job "corelr-choose" "$lrjobs" python docs/studies/taskcore8_select.py "$OUT" --core-lr "$CORE_LR" "${CORE_LRS[@]}"
   for seed in 1 2; do core_job matrix 1 $seed; done
+  for seed in 1 2; do corelr_job $seed "" "$OUT/core-matrix-basis1-corelr/s$seed"; done
   grid=""  # the VeRA LR grid: seed 0, every task; the choice reads dev only; its seed-0 runs are the row's seed 0
   for lr in "${VERA_LRS[@]}"; do
     for t in "${TASKS[@]}"; do
