@@ -78,11 +78,14 @@ core_job() {  # core_job matrix|diagonal K SEED: continual task cores, the basis
     --task-core "$1" --continual --basis-tasks "$2" --rank 8 --lr "$CORE_LR" --seed "$3" "${BUDGET[@]}" \
     --output-dir "$OUT/core-$1-basis$2/s$3"
 }
-corelr_job() {  # corelr_job SEED LR|"" OUT_DIR: tasks 2-8's cores on the basis of core-matrix-basis1/sSEED
-  local lr=${2:-'$(cat '$OUT'/core-lr.txt)'} name=corelr-lr$2-s$1 needs="core-matrix-basis1-s$1"
-  [[ -n $2 ]] || { name=corelr-s$1; needs+=" corelr-choose"; }
-  job "$name" "$needs" bash -c "${SL[*]} multitask --tasks ${joined#*,} --method sharea --task-share AB --task-core matrix \
-    --continual --basis-from $OUT/core-matrix-basis1/s$1 --rank 8 --lr $lr --seed $1 ${BUDGET[*]} --output-dir $3"
+corelr_job() {  # corelr_job SEED LR|"" OUT_DIR [K]: the cores of the tasks after the basis of core-matrix-basisK/sSEED
+  local k=${4:-1} lr=${2:-'$(cat '$OUT'/core-lr.txt)'} name later
+  name=corelr$([[ $k == 1 ]] || echo "-basis$k")-lr$2-s$1
+  local needs="core-matrix-basis$k-s$1"
+  [[ -n $2 ]] || { name=${name/-lr-/-}; needs+=" corelr-choose"; }
+  later=$(IFS=,; echo "${TASKS[*]:$k}")
+  job "$name" "$needs" bash -c "${SL[*]} multitask --tasks $later --method sharea --task-share AB --task-core matrix \
+    --continual --basis-from $OUT/core-matrix-basis$k/s$1 --rank 8 --lr $lr --seed $1 ${BUDGET[*]} --output-dir $3"
 }
 grow_job() {  # grow_job SEED: matrix cores on the basis of task 1, every later task adds GROW directions to it
   job "core-matrix-grow-s$1" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
@@ -116,6 +119,7 @@ if [[ $PHASE == study ]]; then
   job "corelr-choose" "$lrjobs" python docs/studies/taskcore8_select.py "$OUT" --core-lr "$CORE_LR" "${CORE_LRS[@]}"
   for seed in 1 2; do core_job matrix 1 $seed; done
   for seed in 1 2; do corelr_job $seed "" "$OUT/core-matrix-basis1-corelr/s$seed"; done
+  corelr_job 0 "" "$OUT/core-matrix-basis3-corelr/s0" 3  # the same lr on the joint basis of tasks 1-3
   grid=""  # the VeRA LR grid: seed 0, every task; the choice reads dev only; its seed-0 runs are the row's seed 0
   for lr in "${VERA_LRS[@]}"; do
     for t in "${TASKS[@]}"; do
@@ -124,7 +128,7 @@ if [[ $PHASE == study ]]; then
       grid+=" vera-lr$lr-$t-s0"
     done
     [[ $lr == "${VERA_LRS[0]}" ]] || continue
-    for seed in 1 2; do core_job matrix 3 $seed; done  # between the two grid points
+    for seed in 1 2; do core_job matrix 3 $seed; corelr_job $seed "" "$OUT/core-matrix-basis3-corelr/s$seed" 3; done
     grow_job 0
   done
   job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"

@@ -29,6 +29,8 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
     ("continual-sharea", "continual ShareA (task-shared A from task 1)", 1, "multitask"),
     ("core-matrix-basis1", "continual task cores, matrix, A and B from task 1", 1, "multitask"),
     ("core-diagonal-basis1", "continual task cores, diagonal, A and B from task 1", 1, "multitask"),
+    ("core-matrix-basis1-corelr", "continual task cores, matrix, A and B from task 1, core-only stages at the dev-chosen lr",
+     1, "corelr"),
     ("core-matrix-basis3", "continual task cores, matrix, A and B from tasks 1-3 jointly", 3, "multitask"),
     ("core-diagonal-basis3", "continual task cores, diagonal, A and B from tasks 1-3 jointly", 3, "multitask"),
     ("core-matrix-grow", "continual task cores, matrix, basis from task 1, grown for later tasks", 1, "multitask"),
@@ -75,6 +77,21 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
         return {"test": {t: ev["tasks"][t]["accuracy"] for t in tasks}, "dev_mean": None,
                 "added": sum(n for k, n in numel.items() if k.startswith(f"{tasks[-1]}/")),
                 "total": sum(numel.values()), "forgetting": None, "compression": comp}
+    if kind == "corelr":  # task 1 (and the basis) from the matrix row's run, tasks 2-8 from the run on its basis
+        if seed == 0:
+            if not (root / "core-lr.txt").is_file():
+                return None
+            d = root / key / f"lr{(root / 'core-lr.txt').read_text().strip()}" / "s0"
+        else:
+            d = root / key / f"s{seed}"
+        first = one_seed(root, "core-matrix-basis1", "multitask", tasks, seed)
+        later = one_seed(root, str(d.relative_to(root).parent), "multitask", tasks[1:], seed) if first else None
+        if later is None:
+            return None
+        later["test"] = {tasks[0]: first["test"][tasks[0]], **later["test"]}
+        later["total"] = first["total"]  # one basis, task 1's core and the seven later cores: the same tensors
+        later["dev_mean"] = (first["dev_task1"] + later["dev_mean"] * (len(tasks) - 1)) / len(tasks)
+        return later
     path = root / key / f"s{seed}" / "results.json"
     if not path.is_file():
         return None
@@ -82,6 +99,7 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
     f = r["forgetting"]
     earlier = [v for n, v in f["per_task"].items() if n != tasks[-1]]
     return {"test": {t: r["tasks"][t]["test"][r["metric"]] for t in tasks}, "dev_mean": r["mean"]["dev"],
+            "dev_task1": r["tasks"][tasks[0]]["dev"][r["metric"]],
             "added": r["parameters"]["added_per_task"], "total": r["parameters"]["adapter"],
             "forgetting": {"mean": f["mean_over_earlier_tasks"], "max_abs": max(abs(v) for v in earlier),
                            "matrix": f["matrix"]},
@@ -146,6 +164,8 @@ def main(root: str, out: str) -> None:
                               "mean_after_basis": statistics.fmean(means_after),
                               "delta_after_basis_vs_lora": statistics.fmean(deltas) if deltas else None,
                               "per_seed": {str(s): r for s, r in done.items()}}
+    if (base / "core-lr.json").is_file():
+        table["core_lr"] = load(base / "core-lr.json")
     if (base / "vera-lr.json").is_file():
         table["vera_lr"] = load(base / "vera-lr.json")
     if (base / "selection.json").is_file():
@@ -170,7 +190,7 @@ def plot(table: dict, path: str) -> None:
     for key, row in table["rows"].items():
         means = [statistics.fmean(r["test"].values()) * 100 for r in row["per_seed"].values()]
         std = statistics.stdev(means) if len(means) > 1 else 0.0
-        marker = {"separate": "s", "multitask": "o", "compressed": "^"}[row["kind"]]
+        marker = {"separate": "s", "multitask": "o", "corelr": "D", "compressed": "^"}[row["kind"]]
         ax.errorbar(row["added_per_task"], statistics.fmean(means), yerr=std, fmt=marker, capsize=3)
         ax.annotate(key, (row["added_per_task"], statistics.fmean(means)), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
