@@ -32,6 +32,8 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
     ("core-matrix-basis1-corelr", "continual task cores, matrix, A and B from task 1, core-only stages at the dev-chosen lr",
      1, "corelr"),
     ("core-matrix-basis3", "continual task cores, matrix, A and B from tasks 1-3 jointly", 3, "multitask"),
+    ("core-matrix-basis3-corelr", "continual task cores, matrix, A and B from tasks 1-3 jointly, core-only stages at the "
+     "dev-chosen lr", 3, "corelr"),
     ("core-diagonal-basis3", "continual task cores, diagonal, A and B from tasks 1-3 jointly", 3, "multitask"),
     ("core-matrix-grow", "continual task cores, matrix, basis from task 1, grown for later tasks", 1, "multitask"),
     ("compressed-matrix", "separate LoRAs compressed into matrix cores (rank 8, no training)", 0, "compressed"),
@@ -77,20 +79,21 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
         return {"test": {t: ev["tasks"][t]["accuracy"] for t in tasks}, "dev_mean": None,
                 "added": sum(n for k, n in numel.items() if k.startswith(f"{tasks[-1]}/")),
                 "total": sum(numel.values()), "forgetting": None, "compression": comp}
-    if kind == "corelr":  # task 1 (and the basis) from the matrix row's run, tasks 2-8 from the run on its basis
-        if seed == 0:
+    if kind == "corelr":  # the basis tasks from the matrix row's run, the later tasks from the run on its basis
+        k = 3 if "basis3" in key else 1
+        if seed == 0 and k == 1:  # seed 0 on task 1's basis: the run of the lr grid that dev chose
             if not (root / "core-lr.txt").is_file():
                 return None
             d = root / key / f"lr{(root / 'core-lr.txt').read_text().strip()}" / "s0"
         else:
             d = root / key / f"s{seed}"
-        first = one_seed(root, "core-matrix-basis1", "multitask", tasks, seed)
-        later = one_seed(root, str(d.relative_to(root).parent), "multitask", tasks[1:], seed) if first else None
+        first = one_seed(root, key.replace("-corelr", ""), "multitask", tasks, seed)
+        later = one_seed(root, str(d.relative_to(root).parent), "multitask", tasks[k:], seed) if first else None
         if later is None:
             return None
-        later["test"] = {tasks[0]: first["test"][tasks[0]], **later["test"]}
-        later["total"] = first["total"]  # one basis, task 1's core and the seven later cores: the same tensors
-        later["dev_mean"] = (first["dev_task1"] + later["dev_mean"] * (len(tasks) - 1)) / len(tasks)
+        later["test"] = {**{t: first["test"][t] for t in tasks[:k]}, **later["test"]}
+        later["total"] = first["total"]  # one basis, the basis tasks' cores and the later cores: the same tensors
+        later["dev_mean"] = (sum(first["dev"][t] for t in tasks[:k]) + later["dev_mean"] * (len(tasks) - k)) / len(tasks)
         return later
     path = root / key / f"s{seed}" / "results.json"
     if not path.is_file():
@@ -99,7 +102,7 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
     f = r["forgetting"]
     earlier = [v for n, v in f["per_task"].items() if n != tasks[-1]]
     return {"test": {t: r["tasks"][t]["test"][r["metric"]] for t in tasks}, "dev_mean": r["mean"]["dev"],
-            "dev_task1": r["tasks"][tasks[0]]["dev"][r["metric"]],
+            "dev": {t: r["tasks"][t]["dev"][r["metric"]] for t in tasks},
             "added": r["parameters"]["added_per_task"], "total": r["parameters"]["adapter"],
             "forgetting": {"mean": f["mean_over_earlier_tasks"], "max_abs": max(abs(v) for v in earlier),
                            "matrix": f["matrix"]},
