@@ -52,10 +52,10 @@ fi
 
 # The jobs of the study, in order of priority (a worker takes the first job it can start), so that a run cut
 # short by the deadline loses the least important rows: the separate LoRAs (the reference) and their
-# compression for every seed; seed 0 of every task-core row; seeds 1-2 of the matrix cores on task 1's basis;
-# VeRA at the first grid point (seed 0); seeds 1-2 of the matrix cores on the joint basis; basis growth
-# (seed 0); the second VeRA grid point; continual ShareA seeds 1-2; separate ShareA seed 0; then seeds 1-2 of
-# the diagonal task cores, VeRA, growth and separate ShareA.
+# compression for every seed; seed 0 of every task-core row; the core-only lr grid (seed 0, dev) and seeds 1-2
+# of the matrix cores on task 1's basis at its choice; the same on the joint basis (seed 0); the VeRA grid
+# (seed 0); separate ShareA seed 0; seeds 1-2 of the matrix cores on the joint basis; basis growth (seed 0);
+# continual ShareA seeds 1-2; then seeds 1-2 of the diagonal task cores, VeRA, growth and separate ShareA.
 lora_jobs() {
   local seed=$1 loras="" t core c
   for t in "${TASKS[@]}"; do
@@ -127,13 +127,12 @@ if [[ $PHASE == study ]]; then
         --seed 0 "${BUDGET[@]}" --output-dir "$OUT/vera-grid/lr$lr/$t-s0"
       grid+=" vera-lr$lr-$t-s0"
     done
-    [[ $lr == "${VERA_LRS[0]}" ]] || continue
-    for seed in 1 2; do core_job matrix 3 $seed; corelr_job $seed "" "$OUT/core-matrix-basis3-corelr/s$seed" 3; done
-    grow_job 0
   done
   job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
-  for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)
   sharea_jobs 0
+  for seed in 1 2; do core_job matrix 3 $seed; corelr_job $seed "" "$OUT/core-matrix-basis3-corelr/s$seed" 3; done
+  grow_job 0
+  for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)
   for seed in 1 2; do for k in 1 3; do core_job diagonal $k $seed; done; done
   for seed in 1 2; do vera_jobs $seed; done
   for seed in 1 2; do grow_job $seed; done
