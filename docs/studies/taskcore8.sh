@@ -130,6 +130,10 @@ if [[ $PHASE == study ]]; then
   done
   job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
   sharea_jobs 0
+  for t in "${TASKS[@]}"; do  # is LoRA's lr (the budget study's, chosen on rotten-tomatoes) right here? seed 0, dev
+    job "lora-lr2e-2-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr 2e-2 --seed 0 "${BUDGET[@]}" \
+      --output-dir "$OUT/separate-lora-lr2e-2/$t-s0"
+  done
   for seed in 1 2; do core_job matrix 3 $seed; corelr_job $seed "" "$OUT/core-matrix-basis3-corelr/s$seed" 3; done
   grow_job 0
   for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)

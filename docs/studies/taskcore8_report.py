@@ -24,6 +24,7 @@ SEEDS = (0, 1, 2)
 EVAL_ROWS = 200
 ROWS = [  # (key, what the table calls it, basis tasks, kind)
     ("separate-lora", "separate LoRA per task", 0, "separate"),
+    ("separate-lora-lr2e-2", "separate LoRA per task at lr 2e-2 (a dev check of LoRA's lr)", 0, "separate"),
     ("separate-sharea", "separate ShareA per task (A shared across layers)", 0, "separate"),
     ("vera", "PEFT VeRA per task (r = 256, LR chosen on dev)", 0, "separate"),
     ("continual-sharea", "continual ShareA (task-shared A from task 1)", 1, "multitask"),
