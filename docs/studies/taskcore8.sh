@@ -27,9 +27,11 @@ LORA_LR=6e-3      # the budget study's dev choice for LoRA and ShareA (docs/RESU
 # train like one; on dev (seed 0) 6e-3 beat 2e-2 for the basis task (72.0 vs 53.0) and the core-only stage
 # (61.5 vs 60.5) (docs/RESULTS_MULTITASK.md, "Diagnosed and fixed since"). One lr for every stage.
 CORE_LR=${CORE_LR:-6e-3}
+CORE_LRS=(2e-2 6e-2)  # the grid for the core-only stages (seed 0, dev), beside CORE_LR
 VERA_RANK=256     # VeRA's shared random A (256 x 384) and B: 640 trained scales per module
 VERA_LRS=(6e-2 2e-1)  # the VeRA LR grid, seed 0, chosen on the mean dev accuracy of the eight tasks (6e-2: the
                       # budget study's dev choice for VeRA r = 256 at 80 steps; 2e-1 for the shorter 40 steps here)
+GROW=2            # --grow-basis: the basis branch's dev check used 2 (docs/RESULTS_MULTITASK.md, "Growing the basis")
 SEEDS=(0 1 2)
 JOBS=()  # "name|needs (space-separated names)|command"
 
@@ -50,9 +52,10 @@ fi
 
 # The jobs of the study, in order of priority (a worker takes the first job it can start), so that a run cut
 # short by the deadline loses the least important rows: the separate LoRAs (the reference) and their
-# compression for every seed; seed 0 of every task-core row; seeds 1-2 of the matrix task cores; the VeRA
-# grid (seed 0); continual ShareA seeds 1-2; separate ShareA seed 0; then seeds 1-2 of the diagonal task
-# cores, VeRA and separate ShareA.
+# compression for every seed; seed 0 of every task-core row; the core-only lr grid (seed 0, dev) and seeds 1-2
+# of the matrix cores on task 1's basis at its choice; the same on the joint basis (seed 0); the VeRA grid
+# (seed 0); separate ShareA seed 0; seeds 1-2 of the matrix cores on the joint basis; basis growth (seed 0);
+# continual ShareA seeds 1-2; then seeds 1-2 of the diagonal task cores, VeRA, growth and separate ShareA.
 lora_jobs() {
   local seed=$1 loras="" t core c
   for t in "${TASKS[@]}"; do
@@ -75,6 +78,20 @@ core_job() {  # core_job matrix|diagonal K SEED: continual task cores, the basis
     --task-core "$1" --continual --basis-tasks "$2" --rank 8 --lr "$CORE_LR" --seed "$3" "${BUDGET[@]}" \
     --output-dir "$OUT/core-$1-basis$2/s$3"
 }
+corelr_job() {  # corelr_job SEED LR|"" OUT_DIR [K]: the cores of the tasks after the basis of core-matrix-basisK/sSEED
+  local k=${4:-1} lr=${2:-'$(cat '$OUT'/core-lr.txt)'} name later
+  name=corelr$([[ $k == 1 ]] || echo "-basis$k")-lr$2-s$1
+  local needs="core-matrix-basis$k-s$1"
+  [[ -n $2 ]] || { name=${name/-lr-/-}; needs+=" corelr-choose"; }
+  later=$(IFS=,; echo "${TASKS[*]:$k}")
+  job "$name" "$needs" bash -c "${SL[*]} multitask --tasks $later --method sharea --task-share AB --task-core matrix \
+    --continual --basis-from $OUT/core-matrix-basis$k/s$1 --rank 8 --lr $lr --seed $1 ${BUDGET[*]} --output-dir $3"
+}
+grow_job() {  # grow_job SEED: matrix cores on the basis of task 1, every later task adds GROW directions to it
+  job "core-matrix-grow-s$1" "" "${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB \
+    --task-core matrix --continual --basis-tasks 1 --grow-basis $GROW --rank 8 --lr "$CORE_LR" --seed "$1" \
+    "${BUDGET[@]}" --output-dir "$OUT/core-matrix-grow/s$1"
+}
 vera_jobs() {  # vera_jobs SEED (seeds 1, 2 at the LR the grid chose)
   local t
   for t in "${TASKS[@]}"; do
@@ -92,7 +109,17 @@ sharea_jobs() {  # separate ShareA per task, SEED
 if [[ $PHASE == study ]]; then
   for seed in "${SEEDS[@]}"; do lora_jobs "$seed"; done
   for k in 1 3; do for core in matrix diagonal; do core_job $core $k 0; done; done
-  for seed in 1 2; do for k in 1 3; do core_job matrix $k $seed; done; done
+  # The core-only stages at a higher lr (one --lr serves every stage of a run, and the basis task needs LoRA's):
+  # tasks 2-8 again on the frozen basis of the matrix row's run (--basis-from), lr chosen on dev (seed 0).
+  lrjobs=""
+  for lr in "${CORE_LRS[@]}"; do
+    corelr_job 0 "$lr" "$OUT/core-matrix-basis1-corelr/lr$lr/s0"
+    lrjobs+=" corelr-lr$lr-s0"
+  done
+  job "corelr-choose" "$lrjobs" python docs/studies/taskcore8_select.py "$OUT" --core-lr "$CORE_LR" "${CORE_LRS[@]}"
+  for seed in 1 2; do core_job matrix 1 $seed; done
+  for seed in 1 2; do corelr_job $seed "" "$OUT/core-matrix-basis1-corelr/s$seed"; done
+  corelr_job 0 "" "$OUT/core-matrix-basis3-corelr/s0" 3  # the same lr on the joint basis of tasks 1-3
   grid=""  # the VeRA LR grid: seed 0, every task; the choice reads dev only; its seed-0 runs are the row's seed 0
   for lr in "${VERA_LRS[@]}"; do
     for t in "${TASKS[@]}"; do
@@ -102,10 +129,17 @@ if [[ $PHASE == study ]]; then
     done
   done
   job "vera-choose" "$grid" python docs/studies/taskcore8_select.py "$OUT" --vera-lr "${VERA_LRS[@]}"
-  for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)
   sharea_jobs 0
+  for t in "${TASKS[@]}"; do  # is LoRA's lr (the budget study's, chosen on rotten-tomatoes) right here? seed 0, dev
+    job "lora-lr2e-2-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr 2e-2 --seed 0 "${BUDGET[@]}" \
+      --output-dir "$OUT/separate-lora-lr2e-2/$t-s0"
+  done
+  for seed in 1 2; do core_job matrix 3 $seed; corelr_job $seed "" "$OUT/core-matrix-basis3-corelr/s$seed" 3; done
+  grow_job 0
+  for seed in 1 2; do lora_jobs "$seed" all; done  # continual ShareA seeds 1-2 (the rest of lora_jobs is done)
   for seed in 1 2; do for k in 1 3; do core_job diagonal $k $seed; done; done
   for seed in 1 2; do vera_jobs $seed; done
+  for seed in 1 2; do grow_job $seed; done
   for seed in 1 2; do sharea_jobs $seed; done
 fi
 

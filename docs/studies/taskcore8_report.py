@@ -24,12 +24,17 @@ SEEDS = (0, 1, 2)
 EVAL_ROWS = 200
 ROWS = [  # (key, what the table calls it, basis tasks, kind)
     ("separate-lora", "separate LoRA per task", 0, "separate"),
+    ("separate-lora-lr2e-2", "separate LoRA per task at lr 2e-2 (a dev check of LoRA's lr)", 0, "separate"),
     ("separate-sharea", "separate ShareA per task (A shared across layers)", 0, "separate"),
     ("vera", "PEFT VeRA per task (r = 256, LR chosen on dev)", 0, "separate"),
     ("continual-sharea", "continual ShareA (task-shared A from task 1)", 1, "multitask"),
     ("core-matrix-basis1", "continual task cores, matrix, A and B from task 1", 1, "multitask"),
     ("core-diagonal-basis1", "continual task cores, diagonal, A and B from task 1", 1, "multitask"),
+    ("core-matrix-basis1-corelr", "continual task cores, matrix, A and B from task 1, core-only stages at the dev-chosen lr",
+     1, "corelr"),
     ("core-matrix-basis3", "continual task cores, matrix, A and B from tasks 1-3 jointly", 3, "multitask"),
+    ("core-matrix-basis3-corelr", "continual task cores, matrix, A and B from tasks 1-3 jointly, core-only stages at the "
+     "dev-chosen lr", 3, "corelr"),
     ("core-diagonal-basis3", "continual task cores, diagonal, A and B from tasks 1-3 jointly", 3, "multitask"),
     ("core-matrix-grow", "continual task cores, matrix, basis from task 1, grown for later tasks", 1, "multitask"),
     ("compressed-matrix", "separate LoRAs compressed into matrix cores (rank 8, no training)", 0, "compressed"),
@@ -75,6 +80,22 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
         return {"test": {t: ev["tasks"][t]["accuracy"] for t in tasks}, "dev_mean": None,
                 "added": sum(n for k, n in numel.items() if k.startswith(f"{tasks[-1]}/")),
                 "total": sum(numel.values()), "forgetting": None, "compression": comp}
+    if kind == "corelr":  # the basis tasks from the matrix row's run, the later tasks from the run on its basis
+        k = 3 if "basis3" in key else 1
+        if seed == 0 and k == 1:  # seed 0 on task 1's basis: the run of the lr grid that dev chose
+            if not (root / "core-lr.txt").is_file():
+                return None
+            d = root / key / f"lr{(root / 'core-lr.txt').read_text().strip()}" / "s0"
+        else:
+            d = root / key / f"s{seed}"
+        first = one_seed(root, key.replace("-corelr", ""), "multitask", tasks, seed)
+        later = one_seed(root, str(d.relative_to(root).parent), "multitask", tasks[k:], seed) if first else None
+        if later is None:
+            return None
+        later["test"] = {**{t: first["test"][t] for t in tasks[:k]}, **later["test"]}
+        later["total"] = first["total"]  # one basis, the basis tasks' cores and the later cores: the same tensors
+        later["dev_mean"] = (sum(first["dev"][t] for t in tasks[:k]) + later["dev_mean"] * (len(tasks) - k)) / len(tasks)
+        return later
     path = root / key / f"s{seed}" / "results.json"
     if not path.is_file():
         return None
@@ -82,10 +103,11 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
     f = r["forgetting"]
     earlier = [v for n, v in f["per_task"].items() if n != tasks[-1]]
     return {"test": {t: r["tasks"][t]["test"][r["metric"]] for t in tasks}, "dev_mean": r["mean"]["dev"],
+            "dev": {t: r["tasks"][t]["dev"][r["metric"]] for t in tasks},
             "added": r["parameters"]["added_per_task"], "total": r["parameters"]["adapter"],
             "forgetting": {"mean": f["mean_over_earlier_tasks"], "max_abs": max(abs(v) for v in earlier),
                            "matrix": f["matrix"]},
-            "stages": r.get("stages")}
+            "stages": r.get("stages"), "basis_fit": r.get("basis_fit"), "grow_basis": r.get("grow_basis")}
 
 
 def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -146,6 +168,8 @@ def main(root: str, out: str) -> None:
                               "mean_after_basis": statistics.fmean(means_after),
                               "delta_after_basis_vs_lora": statistics.fmean(deltas) if deltas else None,
                               "per_seed": {str(s): r for s, r in done.items()}}
+    if (base / "core-lr.json").is_file():
+        table["core_lr"] = load(base / "core-lr.json")
     if (base / "vera-lr.json").is_file():
         table["vera_lr"] = load(base / "vera-lr.json")
     if (base / "selection.json").is_file():
@@ -170,7 +194,7 @@ def plot(table: dict, path: str) -> None:
     for key, row in table["rows"].items():
         means = [statistics.fmean(r["test"].values()) * 100 for r in row["per_seed"].values()]
         std = statistics.stdev(means) if len(means) > 1 else 0.0
-        marker = {"separate": "s", "multitask": "o", "compressed": "^"}[row["kind"]]
+        marker = {"separate": "s", "multitask": "o", "corelr": "D", "compressed": "^"}[row["kind"]]
         ax.errorbar(row["added_per_task"], statistics.fmean(means), yerr=std, fmt=marker, capsize=3)
         ax.annotate(key, (row["added_per_task"], statistics.fmean(means)), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)

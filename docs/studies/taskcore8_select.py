@@ -1,12 +1,14 @@
 """Choices of the eight-task study (docs/studies/taskcore8.sh) made on the dev split only, never on test.
 
     python docs/studies/taskcore8_select.py OUT                    # -> OUT/tasks.txt, OUT/selection.json
-    python docs/studies/taskcore8_select.py OUT --vera-lr 2e-2 ... # -> OUT/vera-lr.txt, OUT/vera-lr.json
+    python docs/studies/taskcore8_select.py OUT --vera-lr 6e-2 ... # -> OUT/vera-lr.txt, OUT/vera-lr.json
+    python docs/studies/taskcore8_select.py OUT --core-lr 6e-3 2e-2 ... # -> OUT/core-lr.txt, OUT/core-lr.json
 
 Tasks: the candidates of taskcore8.sh in its fixed order; a candidate is "learned" when its seed-0
 separate LoRA reaches a dev accuracy at least ``MARGIN`` (5 points) above the majority-class share of
 the dev rows it is scored on (the first 200); the study takes the first ``N_TASKS`` (8) learned ones.
-VeRA: the LR of the grid with the highest mean dev accuracy over the study's tasks (seed 0).
+VeRA: the LR of the grid with the highest mean dev accuracy over the study's tasks (seed 0). Task cores: the
+lr of the core-only stages with the highest mean dev accuracy over the tasks after the basis (seed 0).
 """
 
 from __future__ import annotations
@@ -69,9 +71,27 @@ def select_vera_lr(out: Path, lrs: list[str]) -> None:
     atomic_write(out / "vera-lr.txt", best + "\n")
 
 
+def select_core_lr(out: Path, base_lr: str, lrs: list[str]) -> None:
+    """The lr of the core-only stages: the highest mean dev accuracy over tasks 2-8 (seed 0). ``base_lr``: the
+    matrix row's own run (every stage at that lr); the others: tasks 2-8 on its frozen basis (``--basis-from``)."""
+    tasks = (out / "tasks.txt").read_text().split()[1:]
+    runs = {base_lr: out / "core-matrix-basis1" / "s0"} | {lr: out / "core-matrix-basis1-corelr" / f"lr{lr}" / "s0"
+                                                             for lr in lrs}
+    means = {}
+    for lr, d in runs.items():
+        res = json.loads((d / "results.json").read_text())
+        means[lr] = sum(res["tasks"][t]["dev"]["accuracy"] for t in tasks) / len(tasks)
+        print(f"core-only stages at lr {lr}: mean dev over tasks 2-{len(tasks) + 1} {100 * means[lr]:.1f}")
+    best = max(means, key=lambda lr: means[lr])
+    atomic_write(out / "core-lr.json", json.dumps({"mean_dev_tasks_after_the_basis": means, "chosen": best}, indent=1) + "\n")
+    atomic_write(out / "core-lr.txt", best + "\n")
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     if len(sys.argv) > 2 and sys.argv[2] == "--vera-lr":
         select_vera_lr(root, sys.argv[3:])
+    elif len(sys.argv) > 3 and sys.argv[2] == "--core-lr":
+        select_core_lr(root, sys.argv[3], sys.argv[4:])
     else:
         select_tasks(root)
