@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 from generation_tiny import VOCAB, tiny_tokenizer
@@ -283,3 +284,27 @@ class watchdog:
 
     def __exit__(self, *exc):
         faulthandler.cancel_dump_traceback_later()
+
+
+# --- the fixtures the serve test modules share: import them by name (pytest finds fixtures in a module's globals)
+@pytest.fixture(scope="module", autouse=True)
+def serve_one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def serve_bounded():
+    with watchdog(240):
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model and adapter directories of every kind (``build_files``), once per module."""
+    return build_files(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def offline(files):
+    return Offline(files)

@@ -11,34 +11,12 @@ import openai
 import pytest
 import torch
 
-from serve_tiny import LiveServer, Offline, build_files, load_served, one_thread, slow, watchdog
+from serve_tiny import files, LiveServer, load_served, Offline, offline, serve_bounded, serve_one_thread, slow  # noqa: F401 (fixtures)
 
 from sharelora.serve.settings import Settings
 
 TOL = 1e-4
 PROMPTS = ["the restaurant is", "name : blue spice , food : italian", "translate to french : hello world"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    with watchdog(240):
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return build_files(tmp_path_factory.mktemp("serve-api"))
-
-
-@pytest.fixture(scope="module")
-def offline(files):
-    return Offline(files)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 
-from serve_tiny import LiveServer, Offline, build_files, one_thread, watchdog
+from serve_tiny import files, LiveServer, Offline, offline, serve_bounded, serve_one_thread  # noqa: F401 (fixtures)
 
 from sharelora.serve.model import ServedModel
 from sharelora.serve.settings import Settings
@@ -20,28 +20,6 @@ from sharelora.serve.settings import Settings
 ADAPTERS = ["sql", "chat", "solo", "peft"]
 PROMPTS = ["the restaurant is", "name : blue spice , food : italian", "translate to french : hello world",
            "what is 2 and 2 ?", "a pub near the riverside", "summarize the following"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    with watchdog(240):
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return build_files(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def offline(files):
-    return Offline(files)
 
 
 def load_served(files) -> ServedModel:

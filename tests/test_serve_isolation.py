@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from serve_tiny import LiveServer, Offline, build_files, one_thread, watchdog
+from serve_tiny import files, LiveServer, offline, serve_bounded, serve_one_thread  # noqa: F401 (fixtures)
 
 from sharelora.serve.errors import BadRequest
 from sharelora.serve.model import ServedModel
@@ -28,28 +28,6 @@ from sharelora.serve.settings import Settings
 
 BODY_LIMIT = 64 * 1024
 PROMPT_CHARS = 4000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    with watchdog(240):
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return build_files(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def offline(files):
-    return Offline(files)
 
 
 def load_served(files) -> ServedModel:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from serve_tiny import Offline, build_files, one_thread, watchdog
+from serve_tiny import files, offline, one_thread, watchdog  # noqa: F401 (fixtures)
 
 from sharelora.serve.errors import BadRequest
 from sharelora.serve.model import ServedModel
@@ -23,16 +23,6 @@ ADAPTERS = ["sql", "chat", "solo", "peft", None]  # None: the base model
 def _bounded():
     with watchdog(240), one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return build_files(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def offline(files):
-    return Offline(files)
 
 
 def load_served(files) -> ServedModel:
