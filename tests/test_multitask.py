@@ -448,6 +448,71 @@ def test_continual_task_cores_grow_the_basis_and_record_each_tasks_fit(inputs, t
     assert p["added_per_task"] == p["per_task"]["again"]["own"]
 
 
+def optimizer_rates(monkeypatch):
+    """Per stage: {trainable parameter name: its group's peak lr (base_lr)} of the stage's optimizer."""
+    taken = []
+    original = MultiTaskRun.begin_stage
+
+    def begin_stage(self, stage):
+        original(self, stage)
+        rate = {id(p): g["base_lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        taken.append({n: rate[id(p)] for n, p in self.core.named_parameters() if p.requires_grad})
+
+    monkeypatch.setattr(MultiTaskRun, "begin_stage", begin_stage)
+    return taken
+
+
+def test_core_lr_and_head_lr_set_the_rates_of_the_stages_after_the_basis(inputs, tmp_path, monkeypatch):
+    rates = optimizer_rates(monkeypatch)
+    cores = dict(continual=True, task_share="AB", task_core="matrix", lr=1e-2)
+    results = run(inputs, tmp_path / "r", core_lr=5e-2, head_lr=3e-2, **cores)
+    basis, later = rates
+    assert any(n.startswith("sharelora_bank.@") for n in basis) and set(basis.values()) == {1e-2}  # the basis: --lr
+    heads = {n for n in later if ".modules_to_save." in n}
+    assert heads and {later[n] for n in heads} == {3e-2}
+    assert {later[n] for n in later if n not in heads} == {5e-2} and all("lora_C" in n for n in later if n not in heads)
+    # the log's lr follows the schedule of each stage's adapter rate: peak 1e-2 in stage 1, 5e-2 after
+    peak = {}
+    for r in records(tmp_path / "r", ("train",)):
+        peak[r["stage"]] = max(peak.get(r["stage"], 0.0), r["lr"])
+    assert peak[0] <= 1e-2 and 1e-2 < peak[1] <= 5e-2
+    assert results["config"]["core_lr"] == 5e-2 and results["config"]["head_lr"] == 3e-2
+    # head_lr defaults to core_lr; without either every stage keeps --lr (one group rate, as before)
+    rates.clear()
+    run(inputs, tmp_path / "d", core_lr=5e-2, **cores)
+    assert set(rates[1].values()) == {5e-2}
+    rates.clear()
+    run(inputs, tmp_path / "n", **cores)
+    assert set(rates[0].values()) == set(rates[1].values()) == {1e-2}
+
+
+def test_core_lr_0_trains_the_later_heads_alone_on_zero_cores(inputs, tmp_path, monkeypatch):
+    """The head-only check: the later task's cores stay 0 (its adapter computes the base model), its head learns."""
+    model_dir, tasks = inputs
+    taken, starts = snapshots(monkeypatch), stage_starts(monkeypatch)
+    rates = optimizer_rates(monkeypatch)
+    results = run(inputs, tmp_path / "h", continual=True, task_share="AB", task_core="matrix", core_lr=0, head_lr=2e-2)
+    assert all(".modules_to_save.kind." in n for n in rates[1]) and set(rates[1].values()) == {2e-2}
+    own = [k for k in taken[1] if k.startswith("kind/")]
+    cores = [k for k in own if "lora_C" in k]
+    assert cores and all(taken[1][k].abs().sum() == 0 for k in cores)
+    assert any(not torch.equal(taken[1][k], starts[1][k]) for k in own if k not in cores)  # the head moved
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(core_lr=1e-2), "needs --continual"),
+    (dict(head_lr=1e-2, continual=True, continual_train_shared=True), "no --continual-train-shared"),
+    (dict(core_lr=0, continual=True), "give the head's lr with --head-lr"),
+    (dict(core_lr=-1.0, continual=True), "core_lr must be a number >= 0"),
+    (dict(head_lr=0.0, continual=True), "head_lr must be a number > 0"),
+    (dict(core_lr=1e-2, continual=True, one_adapter=True), "per-task layout"),
+])
+def test_bad_core_and_head_lr_name_the_fix(inputs, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        config(inputs, tmp_path / "x", **kw).resolved()
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(task_share="AB"), "--task-core matrix"),
     (dict(task_core="matrix"), "needs --task-share AB"),

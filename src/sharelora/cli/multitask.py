@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with task cores and --continual: every task after the basis stage adds G new directions "
                         "to the shared A and B (trained by it alone, read by the later tasks; the earlier tasks "
                         "stay bit-identical); results.json records each task's basis fit (default: 0)")
+    p.add_argument("--core-lr", type=float, default=argparse.SUPPRESS, metavar="LR",
+                   help="with --continual: the peak lr of the stages that train only each task's own tensors (its "
+                        "cores) and head, i.e. every stage after the basis (every stage with --basis-from); the "
+                        "basis stage keeps --lr. 0: those tensors stay at their start and the head alone trains "
+                        "(a head-only check; needs --head-lr) (default: --lr)")
+    p.add_argument("--head-lr", type=positive_float, default=argparse.SUPPRESS, metavar="LR",
+                   help="with --continual: the peak lr of each task's head in the stages after the basis "
+                        "(default: their --core-lr)")
     p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
@@ -68,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_control_arguments(p)
 
 
-MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "grow_basis", "continual", "continual_train_shared", "one_adapter", "heads",
-                    "router_top_k", "sampling_temperature", "task_dataset_options")
+MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "grow_basis", "core_lr", "head_lr",
+                    "continual", "continual_train_shared", "one_adapter", "heads", "router_top_k",
+                    "sampling_temperature", "task_dataset_options")
 
 
 def config_from_multitask_args(args: argparse.Namespace):

@@ -135,15 +135,31 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
     return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and LayerNorm weights (1-d) get no weight decay."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   lr_of: Callable[[str], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and LayerNorm weights (1-d) get no weight decay.
+
+    ``lr_of(name)``: a parameter's own peak learning rate (default ``lr`` for all). Each group keeps its
+    peak as ``base_lr``; the schedule scales every group's by the same factor (``set_lr``). One rate
+    gives the two groups (decay, no decay) in that order, as checkpoints of a single rate hold them.
+    """
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; check --method and --targets")
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    rates: dict[float, list[list[nn.Parameter]]] = {}
+    for name, p in params.items():
+        rate = lr if lr_of is None else float(lr_of(name))
+        rates.setdefault(rate, [[], []])[0 if p.ndim >= 2 else 1].append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if kind == 0 else 0.0, "base_lr": rate}
+              for rate, both in rates.items() for kind, ps in enumerate(both)]
     return adamw(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float, default: float) -> None:
+    """Every group's learning rate at ``factor`` (the schedule, ``lr_at(step, 1.0, ...)``) of its peak
+    (``base_lr``; ``default`` for a group restored from a checkpoint written before groups had one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = factor * group.get("base_lr", default)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, clip: Callable[[], torch.Tensor] | None = None) -> float | None:
@@ -266,8 +282,7 @@ def fit(model: nn.Module, batch_loss: Callable[[list[int]], torch.Tensor], step_
     for step in range(steps):
         epoch, b = divmod(step, stage.steps_per_epoch)
         indices = stage.order(epoch)[b * batch_size : (b + 1) * batch_size]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, stage.warmup_steps, steps)
+        set_lr(optimizer, lr_at(step, 1.0, stage.warmup_steps, steps), lr)
         loss = batch_loss(indices) / step_weight(indices)
         loss.backward()
         optimizer_step(optimizer, lambda: torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -411,10 +426,19 @@ class Run:
         """``start_stage``, then the model wrapped anew (DDP syncs what is trainable when it is built) and a
         fresh optimizer over what the stage trains."""
         self.start_stage(stage)
-        self.model, self.optimizer = wrap(self.acc, self.core, lambda m: make_optimizer(m, self.cfg.lr,
-                                                                                          self.cfg.weight_decay),
+        self.model, self.optimizer = wrap(self.acc, self.core,
+                                          lambda m: make_optimizer(m, self.stage_lr(stage), self.cfg.weight_decay,
+                                                                   lambda name: self.param_lr(stage, name)),
                                           fsdp=self.cfg.fsdp, unused=self.find_unused_parameters)
         self.params = list(trainable_parameters(self.core).values())  # after wrapping: FSDP's shards
+
+    def stage_lr(self, stage: Stage) -> float:
+        """The peak learning rate of ``stage``'s adapter tensors (what the log's ``lr`` follows)."""
+        return self.cfg.lr
+
+    def param_lr(self, stage: Stage, name: str) -> float:
+        """The peak learning rate of trainable parameter ``name`` in ``stage`` (default: the stage's)."""
+        return self.stage_lr(stage)
 
     def load_checkpoint(self) -> None:
         """Continue from ``state/checkpoint.safetensors``: its stage, weights, optimizer, generators and log."""
@@ -478,8 +502,9 @@ class Run:
         window_start, window_rows = time.perf_counter(), 0
         while state["stage_step"] < stage.total_steps:
             indices = self.step_rows(stage, state["stage_step"])
-            lr = lr_at(state["stage_step"], cfg.lr, stage.warmup_steps, stage.total_steps)
-            loss, grad_norm = self.train_step(stage, indices, lr)
+            factor = lr_at(state["stage_step"], 1.0, stage.warmup_steps, stage.total_steps)
+            lr = factor * self.stage_lr(stage)  # what the log shows: the schedule of the stage's adapter rate
+            loss, grad_norm = self.train_step(stage, indices, factor)
             state["stage_step"] += 1
             state["step"] += 1
             window_rows += len(indices)
@@ -513,10 +538,10 @@ class Run:
             self._order = (key, stage.order(epoch))
         return self._order[1][b * self.cfg.batch_size : (b + 1) * self.cfg.batch_size]
 
-    def train_step(self, stage: Stage, indices: list[int], lr: float) -> tuple[float, float]:
-        """One optimizer step over rows ``indices``: (the step's mean loss over every process, grad norm)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def train_step(self, stage: Stage, indices: list[int], factor: float) -> tuple[float, float]:
+        """One optimizer step over rows ``indices`` with every group's rate at ``factor`` of its peak: (the
+        step's mean loss over every process, grad norm)."""
+        set_lr(self.optimizer, factor, self.stage_lr(stage))
         weight = self.step_weight(stage, indices)
         # Every process runs as many micro-batches as the one with the largest share (rank 0), so that
         # each joins every collective of the step; the last one syncs the gradients.

@@ -106,11 +106,18 @@ class MultiTaskConfig(TrainConfig):
     basis_from: str | None = None  # an adapter directory whose task-shared tensors every stage reads, frozen
     continual_train_shared: bool = False
     grow_basis: int = 0  # task cores, continual: every task after the basis stage adds G directions to the basis
+    # The stages that do not train the basis (continual, after the basis stage; every stage with basis_from): the
+    # peak lr of each task's own adapter tensors (its cores) and of its head. None: lr. core_lr 0: the own
+    # tensors stay at their start (zero cores: the base model), so the head alone learns (a head-only check).
+    core_lr: float | None = None
+    head_lr: float | None = None
     one_adapter: bool = False
     heads: int = 1  # K > 1: HydraLoRA (K routed B heads; the one-adapter layout)
     router_top_k: int | None = None
     sampling_temperature: float = 1.0
     task_dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    ADDED_LATER = {**TrainConfig.ADDED_LATER, "grow_basis": 0, "core_lr": None, "head_lr": None}
 
     @property
     def hydra(self) -> bool:
@@ -213,6 +220,21 @@ class MultiTaskConfig(TrainConfig):
                              f"{self.sampling_temperature!r}")
         if self.continual_train_shared and not self.continual:
             raise ValueError("continual_train_shared applies to --continual runs only")
+        for key, low in (("core_lr", 0.0), ("head_lr", None)):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value >= low if low is not None else value > 0) or value != value or value == float("inf"):
+                raise ValueError(f"{key} must be a number {'>= 0' if low is not None else '> 0'}, got {value!r} "
+                                 f"(e.g. {key}=6e-2)")
+            if key == "core_lr" and value == 0 and self.head_lr is None:
+                raise ValueError("--core-lr 0 keeps each later task's own tensors at their start, so only its head "
+                                 "trains: give the head's lr with --head-lr (e.g. --head-lr 6e-3)")
+            if not self.continual or self.continual_train_shared or self.layout != "per-task":
+                raise ValueError(f"--{key.replace('_', '-')} sets the lr of the stages that train only each task's own "
+                                 "tensors and head: it needs --continual with the per-task layout and no "
+                                 "--continual-train-shared")
         if self.task not in ("auto", "classification"):
             raise ValueError(f"multitask trains classification tasks; task {self.task!r} does not apply")
         unknown = sorted(set(self.task_dataset_options) - set(self.task_datasets()))
@@ -486,15 +508,36 @@ class MultiTaskRun(Run):
         return [n for stage in self.stages[: k + 1] for n in stage.tasks]
 
     # --- stages --------------------------------------------------------------------------------------------
+    def trains_shared(self, stage: Stage) -> bool:
+        """Whether ``stage`` trains the task-shared tensors: stage 1 (the basis) unless they are given, every stage
+        with ``continual_train_shared`` or one adapter for all tasks."""
+        return ((stage.index == 0 and self.cfg.basis_from is None) or self.cfg.continual_train_shared
+                or self.cfg.layout == "one-adapter")
+
+    def stage_lr(self, stage: Stage) -> float:
+        cfg = self.cfg
+        return cfg.lr if cfg.core_lr is None or self.trains_shared(stage) else cfg.core_lr
+
+    def param_lr(self, stage: Stage, name: str) -> float:
+        """A stage that trains only its tasks' own tensors: heads at ``head_lr`` (default: the stage's rate,
+        ``core_lr``), the rest at ``core_lr``."""
+        cfg = self.cfg
+        if cfg.head_lr is not None and not self.trains_shared(stage) and ".modules_to_save." in name:
+            return cfg.head_lr
+        return self.stage_lr(stage)
+
     def start_stage(self, stage: Stage) -> None:
         """Stage k's tensors trainable (and no others): its tasks' own ones; the shared ones in stage 1 only
-        (unless ``continual_train_shared``)."""
-        shared = ((stage.index == 0 and self.cfg.basis_from is None) or self.cfg.continual_train_shared
-                  or self.cfg.layout == "one-adapter")
+        (unless ``continual_train_shared``). ``core_lr`` 0: the stage's own adapter tensors stay frozen."""
+        shared = self.trains_shared(stage)
         self.core.set_adapter(self.adapters(stage.tasks), train_shared=shared)
         self._own: dict[str, list[torch.nn.Parameter]] | None = None
         if self.cfg.task_core != "none" and self.cfg.continual and not shared:
             self.measure_fit(stage)
+        if self.cfg.core_lr == 0 and not shared:  # a head-only check: the own tensors keep their start
+            for name, p in self.core.named_parameters():
+                if p.requires_grad and ".modules_to_save." not in name:
+                    p.requires_grad_(False)
 
     def measure_fit(self, stage: Stage, batches: int = 4) -> None:
         """How well the stage's task fits the basis it finds (before it trains; before its own growth):
