@@ -1,4 +1,9 @@
-"""How well a task fits its group's basis (task cores): the share of its gradient a core can follow.
+"""A task-core group's basis: how well a task fits it (``basis_fit``) and conditioning it (``orthonormalize_basis``).
+
+The second, at the end of this module: a reparametrization of a trained basis into orthogonal directions of
+equal length that leaves every adapter's function as it was (each core absorbs the factors).
+
+``basis_fit``: the share of a task's gradient a core can follow.
 
 A task-core adapter changes an adapted module's weight only by ``s B C A``: within the column span
 of the basis B (d_out x k) and the row span of A (k x d_in). ``basis_fit`` measures how much of the
@@ -107,3 +112,94 @@ def basis_fit(model, adapter_name: str, loss_fn: Callable[[], torch.Tensor],
         "modules": {m: captured[m] / total[m] if total[m] > 0 else None for m in total},
         "gradient_norm": everything ** 0.5,
     }
+
+
+# --- orthonormalizing a trained basis ------------------------------------------------------------------------
+def _qr(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M = Q R (reduced, float64) with R's diagonal >= 0, so the factors do not depend on the LAPACK build's signs."""
+    Q, R = torch.linalg.qr(M, mode="reduced")
+    s = torch.sign(torch.diagonal(R))
+    s[s == 0] = 1.0
+    return Q * s, R * s.unsqueeze(1)
+
+
+@torch.no_grad()
+def orthonormalize_basis(model, task_group: str = "default") -> dict:
+    """Reparametrize task group ``task_group``'s basis to orthogonal directions of equal length, every
+    adapter's function unchanged.
+
+    Each shared A (k x d_in, read by the group's targets of one share key) is written A = L Q_A (LQ, from
+    the QR of A^T; Q_A k x d_in with orthonormal rows, L lower triangular) and replaced by A' = c_A Q_A;
+    each B (d_out x k) is written B = Q_B R_B (QR) and replaced by B' = c_B Q_B, with c = ||.||_F / sqrt(k)
+    (every direction gets the tensor's RMS magnitude, so a core lr tuned before stays in range). Every
+    matrix core C (k x k) of every loaded adapter of the group absorbs the factors of the B and the A its
+    target reads,
+
+        C' = (R_B / c_B) C (L / c_A),   so   s B' C' A' = s B C A   for every adapter and target.
+
+    Signs are fixed (R's and L's diagonal >= 0). Computed in float64, written in each tensor's dtype.
+    A grown basis (``grow_basis``) keeps its growth blocks as they are: only the original r directions
+    are orthonormalized, and a core of width r + G absorbs the factors in its leading r rows / columns.
+
+    Adapters of the group that are not loaded (saved elsewhere) keep cores for the old basis: load every
+    task of the group first. An optimizer's moments of the changed tensors no longer fit them (call it
+    between training runs, e.g. after the basis is trained). Returns {"task_group", "adapters", "A",
+    "B", "cores", "conditioning": {"before", "after"}} (the largest sigma_1 / sigma_k of a B).
+    Refused for diagonal cores (a diagonal cannot absorb a triangular factor), for a group without
+    cores and for an untrained basis (a B == 0).
+    """
+    members = [n for n, c in model.sharelora_configs.items() if c.task_group == task_group and c.task_core != "none"]
+    if not members:
+        groups = sorted({c.task_group for c in model.sharelora_configs.values() if c.task_core != "none"})
+        raise ShareLoraError(f"task group {task_group!r} has no task-core adapter (task_share='AB', task_core="
+                             f"'matrix'); groups with task cores: {groups}")
+    diagonal = [n for n in members if model.sharelora_configs[n].task_core != "matrix"]
+    if diagonal:
+        raise ShareLoraError(f"adapters {diagonal} of task group {task_group!r} have diagonal cores, which cannot "
+                             "absorb the basis's triangular factors; orthonormalize a task_core='matrix' group")
+    bank = model.sharelora_bank
+    plans = [model.plans[n] for n in members]
+    a_keys = sorted({t.a_key for p in plans for t in p.targets})
+    b_keys = sorted({t.b_key for p in plans for t in p.targets})
+    untrained = [k for k in b_keys + a_keys if bank[bank_name(k)].count_nonzero() == 0]
+    if untrained:
+        raise ShareLoraError(f"task group {task_group!r} has an untrained basis (a zero tensor, B == 0: {untrained[0]}): there "
+                             "are no directions to orthonormalize; train the basis first (its owner's stage)")
+    k = bank[bank_name(a_keys[0])].shape[0]
+    if any(bank[bank_name(a)].shape[1] < k for a in a_keys) or any(bank[bank_name(b)].shape[0] < k for b in b_keys):
+        raise ShareLoraError(f"task group {task_group!r}: rank {k} exceeds a module's d_in or d_out, so its basis "
+                             "cannot have k orthonormal directions; use a smaller rank")
+    left: dict[str, torch.Tensor] = {}  # A key -> L / c_A (k x k)
+    right: dict[str, torch.Tensor] = {}  # B key -> R_B / c_B (k x k)
+    cond_before, cond_after = [], []
+    for key in a_keys:
+        A = bank[bank_name(key)]
+        Q, R = _qr(A.double().t())  # A^T = Q R  ->  A = R^T Q^T = L Q_A
+        c = float(A.double().norm()) / k ** 0.5
+        left[key] = R.t() / c
+        A.copy_((c * Q.t()).to(A.dtype))
+    for key in b_keys:
+        B = bank[bank_name(key)]
+        cond_before.append(_condition(B))
+        Q, R = _qr(B.double())
+        c = float(B.double().norm()) / k ** 0.5
+        right[key] = R / c
+        B.copy_((c * Q).to(B.dtype))
+        cond_after.append(_condition(B))
+    cores = 0
+    for plan in plans:
+        for t in plan.targets:
+            C = bank[bank_name(t.c_key)]
+            M = C.detach().to(torch.float64, copy=True)
+            M[:k, :] = right[t.b_key] @ M[:k, :]  # growth blocks beyond the first k directions stay as they are
+            M[:, :k] = M[:, :k] @ left[t.a_key]
+            C.copy_(M.to(C.dtype))
+            cores += 1
+    return {"task_group": task_group, "adapters": members, "A": len(a_keys), "B": len(b_keys), "cores": cores,
+            "conditioning": {"before": max(cond_before), "after": max(cond_after)}}
+
+
+def _condition(M: torch.Tensor) -> float:
+    """sigma_1 / sigma_k of M (inf when M is rank deficient)."""
+    S = torch.linalg.svdvals(M.double())
+    return float(S[0] / S[-1]) if S[-1] > 0 else float("inf")

@@ -305,6 +305,16 @@ class ShareLoraModel(nn.Module):
         """
         return self._basis_owner.get(task_group)
 
+    def orthonormalize_basis(self, group: str = "default") -> dict:
+        """Make task group ``group``'s trained basis orthonormal (equal-length directions), every adapter's
+        outputs unchanged: A = L Q_A -> c_A Q_A, B = Q_B R_B -> c_B Q_B, each matrix core C -> (R_B / c_B) C
+        (L / c_A). See ``basis.orthonormalize_basis`` (what is refused, what it returns)."""
+        from .basis import orthonormalize_basis
+
+        if any(layer.merged for _, layer in self.sharelora_layers()):  # unmerge would subtract a recomputed delta
+            raise ShareLoraError("the model has merged adapters; call unmerge() before orthonormalize_basis")
+        return orthonormalize_basis(self, group)
+
     def _trains_shared(self, name: str, active: list[str]) -> bool:
         if self._train_shared is not None:
             return self._train_shared
