@@ -203,3 +203,18 @@ def test_basis_fit_is_the_share_of_the_gradient_the_basis_spans():
     randomize(full, "t0", seed=5, basis=True)
     every = basis_fit(full, "t1", lambda: full(**inputs).logits.square().mean())
     assert every["fit"] == pytest.approx(1.0, abs=1e-9) and every["chance"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_orthonormalize_basis_keeps_the_growth_blocks_and_every_adapter_unchanged(arch):
+    """Only the original r directions are orthonormalized; a wider core absorbs the factors in its leading r
+    rows and columns, so the tasks that read growth blocks compute what they did."""
+    model = grown(arch)
+    inputs = example_input(arch, batch=3)
+    before = {n: alone(model, arch, n, inputs) for n in ("t0", "t1", "t2")}
+    blocks = {k: model.sharelora_bank[bank_name(k)].detach().clone() for k in model.plans["t1"].grown_tensors()}
+    report = model.orthonormalize_basis()
+    assert report["adapters"] == ["t0", "t1", "t2"] and report["conditioning"]["after"] == pytest.approx(1.0, abs=1e-5)
+    for n, want in before.items():
+        torch.testing.assert_close(alone(model, arch, n, inputs), want, **TOL)
+    assert all(torch.equal(model.sharelora_bank[bank_name(k)], v) for k, v in blocks.items())

@@ -617,3 +617,80 @@ def test_a_single_default_core_adapter_saves_in_the_single_adapter_format(tmp_pa
     inputs = example_input("llama")
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+
+
+# --- orthonormalizing a trained basis ----------------------------------------------------------------------------
+def ill_conditioned(model, group_name="default"):
+    """Scale every shared B's columns (and A's rows) by 1.6 ... 0.03, as a trained basis's spectrum falls."""
+    scale = torch.tensor([1.6, 0.4, 0.16, 0.03])
+    with torch.no_grad():
+        for key, spec in model.plans[model.adapter_names[0]].basis_tensors().items():
+            p = model.sharelora_bank[bank_name(key)]
+            p.mul_(scale if spec.role == "B" else scale.flip(0).unsqueeze(1) * 5)
+    return model
+
+
+def basis_state(model):
+    return {k: t.detach().clone() for k, t in model.multi_adapter_state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("share", ["A", "AB"])
+def test_orthonormalize_basis_conditions_it_and_leaves_every_adapter_unchanged(arch, share, tmp_path):
+    model = ill_conditioned(group(arch, share=share))
+    inputs = example_input(arch, batch=3)
+    names = ["t0", "t1", "t2"]
+    before = {n: alone(model, arch, n, inputs) for n in names}
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=["t2", "t0", "t1"]).logits
+    old = basis_state(model)
+    report = model.orthonormalize_basis(group="default")
+    new = basis_state(model)
+    assert report["adapters"] == names and report["cores"] == 3 * len(model.plans["t0"].targets)
+    assert report["conditioning"]["before"] > 40 and report["conditioning"]["after"] == pytest.approx(1.0, abs=1e-5)
+    for n in names:
+        torch.testing.assert_close(alone(model, arch, n, inputs), before[n], **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, adapter_names=["t2", "t0", "t1"]).logits, mixed, **TOL)
+    shared = [k for k in old if k.startswith("@")]
+    assert len(shared) == report["A"] + report["B"] and (share == "AB" or report["B"] == L * 2)
+    for key in shared:
+        was, now = old[key].double(), new[key].double()
+        k = now.shape[0] if key.endswith("lora_A") else now.shape[1]
+        gram = now @ now.T if key.endswith("lora_A") else now.T @ now  # A's rows, B's columns
+        c2 = was.square().sum() / k  # each direction gets the tensor's mean square: c = ||.||_F / sqrt(k)
+        torch.testing.assert_close(gram, c2 * torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-5 * float(c2))
+        overlap = (now @ was.T) if key.endswith("lora_A") else (now.T @ was)  # c L^T / c R: signs fixed, diagonal > 0
+        assert (torch.diagonal(overlap) > 0).all()
+    cores = [k for k in old if "lora_C" in k]
+    assert cores and all(not torch.equal(old[k], new[k]) for k in cores)  # every core absorbed its factors
+    # save / load stay exact, and the PEFT export computes the same
+    model.save_pretrained(tmp_path / "m")
+    again = ShareLoraModel.from_pretrained(BUILD[arch](), tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(again(**inputs, adapter_names=["t2", "t0", "t1"]).logits,
+                           model(**inputs, adapter_names=["t2", "t0", "t1"]).logits)
+    from peft import PeftModel
+
+    model.export_peft(tmp_path / "t1", adapter_name="t1")
+    peft_model = PeftModel.from_pretrained(BUILD[arch](), tmp_path / "t1").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, before["t1"], **TOL)
+
+
+def test_orthonormalize_basis_refuses_what_it_cannot_reparametrize():
+    with pytest.raises(ShareLoraError, match="diagonal cores.*task_core='matrix'"):
+        group("bert", "diagonal").orthonormalize_basis()
+    fresh = get_sharelora_model(tiny_bert(), cfg("bert"), adapter_name="t0")  # basis_init lora: B = 0
+    with pytest.raises(ShareLoraError, match="untrained basis.*train the basis first"):
+        fresh.orthonormalize_basis()
+    with pytest.raises(ShareLoraError, match="no task-core adapter.*groups with task cores: \\['default'\\]"):
+        group("bert").orthonormalize_basis(group="other")
+    merged = group("bert")
+    merged.set_adapter("t1")
+    merged.merge()
+    with pytest.raises(ShareLoraError, match="call unmerge"):
+        merged.orthonormalize_basis()
+    plain = get_sharelora_model(tiny_bert(), ShareLoraConfig(target_modules=["query"], rank=R))
+    with pytest.raises(ShareLoraError, match="no task-core adapter"):
+        plain.orthonormalize_basis()
