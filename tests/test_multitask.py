@@ -522,6 +522,12 @@ def test_bad_core_and_head_lr_name_the_fix(inputs, tmp_path, kw, message):
     (dict(basis_tasks=2), "add --continual"),
     (dict(basis_tasks=3, continual=True), "from 1 to the number of tasks"),
     (dict(method="lora", one_adapter=True, task_share="AB", task_core="matrix"), "drop --one-adapter"),
+    (dict(task_share="AB", task_core="matrix", orthonormalize_basis=True), "--orthonormalize-basis.*--continual"),
+    (dict(task_share="AB", task_core="diagonal", continual=True, orthonormalize_basis=True), "--task-core matrix"),
+    (dict(continual=True, orthonormalize_basis=True), "--task-share AB --task-core matrix"),
+    (dict(task_share="AB", task_core="matrix", continual=True, continual_train_shared=True,
+          orthonormalize_basis=True), "without --continual-train-shared"),
+    (dict(task_share="AB", task_core="matrix", continual=True, fsdp=True, orthonormalize_basis=True), "drop --fsdp"),
 ])
 def test_bad_task_core_settings_name_the_fix(inputs, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -550,3 +556,56 @@ def test_basis_from_another_run_is_read_frozen_and_every_task_trains_only_its_co
         run(inputs, tmp_path / "bad", continual=True, basis_from=str(tmp_path / "sharea"), **cores)
     with pytest.raises(ValueError, match="drop --basis-tasks"):
         config(inputs, tmp_path / "x", continual=True, basis_tasks=2, basis_from="d", **cores).resolved()
+
+
+def orthonormal(t, role):
+    """Whether a basis tensor's directions (A's rows, B's columns) are orthogonal with equal length ||t||_F^2 / k."""
+    t = t.double()
+    gram = t @ t.T if role == "A" else t.T @ t
+    c2 = t.square().sum() / gram.shape[0]
+    return torch.allclose(gram, c2 * torch.eye(gram.shape[0], dtype=torch.float64), rtol=0, atol=1e-5 * float(c2))
+
+
+def test_orthonormalize_basis_after_the_basis_stage_forgets_nothing_and_resumes_bit_identically(inputs, tmp_path,
+                                                                                                monkeypatch):
+    extra = dict(continual=True, task_share="AB", task_core="matrix", orthonormalize_basis=True)
+    taken = snapshots(monkeypatch)
+    full = run(inputs, tmp_path / "a", **extra)
+    basis = [k for k in taken[0] if k.startswith("@")]
+    # scored after stage 1 on the orthonormalized basis (the snapshot is what score_stage sees)
+    assert basis and all(orthonormal(taken[0][k], "A" if k.endswith("lora_A") else "B") for k in basis)
+    record = full["stages"][0]["orthonormalized_basis"]
+    assert full["orthonormalized_basis"] == record and record["adapters"] == ["sent", "kind"]
+    assert record["B"] == len([k for k in basis if k.endswith("lora_B")]) and record["conditioning"]["before"] > 1.0
+    assert "orthonormalized_basis" not in full["stages"][1] and "-ortho" in full["name"]
+    before, after = task_tensors(taken[0], "sent"), task_tensors(taken[1], "sent")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # task 1, basis included, bit for bit
+    first, last = full["stages"]
+    assert last["dev"]["sent"] == first["dev"]["sent"] and last["test"]["sent"] == first["test"]["sent"]
+    assert full["forgetting"]["per_task"]["sent"] == 0.0
+    saved = tensors(tmp_path / "a")
+    assert all(torch.equal(saved[k], taken[0][k]) for k in basis)
+    # kill -9 inside stage 2, then resume: the stage-1 weights it restores are the orthonormalized ones
+    values = dataclasses.asdict(config(inputs, tmp_path / "b", **extra))
+    script = ("import json, os, signal, sys\n"
+              "from sharelora.training.multitask import MultiTaskConfig, train_multitask\n"
+              "cfg = MultiTaskConfig(**json.loads(sys.argv[1]))\n"
+              "train_multitask(cfg, progress=False, on_step=lambda s: s == 9 and os.kill(os.getpid(), signal.SIGKILL))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(values)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    resumed = run(inputs, tmp_path / "b", resume=True, **extra)
+    assert resumed["resumed"] == 1 and resumed["stages"] == full["stages"]
+    assert resumed["forgetting"] == full["forgetting"]
+    b = tensors(tmp_path / "b")
+    assert saved.keys() == b.keys() and all(torch.equal(saved[k], b[k]) for k in saved)
+    # basis_from: the given basis is orthonormalized as it is loaded, before any stage trains on it
+    plain = run(inputs, tmp_path / "plain", epochs=1, **{**extra, "orthonormalize_basis": False})
+    assert plain["orthonormalized_basis"] is None
+    trained = tensors(tmp_path / "plain")
+    assert not all(orthonormal(trained[k], "B") for k in basis if k.endswith("lora_B"))
+    taken.clear()
+    again = run(inputs, tmp_path / "given", basis_from=str(tmp_path / "plain"), epochs=1, seed=4, **extra)
+    assert again["orthonormalized_basis"]["cores"] > 0
+    assert all(orthonormal(state[k], "A" if k.endswith("lora_A") else "B") for state in taken for k in basis)
+    assert again["forgetting"]["per_task"]["sent"] == 0.0

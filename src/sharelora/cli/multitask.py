@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-lr", type=positive_float, default=argparse.SUPPRESS, metavar="LR",
                    help="with --continual: the peak lr of each task's head in the stages after the basis "
                         "(default: their --core-lr)")
+    p.add_argument("--orthonormalize-basis", action="store_true", default=argparse.SUPPRESS,
+                   help="with --task-core matrix and --continual (or --basis-from): once the basis is final (after "
+                        "the basis stage, before it is scored; or as loaded) make its directions orthonormal and of "
+                        "equal length, each core absorbing the factors: every task computes what it did, and the "
+                        "later cores train on a well-conditioned basis")
     p.add_argument("--continual", action="store_true", default=argparse.SUPPRESS,
                    help="the tasks one after another: the first trains the shared tensors, later ones only their "
                         "own; every earlier task is re-scored after each stage (forgetting)")
@@ -77,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 MULTITASK_FIELDS = ("tasks", "task_share", "task_core", "basis_tasks", "basis_from", "grow_basis", "core_lr", "head_lr",
-                    "continual", "continual_train_shared", "one_adapter", "heads", "router_top_k",
+                    "orthonormalize_basis", "continual", "continual_train_shared", "one_adapter", "heads", "router_top_k",
                     "sampling_temperature", "task_dataset_options")
 
 

@@ -18,6 +18,8 @@ and a recipe (a subclass) supplies the few pieces in which runs differ, as small
     batch_loss(stage, rows)     the summed loss of one micro-batch (its forward)
     step_weight(stage, rows)    what a step's summed loss is divided by (examples, or target tokens)
     evaluate_dev(stage)         dev metrics at an epoch end, logged; returns (score, what to keep as best_dev)
+    settle_stage(stage)         after a stage, its best weights loaded, before it is scored and kept: a
+                                function-preserving last change (multitask: --orthonormalize-basis)
     score_stage(stage)          after a stage, with its best weights loaded (train: the test split)
     results() / save_outputs()  results.json's dict; the adapter directory and the plot
 
@@ -347,6 +349,13 @@ class Run:
     def improves(self, score: float, best: float) -> bool:
         return score > best
 
+    def settle_stage(self, stage: Stage) -> dict[str, Any]:
+        """After a stage, with its best weights loaded, before ``score_stage`` and before they are kept for a
+        resume in a later stage (state/stage<k>.safetensors): a last change to them that must not alter what
+        the model computes (multitask: ``orthonormalize_basis``). Returns fields for the stage's record.
+        It must be deterministic: a run killed before the next stage's checkpoint repeats it on resume."""
+        return {}
+
     def score_stage(self, stage: Stage) -> dict[str, Any]:
         """After a stage, with its best weights loaded (and before the next stage starts): what its record in
         state["stages"] holds besides its step and best epoch."""
@@ -604,9 +613,10 @@ class Run:
         self.acc.wait_for_everyone()  # rank 0's best weights are on disk before anyone reads them
         load_weights(self.paths.best, self.core)
         state = self.state
+        settled = self.settle_stage(stage)  # before the scores and the stage file: both see the final weights
         state["stages"].append({"stage": stage.index, "tasks": list(stage.tasks), "step": state["step"],
                                 **{k: state[k] for k in ("best_step", "best_epoch", "best_metric", "best_dev")},
-                                **self.score_stage(stage)})
+                                **settled, **self.score_stage(stage)})
         state["stage"] += 1
         if state["stage"] < len(self.stages):
             save_weights(self.stage_file(stage), self.core, write=self.main)

@@ -41,7 +41,11 @@ tensors; each later stage trains one task alone with the shared tensors frozen. 
 shared tensors come from another adapter directory (a ``sharelora compress --task-core`` fit of
 existing adapters, or an earlier run) and stay frozen in every stage. ``grow_basis`` = G (task
 cores): each task after the basis stage adds G directions to the shared A and B, which it alone
-trains and the later tasks read (``ShareLoraConfig.grow_basis``). Before each such stage trains,
+trains and the later tasks read (``ShareLoraConfig.grow_basis``). ``orthonormalize_basis`` (matrix
+cores): once the basis is final (the basis stage's best weights, before they are scored and kept;
+right after ``basis_from`` is loaded) it is reparametrized to orthonormal directions of equal length,
+every core absorbing the factors, so every task computes what it did and the later cores train on a
+well-conditioned basis (results.json "orthonormalized_basis": counts, B's condition before and after). Before each such stage trains,
 ``basis_fit`` records how much of its task's gradient the basis it finds spans (results.json
 "basis_fit": fit, chance, per module type). Baselines:
 ``one_adapter=True`` with ``continual`` is plain sequential fine-tuning of one adapter through the
@@ -111,13 +115,17 @@ class MultiTaskConfig(TrainConfig):
     # tensors stay at their start (zero cores: the base model), so the head alone learns (a head-only check).
     core_lr: float | None = None
     head_lr: float | None = None
+    # Task cores (matrix): once the basis is final (after the basis stage; after loading basis_from) reparametrize it to
+    # orthonormal directions of equal length, the cores absorbing the factors (ShareLoraModel.orthonormalize_basis).
+    orthonormalize_basis: bool = False
     one_adapter: bool = False
     heads: int = 1  # K > 1: HydraLoRA (K routed B heads; the one-adapter layout)
     router_top_k: int | None = None
     sampling_temperature: float = 1.0
     task_dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    ADDED_LATER = {**TrainConfig.ADDED_LATER, "grow_basis": 0, "core_lr": None, "head_lr": None}
+    ADDED_LATER = {**TrainConfig.ADDED_LATER, "grow_basis": 0, "core_lr": None, "head_lr": None,
+                    "orthonormalize_basis": False}
 
     @property
     def hydra(self) -> bool:
@@ -164,6 +172,8 @@ class MultiTaskConfig(TrainConfig):
             share += "-given"
         if self.grow_basis:
             share += f"-grow{self.grow_basis}"
+        if self.orthonormalize_basis:
+            share += "-ortho"
         heads = f"{self.heads}" if self.hydra else ""
         mode = "-continual" if self.continual else "-joint"
         one = "-one" if self.one_adapter and not self.hydra else ""
@@ -208,6 +218,16 @@ class MultiTaskConfig(TrainConfig):
         if self.grow_basis and (self.task_core == "none" or not self.continual):
             raise ValueError("--grow-basis G lets each task after the basis stage add G directions to the shared A and "
                              "B: it needs task cores (--task-share AB --task-core matrix|diagonal) and --continual")
+        if not isinstance(self.orthonormalize_basis, bool):
+            raise ValueError(f"orthonormalize_basis must be true or false, got {self.orthonormalize_basis!r}")
+        if self.orthonormalize_basis:
+            if self.task_core != "matrix" or not (self.continual or self.basis_from is not None) \
+                    or self.continual_train_shared:
+                raise ValueError("--orthonormalize-basis reparametrizes the basis of matrix task cores once it is "
+                                 "final (after the basis stage): it needs --task-share AB --task-core matrix and "
+                                 "--continual (or --basis-from), without --continual-train-shared")
+            if self.fsdp:
+                raise ValueError("--orthonormalize-basis needs the whole basis in each process: drop --fsdp")
         if self.basis_tasks > 1 and not self.continual:
             raise ValueError("--basis-tasks K trains the shared tensors jointly on the first K tasks and then "
                              "freezes them for the rest, one task after another: add --continual")
@@ -484,8 +504,11 @@ class MultiTaskRun(Run):
             # fp32 master weights (start_stage then picks what a stage trains).
             self.core.set_adapter(self.adapters(self.names), train_shared=True)
             apply_memory_options(self.core, cfg)
+        self.given_basis = None  # basis_from with orthonormalize_basis: what orthonormalizing it did
         if cfg.basis_from is not None:  # before any checkpoint is restored: a resume reads the same basis
             load_basis(self.core, cfg.basis_from)
+            if cfg.orthonormalize_basis:  # the given basis is final: condition it now (every resume does the same)
+                self.given_basis = self.orthonormalize()
         k = cfg.basis_tasks  # continual: the first k tasks in one joint stage, which trains the shared tensors
         stages = [self.names[:k]] + [[n] for n in self.names[k:]] if cfg.continual else [list(self.names)]
         self.mixed = [MixedSplit.of([self.train_splits[n] for n in names]) for names in stages]
@@ -611,6 +634,17 @@ class MultiTaskRun(Run):
                            + (f"; mean dev {metric} {mean:.4f}" if len(chosen) > 1 else ""))
         return mean, chosen
 
+    def orthonormalize(self) -> dict[str, Any]:
+        """The run's task group's basis made orthonormal, every task's function unchanged (``orthonormalize_basis``)."""
+        return self.core.orthonormalize_basis(group=self.core.sharelora_configs[self.names[0]].task_group)
+
+    def settle_stage(self, stage: Stage) -> dict[str, Any]:
+        """``orthonormalize_basis``: at the end of the basis stage (its best weights loaded), the basis is final;
+        reparametrized here it is what the stage's scores, its saved weights (a resume) and every later stage see."""
+        if self.cfg.orthonormalize_basis and self.cfg.basis_from is None and stage.index == 0:
+            return {"orthonormalized_basis": self.orthonormalize()}
+        return {}
+
     def score_stage(self, stage: Stage) -> dict[str, Any]:
         """Every seen task on dev and test with the stage's best weights (the stage's record and log)."""
         seen = self.seen(stage.index)
@@ -643,6 +677,7 @@ class MultiTaskRun(Run):
             "task_share": cfg.task_share if cfg.layout == "per-task" else None, "heads": cfg.heads,
             "task_core": cfg.task_core, "basis_tasks": cfg.basis_tasks, "basis_from": cfg.basis_from,
             "grow_basis": cfg.grow_basis, "basis_fit": state.get("basis_fit"),
+            "orthonormalized_basis": self.given_basis or state["stages"][0].get("orthonormalized_basis"),
             "continual": cfg.continual, "metric": metric, "tasks": tasks,
             "mean": {split: _mean([t[split][self.heads[n].primary_metric] for n, t in tasks.items() if t.get(split)])
                      for split in ("dev", "test")},
