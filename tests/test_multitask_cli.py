@@ -47,6 +47,16 @@ def test_task_cores_from_the_command_line_add_a_core_per_task_and_forget_nothing
     assert results["parameters"]["added_per_task"] == report["own_parameters"] > 0
 
 
+def test_orthonormalize_basis_from_the_command_line_is_recorded(inputs, tmp_path):  # noqa: F811
+    out = tmp_path / "ortho"
+    assert main(args(inputs, out, "--method", "sharea", "--task-share", "AB", "--task-core", "matrix", "--continual",
+                     "--orthonormalize-basis")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["orthonormalize_basis"] is True and results["orthonormalized_basis"]["cores"] > 0
+    assert results["forgetting"]["per_task"]["sent"] == 0.0
+    assert "orthonormalize_basis: true" in (out / "config.yaml").read_text()
+
+
 def test_method_hydra_trains_routed_heads(inputs, tmp_path):  # noqa: F811
     out = tmp_path / "hydra"
     assert main(args(inputs, out, "--method", "hydra", "--heads", "2")) == 0
@@ -61,6 +71,7 @@ def test_method_hydra_trains_routed_heads(inputs, tmp_path):  # noqa: F811
     (["--task-share", "AB"], "--task-core matrix"),
     (["--task-core", "matrix"], "needs --task-share AB"),
     (["--basis-tasks", "2"], "add --continual"),
+    (["--orthonormalize-basis", "--continual"], "needs --task-share AB --task-core matrix"),
 ])
 def test_bad_options_name_the_fix(inputs, tmp_path, capsys, extra, message):  # noqa: F811
     assert main(args(inputs, tmp_path / "bad", *extra)) == 2
