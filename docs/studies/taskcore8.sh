@@ -5,6 +5,8 @@
 #   bash docs/studies/taskcore8.sh OUT probe    # seed-0 separate LoRA on every candidate task (dev decides)
 #   python docs/studies/taskcore8_select.py OUT # -> OUT/tasks.txt: the tasks of the study, chosen on dev only
 #   bash docs/studies/taskcore8.sh OUT study    # every row of the table, in order of priority (below)
+#   bash docs/studies/taskcore8.sh OUT more     # the follow-up (second session): core lr above 6e-2, a head-only
+#                                               # check, two other core shapes at <= 2% (dev, seed 0) and growth
 #
 # A phase is a list of jobs; start the same phase twice (two workers, one core each) and they share the
 # list: a job is claimed with mkdir (atomic), done jobs are skipped, a job waits for the jobs it needs.
@@ -12,7 +14,7 @@
 # Rerunning resumes (`--resume`). Jobs are listed in order of priority, so a cut-short run has the reference rows.
 set -uo pipefail
 OUT=${1:?usage: taskcore8.sh OUT probe|study}
-PHASE=${2:?usage: taskcore8.sh OUT probe|study}
+PHASE=${2:?usage: taskcore8.sh OUT probe|study|more}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 SL=(python -m sharelora.cli)
 # The candidates, in the study's order, fixed before any run (docs/RESULTS_MULTITASK.md says why): the
@@ -141,6 +143,58 @@ if [[ $PHASE == study ]]; then
   for seed in 1 2; do vera_jobs $seed; done
   for seed in 1 2; do grow_job $seed; done
   for seed in 1 2; do sharea_jobs $seed; done
+fi
+
+# The follow-up, after the study above (its rows are done): every choice on dev, seed 0, over tasks 2-8.
+#  1. The core-lr grid went on above its top value (6e-2): 2e-1, 6e-1 (same corelr_job as the grid).
+#  2. With --core-lr / --head-lr (one run): cores at 2e-1 with heads at 6e-2; and the head-only check
+#     (--core-lr 0: every later task's cores stay 0, its head alone trains at 6e-2) on the same basis.
+#  3. Two other shapes of the per-task cost at <= 2% of a LoRA, one command each (basis stage at LoRA's lr,
+#     core-only stages at 6e-2): rank 11 on query/value (12 x 11^2 = 1,452 per task, 1.97%), and rank 6 on all
+#     six linear maps of each layer (36 x 6^2 = 1,296, 1.76%; the LoRA reference stays query/value).
+#  4. The basis of task 1 orthonormalized (--orthonormalize-basis: the same function, equal-length orthogonal
+#     directions), core-only stages at 2e-2, 6e-2 and 2e-1.
+#  5. "more-choose" picks the best of 1-4 and the study's 6e-2 row on mean dev (OUT/more-choice.json); seeds 1-2
+#     of the choice (a job per candidate, which does nothing unless its candidate was chosen); seeds 0-2 of the
+#     head-only check and of growth at core lr 6e-2; LoRA at lr 1e-2 (seed 0, dev), between the reference's 6e-3
+#     and 2e-2 (which diverged): is the reference under-trained?
+if [[ $PHASE == more ]]; then
+  MORE_LR=6e-2  # the study's dev choice for the core-only stages (OUT/core-lr.txt)
+  for lr in 2e-1 6e-1; do corelr_job 0 "$lr" "$OUT/core-matrix-basis1-corelr/lr$lr/s0"; done
+  later=$(IFS=,; echo "${TASKS[*]:1}")
+  ALL_LINEAR='.*\.layer\.[0-9]+\..*(query|key|value|dense)'
+  cand() {  # cand NAME SEED: the command of candidate NAME for SEED (tasks 2-8 on a given basis, or all eight)
+    local given=(multitask --tasks "$later" --method sharea --task-share AB --task-core matrix --continual
+                 --basis-from "$OUT/core-matrix-basis1/s$2" --rank 8 --lr 6e-3 --seed "$2" "${BUDGET[@]}")
+    local shape=(multitask --tasks "$joined" --method sharea --task-share AB --task-core matrix --continual
+                 --lr $LORA_LR --core-lr $MORE_LR --seed "$2" "${BUDGET[@]}")
+    case $1 in
+      core2e-1-head6e-2) CMD=("${SL[@]}" "${given[@]}" --core-lr 2e-1 --head-lr 6e-2);;
+      head-only) CMD=("${SL[@]}" "${given[@]}" --core-lr 0 --head-lr $MORE_LR);;
+      ortho-lr*) CMD=("${SL[@]}" "${given[@]}" --orthonormalize-basis --core-lr "${1#ortho-lr}");;
+      core-matrix-r11) CMD=("${SL[@]}" "${shape[@]}" --rank 11);;
+      core-matrix-r6-all) CMD=("${SL[@]}" "${shape[@]}" --rank 6 --targets "$ALL_LINEAR");;
+      core-matrix-grow-corelr) CMD=("${SL[@]}" "${shape[@]}" --rank 8 --grow-basis $GROW);;
+    esac
+    CMD+=(--output-dir "$OUT/${1/#core2e-1/core-matrix-basis1-core2e-1}/s$2")
+  }
+  CANDS=(core2e-1-head6e-2 core-matrix-r11 core-matrix-r6-all ortho-lr2e-2 ortho-lr6e-2 ortho-lr2e-1)
+  for c in head-only "${CANDS[@]}"; do cand "$c" 0; job "$c-s0" "" "${CMD[@]}"; done
+  needs="corelr-lr2e-1-s0 corelr-lr6e-1-s0"
+  for c in "${CANDS[@]}"; do needs+=" $c-s0"; done
+  job more-choose "$needs" python docs/studies/taskcore8_select.py "$OUT" --more
+  for seed in 1 2; do
+    for c in "${CANDS[@]}"; do  # only the chosen candidate runs (the others' jobs end at once)
+      cand "$c" $seed
+      job "more-$c-s$seed" "more-choose" bash -c "[ \"\$(cat $OUT/more-choice.txt)\" = $c ] || exit 0; $(printf '%q ' "${CMD[@]}")"
+    done
+  done
+  for seed in 1 2; do cand head-only $seed; job "head-only-s$seed" "" "${CMD[@]}"; done
+  for seed in 0 1 2; do cand core-matrix-grow-corelr $seed; job "core-matrix-grow-corelr-s$seed" "" "${CMD[@]}"; done
+  for t in "${TASKS[@]}"; do
+    job "lora-lr1e-2-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr 1e-2 --seed 0 "${BUDGET[@]}" \
+      --output-dir "$OUT/separate-lora-lr1e-2/$t-s0"
+  done
 fi
 
 if [[ -n ${DRY:-} ]]; then printf '%s\n' "${JOBS[@]}"; exit 0; fi  # DRY=1: list the jobs, run nothing

@@ -25,6 +25,7 @@ EVAL_ROWS = 200
 ROWS = [  # (key, what the table calls it, basis tasks, kind)
     ("separate-lora", "separate LoRA per task", 0, "separate"),
     ("separate-lora-lr2e-2", "separate LoRA per task at lr 2e-2 (a dev check of LoRA's lr)", 0, "separate"),
+    ("separate-lora-lr1e-2", "separate LoRA per task at lr 1e-2 (a dev check of LoRA's lr, follow-up)", 0, "separate"),
     ("separate-sharea", "separate ShareA per task (A shared across layers)", 0, "separate"),
     ("vera", "PEFT VeRA per task (r = 256, LR chosen on dev)", 0, "separate"),
     ("continual-sharea", "continual ShareA (task-shared A from task 1)", 1, "multitask"),
@@ -37,9 +38,30 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
      "dev-chosen lr", 3, "corelr"),
     ("core-diagonal-basis3", "continual task cores, diagonal, A and B from tasks 1-3 jointly", 3, "multitask"),
     ("core-matrix-grow", "continual task cores, matrix, basis from task 1, grown for later tasks", 1, "multitask"),
+    ("core-matrix-grow-corelr", "continual task cores, matrix, basis from task 1, grown for later tasks, core-only "
+     "stages at 6e-2 (--core-lr)", 1, "multitask"),
+    ("head-only", "head-only check: basis from task 1, later tasks' cores kept at 0 (--core-lr 0), heads at 6e-2",
+     1, "corelr"),
+    ("core-matrix-basis1-core2e-1-head6e-2", "continual task cores, matrix, basis from task 1, cores at 2e-1, heads at "
+     "6e-2", 1, "corelr"),
+    ("ortho-lr2e-2", "continual task cores, matrix, basis from task 1 orthonormalized, core-only stages at 2e-2", 1,
+     "corelr"),
+    ("ortho-lr6e-2", "continual task cores, matrix, basis from task 1 orthonormalized, core-only stages at 6e-2", 1,
+     "corelr"),
+    ("ortho-lr2e-1", "continual task cores, matrix, basis from task 1 orthonormalized, core-only stages at 2e-1", 1,
+     "corelr"),
+    ("core-matrix-r11", "continual task cores, matrix, rank 11, basis from task 1, core-only stages at 6e-2", 1,
+     "multitask"),
+    ("core-matrix-r6-all", "continual task cores, matrix, rank 6 on all six linear maps, basis from task 1, core-only "
+     "stages at 6e-2", 1, "multitask"),
     ("compressed-matrix", "separate LoRAs compressed into matrix cores (rank 8, no training)", 0, "compressed"),
     ("compressed-diagonal", "separate LoRAs compressed into diagonal cores (rank 8, no training)", 0, "compressed"),
 ]
+
+
+# Rows on the frozen basis of core-matrix-basis1/sSEED (tasks 2-8 in a second run, OUT/KEY/sSEED).
+GIVEN = ("head-only", "core-matrix-basis1-core2e-1-head6e-2", "ortho-lr2e-2", "ortho-lr6e-2", "ortho-lr2e-1")
+OPTIONAL = {"separate-lora-lr1e-2", "core-matrix-grow", "core-matrix-grow-corelr", "core-matrix-r11", "core-matrix-r6-all", *GIVEN}
 
 
 def load(path: Path) -> dict:
@@ -82,18 +104,23 @@ def one_seed(root: Path, key: str, kind: str, tasks: list[str], seed: int) -> di
                 "total": sum(numel.values()), "forgetting": None, "compression": comp}
     if kind == "corelr":  # the basis tasks from the matrix row's run, the later tasks from the run on its basis
         k = 3 if "basis3" in key else 1
-        if seed == 0 and k == 1:  # seed 0 on task 1's basis: the run of the lr grid that dev chose
+        if key in GIVEN:
+            d = root / key / f"s{seed}"
+        elif seed == 0 and k == 1:  # seed 0 on task 1's basis: the run of the lr grid that dev chose
             if not (root / "core-lr.txt").is_file():
                 return None
             d = root / key / f"lr{(root / 'core-lr.txt').read_text().strip()}" / "s0"
         else:
             d = root / key / f"s{seed}"
-        first = one_seed(root, key.replace("-corelr", ""), "multitask", tasks, seed)
+        first = one_seed(root, "core-matrix-basis1" if key in GIVEN else key.replace("-corelr", ""), "multitask",
+                         tasks, seed)
         later = one_seed(root, str(d.relative_to(root).parent), "multitask", tasks[k:], seed) if first else None
         if later is None:
             return None
         later["test"] = {**{t: first["test"][t] for t in tasks[:k]}, **later["test"]}
         later["total"] = first["total"]  # one basis, the basis tasks' cores and the later cores: the same tensors
+        if key == "head-only":  # the later tasks' cores stay 0: they add nothing but their heads
+            later["added"], later["total"] = 0, first["total"] - (len(tasks) - k) * first["added"]
         later["dev_mean"] = (sum(first["dev"][t] for t in tasks[:k]) + later["dev_mean"] * (len(tasks) - k)) / len(tasks)
         return later
     path = root / key / f"s{seed}" / "results.json"
@@ -143,7 +170,7 @@ def main(root: str, out: str) -> None:
     for key, label, k, kind in ROWS:
         done = {s: r for s, r in seeds[key].items() if r}
         if not done:
-            if key != "core-matrix-grow":
+            if key not in OPTIONAL:
                 lines.append(f"| {label} | 0 | not run in the budget |" + " |" * (len(head) - 3))
             continue
         after = tasks[max(k, 1):]
@@ -170,6 +197,9 @@ def main(root: str, out: str) -> None:
                               "per_seed": {str(s): r for s, r in done.items()}}
     if (base / "core-lr.json").is_file():
         table["core_lr"] = load(base / "core-lr.json")
+    if (base / "more-choice.json").is_file():
+        table["more_choice"] = load(base / "more-choice.json")
+        lines += ["", screen(base, tasks, table["more_choice"], lora.get(0))]
     if (base / "vera-lr.json").is_file():
         table["vera_lr"] = load(base / "vera-lr.json")
     if (base / "selection.json").is_file():
@@ -183,6 +213,21 @@ def main(root: str, out: str) -> None:
     print("\n".join(lines))
 
 
+def screen(base: Path, tasks: list[str], choice: dict, lora0: dict | None) -> str:
+    """The follow-up's dev screen (seed 0): each candidate's mean dev and test over tasks 2-8, and its cost."""
+    later = tasks[1:]
+    out = ["| follow-up candidate (seed 0) | added per extra task | mean dev, tasks 2-8 | mean test, tasks 2-8 | "
+           "vs separate LoRA seed 0 (test) | chosen |", "|---|---:|---:|---:|---:|---|"]
+    for name, d in choice["runs"].items():
+        r = load(base / d / "results.json")
+        test = statistics.fmean(r["tasks"][t]["test"]["accuracy"] for t in later)
+        delta = "" if lora0 is None else f"{100 * (test - statistics.fmean(lora0['test'][t] for t in later)):+.1f}"
+        out.append(f"| {name} | {r['parameters']['added_per_task']:,} | "
+                   f"{100 * choice['mean_dev_tasks_after_the_basis'][name]:.1f} | {100 * test:.1f} | {delta} | "
+                   f"{'yes' if name == choice['chosen'] else ''} |")
+    return "\n".join(out)
+
+
 def plot(table: dict, path: str) -> None:
     """Mean test accuracy over the tasks vs parameters added per extra task (log x), one point per row."""
     import matplotlib
@@ -194,6 +239,9 @@ def plot(table: dict, path: str) -> None:
     for key, row in table["rows"].items():
         means = [statistics.fmean(r["test"].values()) * 100 for r in row["per_seed"].values()]
         std = statistics.stdev(means) if len(means) > 1 else 0.0
+        if row["added_per_task"] == 0:  # the head-only check adds no adapter parameter: a line, not a point
+            ax.axhline(statistics.fmean(means), color="tab:purple", ls="-.", lw=0.8, label=f"{key} (adds 0)")
+            continue
         marker = {"separate": "s", "multitask": "o", "corelr": "D", "compressed": "^"}[row["kind"]]
         ax.errorbar(row["added_per_task"], statistics.fmean(means), yerr=std, fmt=marker, capsize=3)
         ax.annotate(key, (row["added_per_task"], statistics.fmean(means)), textcoords="offset points",

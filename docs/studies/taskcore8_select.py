@@ -3,12 +3,14 @@
     python docs/studies/taskcore8_select.py OUT                    # -> OUT/tasks.txt, OUT/selection.json
     python docs/studies/taskcore8_select.py OUT --vera-lr 6e-2 ... # -> OUT/vera-lr.txt, OUT/vera-lr.json
     python docs/studies/taskcore8_select.py OUT --core-lr 6e-3 2e-2 ... # -> OUT/core-lr.txt, OUT/core-lr.json
+    python docs/studies/taskcore8_select.py OUT --more             # -> OUT/more-choice.txt, OUT/more-choice.json
 
 Tasks: the candidates of taskcore8.sh in its fixed order; a candidate is "learned" when its seed-0
 separate LoRA reaches a dev accuracy at least ``MARGIN`` (5 points) above the majority-class share of
 the dev rows it is scored on (the first 200); the study takes the first ``N_TASKS`` (8) learned ones.
 VeRA: the LR of the grid with the highest mean dev accuracy over the study's tasks (seed 0). Task cores: the
 lr of the core-only stages with the highest mean dev accuracy over the tasks after the basis (seed 0).
+The follow-up (``--more``): the same rule over the study's chosen row and the follow-up's candidates.
 """
 
 from __future__ import annotations
@@ -87,10 +89,34 @@ def select_core_lr(out: Path, base_lr: str, lrs: list[str]) -> None:
     atomic_write(out / "core-lr.txt", best + "\n")
 
 
+# The follow-up's candidates (taskcore8.sh, phase "more"), seed 0: name -> run directory whose results.json scores
+# tasks 2-8 on dev. The head-only check is not a candidate (it measures the head alone).
+MORE = {"core-matrix-basis1-corelr": "core-matrix-basis1-corelr/lr6e-2/s0",
+        "corelr-lr2e-1": "core-matrix-basis1-corelr/lr2e-1/s0", "corelr-lr6e-1": "core-matrix-basis1-corelr/lr6e-1/s0",
+        "core2e-1-head6e-2": "core-matrix-basis1-core2e-1-head6e-2/s0", "core-matrix-r11": "core-matrix-r11/s0",
+        "core-matrix-r6-all": "core-matrix-r6-all/s0", "ortho-lr2e-2": "ortho-lr2e-2/s0",
+        "ortho-lr6e-2": "ortho-lr6e-2/s0", "ortho-lr2e-1": "ortho-lr2e-1/s0"}
+
+
+def select_more(out: Path) -> None:
+    tasks = (out / "tasks.txt").read_text().split()[1:]
+    means = {}
+    for name, d in MORE.items():
+        res = json.loads((out / d / "results.json").read_text())
+        means[name] = sum(res["tasks"][t]["dev"]["accuracy"] for t in tasks) / len(tasks)
+        print(f"{name:28s} mean dev over tasks 2-{len(tasks) + 1} {100 * means[name]:.1f}")
+    best = max(means, key=lambda n: means[n])
+    atomic_write(out / "more-choice.json", json.dumps({"mean_dev_tasks_after_the_basis": means, "runs": MORE,
+                                                       "chosen": best}, indent=1) + "\n")
+    atomic_write(out / "more-choice.txt", best + "\n")
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     if len(sys.argv) > 2 and sys.argv[2] == "--vera-lr":
         select_vera_lr(root, sys.argv[3:])
+    elif len(sys.argv) > 2 and sys.argv[2] == "--more":
+        select_more(root)
     elif len(sys.argv) > 3 and sys.argv[2] == "--core-lr":
         select_core_lr(root, sys.argv[3], sys.argv[4:])
     else:
