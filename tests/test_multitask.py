@@ -484,6 +484,12 @@ def test_core_lr_and_head_lr_set_the_rates_of_the_stages_after_the_basis(inputs,
     rates.clear()
     run(inputs, tmp_path / "n", **cores)
     assert set(rates[0].values()) == set(rates[1].values()) == {1e-2}
+    # grown basis directions are basis: they train at --lr (at a core's lr a new LoRA-like direction diverges)
+    rates.clear()
+    run(inputs, tmp_path / "g", core_lr=5e-2, grow_basis=2, **cores)
+    grown = {n for n in rates[1] if "/grow_kind/" in n}
+    assert grown and {rates[1][n] for n in grown} == {1e-2}
+    assert {rates[1][n] for n in rates[1] if "lora_C" in n} == {5e-2}
 
 
 def test_core_lr_0_trains_the_later_heads_alone_on_zero_cores(inputs, tmp_path, monkeypatch):

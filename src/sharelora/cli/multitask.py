@@ -49,10 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to the shared A and B (trained by it alone, read by the later tasks; the earlier tasks "
                         "stay bit-identical); results.json records each task's basis fit (default: 0)")
     p.add_argument("--core-lr", type=float, default=argparse.SUPPRESS, metavar="LR",
-                   help="with --continual: the peak lr of the stages that train only each task's own tensors (its "
-                        "cores) and head, i.e. every stage after the basis (every stage with --basis-from); the "
-                        "basis stage keeps --lr. 0: those tensors stay at their start and the head alone trains "
-                        "(a head-only check; needs --head-lr) (default: --lr)")
+                   help="with --continual: the peak lr of each task's own tensors (its cores) and head in the stages "
+                        "that train only those, i.e. every stage after the basis (every stage with --basis-from); the "
+                        "basis stage, and the basis directions a task grows (--grow-basis), keep --lr. 0: the own "
+                        "tensors stay at their start and the head alone trains (a head-only check; needs --head-lr) "
+                        "(default: --lr)")
     p.add_argument("--head-lr", type=positive_float, default=argparse.SUPPRESS, metavar="LR",
                    help="with --continual: the peak lr of each task's head in the stages after the basis "
                         "(default: their --core-lr)")

@@ -111,8 +111,9 @@ class MultiTaskConfig(TrainConfig):
     continual_train_shared: bool = False
     grow_basis: int = 0  # task cores, continual: every task after the basis stage adds G directions to the basis
     # The stages that do not train the basis (continual, after the basis stage; every stage with basis_from): the
-    # peak lr of each task's own adapter tensors (its cores) and of its head. None: lr. core_lr 0: the own
-    # tensors stay at their start (zero cores: the base model), so the head alone learns (a head-only check).
+    # peak lr of each task's own adapter tensors (its cores) and of its head (None: lr; head_lr None: core_lr).
+    # Basis directions a task grows (grow_basis) train at lr, as the basis does. core_lr 0: the own tensors stay
+    # at their start (zero cores: the base model), so the head alone learns (a head-only check).
     core_lr: float | None = None
     head_lr: float | None = None
     # Task cores (matrix): once the basis is final (after the basis stage; after loading basis_from) reparametrize it to
@@ -543,10 +544,15 @@ class MultiTaskRun(Run):
 
     def param_lr(self, stage: Stage, name: str) -> float:
         """A stage that trains only its tasks' own tensors: heads at ``head_lr`` (default: the stage's rate,
-        ``core_lr``), the rest at ``core_lr``."""
+        ``core_lr``), the task's own adapter tensors (cores) at ``core_lr``, and the basis directions it grows
+        (``grow_basis``: task-shared tensors that it alone trains, a LoRA-like A and B) at ``lr``, as the basis."""
         cfg = self.cfg
-        if cfg.head_lr is not None and not self.trains_shared(stage) and ".modules_to_save." in name:
-            return cfg.head_lr
+        if self.trains_shared(stage):
+            return cfg.lr
+        if ".modules_to_save." in name:
+            return cfg.head_lr if cfg.head_lr is not None else self.stage_lr(stage)
+        if "sharelora_bank.@" in name:  # a grown block of the group's basis
+            return cfg.lr
         return self.stage_lr(stage)
 
     def start_stage(self, stage: Stage) -> None:
