@@ -154,9 +154,12 @@ fi
 #     six linear maps of each layer (36 x 6^2 = 1,296, 1.76%; the LoRA reference stays query/value).
 #  4. The basis of task 1 orthonormalized (--orthonormalize-basis: the same function, equal-length orthogonal
 #     directions), core-only stages at 2e-2, 6e-2 and 2e-1.
-#  5. "more-choose" picks the best of 1-4 and the study's 6e-2 row on mean dev (OUT/more-choice.json); seeds 1-2
+#  4b. Diagonal cores on a wide basis: rank 122 (12 x 122 = 1,464 per task, 1.99%), core-only stages at 6e-2
+#     and 2e-1 (VeRA's grid here; a VeRA-like per-direction scale on a basis trained by task 1).
+#  5. "more-choose" picks the best of 1-4b and the study's 6e-2 row on mean dev (OUT/more-choice.json); seeds 1-2
 #     of the choice (a job per candidate, which does nothing unless its candidate was chosen); seeds 0-2 of the
-#     head-only check and of growth at core lr 6e-2; LoRA at lr 1e-2 (seed 0, dev), between the reference's 6e-3
+#     head-only check and of growth with cores and heads at 6e-2 (its grown directions at --lr: the first seed-0
+#     run, with them at 6e-2 too, diverged; it is kept as core-matrix-grow-all-corelr/s0); LoRA at lr 1e-2 (seed 0, dev), between the reference's 6e-3
 #     and 2e-2 (which diverged): is the reference under-trained?
 if [[ $PHASE == more ]]; then
   MORE_LR=6e-2  # the study's dev choice for the core-only stages (OUT/core-lr.txt)
@@ -174,11 +177,15 @@ if [[ $PHASE == more ]]; then
       ortho-lr*) CMD=("${SL[@]}" "${given[@]}" --orthonormalize-basis --core-lr "${1#ortho-lr}");;
       core-matrix-r11) CMD=("${SL[@]}" "${shape[@]}" --rank 11);;
       core-matrix-r6-all) CMD=("${SL[@]}" "${shape[@]}" --rank 6 --targets "$ALL_LINEAR");;
+      core-diagonal-r122-lr*) CMD=("${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB
+        --task-core diagonal --continual --rank 122 --lr $LORA_LR --core-lr "${1#core-diagonal-r122-lr}" --seed "$2"
+        "${BUDGET[@]}");;
       core-matrix-grow-corelr) CMD=("${SL[@]}" "${shape[@]}" --rank 8 --grow-basis $GROW);;
     esac
     CMD+=(--output-dir "$OUT/${1/#core2e-1/core-matrix-basis1-core2e-1}/s$2")
   }
-  CANDS=(core2e-1-head6e-2 core-matrix-r11 core-matrix-r6-all ortho-lr2e-2 ortho-lr6e-2 ortho-lr2e-1)
+  CANDS=(core2e-1-head6e-2 core-matrix-r11 core-matrix-r6-all ortho-lr2e-2 ortho-lr6e-2 ortho-lr2e-1
+         core-diagonal-r122-lr6e-2 core-diagonal-r122-lr2e-1)
   for c in head-only "${CANDS[@]}"; do cand "$c" 0; job "$c-s0" "" "${CMD[@]}"; done
   needs="corelr-lr2e-1-s0 corelr-lr6e-1-s0"
   for c in "${CANDS[@]}"; do needs+=" $c-s0"; done

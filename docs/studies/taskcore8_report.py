@@ -38,8 +38,10 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
      "dev-chosen lr", 3, "corelr"),
     ("core-diagonal-basis3", "continual task cores, diagonal, A and B from tasks 1-3 jointly", 3, "multitask"),
     ("core-matrix-grow", "continual task cores, matrix, basis from task 1, grown for later tasks", 1, "multitask"),
-    ("core-matrix-grow-corelr", "continual task cores, matrix, basis from task 1, grown for later tasks, core-only "
-     "stages at 6e-2 (--core-lr)", 1, "multitask"),
+    ("core-matrix-grow-corelr", "continual task cores, matrix, basis from task 1, grown for later tasks, cores and "
+     "heads at 6e-2 (--core-lr), grown directions at 6e-3", 1, "multitask"),
+    ("core-matrix-grow-all-corelr", "the same with the grown directions at 6e-2 too (--core-lr before it left them at "
+     "--lr; diverged)", 1, "multitask"),
     ("head-only", "head-only check: basis from task 1, later tasks' cores kept at 0 (--core-lr 0), heads at 6e-2",
      1, "corelr"),
     ("core-matrix-basis1-core2e-1-head6e-2", "continual task cores, matrix, basis from task 1, cores at 2e-1, heads at "
@@ -61,7 +63,7 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
 
 # Rows on the frozen basis of core-matrix-basis1/sSEED (tasks 2-8 in a second run, OUT/KEY/sSEED).
 GIVEN = ("head-only", "core-matrix-basis1-core2e-1-head6e-2", "ortho-lr2e-2", "ortho-lr6e-2", "ortho-lr2e-1")
-OPTIONAL = {"separate-lora-lr1e-2", "core-matrix-grow", "core-matrix-grow-corelr", "core-matrix-r11", "core-matrix-r6-all", *GIVEN}
+OPTIONAL = {"separate-lora-lr1e-2", "core-matrix-grow", "core-matrix-grow-all-corelr", "core-matrix-grow-corelr", "core-matrix-r11", "core-matrix-r6-all", *GIVEN}
 
 
 def load(path: Path) -> dict:

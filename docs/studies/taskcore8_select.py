@@ -95,7 +95,8 @@ MORE = {"core-matrix-basis1-corelr": "core-matrix-basis1-corelr/lr6e-2/s0",
         "corelr-lr2e-1": "core-matrix-basis1-corelr/lr2e-1/s0", "corelr-lr6e-1": "core-matrix-basis1-corelr/lr6e-1/s0",
         "core2e-1-head6e-2": "core-matrix-basis1-core2e-1-head6e-2/s0", "core-matrix-r11": "core-matrix-r11/s0",
         "core-matrix-r6-all": "core-matrix-r6-all/s0", "ortho-lr2e-2": "ortho-lr2e-2/s0",
-        "ortho-lr6e-2": "ortho-lr6e-2/s0", "ortho-lr2e-1": "ortho-lr2e-1/s0"}
+        "ortho-lr6e-2": "ortho-lr6e-2/s0", "ortho-lr2e-1": "ortho-lr2e-1/s0",
+        "core-diagonal-r122-lr6e-2": "core-diagonal-r122-lr6e-2/s0", "core-diagonal-r122-lr2e-1": "core-diagonal-r122-lr2e-1/s0"}
 
 
 def select_more(out: Path) -> None:
