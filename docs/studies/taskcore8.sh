@@ -180,6 +180,8 @@ if [[ $PHASE == more ]]; then
       core-diagonal-r122-lr*) CMD=("${SL[@]}" multitask --tasks "$joined" --method sharea --task-share AB
         --task-core diagonal --continual --rank 122 --lr $LORA_LR --core-lr "${1#core-diagonal-r122-lr}" --seed "$2"
         "${BUDGET[@]}");;
+      core-matrix-r11-lora) CMD=("${SL[@]}" multitask --tasks "$joined" --method lora --task-share AB --task-core matrix
+        --continual --lr $LORA_LR --core-lr $MORE_LR --rank 11 --seed "$2" "${BUDGET[@]}");;
       core-matrix-grow-corelr) CMD=("${SL[@]}" "${shape[@]}" --rank 8 --grow-basis $GROW);;
     esac
     CMD+=(--output-dir "$OUT/${1/#core2e-1/core-matrix-basis1-core2e-1}/s$2")
@@ -198,6 +200,10 @@ if [[ $PHASE == more ]]; then
   done
   for seed in 1 2; do cand head-only $seed; job "head-only-s$seed" "" "${CMD[@]}"; done
   for seed in 0 1 2; do cand core-matrix-grow-corelr $seed; job "core-matrix-grow-corelr-s$seed" "" "${CMD[@]}"; done
+  # 6. After the choice (rank 11): the same with a per-layer A (--method lora: every layer its own A and B, shared
+  #    by the tasks; the cores and their count unchanged). Seeds 1-2 ran beside seed 0, but only count if seed 0's
+  #    mean dev over tasks 2-8 beats the rank-11 row's (66.7).
+  for seed in 0 1 2; do cand core-matrix-r11-lora $seed; job "core-matrix-r11-lora-s$seed" "more-choose" "${CMD[@]}"; done
   for t in "${TASKS[@]}"; do
     job "lora-lr1e-2-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr 1e-2 --seed 0 "${BUDGET[@]}" \
       --output-dir "$OUT/separate-lora-lr1e-2/$t-s0"

@@ -54,6 +54,8 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
      "corelr"),
     ("core-matrix-r11", "continual task cores, matrix, rank 11, basis from task 1, core-only stages at 6e-2", 1,
      "multitask"),
+    ("core-matrix-r11-lora", "the same with a per-layer A (--method lora; checked after the choice, lost on seed-0 dev)",
+     1, "multitask"),
     ("core-matrix-r6-all", "continual task cores, matrix, rank 6 on all six linear maps, basis from task 1, core-only "
      "stages at 6e-2", 1, "multitask"),
     ("compressed-matrix", "separate LoRAs compressed into matrix cores (rank 8, no training)", 0, "compressed"),
@@ -63,7 +65,7 @@ ROWS = [  # (key, what the table calls it, basis tasks, kind)
 
 # Rows on the frozen basis of core-matrix-basis1/sSEED (tasks 2-8 in a second run, OUT/KEY/sSEED).
 GIVEN = ("head-only", "core-matrix-basis1-core2e-1-head6e-2", "ortho-lr2e-2", "ortho-lr6e-2", "ortho-lr2e-1")
-OPTIONAL = {"separate-lora-lr1e-2", "core-matrix-grow", "core-matrix-grow-all-corelr", "core-matrix-grow-corelr", "core-matrix-r11", "core-matrix-r6-all", *GIVEN}
+OPTIONAL = {"core-matrix-r11-lora", "separate-lora-lr1e-2", "core-matrix-grow", "core-matrix-grow-all-corelr", "core-matrix-grow-corelr", "core-matrix-r11", "core-matrix-r6-all", *GIVEN}
 
 
 def load(path: Path) -> dict:
