@@ -222,18 +222,24 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(inputs, tmp_path, kill
         assert resumed["forgetting"] == full["forgetting"]
 
 
+def kill_at_step(cfg, step):
+    """Run ``cfg`` in a child process that kills itself with SIGKILL after optimizer step ``step``."""
+    script = ("import json, os, signal, sys\n"
+              "from sharelora.training.multitask import MultiTaskConfig, train_multitask\n"
+              "cfg = MultiTaskConfig(**json.loads(sys.argv[1]))\n"
+              "step = int(sys.argv[2])\n"
+              "train_multitask(cfg, progress=False, on_step=lambda s: s == step and os.kill(os.getpid(), signal.SIGKILL))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(cfg)), str(step)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
 def test_continual_task_cores_resume_after_sigkill_is_bit_identical(inputs, tmp_path):
     """A process killed with SIGKILL in stage 2 (a core stage): the resumed run equals the uninterrupted one."""
     extra = dict(continual=True, task_share="AB", task_core="matrix")
     full = run(inputs, tmp_path / "a", **extra)
-    values = dataclasses.asdict(config(inputs, tmp_path / "b", **extra))
-    script = ("import json, os, signal, sys\n"
-              "from sharelora.training.multitask import MultiTaskConfig, train_multitask\n"
-              "cfg = MultiTaskConfig(**json.loads(sys.argv[1]))\n"
-              "train_multitask(cfg, progress=False, on_step=lambda s: s == 9 and os.kill(os.getpid(), signal.SIGKILL))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(values)], env=env, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    kill_at_step(config(inputs, tmp_path / "b", **extra), 9)
     assert not (tmp_path / "b" / "results.json").exists()
     resumed = run(inputs, tmp_path / "b", resume=True, **extra)
     assert resumed["resumed"] == 1 and resumed["stages"] == full["stages"]
@@ -592,14 +598,7 @@ def test_orthonormalize_basis_after_the_basis_stage_forgets_nothing_and_resumes_
     saved = tensors(tmp_path / "a")
     assert all(torch.equal(saved[k], taken[0][k]) for k in basis)
     # kill -9 inside stage 2, then resume: the stage-1 weights it restores are the orthonormalized ones
-    values = dataclasses.asdict(config(inputs, tmp_path / "b", **extra))
-    script = ("import json, os, signal, sys\n"
-              "from sharelora.training.multitask import MultiTaskConfig, train_multitask\n"
-              "cfg = MultiTaskConfig(**json.loads(sys.argv[1]))\n"
-              "train_multitask(cfg, progress=False, on_step=lambda s: s == 9 and os.kill(os.getpid(), signal.SIGKILL))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(values)], env=env, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    kill_at_step(config(inputs, tmp_path / "b", **extra), 9)
     resumed = run(inputs, tmp_path / "b", resume=True, **extra)
     assert resumed["resumed"] == 1 and resumed["stages"] == full["stages"]
     assert resumed["forgetting"] == full["forgetting"]
