@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed_train import load_file_metadata, one_process, run, two_processes
 from test_multitask import three_way
-from training_tiny import tiny_bert, tiny_data, tiny_tokenizer, write_csv
+from training_tiny import self_killing_cli, tiny_bert, tiny_data, tiny_tokenizer, write_csv
 
 pytestmark = pytest.mark.skipif(os.name != "posix" or not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(), reason="needs POSIX and gloo")
@@ -26,25 +26,8 @@ BATCH, GRAD_ACCUM, EVAL_BATCH = 8, 2, 4
 STEPS = -(-sum(n for n, _, _ in SIZES.values()) // BATCH)  # one epoch of the mixed rows
 ADAPTER = "adapter/adapter_model.safetensors"
 
-# Under torchrun: rank 0 SIGKILLs itself just before the forward of its micro-batch number argv[1].
-SELF_KILLING_MULTITASK = r"""
-import os, signal, sys
-from sharelora.training import multitask
-from sharelora.cli import main
 
-kill_at, calls = int(sys.argv[1]), 0
-forward = multitask.model_logits
-
-def counted(model, inputs):
-    global calls
-    calls += 1
-    if calls == kill_at and os.environ.get("RANK") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return forward(model, inputs)
-
-multitask.model_logits = counted
-sys.exit(main(sys.argv[2:]))
-"""
+SELF_KILLING_MULTITASK = self_killing_cli("multitask")  # kill -9 just before the forward of micro-batch argv[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_tiny import tiny_bert, tiny_data, tiny_tokenizer, write_csv
+from training_tiny import self_killing_cli, tiny_bert, tiny_data, tiny_tokenizer, write_csv
 
 pytestmark = pytest.mark.skipif(os.name != "posix" or not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(), reason="needs POSIX and gloo")
@@ -33,26 +33,8 @@ BATCH, GRAD_ACCUM, EVAL_BATCH = 8, 2, 4
 STEPS = -(-N_TRAIN // BATCH)  # one epoch: the adapter is the last step's
 ADAPTER = "adapter/adapter_model.safetensors"
 
-# Under torchrun: rank 0 SIGKILLs itself just before the forward of its micro-batch number argv[1]
-# (counted from 1 over the run), then runs `sharelora` with argv[2:]. torchrun then stops rank 1.
-SELF_KILLING_TRAIN = r"""
-import os, signal, sys
-from sharelora.training import loop
-from sharelora.cli import main
 
-kill_at, calls = int(sys.argv[1]), 0
-forward = loop.model_logits
-
-def counted(model, inputs):
-    global calls
-    calls += 1
-    if calls == kill_at and os.environ.get("RANK") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return forward(model, inputs)
-
-loop.model_logits = counted
-sys.exit(main(sys.argv[2:]))
-"""
+SELF_KILLING_TRAIN = self_killing_cli("loop")  # kill -9 just before the forward of micro-batch argv[1]
 
 
 @pytest.fixture(scope="module")

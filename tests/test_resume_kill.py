@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_tiny import save_tiny_model_dir, tiny_data, write_csv
+from training_tiny import save_tiny_model_dir, self_killing_cli, tiny_data, write_csv
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="kill -9 is POSIX")
 
@@ -29,26 +29,8 @@ STEPS = 18  # one epoch of 144 examples in batches of 8
 GRAD_ACCUM = 4
 CHECKPOINT_EVERY = 2
 
-# Kills itself with SIGKILL just before the forward pass of micro-batch number argv[1] (counted
-# from 1 over the whole run), then runs `sharelora` with argv[2:]: a kill -9 at an exact point.
-SELF_KILLING_TRAIN = r"""
-import os, signal, sys
-from sharelora.training import loop
-from sharelora.cli import main
 
-kill_at, calls = int(sys.argv[1]), 0
-forward = loop.model_logits
-
-def counted(model, inputs):
-    global calls
-    calls += 1
-    if calls == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return forward(model, inputs)
-
-loop.model_logits = counted
-sys.exit(main(sys.argv[2:]))
-"""
+SELF_KILLING_TRAIN = self_killing_cli("loop")  # kill -9 just before the forward of micro-batch argv[1]
 
 
 @pytest.fixture(scope="module")

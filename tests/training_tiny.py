@@ -116,3 +116,28 @@ def write_csv(path: Path, examples: list[dict], text="text", label="label") -> P
         for ex in examples:
             w.writerow([ex["text"], ex["label"]])
     return path
+
+
+def self_killing_cli(module: str) -> str:
+    """Python source for ``python -c SRC KILL_AT ARGS...``: runs ``sharelora ARGS`` and SIGKILLs its own process
+    (under torchrun: rank 0's alone; torchrun then stops the others) just before the forward of micro-batch
+    number KILL_AT, counted from 1 over the run: a kill -9 at an exact point. ``module``: the
+    ``sharelora.training`` module whose ``model_logits`` the run calls ("loop" for train, "multitask")."""
+    return rf"""
+import os, signal, sys
+from sharelora.training import {module} as trained
+from sharelora.cli import main
+
+kill_at, calls = int(sys.argv[1]), 0
+forward = trained.model_logits
+
+def counted(model, inputs):
+    global calls
+    calls += 1
+    if calls == kill_at and os.environ.get("RANK", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(model, inputs)
+
+trained.model_logits = counted
+sys.exit(main(sys.argv[2:]))
+"""
