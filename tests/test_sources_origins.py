@@ -14,11 +14,10 @@ import io
 import json
 import lzma
 import shutil
-import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
+from test_sources import _sdist, _sha, _wheel
 
 from sharelora.sources import SourceError, load_dataset, registry
 from sharelora.sources import cache as cache_mod
@@ -35,26 +34,6 @@ def _polarity(n: int = 20, word: str = "good") -> bytes:
         w.writerow(["1", f"a {word} film number {i} ."])
         w.writerow(["-1", f"a dull film number {i} ."])
     return ("\ufeff" + buf.getvalue()).encode("utf-8")
-
-
-def _sdist(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
-
-
-def _wheel(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _digest_of(data: bytes) -> str:
