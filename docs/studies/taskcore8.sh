@@ -204,6 +204,18 @@ if [[ $PHASE == more ]]; then
   #    by the tasks; the cores and their count unchanged). Seeds 1-2 ran beside seed 0, but only count if seed 0's
   #    mean dev over tasks 2-8 beats the rank-11 row's (66.7).
   for seed in 0 1 2; do cand core-matrix-r11-lora $seed; job "core-matrix-r11-lora-s$seed" "more-choose" "${CMD[@]}"; done
+  # 7. After the rank-11 choice: does a better-trained basis help its later tasks? Task 1 trains the rank-11 basis
+  #    alone (a one-time cost, outside the per-task budget of tasks 2-8) for 4 epochs of its 320 rows, or for 2
+  #    epochs of 1,280 rows; tasks 2-8 then train their cores on it (--basis-from) exactly as in the rank-11 row.
+  #    Seed 0, dev decides against the rank-11 row (66.7).
+  for b in "epochs4|--epochs 4 --max-train-examples 320" "rows1280|--epochs 2 --max-train-examples 1280"; do
+    IFS='|' read -r tag opts <<<"$b"
+    job "basis-r11-$tag-s0" "more-choose" bash -c "${SL[*]} multitask --tasks ${TASKS[0]} --method sharea --task-share AB \
+      --task-core matrix --continual --rank 11 --lr $LORA_LR --seed 0 ${BUDGET[*]} $opts --output-dir $OUT/basis-r11-$tag/basis/s0"
+    job "core-matrix-r11-$tag-s0" "basis-r11-$tag-s0" "${SL[@]}" multitask --tasks "$later" --method sharea --task-share AB \
+      --task-core matrix --continual --basis-from "$OUT/basis-r11-$tag/basis/s0" --rank 11 --lr $LORA_LR --core-lr $MORE_LR \
+      --seed 0 "${BUDGET[@]}" --output-dir "$OUT/basis-r11-$tag/s0"
+  done
   for t in "${TASKS[@]}"; do
     job "lora-lr1e-2-$t-s0" "" "${SL[@]}" train --dataset "$t" --method lora --rank 8 --lr 1e-2 --seed 0 "${BUDGET[@]}" \
       --output-dir "$OUT/separate-lora-lr1e-2/$t-s0"
