@@ -142,8 +142,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     """AdamW over the trainable parameters; biases and LayerNorm weights (1-d) get no weight decay.
 
     ``lr_of(name)``: a parameter's own peak learning rate (default ``lr`` for all). Each group keeps its
-    peak as ``base_lr``; the schedule scales every group's by the same factor (``set_lr``). One rate
-    gives the two groups (decay, no decay) in that order, as checkpoints of a single rate hold them.
+    peak as ``base_lr``; one schedule sets every group's rate from its peak (``set_lr``). One rate gives
+    the two groups (decay, no decay) in that order, as checkpoints of a single rate hold them.
     """
     params = trainable_parameters(model)
     if not params:
@@ -157,11 +157,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return adamw(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float, default: float) -> None:
-    """Every group's learning rate at ``factor`` (the schedule, ``lr_at(step, 1.0, ...)``) of its peak
-    (``base_lr``; ``default`` for a group restored from a checkpoint written before groups had one)."""
+def set_lr(optimizer: torch.optim.Optimizer, schedule: Callable[[float], float], default: float) -> None:
+    """Every group's learning rate: ``schedule(peak)`` (e.g. ``lr_at(step, peak, ...)``) of its peak ``base_lr``
+    (``default`` for a group restored from a checkpoint written before groups had one)."""
     for group in optimizer.param_groups:
-        group["lr"] = factor * group.get("base_lr", default)
+        group["lr"] = schedule(group.get("base_lr", default))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, clip: Callable[[], torch.Tensor] | None = None) -> float | None:
@@ -284,7 +284,7 @@ def fit(model: nn.Module, batch_loss: Callable[[list[int]], torch.Tensor], step_
     for step in range(steps):
         epoch, b = divmod(step, stage.steps_per_epoch)
         indices = stage.order(epoch)[b * batch_size : (b + 1) * batch_size]
-        set_lr(optimizer, lr_at(step, 1.0, stage.warmup_steps, steps), lr)
+        set_lr(optimizer, lambda peak: lr_at(step, peak, stage.warmup_steps, steps), lr)
         loss = batch_loss(indices) / step_weight(indices)
         loss.backward()
         optimizer_step(optimizer, lambda: torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -511,9 +511,10 @@ class Run:
         window_start, window_rows = time.perf_counter(), 0
         while state["stage_step"] < stage.total_steps:
             indices = self.step_rows(stage, state["stage_step"])
-            factor = lr_at(state["stage_step"], 1.0, stage.warmup_steps, stage.total_steps)
-            lr = factor * self.stage_lr(stage)  # what the log shows: the schedule of the stage's adapter rate
-            loss, grad_norm = self.train_step(stage, indices, factor)
+            step = state["stage_step"]
+            schedule = lambda peak: lr_at(step, peak, stage.warmup_steps, stage.total_steps)  # noqa: E731
+            lr = schedule(self.stage_lr(stage))  # what the log shows: the schedule of the stage's adapter rate
+            loss, grad_norm = self.train_step(stage, indices, schedule)
             state["stage_step"] += 1
             state["step"] += 1
             window_rows += len(indices)
@@ -547,10 +548,10 @@ class Run:
             self._order = (key, stage.order(epoch))
         return self._order[1][b * self.cfg.batch_size : (b + 1) * self.cfg.batch_size]
 
-    def train_step(self, stage: Stage, indices: list[int], factor: float) -> tuple[float, float]:
-        """One optimizer step over rows ``indices`` with every group's rate at ``factor`` of its peak: (the
-        step's mean loss over every process, grad norm)."""
-        set_lr(self.optimizer, factor, self.stage_lr(stage))
+    def train_step(self, stage: Stage, indices: list[int], schedule: Callable[[float], float]) -> tuple[float, float]:
+        """One optimizer step over rows ``indices`` with every group's rate ``schedule(its peak)``: (the step's
+        mean loss over every process, grad norm)."""
+        set_lr(self.optimizer, schedule, self.stage_lr(stage))
         weight = self.step_weight(stage, indices)
         # Every process runs as many micro-batches as the one with the largest share (rank 0), so that
         # each joins every collective of the step; the last one syncs the gradients.

@@ -71,6 +71,7 @@ and outputs, state/ while running).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,14 +242,12 @@ class MultiTaskConfig(TrainConfig):
                              f"{self.sampling_temperature!r}")
         if self.continual_train_shared and not self.continual:
             raise ValueError("continual_train_shared applies to --continual runs only")
-        for key, low in (("core_lr", 0.0), ("head_lr", None)):
-            value = getattr(self, key)
+        for key, value, bound in (("core_lr", self.core_lr, ">= 0"), ("head_lr", self.head_lr, "> 0")):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    value >= low if low is not None else value > 0) or value != value or value == float("inf"):
-                raise ValueError(f"{key} must be a number {'>= 0' if low is not None else '> 0'}, got {value!r} "
-                                 f"(e.g. {key}=6e-2)")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or not (value >= 0 if key == "core_lr" else value > 0):
+                raise ValueError(f"{key} must be a number {bound} (and finite), got {value!r} (e.g. {key}=6e-2)")
             if key == "core_lr" and value == 0 and self.head_lr is None:
                 raise ValueError("--core-lr 0 keeps each later task's own tensors at their start, so only its head "
                                  "trains: give the head's lr with --head-lr (e.g. --head-lr 6e-3)")
